@@ -1,0 +1,378 @@
+"""The DRDO pair loss (paper Eq. 6) with its exact gradient, in one Triton launch.
+
+Per pair b (z = summed response log-probs, rhat = policy rewards, r* = oracle):
+
+    distill = (r*_w - r*_l - (rhat_w - rhat_l))^2
+    focal   = (1 - p_w)^gamma = exp(-gamma * softplus(z_w - z_l)),   p_w = sigmoid(z_w - z_l)
+    L       = log(1 - exp(min(z_l, LOGP_CLAMP_MAX)))                  (log1mexp)
+    U       = z_w + s * L,  s = +1 ("welleck") or -1 ("paper")
+    loss_b  = distill - alpha * focal * U
+
+and its derivatives, with focal' = d focal / d(z_w - z_l) = -gamma * focal * p_w,
+L' = -exp(z_l) / (1 - exp(z_l)) where z_l <= LOGP_CLAMP_MAX and 0 where it is clamped
+(as ``torch.clamp`` differentiates):
+
+    dloss/dz_w    = -alpha * (focal' * U + focal)
+    dloss/dz_l    = -alpha * (-focal' * U + focal * s * L')
+    dloss/drhat_w = -2 * (r*_w - r*_l - rhat_w + rhat_l) = -dloss/dr*_w
+    dloss/drhat_l = +2 * (r*_w - r*_l - rhat_w + rhat_l) = -dloss/dr*_l
+
+The forward pass computes all of it at once (one Triton kernel over blocks of pairs
+that also writes per-block sums of the loss and of every metric); the backward pass
+only scales the saved per-pair gradients [4, B] by the upstream gradient (and 1/B for
+``reduction="mean"``); it is first-order only (double backward raises). Oracle rewards
+get the exact gradient too (the negated rhat gradients), though they are normally
+constants. Extra memory: the [4, B] float32 gradients, nothing per token.
+
+Precision: the Triton kernel computes in float32 (inputs of any float dtype are cast
+to float32 first); log1p and expm1 are evaluated with short series (Triton has no
+portable log1p/expm1), accurate to a few float32 ulp. ``backend="torch"`` is the same
+closed form in PyTorch ops, in float32, or float64 when any input is float64 (the
+reference's rule). ``backend="auto"`` picks Triton for CUDA tensors that are not
+float64 and PyTorch otherwise; ``backend="triton"`` refuses float64 inputs.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from drdo.losses import LOGP_CLAMP_MAX, log1mexp
+
+from .logprobs import resolve_backend
+
+try:  # Triton is optional: without it only backend="torch" exists.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+__all__ = ["drdo_pair_loss", "aot_specs", "METRIC_NAMES", "BLOCK_PAIRS"]
+
+_UNLIKELIHOOD_SIGN = {"welleck": 1.0, "paper": -1.0}
+_REDUCTIONS = ("mean", "sum")
+
+#: Order of the per-block sums the kernel writes; metric means are these sums / B.
+#: "loss" is the sum of the per-pair losses; "reward_acc" counts rhat_w > rhat_l.
+METRIC_NAMES = (
+    "loss",
+    "distill",
+    "pref",
+    "p_w",
+    "reward_acc",
+    "focal",
+    "unlikelihood",
+    "reward_margin",
+    "oracle_margin",
+    "logps_chosen",
+    "logps_rejected",
+)
+_N_STATS = len(METRIC_NAMES)
+
+#: Pairs per Triton program (one warp, one pair per lane). The only launch config.
+BLOCK_PAIRS = 32
+_NUM_WARPS = 1
+_NUM_STAGES = 1
+
+
+# --------------------------------------------------------------------------- Triton
+
+
+if triton is not None:
+
+    @triton.jit
+    def _log1p_mid(t):
+        """log(1 + t) for t in [-0.5, 1] (fp32): 2 * atanh(s), s = t / (2 + t) in [-1/3, 1/3],
+        by its odd series to s^15 (truncation < 2e-9 relative)."""
+        s = t / (2.0 + t)
+        s2 = s * s
+        p = s2 * 0.06666666666666667 + 0.07692307692307693  # 1/15, 1/13
+        p = p * s2 + 0.09090909090909091  # 1/11
+        p = p * s2 + 0.1111111111111111  # 1/9
+        p = p * s2 + 0.14285714285714285  # 1/7
+        p = p * s2 + 0.2
+        p = p * s2 + 0.3333333333333333
+        p = p * s2 + 1.0
+        return 2.0 * s * p
+
+    @triton.jit
+    def _expm1_mid(x):
+        """exp(x) - 1 for x in [-ln 2, 0] (fp32): Taylor series to x^11 in nested form
+        (truncation < 1e-10 relative)."""
+        p = x * 0.09090909090909091 + 1.0  # 1 + x/11
+        p = x * 0.1 * p + 1.0
+        p = x * 0.1111111111111111 * p + 1.0
+        p = x * 0.125 * p + 1.0
+        p = x * 0.14285714285714285 * p + 1.0
+        p = x * 0.16666666666666666 * p + 1.0
+        p = x * 0.2 * p + 1.0
+        p = x * 0.25 * p + 1.0
+        p = x * 0.3333333333333333 * p + 1.0
+        p = x * 0.5 * p + 1.0
+        return x * p
+
+    @triton.jit(do_not_specialize=["B"])  # one compiled variant for every B (the AOT one)
+    def _drdo_pair_kernel(
+        x_ptr,  # [6, B] fp32: z_w, z_l, rhat_w, rhat_l, r*_w, r*_l
+        grad_ptr,  # [4, B] fp32 out: d loss_b / d (z_w, z_l, rhat_w, rhat_l)
+        stats_ptr,  # [n_programs, N_STATS] fp32 out: per-block sums, METRIC_NAMES order
+        B,
+        alpha,
+        gamma,
+        sign,  # +1 welleck, -1 paper
+        clamp_max,  # LOGP_CLAMP_MAX
+        BLOCK: tl.constexpr,
+        N_STATS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < B
+        z_w = tl.load(x_ptr + offs, mask=mask, other=-1.0)
+        z_l = tl.load(x_ptr + B + offs, mask=mask, other=-1.0)
+        rh_w = tl.load(x_ptr + 2 * B + offs, mask=mask, other=0.0)
+        rh_l = tl.load(x_ptr + 3 * B + offs, mask=mask, other=0.0)
+        or_w = tl.load(x_ptr + 4 * B + offs, mask=mask, other=0.0)
+        or_l = tl.load(x_ptr + 5 * B + offs, mask=mask, other=0.0)
+
+        # reward distillation
+        oracle_margin = or_w - or_l
+        reward_margin = rh_w - rh_l
+        diff = oracle_margin - reward_margin
+        distill = diff * diff
+
+        # focal factor (1 - p_w)^gamma and its derivative w.r.t. delta = z_w - z_l
+        delta = z_w - z_l
+        e = tl.exp(-tl.abs(delta))
+        inv = 1.0 / (1.0 + e)
+        p_w = tl.where(delta >= 0, inv, e * inv)
+        softplus = tl.maximum(delta, 0.0) + _log1p_mid(e)
+        focal = tl.exp(-gamma * softplus)
+        d_focal = -gamma * focal * p_w
+
+        # log(1 - exp(zc)), zc = min(z_l, clamp_max), and d/dz_l (0 where clamped)
+        zc = tl.minimum(z_l, clamp_max)
+        near = zc > -0.6931471805599453
+        ez = tl.exp(zc)
+        one_m_near = -_expm1_mid(tl.where(near, zc, -0.5))
+        l1me_near = tl.log(one_m_near)
+        l1me_far = _log1p_mid(-tl.where(near, 0.5, ez))
+        l1me = tl.where(near, l1me_near, l1me_far)
+        one_m_ez = tl.where(near, one_m_near, 1.0 - ez)
+        d_l1me = tl.where(z_l <= clamp_max, -ez / one_m_ez, 0.0)
+
+        u = z_w + sign * l1me
+        pref = -alpha * focal * u
+        loss = distill + pref
+
+        g_zw = -alpha * (d_focal * u + focal)
+        g_zl = -alpha * (focal * sign * d_l1me - d_focal * u)
+        g_rw = -2.0 * diff
+        tl.store(grad_ptr + offs, g_zw, mask=mask)
+        tl.store(grad_ptr + B + offs, g_zl, mask=mask)
+        tl.store(grad_ptr + 2 * B + offs, g_rw, mask=mask)
+        tl.store(grad_ptr + 3 * B + offs, -g_rw, mask=mask)
+
+        out = stats_ptr + pid * N_STATS
+        tl.store(out + 0, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+        tl.store(out + 1, tl.sum(tl.where(mask, distill, 0.0), axis=0))
+        tl.store(out + 2, tl.sum(tl.where(mask, pref, 0.0), axis=0))
+        tl.store(out + 3, tl.sum(tl.where(mask, p_w, 0.0), axis=0))
+        tl.store(out + 4, tl.sum(tl.where(mask & (reward_margin > 0), 1.0, 0.0), axis=0))
+        tl.store(out + 5, tl.sum(tl.where(mask, focal, 0.0), axis=0))
+        tl.store(out + 6, tl.sum(tl.where(mask, u, 0.0), axis=0))
+        tl.store(out + 7, tl.sum(tl.where(mask, reward_margin, 0.0), axis=0))
+        tl.store(out + 8, tl.sum(tl.where(mask, oracle_margin, 0.0), axis=0))
+        tl.store(out + 9, tl.sum(tl.where(mask, z_w, 0.0), axis=0))
+        tl.store(out + 10, tl.sum(tl.where(mask, z_l, 0.0), axis=0))
+
+
+def aot_specs() -> list[tuple]:
+    """Every Triton config this module launches, for ahead-of-time compilation:
+    [(name, jit_fn, signature, constexprs, num_warps, num_stages)], usable as
+    ``triton.compile(ASTSource(jit_fn, signature, constexprs), target=...,
+    options=dict(num_warps=..., num_stages=...))``."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    signature = {
+        "x_ptr": "*fp32",
+        "grad_ptr": "*fp32",
+        "stats_ptr": "*fp32",
+        "B": "i32",
+        "alpha": "fp32",
+        "gamma": "fp32",
+        "sign": "fp32",
+        "clamp_max": "fp32",
+        "BLOCK": "constexpr",
+        "N_STATS": "constexpr",
+    }
+    constexprs = {"BLOCK": BLOCK_PAIRS, "N_STATS": _N_STATS}
+    return [("drdo_pair_loss", _drdo_pair_kernel, signature, constexprs, _NUM_WARPS, _NUM_STAGES)]
+
+
+def _triton_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float):
+    """x: [6, B] float32 contiguous -> (sums [N_STATS] fp32, grads [4, B] fp32), one launch."""
+    n_pairs = x.shape[1]
+    n_programs = triton.cdiv(n_pairs, BLOCK_PAIRS)
+    grads = torch.empty(4, n_pairs, dtype=torch.float32, device=x.device)
+    stats = torch.empty(n_programs, _N_STATS, dtype=torch.float32, device=x.device)
+    _drdo_pair_kernel[(n_programs,)](
+        x, grads, stats, n_pairs, float(alpha), float(gamma), float(sign), float(LOGP_CLAMP_MAX),
+        BLOCK=BLOCK_PAIRS, N_STATS=_N_STATS, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+    )
+    return stats.sum(0), grads
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+
+def _torch_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float):
+    """The kernel's closed form in PyTorch ops. x: [6, B] float32/float64.
+
+    Returns (sums [N_STATS], grads [4, B]) in x.dtype, laid out as the kernel's.
+    """
+    z_w, z_l, rh_w, rh_l, or_w, or_l = x.unbind(0)
+    oracle_margin = or_w - or_l
+    reward_margin = rh_w - rh_l
+    diff = oracle_margin - reward_margin
+    distill = diff * diff
+
+    delta = z_w - z_l
+    p_w = torch.sigmoid(delta)
+    focal = torch.exp(gamma * torch.nn.functional.logsigmoid(-delta))
+    d_focal = -gamma * focal * p_w
+
+    zc = z_l.clamp(max=LOGP_CLAMP_MAX)
+    l1me = log1mexp(zc)
+    d_l1me = torch.where(z_l <= LOGP_CLAMP_MAX, torch.exp(zc) / torch.expm1(zc), torch.zeros_like(zc))
+
+    u = z_w + sign * l1me
+    pref = -alpha * focal * u
+    grads = torch.stack(
+        [
+            -alpha * (d_focal * u + focal),
+            -alpha * (focal * sign * d_l1me - d_focal * u),
+            -2.0 * diff,
+            2.0 * diff,
+        ]
+    )
+    per_pair = [distill + pref, distill, pref, p_w, (reward_margin > 0).to(x.dtype), focal, u,
+                reward_margin, oracle_margin, z_w, z_l]
+    return torch.stack(per_pair).sum(1), grads
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _DRDOPairLossFn(torch.autograd.Function):
+    """Forward computes the loss, the metric sums and all per-pair gradients; backward scales them.
+
+    First-order only: double backward raises (the saved gradients are constants)."""
+
+    @staticmethod
+    def forward(ctx, z_w, z_l, rh_w, rh_l, or_w, or_l, alpha, gamma, sign, reduction, backend):
+        inputs = (z_w, z_l, rh_w, rh_l, or_w, or_l)
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
+        x = torch.stack([t.detach().to(dtype) for t in inputs])
+        terms = _triton_pair_terms if backend == "triton" else _torch_pair_terms
+        sums, grads = terms(x, alpha, gamma, sign)
+        divisor = x.shape[1] if reduction == "mean" else 1
+        loss = sums[0] / divisor
+        ctx.save_for_backward(grads)
+        ctx.divisor = divisor
+        ctx.input_dtypes = [t.dtype for t in inputs]
+        ctx.mark_non_differentiable(sums)
+        return loss, sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_sums):
+        (grads,) = ctx.saved_tensors
+        g = grads * (grad_loss.to(grads.dtype) / ctx.divisor)
+        per_input = (g[0], g[1], g[2], g[3], -g[2], -g[3])
+        out = [
+            gi.to(dt) if need else None
+            for gi, dt, need in zip(per_input, ctx.input_dtypes, ctx.needs_input_grad[:6])
+        ]
+        return (*out, None, None, None, None, None)
+
+
+def _check_inputs(inputs: dict, unlikelihood: str, gamma: float, reduction: str) -> None:
+    if unlikelihood not in _UNLIKELIHOOD_SIGN:
+        raise ValueError(f"unlikelihood must be one of {tuple(_UNLIKELIHOOD_SIGN)}, got {unlikelihood!r}")
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    first_name, first = next(iter(inputs.items()))
+    for name, t in inputs.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
+        if t.dim() != 1 or t.shape != first.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but {first_name} has shape {tuple(first.shape)}; all must be [B]"
+            )
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+    if first.shape[0] == 0:
+        raise ValueError("empty batch: the loss of zero pairs is undefined")
+
+
+def _resolve_backend(backend: str, tensors) -> str:
+    """"auto" -> "triton" for CUDA inputs that are not float64 (when triton imports), else "torch".
+
+    "triton" on CPU tensors needs TRITON_INTERPRET=1; it refuses float64 inputs.
+    """
+    has_fp64 = any(t.dtype == torch.float64 for t in tensors)
+    resolved = resolve_backend(backend, tensors[0].device)
+    if backend == "auto" and has_fp64:
+        return "torch"
+    if resolved == "triton" and has_fp64:
+        raise ValueError('the Triton pair-loss kernel computes in float32; use backend="torch" for float64 inputs')
+    return resolved
+
+
+def drdo_pair_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    policy_chosen_rewards: torch.Tensor,
+    policy_rejected_rewards: torch.Tensor,
+    oracle_chosen_rewards: torch.Tensor,
+    oracle_rejected_rewards: torch.Tensor,
+    *,
+    alpha: float = 0.1,
+    gamma: float = 2.0,
+    unlikelihood: str = "welleck",
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DRDO loss with the same arguments and results as :func:`drdo.losses.drdo_loss`.
+
+    Args (all [B], any float dtype, one device):
+        policy_chosen_logps, policy_rejected_logps: z_w, z_l (summed response log-probs).
+        policy_chosen_rewards, policy_rejected_rewards: rhat_w, rhat_l (beta * z for
+            reward="implicit": pass the same tensors, autograd adds both paths).
+        oracle_chosen_rewards, oracle_rejected_rewards: r*_w, r*_l.
+        alpha, gamma (>= 0), unlikelihood ("welleck" | "paper"), reduction ("mean" | "sum").
+        backend: "auto" | "triton" | "torch" (see the module docstring).
+    Returns:
+        loss: scalar float32 (float64 on the torch backend for float64 inputs);
+        metrics: detached means, the keys of drdo_loss's metrics (METRIC_NAMES order).
+    """
+    inputs = dict(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        policy_chosen_rewards=policy_chosen_rewards,
+        policy_rejected_rewards=policy_rejected_rewards,
+        oracle_chosen_rewards=oracle_chosen_rewards,
+        oracle_rejected_rewards=oracle_rejected_rewards,
+    )
+    _check_inputs(inputs, unlikelihood, gamma, reduction)
+    tensors = list(inputs.values())
+    backend = _resolve_backend(backend, tensors)
+    loss, sums = _DRDOPairLossFn.apply(
+        *tensors, float(alpha), float(gamma), _UNLIKELIHOOD_SIGN[unlikelihood], reduction, backend
+    )
+    means = sums / tensors[0].shape[0]
+    metrics = {name: means[i] for i, name in enumerate(METRIC_NAMES)}
+    metrics["loss"] = loss.detach()
+    return loss, metrics
