@@ -1,0 +1,235 @@
+"""Evaluation: sample responses from policies, score them with a judge, compare.
+
+The judge is a reward the students never saw: a reward-model directory (our
+Oracle format or an HF sequence-classification model with one output), or any
+Python callable given as ``"module:function"`` that maps
+``(prompts: list[str], responses: list[str]) -> list[float]`` (prompts rendered
+as text, e.g. through the chat template).
+
+Report: for each policy the expected judge reward (mean, std error) and for each
+ordered pair of policies the win rate of the first over the second, prompt by
+prompt (a tie counts 1/2).
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import math
+import os
+from typing import Callable
+
+import torch
+
+from drdo.scoring import load_reward_model, pick_device, write_jsonl
+
+__all__ = ["JudgeError", "generate", "evaluate", "load_judge", "win_rate", "parse_policies"]
+
+Judge = Callable[[list, list], list]
+
+
+class JudgeError(ValueError):
+    """The judge cannot be loaded, or returned something other than one finite score per response."""
+
+
+def parse_policies(specs: list[str]) -> dict[str, str]:
+    """["name=path", "path2"] -> {"name": "path", basename(path2): "path2"}; names must be unique."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(spec)) or spec, spec
+        if name in out:
+            raise ValueError(f"two policies are named {name!r}; use NAME=PATH to tell them apart")
+        out[name] = path
+    return out
+
+
+def _prefix_ids(tokenizer) -> list[int]:
+    """The ids a tokenizer puts in front of a single sequence (e.g. BOS), as the data pipeline does."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def _prompt_ids(tokenizer, prompt, max_prompt_length: int) -> list[int]:
+    """Token ids of a prompt (string or messages), rendered like drdo.data does; keeps the last tokens."""
+    from drdo.data import render_prompt
+
+    text = render_prompt(tokenizer, prompt)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if isinstance(prompt, str):
+        ids = _prefix_ids(tokenizer) + ids
+    return ids[-max_prompt_length:]
+
+
+def _load_policy(policy, tokenizer, device, trust_remote_code):
+    """(HF causal LM, tokenizer) from a path/"tiny" or a loaded model."""
+    from drdo.tokenizer import get_tokenizer
+
+    if isinstance(policy, (str, os.PathLike)):
+        from drdo.models import load_causal_lm
+
+        name = os.fspath(policy)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        lm = load_causal_lm(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        tokenizer = tokenizer if tokenizer is not None else name
+    else:
+        lm = getattr(policy, "lm", policy).to(device)
+        if tokenizer is None:
+            raise ValueError("pass tokenizer= when the policy is a loaded model")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = get_tokenizer(os.fspath(tokenizer), trust_remote_code=trust_remote_code)
+    return lm.eval(), tokenizer
+
+
+@torch.no_grad()
+def generate(policy, prompts: list, *, tokenizer=None, max_new_tokens: int = 64, temperature: float = 1.0,
+             top_p: float = 1.0, seed: int = 0, batch_size: int = 16, max_prompt_length: int = 512,
+             device="auto", trust_remote_code: bool = False, progress: bool = True) -> list[str]:
+    """Sample one response per prompt (temperature 0: greedy). Deterministic given ``seed``.
+
+    policy: a directory, hub id, "tiny", or a loaded model (PolicyWithRewardHead or HF causal LM;
+    then pass ``tokenizer``). Prompts are strings or message lists. Returns the decoded new text
+    of each prompt (special tokens removed).
+    """
+    dev = pick_device(device)
+    lm, tok = _load_policy(policy, tokenizer, dev, trust_remote_code)
+    encoded = [_prompt_ids(tok, p, max_prompt_length) for p in prompts]
+    starts = range(0, len(encoded), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="generating", total=len(starts))
+    responses = []
+    for start in starts:
+        chunk = encoded[start:start + batch_size]
+        width = max(max(len(ids) for ids in chunk), 1)
+        input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, ids in enumerate(chunk):  # left padding: the new tokens follow each prompt directly
+            if ids:
+                input_ids[i, width - len(ids):] = torch.tensor(ids)
+                mask[i, width - len(ids):] = 1
+        empty = mask.sum(1) == 0
+        if bool(empty.any()):  # an empty prompt starts from EOS so that generation has a context
+            input_ids[empty, -1] = tok.eos_token_id
+            mask[empty, -1] = 1
+        torch.manual_seed(seed + start)
+        sample = temperature > 0
+        extra = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
+        out = lm.generate(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
+        new = out[:, width:].cpu()
+        responses.extend(tok.decode(row, skip_special_tokens=True) for row in new)
+    return responses
+
+
+def _reward_model_judge(path: str, *, device, trust_remote_code, batch_size=16, max_length=1024,
+                        max_prompt_length=512) -> Judge:
+    """A judge from a reward model: reward of prompt + response + EOS (right-padded, truncated)."""
+    rm = load_reward_model(path, device=device, trust_remote_code=trust_remote_code)
+    tok = rm.tokenizer
+
+    def judge(prompts: list, responses: list) -> list[float]:
+        seqs = []
+        for prompt, response in zip(prompts, responses):
+            ids = _prompt_ids(tok, prompt, max_prompt_length)
+            resp = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            seqs.append((ids + resp)[:max_length])
+        scores: list[float] = []
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start:start + batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(chunk):
+                ids[i, :len(s)] = torch.tensor(s)
+                mask[i, :len(s)] = 1
+            scores.extend(rm.score(ids, mask).tolist())
+        return scores
+
+    judge.tokenizer = tok  # type: ignore[attr-defined]
+    return judge
+
+
+def load_judge(spec, *, device="auto", trust_remote_code: bool = False) -> Judge:
+    """A callable judge from a callable, "module:function", or a reward-model directory / hub id."""
+    if callable(spec):
+        return spec
+    spec = str(spec)
+    if ":" in spec and not os.path.exists(spec):
+        module_name, _, func_name = spec.partition(":")
+        try:
+            func = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as e:
+            raise JudgeError(f"cannot import the judge {spec!r} (expected 'module:function'): {e}") from e
+        if not callable(func):
+            raise JudgeError(f"judge {spec!r} is not callable")
+        return func
+    return _reward_model_judge(spec, device=device, trust_remote_code=trust_remote_code)
+
+
+def win_rate(a: list[float], b: list[float]) -> float:
+    """Fraction of prompts where a beats b (ties count 1/2)."""
+    if len(a) != len(b) or not a:
+        raise ValueError("win_rate needs two equally long, non-empty score lists")
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+
+
+def _prompt_texts(prompts: list, judge: Judge) -> list[str]:
+    """Prompts as text for the judge (messages rendered with the judge's tokenizer, or joined)."""
+    tok = getattr(judge, "tokenizer", None)
+    if tok is not None:
+        return list(prompts)  # the reward-model judge renders prompts itself
+    out = []
+    for p in prompts:
+        out.append(p if isinstance(p, str) else "\n".join(f"{m['role']}: {m['content']}" for m in p))
+    return out
+
+
+def evaluate(policies: dict, prompts: list, judge, *, max_new_tokens: int = 64, temperature: float = 1.0,
+             top_p: float = 1.0, seed: int = 0, batch_size: int = 16, max_prompt_length: int = 512,
+             trust_remote_code: bool = False, device="auto", progress: bool = True, output: str | None = None) -> dict:
+    """Generate with every policy, score with the judge, report rewards and pairwise win rates.
+
+    policies: {name: path or loaded model (with tokenizer as (model, tokenizer) tuple)}.
+    Returns {"num_prompts", "reward": {name: {"mean", "stderr"}}, "win_rate": {"a_vs_b": float},
+    "generations": {name: [str]}, "scores": {name: [float]}}. With ``output`` the report is
+    written as JSON and the generations as ``<output>.generations.jsonl``.
+    """
+    if not policies:
+        raise ValueError("evaluate needs at least one policy")
+    if not prompts:
+        raise ValueError("evaluate needs at least one prompt")
+    judge_fn = load_judge(judge, device=device, trust_remote_code=trust_remote_code)
+    generations, scores = {}, {}
+    for name, pol in policies.items():
+        model, tok = pol if isinstance(pol, tuple) else (pol, None)
+        generations[name] = generate(model, prompts, tokenizer=tok, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+                                     max_prompt_length=max_prompt_length, device=device,
+                                     trust_remote_code=trust_remote_code, progress=progress)
+        values = [float(v) for v in judge_fn(_prompt_texts(prompts, judge_fn), generations[name])]
+        if len(values) != len(prompts) or not all(math.isfinite(v) for v in values):
+            raise JudgeError(f"the judge must return one finite score per response; got {len(values)} for "
+                             f"{len(prompts)} prompts")
+        scores[name] = values
+    report = {"num_prompts": len(prompts), "reward": {}, "win_rate": {}}
+    for name, values in scores.items():
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+        report["reward"][name] = {"mean": mean, "stderr": math.sqrt(var / len(values))}
+    for a, b in itertools.permutations(scores, 2):
+        report["win_rate"][f"{a}_vs_{b}"] = win_rate(scores[a], scores[b])
+    report["generations"], report["scores"] = generations, scores
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in report.items() if k != "generations"}, f, indent=2)
+        rows = [{"prompt": p, **{name: generations[name][i] for name in generations}} for i, p in enumerate(prompts)]
+        write_jsonl(rows, output + ".generations.jsonl")
+    return report

@@ -1,0 +1,56 @@
+"""metrics.jsonl: one JSON line per optimizer step, written by rank 0."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+
+import torch
+
+
+class MetricsLog:
+    """Append-only JSONL log. ``truncate_after(step)`` drops lines of later steps (used on resume)."""
+
+    def __init__(self, path: str, *, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            for row in kept:
+                f.write(json.dumps(row) + "\n")
+
+    def reset(self) -> None:
+        if self.enabled and os.path.exists(self.path):
+            os.remove(self.path)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    """All rows of a metrics.jsonl file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated CUDA memory on ``device``, else this process's peak RSS (MB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v

@@ -1,0 +1,195 @@
+"""The root training module: the policy plus the loss of one stage, computed in ``forward``.
+
+Computing the loss inside the root module's forward is what makes the fused
+kernels safe under FSDP2: while ``forward`` runs, FSDP2 has unsharded the root's
+own parameters (embeddings, final norm, LM head, reward head), so the kernel
+reads the full [V, H] LM-head weight, and the gradient it returns is
+reduce-scattered by FSDP2's post-backward like any other.
+
+Every stage returns the SUM of its per-pair losses over the micro-batch (SFT:
+the sum of token NLLs); the trainer divides by the global pair (token) count of
+the optimizer step, so results do not depend on the micro-batch size or the
+number of ranks. Exception: e-DPO's pessimistic max over ensemble members is
+taken per micro-batch (each member's summed loss over the micro-batch, then the
+max), so with K > 1 and gradient accumulation it is a max of partial sums, not
+the max of the full-batch sums.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from drdo import losses as ref_losses
+
+IGNORE_INDEX = -100
+#: Metrics that the losses report as sums (not means) over the micro-batch under reduction="sum".
+_SUMMED_METRICS = {"edpo": ("distill_min", "distill_max")}
+
+
+class KernelUnavailableError(RuntimeError):
+    """--kernel triton|torch was asked for but drdo_kernels cannot be imported."""
+
+
+def resolve_kernel(kernel: str):
+    """Return (mode, drdo_kernels module or None). mode: "reference" or a drdo_kernels backend.
+
+    "auto" falls back to the reference path (with a warning) when drdo_kernels is
+    missing; "triton"/"torch" raise KernelUnavailableError instead.
+    """
+    if kernel == "reference":
+        return "reference", None
+    try:
+        import drdo_kernels as dk
+
+        dk.fused_linear_logprobs  # noqa: B018 - the package must provide the kernels
+    except (ImportError, AttributeError) as e:
+        if kernel == "auto":
+            warnings.warn(f"drdo_kernels is not importable ({e}); using --kernel reference (full logits)")
+            return "reference", None
+        raise KernelUnavailableError(
+            f"--kernel {kernel} needs the drdo_kernels package, which cannot be imported: {e}. "
+            "Use --kernel reference for the plain PyTorch path."
+        ) from e
+    return kernel, dk
+
+
+class StageObjective(nn.Module):
+    """Root module for FSDP2: ``policy`` (PolicyWithRewardHead) + the loss of ``config.stage``.
+
+    forward(input_ids [R, T] int64, attention_mask [R, T] int64, labels [R, T] int64 (aligned),
+            oracle_rewards [2B] or [K, 2B] float32 | None, ref_logps [2B] float32 | None)
+      -> (loss_sum: scalar float32, metrics: dict of detached scalar means over the micro-batch)
+    R = 2B rows (chosen then rejected) for every stage but SFT (R = B chosen rows). The sum runs
+    over the B pairs (SFT: over the response tokens).
+    """
+
+    def __init__(self, policy: nn.Module, config, kernel_mode: str, kernels=None):
+        super().__init__()
+        self.policy = policy
+        self.stage = config.stage
+        self.kernel_mode = kernel_mode
+        self.cfg = dict(
+            alpha=config.alpha, gamma=config.gamma, beta=config.beta, reward=config.reward,
+            unlikelihood=config.unlikelihood, oracle_alpha=config.oracle_alpha, pessimistic=config.pessimistic,
+        )
+        self.fused = None if kernels is None else self._make_fused(kernels)
+
+    def _make_fused(self, dk):
+        c, backend = self.cfg, self.kernel_mode
+        common = dict(ignore_index=IGNORE_INDEX, backend=backend, reduction="sum")
+        if self.stage == "drdo":
+            return dk.FusedLinearDRDOLoss(
+                c["alpha"], c["gamma"], reward=c["reward"], beta=c["beta"], unlikelihood=c["unlikelihood"], **common
+            )
+        if self.stage == "oracle":
+            return dk.FusedLinearOracleLoss(alpha=c["oracle_alpha"], nll_reduction="mean", **common)
+        if self.stage == "dpo":
+            return dk.FusedLinearDPOLoss(beta=c["beta"], **common)
+        if self.stage == "edpo":
+            return dk.FusedLinearEDPOLoss(beta=c["beta"], pessimistic=c["pessimistic"], **common)
+        return None  # sft uses fused_linear_logprobs directly
+
+    def forward(self, input_ids, attention_mask, labels, oracle_rewards=None, ref_logps=None):
+        reference = self.kernel_mode == "reference"
+        out = self.policy(input_ids, attention_mask, return_logits=reference)
+        if self.stage == "sft":
+            return self._sft(out, labels, reference)
+        if reference:
+            logps, n_tokens = ref_losses.sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)
+            loss, metrics = self._reference_pair_loss(logps, n_tokens, out.rewards, oracle_rewards, ref_logps)
+        else:
+            loss, metrics = self._fused_pair_loss(out, labels, oracle_rewards, ref_logps)
+        n_pairs = input_ids.shape[0] // 2
+        metrics = {k: v for k, v in metrics.items() if k != "loss"}
+        for key in _SUMMED_METRICS.get(self.stage, ()):  # reduction="sum" made these sums over the micro-batch
+            if key in metrics:
+                metrics[key] = metrics[key] / n_pairs
+        return loss.float(), metrics
+
+    # ---- SFT -------------------------------------------------------------------------------------------------
+    def _sft(self, out, labels, reference):
+        mask = labels != IGNORE_INDEX
+        n_tokens = mask.sum()
+        if reference:
+            logps, _ = ref_losses.sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)
+            total = logps.sum()
+        else:
+            import drdo_kernels as dk
+
+            weight, bias = _head_params(self.policy.lm_head, out.hidden_states.dtype)
+            token_logp = dk.fused_linear_logprobs(
+                out.hidden_states[mask], weight, labels[mask], bias=bias,
+                ignore_index=IGNORE_INDEX, backend=self.kernel_mode,
+            )
+            total = token_logp.sum()
+        nll_sum = -total.float()
+        return nll_sum, {"nll": (nll_sum / n_tokens.clamp(min=1)).detach()}
+
+    # ---- preference stages -----------------------------------------------------------------------------------
+    def _fused_pair_loss(self, out, labels, oracle_rewards, ref_logps):
+        h = out.hidden_states
+        w, b = _head_params(self.policy.lm_head, h.dtype)
+        if self.stage == "drdo":
+            oracle = _single_oracle(oracle_rewards)
+            policy_rewards = out.rewards if self.cfg["reward"] == "head" else None
+            return self.fused(w, h, labels, oracle, policy_rewards, bias=b)
+        if self.stage == "oracle":
+            return self.fused(w, h, labels, out.rewards, bias=b)
+        if self.stage == "dpo":
+            return self.fused(w, h, labels, ref_logps, bias=b)
+        return self.fused(w, h, labels, ref_logps, _ensemble(oracle_rewards), bias=b)
+
+    def _reference_pair_loss(self, logps, n_tokens, rewards, oracle_rewards, ref_logps):
+        c = self.cfg
+        n = logps.shape[0] // 2
+        z_w, z_l = logps[:n], logps[n:]
+        if self.stage == "drdo":
+            oracle = _single_oracle(oracle_rewards)
+            if c["reward"] == "head":
+                rhat_w, rhat_l = rewards[:n], rewards[n:]
+            else:
+                rhat_w, rhat_l = c["beta"] * z_w, c["beta"] * z_l
+            return ref_losses.drdo_loss(
+                z_w, z_l, rhat_w, rhat_l, oracle[:n], oracle[n:], alpha=c["alpha"], gamma=c["gamma"],
+                unlikelihood=c["unlikelihood"], reduction="sum",
+            )
+        if self.stage == "oracle":
+            return ref_losses.oracle_loss(
+                rewards[:n], rewards[n:], -z_w, alpha=c["oracle_alpha"], chosen_n_tokens=n_tokens[:n], reduction="sum"
+            )
+        if self.stage == "dpo":
+            return ref_losses.dpo_loss(z_w, z_l, ref_logps[:n], ref_logps[n:], beta=c["beta"], reduction="sum")
+        oracle = _ensemble(oracle_rewards)
+        return ref_losses.edpo_loss(
+            z_w, z_l, ref_logps[:n], ref_logps[n:], oracle[:, :n], oracle[:, n:],
+            beta=c["beta"], pessimistic=c["pessimistic"], reduction="sum",
+        )
+
+
+def _head_params(head: nn.Module, dtype: torch.dtype):
+    """LM-head (weight [V, H], bias [V] | None) in the dtype of the hidden states.
+
+    Under FSDP2 mixed precision both are bf16 already; under single-GPU autocast the
+    fp32 weight is cast (differentiably) to the bf16 hidden states' dtype.
+    """
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if weight.dtype != dtype:
+        weight = weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return weight, bias
+
+
+def _single_oracle(oracle_rewards: torch.Tensor) -> torch.Tensor:
+    """[2B] Oracle rewards; a [K, 2B] ensemble is averaged over its K members."""
+    if oracle_rewards is None:
+        raise ValueError("this stage needs Oracle rewards in the batch; run `drdo oracle score` on the data first")
+    return oracle_rewards.float().mean(0) if oracle_rewards.dim() == 2 else oracle_rewards.float()
+
+
+def _ensemble(oracle_rewards: torch.Tensor) -> torch.Tensor:
+    """[K, 2B] Oracle rewards (a [2B] tensor is K = 1)."""
+    if oracle_rewards is None:
+        raise ValueError("e-DPO needs Oracle rewards in the batch; run `drdo oracle score` on the data first")
+    return oracle_rewards.float() if oracle_rewards.dim() == 2 else oracle_rewards.float().unsqueeze(0)

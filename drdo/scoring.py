@@ -1,0 +1,156 @@
+"""Offline Oracle scoring: add ``oracle_chosen`` / ``oracle_rejected`` to every pair.
+
+A reward model is either one of ours (a directory with ``reward_head.safetensors``,
+trained by ``drdo oracle train``) or any Hugging Face
+``AutoModelForSequenceClassification`` with exactly one output. With K reward
+models each response gets a list of K scores (the e-DPO ensemble); with one, a float.
+Each model tokenizes the data with its own tokenizer; rows are matched by their
+source row number, and a row dropped by any model (``skip_invalid``) is left out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import torch
+
+from drdo.data import PreferenceCollator, load_preference_dataset
+
+__all__ = ["RewardModelError", "RewardModel", "load_reward_model", "score_dataset", "pick_device", "write_jsonl"]
+
+
+class RewardModelError(ValueError):
+    """A reward model cannot be loaded or does not have exactly one output."""
+
+
+def pick_device(device: str | None = "auto") -> torch.device:
+    """"auto"/None -> cuda if available else cpu; anything else -> torch.device(device)."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class RewardModel:
+    """A scalar reward model with its tokenizer. ``score(input_ids, attention_mask) -> [N] float32``
+    (right-padded [N, T] int64 batches; the reward of the last non-padding token)."""
+
+    def __init__(self, path: str, model: torch.nn.Module, tokenizer, kind: str, device: torch.device):
+        self.path, self.model, self.tokenizer, self.kind, self.device = path, model, tokenizer, kind, device
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        if self.kind == "policy":
+            return self.model(input_ids, attention_mask).rewards.float().cpu()
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[:, 0].float().cpu()
+
+
+def _is_policy_dir(path: str) -> bool:
+    from drdo.models import HEAD_WEIGHTS_NAME
+
+    return os.path.isfile(os.path.join(os.path.expanduser(path), HEAD_WEIGHTS_NAME))
+
+
+def load_reward_model(path: str, *, device="auto", trust_remote_code: bool = False) -> RewardModel:
+    """Our Oracle directory, or an HF sequence-classification model with one output (dir or hub id)."""
+    from drdo.tokenizer import get_tokenizer
+
+    dev = pick_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    tokenizer = get_tokenizer(path, trust_remote_code=trust_remote_code)
+    if _is_policy_dir(path):
+        from drdo.models import PolicyWithRewardHead
+        from drdo.train import head_was_trained
+
+        if head_was_trained(path) is False:
+            warnings.warn(f"{path} was not trained as an Oracle (see its config.yaml): its reward head is untrained; "
+                          "train one with `drdo oracle train`")
+
+        model = PolicyWithRewardHead.from_pretrained(path, dtype=dtype, device=dev, require_head=True,
+                                                     trust_remote_code=trust_remote_code)
+        return RewardModel(path, model.eval(), tokenizer, "policy", dev)
+    from transformers import AutoModelForSequenceClassification
+
+    from drdo.models import _dtype_kwarg
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, trust_remote_code=trust_remote_code, use_safetensors=True, **{_dtype_kwarg(): dtype}
+        )
+    except (OSError, ValueError) as e:
+        raise RewardModelError(
+            f"{path} is neither a drdo Oracle directory (no reward_head.safetensors) nor a loadable "
+            f"sequence-classification reward model: {e}"
+        ) from e
+    if model.config.num_labels != 1:
+        raise RewardModelError(f"{path} has {model.config.num_labels} outputs; a reward model must have exactly one")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return RewardModel(path, model.to(dev).eval(), tokenizer, "seqcls", dev)
+
+
+def _score_pairs(rm: RewardModel, dataset, batch_size: int, progress: bool, desc: str) -> dict[int, tuple[float, float]]:
+    """{source row: (chosen reward, rejected reward)} for every pair of ``dataset``."""
+    collate = PreferenceCollator(rm.tokenizer.pad_token_id)
+    out: dict[int, tuple[float, float]] = {}
+    starts = range(0, len(dataset), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, total=len(starts))
+    for start in starts:
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        rewards = rm.score(batch["input_ids"], batch["attention_mask"])
+        n = batch["rows"].shape[0]
+        for j, row in enumerate(batch["rows"].tolist()):
+            out[row] = (float(rewards[j]), float(rewards[n + j]))
+    return out
+
+
+def write_jsonl(rows, path: str) -> str:
+    """Write dict rows as JSONL atomically (temporary file + rename); returns path."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def score_dataset(reward_models, data, output: str, *, batch_size: int = 8, max_length: int = 1024,
+                  max_prompt_length: int = 512, split: str = "train", skip_invalid: bool = False,
+                  trust_remote_code: bool = False, device="auto", progress: bool = True) -> str:
+    """Score every pair of ``data`` with K reward models and write JSONL to ``output``.
+
+    Each output line is the source row plus ``oracle_chosen`` / ``oracle_rejected``:
+    floats for K = 1, lists of K floats (in the order of ``reward_models``) for K > 1.
+    Returns ``output``.
+    """
+    if isinstance(reward_models, str):
+        reward_models = [reward_models]
+    if not reward_models:
+        raise RewardModelError("score_dataset needs at least one reward model")
+    per_model, raw_by_row = [], {}
+    for k, path in enumerate(reward_models):
+        rm = load_reward_model(path, device=device, trust_remote_code=trust_remote_code)
+        ds = load_preference_dataset(data, rm.tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                                     split=split, skip_invalid=skip_invalid)
+        if not raw_by_row:
+            raw_by_row = {ds[i]["row"]: ds.raw[i] for i in range(len(ds))}
+        per_model.append(_score_pairs(rm, ds, batch_size, progress, f"scoring with {os.path.basename(path)} "
+                                                                      f"({k + 1}/{len(reward_models)})"))
+        del rm
+    rows = []
+    for row in sorted(raw_by_row):
+        if not all(row in scores for scores in per_model):
+            continue
+        chosen = [scores[row][0] for scores in per_model]
+        rejected = [scores[row][1] for scores in per_model]
+        out = dict(raw_by_row[row])
+        out["oracle_chosen"] = chosen[0] if len(per_model) == 1 else chosen
+        out["oracle_rejected"] = rejected[0] if len(per_model) == 1 else rejected
+        rows.append(out)
+    return write_jsonl(rows, output)

@@ -1,0 +1,432 @@
+"""One training loop for every stage: sft, oracle, drdo, dpo, edpo.
+
+Launch with plain ``python`` (one process, no process group, no FSDP) or with
+``torchrun --nproc_per_node N`` (FSDP2 over N ranks; gloo on CPU, nccl on CUDA).
+
+Batch semantics: ``batch_size`` is the GLOBAL number of pairs per optimizer step,
+``micro_batch_size`` the pairs per rank per forward, and the number of
+accumulation steps is batch / (micro x world). The data order is a function of
+(seed, step) only: optimizer step s takes positions [s*B, (s+1)*B) of an endless
+stream of seeded per-epoch permutations; rank r takes the r-th contiguous slice of
+those B pairs and splits it into micro-batches. Each micro-batch returns the SUM
+of its per-pair losses (SFT: of its token NLLs); the trainer divides by the global
+count of the optimizer step (pairs: B; SFT: the all-reduced response-token count),
+so the gradient is that of the mean over the whole global batch whatever the
+world size or micro-batch size. (FSDP2 averages gradients over ranks, so the
+backward loss is multiplied by the world size to get the sum.)
+
+Failure behaviour: a non-finite loss or gradient norm stops the run before the
+optimizer step (:class:`TrainingDiverged`), leaving the last good checkpoint in
+place; SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns
+``{"status": "interrupted", ...}`` (a second Ctrl-C aborts at once).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from drdo import checkpoint as ckpt
+from drdo import distributed as dist_utils
+from drdo.config import TrainConfig, accumulation_steps, resolve, save_yaml, total_steps, warmup_steps_for
+from drdo.metrics import MetricsLog, peak_memory_mb
+from drdo.objectives import StageObjective, resolve_kernel
+from drdo.schedule import lr_at, set_lr
+
+__all__ = ["TrainConfig", "train", "TrainingDiverged", "step_indices"]
+
+logger = logging.getLogger("drdo.train")
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+PLOT_FILE = "training_curves.png"
+PAIR_STAGES = ("oracle", "drdo", "dpo", "edpo")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; training stopped before the optimizer step."""
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
+    if not shuffle:
+        return tuple(range(n))
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n, generator=generator).tolist())
+
+
+def step_indices(step: int, batch_size: int, n: int, *, seed: int, shuffle: bool = True) -> list[int]:
+    """Dataset indices of optimizer step ``step`` (0-based): positions [step*B, (step+1)*B) of the
+    stream of per-epoch permutations (epoch e shuffled with a generator seeded by (seed, e))."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, n)
+        out.append(_epoch_order(n, seed, epoch, shuffle)[offset])
+    return out
+
+
+def rank_micro_batches(indices: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
+    """This rank's contiguous share of the step's indices, split into micro-batches."""
+    share = len(indices) // world
+    mine = indices[rank * share:(rank + 1) * share]
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+
+def _load_data(config: TrainConfig, tokenizer):
+    from drdo.data import load_preference_dataset
+
+    return load_preference_dataset(
+        config.data, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+        split=config.split, skip_invalid=config.skip_invalid,
+        require_oracle=config.stage in ("drdo", "edpo"), require_ref=config.stage in ("dpo", "edpo"),
+    )
+
+
+def _collator(config: TrainConfig, tokenizer):
+    from drdo.data import PreferenceCollator, SFTCollator
+
+    cls = SFTCollator if config.stage == "sft" else PreferenceCollator
+    return cls(tokenizer.pad_token_id)
+
+
+def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    if config.precision == "bf16":
+        if device.type != "cuda":
+            raise ValueError("precision bf16 needs a CUDA device; use --precision fp32 (or auto) on CPU")
+        return True
+    return config.precision == "auto" and device.type == "cuda"
+
+
+def head_was_trained(model_dir: str) -> bool | None:
+    """Whether the reward head saved in a directory written by :func:`train` was trained
+    (stage oracle, or drdo with reward="head"); None when the directory has no drdo config.yaml."""
+    path = os.path.join(os.path.expanduser(str(model_dir)), CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    from drdo.config import load_yaml
+
+    saved = load_yaml(path)
+    return saved.get("stage") == "oracle" or (saved.get("stage") == "drdo" and saved.get("reward") == "head")
+
+
+def _build_policy(config: TrainConfig, device: torch.device):
+    """The policy in fp32. A head saved by a stage that never trained it (e.g. the SFT output) is
+    replaced by a fresh one seeded by ``config.seed``, so that Oracles trained with different seeds
+    from the same SFT model start from different heads (the e-DPO ensemble)."""
+    from drdo.models import PolicyWithRewardHead, new_reward_head
+
+    policy = PolicyWithRewardHead.from_pretrained(
+        config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code,
+        attn_implementation=config.attn_implementation, seed=config.seed,
+    )
+    if head_was_trained(config.model) is False:
+        policy.reward_head = new_reward_head(policy.hidden_size, seed=config.seed)
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    return policy.to(device).train()
+
+
+def _optimizer(config: TrainConfig, root: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on biases and norm weights)."""
+    decay, no_decay = [], []
+    for p in root.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+
+
+class _StopFlag:
+    """SIGINT handler: the first Ctrl-C asks for a clean stop, the second raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Ctrl-C: finishing this step, saving a checkpoint and exiting (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """State of one run; :meth:`run` does the work. Use :func:`train`."""
+
+    def __init__(self, config: TrainConfig, dist_state: dist_utils.DistState, on_step: Callable | None = None):
+        from drdo.tokenizer import get_tokenizer
+
+        self.config, self.dist, self.on_step = config, dist_state, on_step
+        self.device = dist_state.device
+        self.out = config.output_dir
+        if dist_state.is_main:
+            os.makedirs(self.out, exist_ok=True)
+        self.tokenizer = get_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
+        self.dataset = self._load_data_rank0_first()  # fails fast on data without Oracle scores / ref log-probs
+        self.collate = _collator(config, self.tokenizer)
+        if config.stage == "drdo" and self.dataset.num_oracles > 1 and dist_state.is_main:
+            logger.warning("the data has K=%d Oracle scores per response; drdo regresses their mean",
+                           self.dataset.num_oracles)
+        self.total = total_steps(config, len(self.dataset))
+        self.accum = accumulation_steps(config.batch_size, config.micro_batch_size, dist_state.world_size)
+        self.warmup = warmup_steps_for(config, self.total)
+        self.kernel_mode, kernels = resolve_kernel(config.kernel)
+        self.bf16 = _use_bf16(config, self.device)
+        torch.manual_seed(config.seed)
+        policy = _build_policy(config, self.device)
+        self.root = StageObjective(policy, config, self.kernel_mode, kernels)
+        if dist_state.distributed:
+            dist_utils.wrap_fsdp(self.root, dist_state, bf16=self.bf16)
+        self.optimizer = _optimizer(config, self.root)
+        self.metrics = MetricsLog(os.path.join(self.out, METRICS_FILE), enabled=dist_state.is_main)
+        self.start_step = 0
+        self.last_good: str | None = None
+
+    def _load_data_rank0_first(self):
+        """Rank 0 tokenizes first (and fills the datasets cache); the other ranks then read it.
+        If rank 0 fails, the others fail with the same error by loading the data themselves."""
+        if not self.dist.distributed:
+            return _load_data(self.config, self.tokenizer)
+        if self.dist.is_main:
+            try:
+                dataset = _load_data(self.config, self.tokenizer)
+            except Exception:
+                dist_utils.broadcast_object(self.dist, False)
+                raise
+            dist_utils.broadcast_object(self.dist, True)
+            return dataset
+        dist_utils.broadcast_object(self.dist, None)  # wait for rank 0
+        return _load_data(self.config, self.tokenizer)
+
+    # -- resume
+    def maybe_resume(self) -> None:
+        c = self.config
+        if not c.resume:
+            self.metrics.reset()
+            old = ckpt.latest_checkpoint(self.out)
+            if old is not None and self.dist.is_main:
+                logger.warning("%s already holds checkpoints (latest %s) of an earlier run; this run starts from "
+                               "step 0 and overwrites them as it goes (pass --resume to continue instead)",
+                               self.out, old)
+            return
+        directory = c.resume if isinstance(c.resume, str) else ckpt.latest_checkpoint(self.out)
+        if directory is None:
+            raise ckpt.CheckpointError(
+                f"--resume: no checkpoint under {os.path.join(self.out, ckpt.CHECKPOINTS)}; "
+                "start without --resume (or pass --save-every N to write checkpoints)"
+            )
+        state = ckpt.read_trainer_state(directory)
+        saved = state.get("config", {})
+        for key in ("stage", "batch_size", "seed", "shuffle"):
+            if key in saved and saved[key] != getattr(c, key):
+                raise ckpt.CheckpointError(
+                    f"checkpoint {directory} was written with {key}={saved[key]!r}, this run has {getattr(c, key)!r}"
+                )
+        ckpt.load_checkpoint(directory, root=self.root, optimizer=self.optimizer, dist_state=self.dist)
+        self.start_step = state["step"]
+        self.last_good = directory
+        self.metrics.truncate_after(self.start_step)
+        if self.dist.is_main:
+            logger.info("resumed from %s at step %d", directory, self.start_step)
+
+    # -- one optimizer step
+    def _micro_batches(self, step: int) -> list[tuple[dict, float, float]]:
+        """This rank's micro-batches of ``step``: (batch on CPU, loss count, non-padding tokens).
+        The count is the number of pairs (SFT: response tokens) the micro-batch's loss sums over."""
+        c = self.config
+        indices = step_indices(step, c.batch_size, len(self.dataset), seed=c.seed, shuffle=c.shuffle)
+        groups = rank_micro_batches(indices, self.dist.rank, self.dist.world_size, c.micro_batch_size)
+        out = []
+        for group in groups:
+            batch = self.collate([self.dataset[i] for i in group])
+            batch.pop("rows", None)
+            if c.stage == "sft":
+                count = float((batch["labels"] != -100).sum())
+            else:
+                count = float(batch["input_ids"].shape[0] // 2)
+            out.append((batch, count, float(batch["attention_mask"].sum())))
+        return out
+
+    def _reduce_device(self) -> torch.device:
+        return self.device if self.dist.distributed and self.device.type == "cuda" else torch.device("cpu")
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self._reduce_device())
+        return dist_utils.all_reduce_sum(self.dist, t).cpu().tolist()
+
+    def _forward_backward(self, batch: dict, normaliser: float):
+        """Loss sum (detached) and metric means of one micro-batch; backward of its share of the step loss."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        use_autocast = self.bf16 and not self.dist.distributed  # FSDP2 has its own MixedPrecisionPolicy
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            loss_sum, parts = self.root(**batch)
+        # FSDP2 averages gradients over ranks: scale by world size so that they sum instead
+        (loss_sum * (self.dist.world_size / normaliser)).backward()
+        return loss_sum.detach(), parts
+
+    def train_step(self, step: int) -> dict:
+        c = self.config
+        t0 = time.perf_counter()
+        lr = lr_at(step, base_lr=c.lr, total_steps=self.total, warmup_steps=self.warmup, min_lr_ratio=c.min_lr_ratio)
+        set_lr(self.optimizer, lr)
+        batches = self._micro_batches(step)
+        normaliser, tokens = self._all_reduce([sum(b[1] for b in batches), sum(b[2] for b in batches)])
+        loss_total, sums = None, {}
+        for i, (batch, count, _) in enumerate(batches):
+            if self.dist.distributed:
+                self.root.set_requires_gradient_sync(i == len(batches) - 1)
+            loss_sum, parts = self._forward_backward(batch, normaliser)
+            loss_total = loss_sum.double() if loss_total is None else loss_total + loss_sum.double()
+            for k, v in parts.items():  # metric means -> sums, weighted by the micro-batch's count
+                sums[k] = sums.get(k, 0.0) + v.double() * count
+        grad_norm = self._clip()
+        names = sorted(sums)
+        packed = torch.stack([loss_total] + [torch.as_tensor(sums[k]).to(loss_total) for k in names])
+        packed = self._all_reduce(packed.cpu().tolist())  # one device sync per step
+        loss = packed[0] / normaliser
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(self._diverged_message(step, loss, grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        row = {"step": step + 1, "loss": loss}
+        row.update({k: packed[1 + j] / normaliser for j, k in enumerate(names)})
+        row.update(lr=lr, grad_norm=grad_norm, tokens_per_s=tokens / max(elapsed, 1e-9),
+                   peak_mem_mb=peak_memory_mb(self.device), step_time_s=elapsed)
+        return row
+
+    def _clip(self) -> float:
+        params = [p for p in self.root.parameters() if p.grad is not None]
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _diverged_message(self, step: int, loss: float, grad_norm: float) -> str:
+        where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
+        return (
+            f"training diverged at step {step + 1}: loss={loss}, grad_norm={grad_norm} (not finite); stopped before "
+            f"the optimizer step; {where}. Lower --lr, check the data (Oracle scores, reference log-probs) or "
+            f"use --max-grad-norm."
+        )
+
+    # -- checkpoints and outputs
+    def save(self, step: int, last_row: dict | None) -> str:
+        state = {"config": self.config.to_dict(), "total_steps": self.total, "last_metrics": last_row or {}}
+        directory = ckpt.save_checkpoint(self.out, step, root=self.root, optimizer=self.optimizer,
+                                         dist_state=self.dist, tokenizer=self.tokenizer, trainer_state=state)
+        self.last_good = directory
+        if self.dist.is_main:
+            ckpt.prune_checkpoints(self.out, self.config.save_limit)
+        return directory
+
+    def export_final(self) -> None:
+        full = ckpt.gather_model_state(self.root) if self.dist.distributed else None
+        if self.dist.is_main:
+            ckpt.export_policy(self.root.policy, full, self.out, self.tokenizer)
+        dist_utils.barrier(self.dist)
+
+    def _stop_requested(self, flag: _StopFlag) -> bool:
+        t = torch.tensor([1.0 if flag.requested else 0.0], device=self._reduce_device())
+        return bool(dist_utils.all_reduce_sum(self.dist, t).item() > 0)
+
+    def run(self) -> dict:
+        c = self.config
+        if self.dist.is_main:
+            save_yaml(c, os.path.join(self.out, CONFIG_FILE))
+        self.maybe_resume()
+        bar = _progress(c.progress and self.dist.is_main, self.total, self.start_step, c.stage)
+        row: dict | None = None
+        status = "completed"
+        self.root.train()
+        with _StopFlag() as flag:
+            for step in range(self.start_step, self.total):
+                try:
+                    row = self.train_step(step)
+                except TrainingDiverged:
+                    if bar is not None:
+                        bar.close()
+                    raise
+                self.metrics.write(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                if self.on_step is not None:
+                    self.on_step(step + 1, row)
+                done = step + 1
+                saved = False
+                if c.save_every and done % c.save_every == 0 and done < self.total:
+                    self.save(done, row)
+                    saved = True
+                if self._stop_requested(flag):
+                    status = "interrupted"
+                    if not saved:
+                        self.save(done, row)
+                    break
+        if bar is not None:
+            bar.close()
+        if status == "completed":
+            self.export_final()
+            self._plot()
+        return dict(row or {}, status=status, output_dir=self.out, checkpoint=self.last_good,
+                    total_steps=self.total)
+
+    def _plot(self) -> None:
+        if not (self.config.plot and self.dist.is_main and os.path.exists(self.metrics.path)):
+            return
+        from drdo.plots import plot_training_curves
+
+        plot_training_curves(self.metrics.path, os.path.join(self.out, PLOT_FILE),
+                             title=f"{self.config.stage} ({self.config.model})")
+
+
+def _progress(enabled: bool, total: int, start: int, stage: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"drdo {stage}", dynamic_ncols=True)
+
+
+def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run one training stage (see the module docstring); returns the last step's metrics plus
+    ``status`` ("completed" | "interrupted"), ``output_dir``, ``checkpoint``, ``total_steps``.
+
+    on_step(step, metrics) is called on every rank after each optimizer step (1-based step).
+    Raises ConfigError, MissingFieldError (data lacks Oracle scores / reference log-probs),
+    CheckpointError, KernelUnavailableError, TrainingDiverged.
+    """
+    config = resolve(dataclasses.replace(config))
+    state = dist_utils.setup()
+    result = Trainer(config, state, on_step).run()
+    dist_utils.teardown(state)  # on an error the ranks do not wait for each other
+    return result
