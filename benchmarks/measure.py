@@ -1,0 +1,343 @@
+"""Timing and peak memory of one benchmark point, optionally in a fresh subprocess.
+
+Timing: ``triton.testing.do_bench`` on CUDA, ``torch.utils.benchmark.Timer.blocked_autorange``
+on CPU (with all of torch's threads). Peak memory: ``torch.cuda.max_memory_allocated``
+after a reset on CUDA; on CPU the resident-set high-water mark (VmHWM) of this
+process, reset through /proc/self/clear_refs, minus the resident set before the
+step, plus the bytes of the inputs (so both devices count inputs + everything the
+step allocates). On CPU each method and shape runs in a fresh process by default
+so that memory an earlier method left in the heap does not count.
+
+A grid benchmark module (bench_logprobs, bench_loss) provides:
+  NAME: str, METHODS: dict[str, Method], make_inputs(ctx) -> Inputs,
+  reference(inputs, ctx, method) -> float32 tensor the method's output should equal.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from benchmarks.common import ROOT, set_threads
+
+FLOP_FACTOR = {"fwd": 2, "bwd": 6, "fwd+bwd": 8}  # x N*H*V, the recompute schedule of anchors.md
+OURS_PREFIX = "ours_"
+ROWS_TAG = "@@ROWS@@"
+MIN_CPU_SAMPLES = 3
+
+
+@dataclass
+class Inputs:
+    """Tensors of one point. ``grad`` are the leaves whose gradients the step computes;
+    ``upstream`` is the gradient fed to the output's backward (None for a scalar output)."""
+
+    tensors: dict
+    grad: list
+    upstream: object = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values() if hasattr(t, "numel"))
+
+
+@dataclass
+class Method:
+    """One competitor. ``build(inputs, ctx)`` returns a zero-argument callable that runs the
+    forward and returns the output tensor; ``skip(ctx)`` returns a reason not to run, or None.
+    kind: "ours" | "naive" | "peer" (a peer's failure on its first call is recorded as skipped)."""
+
+    name: str
+    kind: str
+    build: Callable
+    skip: Callable = field(default=lambda ctx: None)
+    reference: Callable | None = None  # overrides the bench's reference (a different loss)
+    note: str = ""
+
+
+# ---------------------------------------------------------------- device helpers
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _proc_status_mb(key: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """begin() before the measured work, reset() where the peak window opens, peak_mb() after."""
+
+    def __init__(self, device: str, input_bytes: int):
+        self.device, self.input_bytes, self.base = device, input_bytes, 0.0
+
+    def begin(self) -> None:
+        import torch
+
+        sync(self.device)
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        else:
+            _malloc_trim()
+            self.base = _proc_status_mb("VmRSS")
+
+    def reset(self) -> None:
+        import torch
+
+        sync(self.device)
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        elif not _reset_hwm():
+            raise OSError("cannot reset the peak RSS (/proc/self/clear_refs not writable)")
+
+    def peak_mb(self) -> float:
+        import torch
+
+        sync(self.device)
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20
+        return self.input_bytes / 2**20 + max(0.0, _proc_status_mb("VmHWM") - self.base)
+
+
+def bench_times(step: Callable, device: str, min_run_time: float) -> tuple[float, float, float, int | str]:
+    """(median_ms, p20_ms, p80_ms, n_samples) of step()."""
+    import torch
+
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        started = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        estimate_ms = (time.perf_counter() - started) * 1e3
+        rep = min(3000.0, max(20.0, min_run_time * 1000, 5 * estimate_ms))  # >= ~5 samples, <= 3 s
+        med, p20, p80 = do_bench(step, warmup=max(10, int(rep / 4)), rep=int(rep), quantiles=[0.5, 0.2, 0.8])
+        return float(med), float(p20), float(p80), max(1, round(rep / max(float(med), 1e-3)))
+    from torch.utils.benchmark import Timer
+
+    timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    times = [t * 1e3 for t in timer.blocked_autorange(min_run_time=min_run_time).times]
+    while len(times) < MIN_CPU_SAMPLES:  # a slow call gives one block: add single calls for a spread
+        times += [t * 1e3 for t in timer.timeit(1).times]
+    times.sort()
+    return _quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), len(times)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    pos = q * (len(sorted_values) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def gemm_peak_tflops(device: str, dtype: str, quick: bool, n: int | None = None) -> float:
+    """Measured dense matmul throughput (TFLOP/s) of this machine in ``dtype``: the roofline."""
+    import torch
+
+    from benchmarks.common import torch_dtype
+
+    n = n or ((4096 if quick else 8192) if device == "cuda" else (1024 if quick else 2048))
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=torch_dtype(dtype), generator=gen)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype(dtype), generator=gen)
+    (a @ b).sum().item()
+    med, _, _, _ = bench_times(lambda: a @ b, device, 0.3 if quick else 1.0)
+    return 2.0 * n**3 / (med * 1e-3) / 1e12
+
+
+# ---------------------------------------------------------------- one point
+def _zero_grads(inputs: Inputs) -> None:
+    for t in inputs.grad:
+        t.grad = None
+
+
+def _backward(out, inputs: Inputs, retain_graph: bool = False) -> None:
+    out.backward(inputs.upstream, retain_graph=retain_graph)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}"
+
+
+def _peak(mode: str, fn: Callable, inputs: Inputs, device: str) -> float:
+    mem = PeakMemory(device, inputs.nbytes)
+    _zero_grads(inputs)
+    mem.begin()
+    if mode == "bwd":
+        out = fn()
+        mem.reset()
+        _backward(out, inputs)
+    else:
+        mem.reset()
+        out = fn()
+        if mode == "fwd+bwd":
+            _backward(out, inputs)
+    peak = mem.peak_mb()
+    del out
+    _zero_grads(inputs)
+    return peak
+
+
+def _time(mode: str, fn: Callable, inputs: Inputs, device: str, min_run_time: float):
+    """(median, p20, p80, n, note) in ms for one mode."""
+    if mode == "fwd":
+        return (*bench_times(fn, device, min_run_time), "")
+
+    def fwd_bwd():
+        _zero_grads(inputs)
+        _backward(fn(), inputs)
+
+    if mode == "fwd+bwd":
+        return (*bench_times(fwd_bwd, device, min_run_time), "")
+    out = fn()
+    try:
+        _backward(out, inputs, retain_graph=True)
+        sync(device)
+    except RuntimeError as exc:  # backward that frees what it saved: derive it
+        del out
+        fb = bench_times(fwd_bwd, device, min_run_time)
+        f = bench_times(fn, device, min_run_time)
+        note = f"derived as (fwd+bwd) - fwd: repeated backward unsupported ({_one_line(exc, 80)})"
+        return fb[0] - f[0], fb[1] - f[1], fb[2] - f[2], fb[3], note
+    result = bench_times(lambda: _backward(out, inputs, retain_graph=True), device, min_run_time)
+    del out
+    _zero_grads(inputs)
+    return (*result, "backward replayed with retain_graph=True")
+
+
+def _max_abs_err(bench, method: Method, fn: Callable, inputs: Inputs, ctx: dict) -> float:
+    import torch
+
+    reference = method.reference or bench.reference
+    with torch.no_grad():
+        expected = reference(inputs, ctx).float()
+        got = fn().detach().float()
+    return float((got - expected).abs().max().item())
+
+
+def measure_point(bench, method_name: str, ctx: dict) -> list[dict]:
+    """Rows (one per mode) for ``method_name`` of module ``bench`` at the point in ``ctx``."""
+    import torch
+
+    method = bench.METHODS[method_name]
+    device, modes = ctx["device"], ctx["modes"]
+    base = dict(bench=bench.NAME, method=method_name, device=device, dtype=ctx["dtype"],
+                N=ctx["N"], H=ctx["H"], V=ctx["V"])
+    rows = {m: dict(base, mode=m, status="ok", note=method.note) for m in modes}
+
+    def fail_all(status: str, note: str) -> list[dict]:
+        return [dict(r, status=status, note=note) for r in rows.values()]
+
+    reason = method.skip(ctx)
+    if reason:
+        return fail_all("skipped", reason)
+    set_threads(ctx.get("threads"))
+    torch.manual_seed(ctx["seed"])
+    try:
+        inputs = bench.make_inputs(ctx)
+        fn = method.build(inputs, ctx)
+        _backward(fn(), inputs)  # warm-up: compiles, autotunes, allocates workspaces
+        sync(device)
+        _zero_grads(inputs)
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, never hidden
+        status = "oom" if _is_oom(exc) else ("skipped" if method.kind == "peer" else "error")
+        return fail_all(status, f"first call raised {_one_line(exc)}")
+    for mode in modes:
+        try:
+            rows[mode]["peak_mem_mb"] = _peak(mode, fn, inputs, device)
+            med, p20, p80, n, note = _time(mode, fn, inputs, device, ctx["min_run_time"])
+            rows[mode].update(median_ms=med, p20_ms=p20, p80_ms=p80, n_samples=n)
+            rows[mode]["note"] = "; ".join(x for x in (method.note, note) if x)
+        except Exception as exc:  # noqa: BLE001
+            rows[mode].update(status="oom" if _is_oom(exc) else "error", note=_one_line(exc))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    try:
+        err = _max_abs_err(bench, method, fn, inputs, ctx)
+    except Exception as exc:  # noqa: BLE001
+        err = float("nan")
+        for r in rows.values():
+            r["note"] = "; ".join(x for x in (r["note"], f"error check failed: {_one_line(exc, 100)}") if x)
+    for r in rows.values():
+        r["max_abs_err"] = err
+    return list(rows.values())
+
+
+# ---------------------------------------------------------------- isolation
+def run_isolated(target: str, payload: dict, timeout: float) -> tuple[list[dict] | None, str]:
+    """Run ``module:function(payload) -> list[dict]`` in a fresh Python process.
+
+    Returns (rows, "") on success or (None, reason) when the process failed, timed out
+    or was killed (SIGKILL usually means the kernel's out-of-memory killer)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    cmd = [sys.executable, "-m", "benchmarks.measure", target]
+    try:
+        proc = subprocess.run(cmd, input=json.dumps(payload), capture_output=True, text=True, timeout=timeout,
+                              env=env, cwd=str(ROOT))
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(ROWS_TAG):
+            return json.loads(line[len(ROWS_TAG):]), ""
+    if proc.returncode in (-9, 137):
+        return None, "oom: worker killed by SIGKILL (out of memory?)"
+    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+    return None, f"worker exited with {proc.returncode}: {tail[0][:300]}"
+
+
+def measure_point_payload(payload: dict) -> list[dict]:
+    """Subprocess entry for grid benchmarks: payload = {"bench": module name, "method", "ctx"}."""
+    bench = importlib.import_module(payload["bench"])
+    return measure_point(bench, payload["method"], payload["ctx"])
+
+
+def _worker_main(target: str) -> int:
+    module_name, _, func_name = target.partition(":")
+    payload = json.loads(sys.stdin.read())
+    func = getattr(importlib.import_module(module_name), func_name)
+    started = time.time()
+    rows = func(payload)
+    for r in rows:
+        r.setdefault("worker_s", round(time.time() - started, 2))
+    sys.stdout.write("\n" + ROWS_TAG + json.dumps(rows, default=float) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1]))

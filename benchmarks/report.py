@@ -1,0 +1,273 @@
+"""Write what a benchmark measured: CSV, ratios to every peer, PNG plots, markdown, metadata.
+
+``python -m benchmarks.report DIR`` rebuilds DIR/results.md from the *_meta.json and
+*.md files the benchmarks wrote there.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections import defaultdict
+from importlib import metadata
+from pathlib import Path
+
+from benchmarks.common import read_csv, write_csv
+
+RATIO_COLUMNS = ["bench", "ours", "peer", "device", "dtype", "N", "H", "V", "mode",
+                 "time_ratio", "mem_ratio", "time_ratio_p20", "ours_ms", "peer_ms", "ours_mb", "peer_mb"]
+PACKAGES = ["torch", "triton", "liger-kernel", "cut-cross-entropy", "transformers", "trl", "numpy", "matplotlib"]
+
+
+# ---------------------------------------------------------------- environment
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment(device: str, gemm: dict, started: float, isolate: bool) -> dict:
+    """Machine, versions and command of this run."""
+    import torch
+
+    meta = {
+        "date_utc": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "python"] + sys.argv[1:]),
+        "device": device,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in PACKAGES},
+        "torch_version": torch.__version__,
+        "gemm_peak_tflops": gemm,
+        "isolated_subprocess_per_point": isolate,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+    if device == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(0)
+    return meta
+
+
+# ---------------------------------------------------------------- ratios
+def _key(r: dict) -> tuple:
+    return (r["dtype"], int(r["N"]), int(r["H"]), int(r["V"]), r["mode"])
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """ours/peer time and memory ratios for every ours_* method vs every other method at the same point."""
+    ok = defaultdict(dict)
+    for r in rows:
+        if r.get("status") == "ok":
+            ok[_key(r)][r["method"]] = r
+    out = []
+    for key, by_method in ok.items():
+        for ours, o in by_method.items():
+            if not ours.startswith("ours_"):
+                continue
+            for peer, p in by_method.items():
+                if peer == ours:
+                    continue
+                out.append(dict(bench=o["bench"], ours=ours, peer=peer, device=o["device"], dtype=key[0], N=key[1],
+                                H=key[2], V=key[3], mode=key[4],
+                                time_ratio=_num(o["median_ms"]) / _num(p["median_ms"]),
+                                mem_ratio=_num(o["peak_mem_mb"]) / _num(p["peak_mem_mb"]),
+                                time_ratio_p20=_num(o["p20_ms"]) / _num(p["p20_ms"]),
+                                ours_ms=_num(o["median_ms"]), peer_ms=_num(p["median_ms"]),
+                                ours_mb=_num(o["peak_mem_mb"]), peer_mb=_num(p["peak_mem_mb"])))
+    return out
+
+
+# ---------------------------------------------------------------- markdown
+def _f(v, digits: int = 3) -> str:
+    x = _num(v)
+    return "" if x != x else f"{x:.{digits}g}"
+
+
+def markdown(rows: list[dict], ratio_rows: list[dict], name: str, meta: dict) -> str:
+    lines = [f"## {name}", "", f"device `{meta['device']}`" + (f" ({meta.get('gpu')})" if meta.get("gpu") else "")
+             + f", {meta['date_utc']}, command: `{meta['command']}`", ""]
+    lines += ["| method | dtype | N | H | V | mode | median ms | p20-p80 ms | peak MB | TFLOP/s | of GEMM peak | max abs err |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("status") == "ok":
+            lines.append(f"| {r['method']} | {r['dtype']} | {r['N']} | {r['H']} | {r['V']} | {r['mode']} | "
+                         f"{_f(r['median_ms'])} | {_f(r['p20_ms'])}-{_f(r['p80_ms'])} | {_f(r['peak_mem_mb'], 4)} | "
+                         f"{_f(r.get('tflops'))} | {_f(_num(r.get('peak_frac')) * 100, 2)}% | {_f(r.get('max_abs_err'), 2)} |")
+    if ratio_rows:
+        lines += ["", "Ratios (ours / peer, same run; < 1 means ours is faster / smaller):", "",
+                  "| ours | peer | dtype | N | H | V | mode | time ratio (medians) | time ratio (p20s) | memory ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for q in ratio_rows:
+            lines.append(f"| {q['ours']} | {q['peer']} | {q['dtype']} | {q['N']} | {q['H']} | {q['V']} | {q['mode']} | "
+                         f"{_f(q['time_ratio'])} | {_f(q['time_ratio_p20'])} | {_f(q['mem_ratio'])} |")
+    not_ok = {}
+    for r in rows:
+        if r.get("status") != "ok":
+            not_ok.setdefault((r["method"], r["status"], str(r.get("note", ""))), []).append(
+                f"{r['dtype']} {r['N']}x{r['H']}x{r['V']} {r['mode']}")
+    if not_ok:
+        lines += ["", "Not measured (status and the reason, verbatim):", ""]
+        for (method, status, note), where in not_ok.items():
+            lines.append(f"- **{method}** {status} at {len(where)} point(s) (e.g. {where[0]}): {note}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- plots
+def plot_vs_n(rows: list[dict], out_dir: Path, name: str) -> list[Path]:
+    """One PNG per (dtype, mode, H, V) with >= 2 values of N: time and memory vs N, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("status") == "ok":
+            groups[(r["dtype"], r["mode"], int(r["H"]), int(r["V"]))][r["method"]].append(r)
+    paths = []
+    for (dtype, mode, h, v), by_method in sorted(groups.items()):
+        if len({int(r["N"]) for rs in by_method.values() for r in rs}) < 2:
+            continue
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for method, rs in sorted(by_method.items()):
+            rs = sorted(rs, key=lambda r: int(r["N"]))
+            n = [int(r["N"]) for r in rs]
+            style = "-o" if method.startswith("ours_") else "--s"
+            ax_t.plot(n, [_num(r["median_ms"]) for r in rs], style, label=method)
+            ax_m.plot(n, [_num(r["peak_mem_mb"]) for r in rs], style, label=method)
+        for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak memory (MB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("N (tokens)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_t.legend(fontsize=8)
+        fig.suptitle(f"{name}: {dtype} {mode}, H={h}, V={v} ({rows[0]['device']})")
+        fig.tight_layout()
+        path = out_dir / f"{name}_{dtype}_{mode.replace('+', '-')}_H{h}_V{v}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------- files
+def write_bench(rows: list[dict], out_dir: Path, name: str, meta: dict, *, plots: bool = True) -> None:
+    """<name>.csv, <name>_ratios.csv, <name>.md, <name>_meta.json and PNG plots in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / f"{name}.csv")
+    ratio_rows = ratios(rows)
+    write_csv(ratio_rows, out_dir / f"{name}_ratios.csv", RATIO_COLUMNS)
+    (out_dir / f"{name}.md").write_text(markdown(rows, ratio_rows, name, meta), encoding="utf-8")
+    (out_dir / f"{name}_meta.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    if plots:
+        try:
+            plot_vs_n(rows, out_dir, name)
+        except ImportError as exc:
+            print(f"[{name}] no plots: {exc}", flush=True)
+
+
+#: issue 5's targets: (bench, device, ours, peer, mode, max time ratio, max memory ratio)
+TARGETS = [
+    ("loss", "cpu", "ours_torch", "naive", "fwd+bwd", 1.3, 0.25),
+    ("logprobs", "cpu", "ours_torch", "naive", "fwd+bwd", 1.3, 0.25),
+    ("loss", "cuda", "ours_triton", "cce", "fwd+bwd", 0.9, 1.0),
+    ("loss", "cuda", "ours_triton", "liger_dpo", "fwd+bwd", 1 / 3, float("inf")),
+]
+
+
+def targets_md(out_dir: Path) -> str:
+    """A table of the issue's targets against the ratios found in out_dir (met / missed per point)."""
+    lines = []
+    for bench, device, ours, peer, mode, max_t, max_m in TARGETS:
+        path = out_dir / f"{bench}_ratios.csv"
+        if not path.exists():
+            continue
+        for q in read_csv(path):
+            if (q["device"], q["ours"], q["peer"], q["mode"]) != (device, ours, peer, mode):
+                continue
+            t, m = _num(q["time_ratio"]), _num(q["mem_ratio"])
+            met = "met" if t <= max_t and m <= max_m else "missed"
+            mem_target = "" if max_m == float("inf") else f", memory <= {max_m:g}x"
+            lines.append(f"| {bench} | {ours} vs {peer} | {q['dtype']} {q['N']}x{q['H']}x{q['V']} {mode} | "
+                         f"time <= {max_t:.3g}x{mem_target} | {t:.3g}x / {m:.3g}x | {met} |")
+    roof = out_dir / "loss.csv"
+    if roof.exists():
+        for r in read_csv(roof):
+            if r["device"] == "cuda" and r["method"] == "ours_triton" and r["status"] == "ok":
+                frac = _num(r["peak_frac"])
+                lines.append(f"| loss | ours_triton roofline | {r['dtype']} {r['N']}x{r['H']}x{r['V']} {r['mode']} | "
+                             f">= 70% of the 8NHV GEMM roofline | {frac * 100:.1f}% | {'met' if frac >= 0.7 else 'missed'} |")
+    if not lines:
+        return ""
+    head = ["## Targets of issue 5 (measured here; CI asserts none)", "",
+            "| bench | comparison | point | target | measured time / memory ratio | |", "|---|---|---|---|---|---|"]
+    return "\n".join(head + lines) + "\n"
+
+
+def write_results_md(out_dir: Path) -> Path:
+    """results.md: the machine and versions, then every benchmark's section found in out_dir."""
+    metas = sorted(out_dir.glob("*_meta.json"))
+    lines = ["# Benchmark results", ""]
+    if metas:
+        meta = json.loads(metas[0].read_text(encoding="utf-8"))
+        lines += [f"- date: {meta['date_utc']}", f"- device: {meta['device']}" + (f" ({meta['gpu']})" if meta.get("gpu") else ""),
+                  f"- CPU: {meta['cpu']} ({meta['cpu_count']} cores visible, torch threads {meta['torch_threads']})",
+                  f"- Python {meta['python']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+                  f"- measured GEMM peak (TFLOP/s): {json.dumps(meta['gemm_peak_tflops'])}",
+                  f"- load average (1, 5, 15 min) when each benchmark ended: "
+                  + "; ".join(f"{m.name[:-len('_meta.json')]} {json.loads(m.read_text(encoding='utf-8')).get('load_average_at_end')}"
+                              for m in metas), ""]
+    targets = targets_md(out_dir)
+    if targets:
+        lines.append(targets)
+    for m in metas:
+        section = out_dir / (m.name[: -len("_meta.json")] + ".md")
+        if section.exists():
+            lines.append(section.read_text(encoding="utf-8"))
+    for extra in sorted(out_dir.glob("paired_*.md")):
+        lines.append(extra.read_text(encoding="utf-8"))
+    path = out_dir / "results.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def rebuild(out_dir: Path, names: tuple[str, ...] = ("logprobs", "loss")) -> None:
+    """Rewrite ratios, markdown and plots of grid benchmarks from their CSV and metadata (e.g. after a
+    run was stopped part-way: the CSV is written after every method)."""
+    for name in names:
+        csv_path, meta_path = out_dir / f"{name}.csv", out_dir / f"{name}_meta.json"
+        if csv_path.exists() and meta_path.exists():
+            rows = [{k: (int(v) if k in ("N", "H", "V") else v) for k, v in r.items()} for r in read_csv(csv_path)]
+            write_bench(rows, out_dir, name, json.loads(meta_path.read_text(encoding="utf-8")))
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1])
+    if "--rebuild" in sys.argv[2:]:
+        rebuild(target)
+    print(write_results_md(target))
