@@ -1,0 +1,480 @@
+"""``drdo demo``: a controlled noisy-preference study with a KNOWN true reward, on CPU, in minutes.
+
+For every seed and every label-noise level (flip rate):
+
+1. data: pairs of the letters task (:mod:`drdo.tasks.synthetic`) labelled by
+   Bradley-Terry on the true reward r_true, each label flipped with probability
+   = the noise level (the same candidate pairs at every noise level of a seed);
+2. SFT: the tiny model fine-tuned on the chosen responses of THESE (noisy) labels;
+3. Oracle (paper Eq. 5, stage "oracle") trained on the same noisy pairs from the
+   SFT model with a fresh reward head; K = 3 Oracles that differ in the head seed
+   (and data order) score every pair offline; Oracle 1 is the one DRDO distils;
+4. reference log-probs of the SFT model (for DPO / e-DPO);
+5. students from the same SFT start, same steps and batch, same lr sweep:
+   DRDO (Eq. 6), DPO, e-DPO (pessimistic, K = 3); per method the lr with the
+   best mean r_true of samples on validation prompts is kept;
+6. one sample per held-out test prompt from SFT and each selected student,
+   judged by r_true (the truth) and, beside it, by Oracle 1 (to show how an
+   Oracle-judged evaluation differs).
+
+Writes under ``--output-dir``: report.md, report.json, report.png and work/
+(data, checkpoints, generations). Everything is deterministic given the seeds
+(up to floating-point non-determinism of multi-threaded CPU kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["add_arguments", "run_demo", "DemoSettings", "settings_from_args"]
+
+#: Files of a saved policy that hold its reward head (stripped to give Oracles / students a fresh head).
+_HEAD_FILES = ("reward_head.safetensors", "reward_head.json")
+METHODS = ("drdo", "dpo", "edpo")
+K_ORACLES = 3
+
+
+@dataclass
+class DemoSettings:
+    """Every knob of the demo (see :func:`add_arguments` for the meaning of each)."""
+
+    model: str = "tiny"
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    noise: list = field(default_factory=lambda: [0.0, 0.3])
+    bt_temperature: float = 0.05
+    steps: int = 100
+    sft_steps: int = 400
+    oracle_steps: int = 100
+    batch_size: int = 32
+    lrs: list = field(default_factory=lambda: [3e-4, 1e-3])
+    sft_lr: float = 5e-3
+    oracle_lr: float = 1e-3
+    alpha: float = 0.1
+    gamma: float = 2.0
+    beta: float = 0.1
+    oracle_alpha: float = 0.01
+    train_pairs: int = 1024
+    val_prompts: int = 64
+    test_prompts: int = 256
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    kernel: str = "auto"
+    threads: int = 1
+    workers: int = 2
+    output_dir: str = "runs/demo"
+    progress: bool = True
+    quick: bool = False
+
+
+#: --quick: one seed, fewer steps, one lr, fewer prompts (both noise levels kept).
+QUICK = dict(seeds=[0], steps=40, sft_steps=150, oracle_steps=40, lrs=[1e-3], train_pairs=512, val_prompts=32,
+             test_prompts=96)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``drdo demo`` flags to ``parser`` (defaults: :class:`DemoSettings`; None = default or --quick's)."""
+    d = DemoSettings()
+    a = parser.add_argument
+    a("--model", default=d.model, help="base model of every stage: 'tiny' (built in, no download), an HF dir or hub id "
+                                       "(it must handle raw byte-like text prompts such as 'dkm:')")
+    a("--seeds", type=int, default=None, metavar="N",
+      help=f"number of seeds 0..N-1 (default {len(d.seeds)}; --quick: {len(QUICK['seeds'])})")
+    a("--noise", type=float, nargs="+", default=None, metavar="FLIP",
+      help=f"label-noise levels = flip rates in [0, 0.5] (default {' '.join(map(str, d.noise))})")
+    a("--steps", type=int, default=None,
+      help=f"optimizer steps of every student (default {d.steps}; --quick: {QUICK['steps']})")
+    a("--sft-steps", type=int, default=None, help=f"SFT steps (default {d.sft_steps}; --quick: {QUICK['sft_steps']})")
+    a("--oracle-steps", type=int, default=None,
+      help=f"steps of each Oracle (default {d.oracle_steps}; --quick: {QUICK['oracle_steps']})")
+    a("--lrs", type=float, nargs="+", default=None,
+      help=f"learning-rate sweep, the same for every method (default {' '.join(map(str, d.lrs))}; --quick: "
+           f"{' '.join(map(str, QUICK['lrs']))})")
+    a("--batch-size", type=int, default=d.batch_size, help="pairs per optimizer step (every stage)")
+    a("--bt-temperature", type=float, default=d.bt_temperature,
+      help="Bradley-Terry temperature of the labels (0: the better response always wins before flips)")
+    a("--train-pairs", type=int, default=None, help=f"training pairs per seed (default {d.train_pairs})")
+    a("--test-prompts", type=int, default=None, help=f"held-out test prompts (default {d.test_prompts})")
+    a("--val-prompts", type=int, default=None, help=f"validation prompts for the lr choice (default {d.val_prompts})")
+    a("--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length")
+    a("--kernel", default=d.kernel, choices=("auto", "triton", "torch", "reference"), help="loss/log-prob path")
+    a("--threads", type=int, default=d.threads,
+      help="torch CPU threads (the tiny model gains nothing from more, and loses much when cores are shared)")
+    a("--workers", type=int, default=d.workers,
+      help="cells (seed x noise level) run in this many processes at once (each with --threads threads)")
+    a("--alpha", type=float, default=d.alpha, help="DRDO alpha (paper: 0.1; its sweep also tried 1)")
+    a("--gamma", type=float, default=d.gamma, help="DRDO focal gamma (paper: 2)")
+    a("--beta", type=float, default=d.beta, help="DPO / e-DPO beta (paper: 0.1)")
+    a("--quick", action="store_true", help="a fast smoke run (<= 2 min on 2 cores): 1 seed, fewer steps, one lr")
+    a("--output-dir", default=d.output_dir, help="where report.md / report.json / report.png and work/ go")
+    a("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+    a("--config", metavar="FILE.yaml", help="YAML file of flag values (flags override it)")
+
+
+def settings_from_args(args: argparse.Namespace) -> DemoSettings:
+    """Resolve flags (None = the default, or --quick's value) into validated :class:`DemoSettings`."""
+    s = DemoSettings(quick=bool(getattr(args, "quick", False)))
+    if s.quick:
+        for k, v in QUICK.items():
+            setattr(s, k, list(v) if isinstance(v, list) else v)
+    for name in ("model", "steps", "sft_steps", "oracle_steps", "lrs", "batch_size", "bt_temperature", "train_pairs",
+                 "test_prompts", "val_prompts", "max_new_tokens", "kernel", "threads", "workers", "alpha", "gamma",
+                 "beta", "output_dir", "progress"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(s, name, list(value) if isinstance(value, list) else value)
+    if getattr(args, "seeds", None) is not None:
+        s.seeds = list(range(args.seeds))
+    if getattr(args, "noise", None) is not None:
+        s.noise = sorted({float(n) for n in args.noise})
+    _validate(s)
+    return s
+
+
+def _validate(s: DemoSettings) -> None:
+    """Raise ConfigError (a ValueError; `drdo` exits with status 2) on an unusable setting."""
+    from drdo.config import ConfigError
+
+    if not s.seeds:
+        raise ConfigError("--seeds must be >= 1")
+    for n in s.noise:
+        if not 0.0 <= n <= 0.5:
+            raise ConfigError(f"--noise levels are flip rates in [0, 0.5], got {n}")
+    for name in ("steps", "sft_steps", "oracle_steps", "batch_size", "train_pairs", "test_prompts", "val_prompts",
+                 "max_new_tokens", "threads", "workers"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    if not s.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in s.lrs):
+        raise ConfigError(f"--lrs must be positive numbers, got {s.lrs}")
+    if s.train_pairs < s.batch_size:
+        raise ConfigError(f"--train-pairs ({s.train_pairs}) must be >= --batch-size ({s.batch_size})")
+    if s.alpha < 0 or s.gamma < 0 or s.beta <= 0:
+        raise ConfigError(f"need --alpha >= 0, --gamma >= 0 and --beta > 0, got {s.alpha}, {s.gamma}, {s.beta}")
+    if s.bt_temperature < 0:
+        raise ConfigError(f"--bt-temperature must be >= 0, got {s.bt_temperature}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _split_prompts(seed: int, n_val: int, n_test: int, exclude: set) -> tuple[list[str], list[str]]:
+    """Validation and test prompts of a seed: distinct, disjoint, and not among the training prompts."""
+    from drdo.tasks.synthetic import DEFAULT_TASK
+
+    rng = random.Random(f"letters-heldout-{seed}")
+    seen, out = set(exclude), []
+    while len(out) < n_val + n_test:
+        p = DEFAULT_TASK.sample_prompt(rng)
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out[:n_val], out[n_val:]
+
+
+def _write_pairs(rows: list[dict], path: str) -> str:
+    from drdo.tasks.preferences import write_jsonl
+
+    return write_jsonl(({k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows), path)
+
+
+def _single_oracle_file(scored: str, path: str) -> str:
+    """Copy of a K-Oracle scored file keeping only Oracle 1's scores (floats), for DRDO."""
+    from drdo.tasks.preferences import read_jsonl, write_jsonl
+
+    rows = []
+    for row in read_jsonl(scored):
+        row = dict(row)
+        row["oracle_chosen"] = float(row["oracle_chosen"][0])
+        row["oracle_rejected"] = float(row["oracle_rejected"][0])
+        rows.append(row)
+    return write_jsonl(rows, path)
+
+
+def _without_head(model_dir: str, path: str) -> str:
+    """A copy of a saved policy without its reward head, so that loading it gives a fresh seeded head."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    shutil.copytree(model_dir, path, ignore=shutil.ignore_patterns(*_HEAD_FILES, "checkpoints", "metrics.jsonl",
+                                                                      "*.png", "config.yaml"))
+    return path
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _train(s: DemoSettings, stage: str, data: str, out: str, *, model: str, steps: int, lr: float, seed: int) -> str:
+    from drdo.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        stage=stage, model=model, data=data, output_dir=out,
+        max_steps=steps, batch_size=s.batch_size, micro_batch_size=s.batch_size, lr=lr, warmup_ratio=0.1,
+        max_length=64, max_prompt_length=16, alpha=s.alpha, gamma=s.gamma, beta=s.beta if stage != "drdo" else None,
+        oracle_alpha=s.oracle_alpha, kernel=s.kernel, seed=seed, progress=s.progress, plot=False,
+    )
+    result = train(cfg)
+    if result.get("status") != "completed":
+        raise RuntimeError(f"{stage} training in {out} did not complete: {result.get('status')}")
+    return out
+
+
+def _generate(s: DemoSettings, policy: str, prompts: list[str], seed: int) -> list[str]:
+    from drdo.evaluate import generate
+
+    return generate(policy, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed,
+                    batch_size=64, max_prompt_length=16, device="auto", progress=s.progress)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _pearson(a: list[float], b: list[float]) -> float:
+    ma, mb = _mean(a), _mean(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    va = sum((x - ma) ** 2 for x in a)
+    vb = sum((y - mb) ** 2 for y in b)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else 0.0
+
+
+def _stages_per_cell(s: DemoSettings) -> int:
+    """Ticks of the outer progress bar per cell (see :func:`run_cell`)."""
+    return 1 + 1 + K_ORACLES + 1 + len(METHODS) * len(s.lrs) + 1
+
+
+class _Stages:
+    """Progress of one cell: ``step(text)`` names the running stage, ``done()`` ticks it off.
+
+    In the main process it drives the outer tqdm bar; in a worker process it sends
+    ("step"|"done", text) messages to the main process through ``queue``.
+    """
+
+    def __init__(self, bar=None, queue=None):
+        self.bar, self.queue = bar, queue
+
+    def step(self, text: str) -> None:
+        if self.queue is not None:
+            self.queue.put(("step", text))
+        elif self.bar is not None:
+            self.bar.set_postfix_str(text)
+
+    def done(self) -> None:
+        if self.queue is not None:
+            self.queue.put(("done", ""))
+        elif self.bar is not None:
+            self.bar.update(1)
+
+
+def _oracle_data(s: DemoSettings, work: str, sft: str, oracles: list[str], pairs: str) -> dict[str, str]:
+    """Score the pairs with the K Oracles (offline) and add the SFT reference log-probs.
+
+    Returns the training file of each method: DRDO gets Oracle 1's scores (floats), DPO and
+    e-DPO the K-member lists plus ref log-probs (DPO ignores the Oracle scores)."""
+    from drdo.reflogps import compute_reference_logps
+    from drdo.scoring import score_dataset
+
+    common = dict(batch_size=128, max_length=64, max_prompt_length=16, device="auto", progress=s.progress)
+    scored = score_dataset(oracles, pairs, os.path.join(work, "scored_k3.jsonl"), **common)
+    with_ref = compute_reference_logps(sft, scored, os.path.join(work, "scored_k3_ref.jsonl"), kernel=s.kernel,
+                                       **common)
+    single = _single_oracle_file(scored, os.path.join(work, "scored_oracle1.jsonl"))
+    return {"drdo": single, "dpo": with_ref, "edpo": with_ref}
+
+
+def _sweep(s: DemoSettings, method: str, data: str, start: str, work: str, seed: int, val_prompts: list[str],
+           stages: "_Stages", tag: str) -> tuple[str, dict]:
+    """Train ``method`` once per lr of the sweep; keep the lr whose samples on the validation prompts
+    have the highest mean r_true. Returns (selected policy dir, {"selected_lr", "sweep": {lr: value}})."""
+    from drdo.tasks.synthetic import true_rewards
+
+    sweep, best = {}, None
+    for lr in s.lrs:
+        stages.step(f"{tag}: {method} lr {lr:g}")
+        out = _train(s, method, data, os.path.join(work, f"{method}_lr{lr:g}"), model=start, steps=s.steps, lr=lr,
+                     seed=seed)
+        val = 0.0
+        if len(s.lrs) > 1:  # a sweep of one needs no validation
+            val = _mean(true_rewards(val_prompts, _generate(s, out, val_prompts, seed=seed + 7)))
+            sweep[f"{lr:g}"] = val
+        if best is None or val > best[0]:
+            best = (val, lr, out)
+        stages.done()
+    return best[2], {"selected_lr": best[1], "sweep": sweep}
+
+
+def _judge_test(s: DemoSettings, policies: dict[str, str], oracle: str, prompts: list[str], seed: int,
+                work: str, results: dict) -> float:
+    """Sample each policy on the test prompts; score with r_true and with the Oracle.
+
+    Fills results[name]["true" | "oracle"] (per-prompt scores), writes test_generations.jsonl
+    and returns the Pearson correlation of Oracle and true scores over all samples."""
+    from drdo.evaluate import load_judge
+    from drdo.tasks.synthetic import true_rewards
+
+    judge = load_judge(oracle, device="auto")
+    generations = {}
+    for name, path in policies.items():
+        generations[name] = _generate(s, path, prompts, seed=seed + 11)
+        results[name]["true"] = true_rewards(prompts, generations[name])
+        results[name]["oracle"] = [float(v) for v in judge(prompts, generations[name])]
+    with open(os.path.join(work, "test_generations.jsonl"), "w", encoding="utf-8") as f:
+        for i, p in enumerate(prompts):
+            row = {m: {"response": generations[m][i], "true": results[m]["true"][i], "oracle": results[m]["oracle"][i]}
+                   for m in policies}
+            f.write(json.dumps({"prompt": p, **row}) + "\n")
+    return _pearson([v for m in policies for v in results[m]["true"]],
+                    [v for m in policies for v in results[m]["oracle"]])
+
+
+def run_cell(s: DemoSettings, seed: int, noise: float, work: str, stages: _Stages) -> dict:
+    """The whole pipeline for one (seed, noise level); returns the cell result of :mod:`drdo.tasks.report`."""
+    from drdo.tasks.preferences import build_preference_pairs
+
+    tag = f"seed {seed} noise {noise:g}"
+    os.makedirs(work, exist_ok=True)
+    stages.step(f"{tag}: data")
+    rows = build_preference_pairs(s.train_pairs, seed=seed, temperature=s.bt_temperature, flip_rate=noise)
+    pairs = _write_pairs(rows, os.path.join(work, "train.jsonl"))
+    val_prompts, test_prompts = _split_prompts(seed, s.val_prompts, s.test_prompts, {r["prompt"] for r in rows})
+    stages.done()
+
+    stages.step(f"{tag}: SFT")
+    sft = _train(s, "sft", pairs, os.path.join(work, "sft"), model=s.model, steps=s.sft_steps, lr=s.sft_lr, seed=seed)
+    start = _without_head(sft, os.path.join(work, "sft_lm"))  # Oracles and students get fresh seeded heads
+    stages.done()
+
+    oracles = []
+    for k in range(K_ORACLES):
+        stages.step(f"{tag}: Oracle {k + 1}/{K_ORACLES}")
+        oracles.append(_train(s, "oracle", pairs, os.path.join(work, f"oracle{k + 1}"), model=start,
+                              steps=s.oracle_steps, lr=s.oracle_lr, seed=1000 * seed + k))
+        stages.done()
+
+    stages.step(f"{tag}: Oracle scores + reference log-probs")
+    data = _oracle_data(s, work, sft, oracles, pairs)
+    stages.done()
+
+    policies, results = {"sft": sft}, {"sft": {"selected_lr": None, "sweep": {}}}
+    for method in METHODS:
+        policies[method], results[method] = _sweep(s, method, data[method], start, work, seed, val_prompts, stages,
+                                                   tag)
+
+    stages.step(f"{tag}: test generations")
+    corr = _judge_test(s, policies, oracles[0], test_prompts, seed, work, results)
+    stages.done()
+    return {"seed": seed, "noise": noise, "methods": results, "oracle_true_corr": corr,
+            "label_agreement": _mean([float(r["agrees"]) for r in rows])}
+
+
+def _quiet_libraries() -> list:
+    """Hide the per-file progress bars of transformers (loading/saving ~60 tiny checkpoints) and
+    datasets (reading ~50 small JSONL files); returns the enable functions to call afterwards."""
+    restore = []
+    from transformers.utils import logging as hf_logging
+
+    if hf_logging.is_progress_bar_enabled():
+        hf_logging.disable_progress_bar()
+        restore.append(hf_logging.enable_progress_bar)
+    try:
+        import datasets
+    except ImportError:
+        return restore
+    if datasets.is_progress_bar_enabled():
+        datasets.disable_progress_bars()
+        restore.append(datasets.enable_progress_bars)
+    return restore
+
+
+def _run_serial(s: DemoSettings, jobs: list, bar) -> list[dict]:
+    stages = _Stages(bar=bar)
+    return [run_cell(s, seed, noise, work, stages) for seed, noise, work in jobs]
+
+
+_WORKER_QUEUE = None
+
+
+def _init_worker(queue, threads: int) -> None:
+    """Worker process set-up: the progress queue, torch threads, quiet library bars."""
+    global _WORKER_QUEUE
+    import torch
+
+    _WORKER_QUEUE = queue
+    torch.set_num_threads(threads)
+    _quiet_libraries()
+
+
+def _cell_worker(settings: dict, seed: int, noise: float, work: str) -> dict:
+    s = DemoSettings(**settings)
+    s.progress = False  # one outer bar in the main process; per-stage bars would interleave
+    return run_cell(s, seed, noise, work, _Stages(queue=_WORKER_QUEUE))
+
+
+def _run_parallel(s: DemoSettings, jobs: list, bar) -> list[dict]:
+    """Run the cells in ``s.workers`` spawned processes; the main process draws the progress bar."""
+    import multiprocessing as mp
+    import queue as queue_module
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")
+    workers = min(s.workers, len(jobs))
+    with ctx.Manager() as manager:
+        messages = manager.Queue()
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(messages, s.threads)) as pool:
+            futures = [pool.submit(_cell_worker, asdict(s), seed, noise, work) for seed, noise, work in jobs]
+            while not all(f.done() for f in futures):
+                try:
+                    kind, text = messages.get(timeout=0.5)
+                except queue_module.Empty:
+                    continue
+                if bar is not None:
+                    bar.update(1) if kind == "done" else bar.set_postfix_str(text)
+            return [f.result() for f in futures]  # re-raises a worker's exception
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo from parsed ``drdo demo`` flags; writes the report; returns 0."""
+    import torch
+
+    from drdo.tasks.report import plot_report, summarize, write_report_json, write_report_md
+
+    s = settings_from_args(args)
+    start = time.perf_counter()
+    os.makedirs(s.output_dir, exist_ok=True)
+    jobs = [(seed, noise, os.path.join(s.output_dir, "work", f"seed{seed}", f"noise{noise:g}"))
+            for seed in s.seeds for noise in s.noise]
+    bar = None
+    if s.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=_stages_per_cell(s) * len(jobs), desc="drdo demo", dynamic_ncols=True)
+    restore_bars = _quiet_libraries()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(s.threads)
+    try:
+        if s.workers > 1 and len(jobs) > 1:
+            cells = _run_parallel(s, jobs, bar)
+        else:
+            cells = _run_serial(s, jobs, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+        torch.set_num_threads(threads)
+        for enable in restore_bars:
+            enable()
+    settings = asdict(s)
+    settings["elapsed_s"] = time.perf_counter() - start
+    settings["cpu_count"] = os.cpu_count()
+    report = summarize(cells, settings)
+    with open(os.path.join(s.output_dir, "cells.json"), "w", encoding="utf-8") as f:
+        json.dump(cells, f)
+    write_report_json(report, os.path.join(s.output_dir, "report.json"))
+    plot_report(report, os.path.join(s.output_dir, "report.png"))
+    md = write_report_md(report, os.path.join(s.output_dir, "report.md"), plot_name="report.png")
+    print(open(md, encoding="utf-8").read())
+    print(f"drdo demo: wrote {md}, report.json and report.png in {settings['elapsed_s']:.0f} s")
+    return 0

@@ -1,0 +1,325 @@
+"""Aggregate the demo's per-seed results and write report.json, report.md and the plot.
+
+Input: a list of "cell" results, one per (seed, noise level), each
+``{"seed": int, "noise": float, "methods": {name: {"true": [float], "oracle": [float],
+"selected_lr": float | None, "sweep": {lr: val_true_mean}}}, "label_agreement": float,
+"oracle_true_corr": float}`` where ``true`` / ``oracle`` are the per-prompt scores
+of the method's generations on the test prompts (same prompts, same order, for
+every method of the cell).
+
+Statistics (per method and noise level):
+* true_reward_mean: mean over seeds of the per-seed mean r_true;
+* ci95: half-width of the 95% interval of that mean. With >= 2 seeds it is
+  Student-t over the per-seed means (seed-to-seed variation: data, init, sampling);
+  with 1 seed, 1.96 x the standard error over test prompts (sampling only);
+* oracle_reward_mean: the same mean of the Oracle's scores of the same generations;
+* win_rate_vs_sft: share of test prompts where the method's response has a higher
+  r_true than SFT's (ties 1/2), averaged over seeds; oracle_win_rate_vs_sft: the
+  same judged by the Oracle.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+__all__ = ["METHODS", "ci95_halfwidth", "summarize", "write_report_json", "write_report_md", "plot_report",
+           "noise_key"]
+
+METHODS = ("sft", "drdo", "dpo", "edpo")
+LABELS = {"sft": "SFT (start)", "drdo": "DRDO", "dpo": "DPO", "edpo": "e-DPO (K=3)"}
+#: two-sided 95% Student-t quantiles for 1..30 degrees of freedom
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def noise_key(noise: float) -> str:
+    """The report.json key of a noise level: ``str(float(noise))`` ("0.0", "0.3")."""
+    return str(float(noise))
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _sd(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def ci95_halfwidth(values: list[float]) -> float:
+    """Half-width of the 95% Student-t interval of the mean of ``values`` (needs >= 2 values)."""
+    n = len(values)
+    if n < 2:
+        raise ValueError("a confidence interval over values needs at least 2 of them")
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    return t * _sd(values) / math.sqrt(n)
+
+
+def _win_rate(a: list[float], b: list[float]) -> float:
+    if len(a) != len(b) or not a:
+        raise ValueError("win rate needs two equally long, non-empty score lists")
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+
+
+def _method_stats(cells: list[dict], method: str) -> dict:
+    """Statistics of one method over the cells (seeds) of one noise level."""
+    true_means = [_mean(c["methods"][method]["true"]) for c in cells]
+    oracle_means = [_mean(c["methods"][method]["oracle"]) for c in cells]
+    if len(cells) >= 2:
+        ci = ci95_halfwidth(true_means)
+    else:
+        scores = cells[0]["methods"][method]["true"]
+        ci = 1.96 * _sd(scores) / math.sqrt(len(scores))
+    wins = [_win_rate(c["methods"][method]["true"], c["methods"]["sft"]["true"]) for c in cells]
+    oracle_wins = [_win_rate(c["methods"][method]["oracle"], c["methods"]["sft"]["oracle"]) for c in cells]
+    return {
+        "true_reward_mean": _mean(true_means),
+        "ci95": ci,
+        "oracle_reward_mean": _mean(oracle_means),
+        "win_rate_vs_sft": _mean(wins),
+        "oracle_win_rate_vs_sft": _mean(oracle_wins),
+        "true_reward_per_seed": true_means,
+        "selected_lr_per_seed": [c["methods"][method].get("selected_lr") for c in cells],
+    }
+
+
+def _paired_diff(cells: list[dict], a: str, b: str) -> dict:
+    """Mean over seeds of (true reward of a - of b), with its 95% interval (t over seeds; 1 seed: over prompts)."""
+    diffs = [_mean(c["methods"][a]["true"]) - _mean(c["methods"][b]["true"]) for c in cells]
+    if len(cells) >= 2:
+        ci = ci95_halfwidth(diffs)
+    else:
+        per_prompt = [x - y for x, y in zip(cells[0]["methods"][a]["true"], cells[0]["methods"][b]["true"])]
+        ci = 1.96 * _sd(per_prompt) / math.sqrt(len(per_prompt))
+    return {"mean": _mean(diffs), "ci95": ci, "per_seed": diffs}
+
+
+def summarize(cells: list[dict], settings: dict) -> dict:
+    """The report.json object (see the module docstring) from per-(seed, noise) cell results."""
+    if not cells:
+        raise ValueError("no results to summarize")
+    noise_levels = sorted({float(c["noise"]) for c in cells})
+    by_noise = {n: sorted([c for c in cells if float(c["noise"]) == n], key=lambda c: c["seed"]) for n in noise_levels}
+    methods = {m: {noise_key(n): _method_stats(by_noise[n], m) for n in noise_levels} for m in METHODS}
+    comparisons = {
+        noise_key(n): {f"{a}_minus_{b}": _paired_diff(by_noise[n], a, b)
+                       for a, b in (("drdo", "dpo"), ("drdo", "edpo"), ("drdo", "sft"), ("dpo", "sft"),
+                                    ("edpo", "sft"))}
+        for n in noise_levels
+    }
+    sweep = {
+        m: {noise_key(n): [{"seed": c["seed"], "val_true_reward": c["methods"][m].get("sweep", {})}
+                           for c in by_noise[n]] for n in noise_levels}
+        for m in ("drdo", "dpo", "edpo")
+    }
+    diagnostics = {
+        noise_key(n): {
+            "label_agreement_with_r_true": _mean([c["label_agreement"] for c in by_noise[n]]),
+            "oracle_true_correlation": _mean([c["oracle_true_corr"] for c in by_noise[n]]),
+            "seeds": [c["seed"] for c in by_noise[n]],
+        }
+        for n in noise_levels
+    }
+    return {"noise_levels": noise_levels, "methods": methods, "comparisons": comparisons, "sweep": sweep,
+            "diagnostics": diagnostics, "settings": settings}
+
+
+def write_report_json(report: dict, path: str) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    return path
+
+
+def _fmt_lr(lrs: list) -> str:
+    uniq = sorted({lr for lr in lrs if lr is not None})
+    return ", ".join(f"{lr:g}" for lr in uniq) if uniq else "-"
+
+
+def _verdict(report: dict, key: str) -> str:
+    """One honest sentence on DRDO vs DPO and e-DPO at one noise level."""
+    parts = []
+    for other in ("dpo", "edpo"):
+        d = report["comparisons"][key][f"drdo_minus_{other}"]
+        lo, hi = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
+        name = LABELS[other]
+        if lo > 0:
+            parts.append(f"DRDO beats {name} (difference {d['mean']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}])")
+        elif hi < 0:
+            parts.append(f"DRDO does NOT beat {name}: it is worse (difference {d['mean']:+.3f}, "
+                         f"95% CI [{lo:+.3f}, {hi:+.3f}])")
+        else:
+            parts.append(f"DRDO does not beat {name} significantly (difference {d['mean']:+.3f}, "
+                         f"95% CI [{lo:+.3f}, {hi:+.3f}] includes 0)")
+    return "; ".join(parts) + "."
+
+
+def write_report_md(report: dict, path: str, *, plot_name: str | None = None) -> str:
+    """A table a person reads at a glance, then what it shows (generated from the numbers)."""
+    s = report["settings"]
+    n_seeds = len(s["seeds"])
+    lines = [
+        "# drdo demo: noisy preferences with a known true reward",
+        "",
+        f"Task: the synthetic *letters* task (`drdo/tasks/synthetic.py`), true reward r_true in [0, 1]. "
+        f"Labels: Bradley-Terry on r_true (temperature {s['bt_temperature']:g}), then each label flipped with "
+        f"probability = the noise level. Model: `{s['model']}`. {n_seeds} seed(s): {s['seeds']}; "
+        f"{s['train_pairs']} training pairs, {s['test_prompts']} held-out test prompts per seed.",
+        "",
+        "| noise (flip rate) | method | true reward (95% CI) | win rate vs SFT (true) | Oracle-judged reward | "
+        "win rate vs SFT (Oracle-judged) | lr chosen |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in report["noise_levels"]:
+        key = noise_key(n)
+        for m in METHODS:
+            r = report["methods"][m][key]
+            lr = "-" if m == "sft" else _fmt_lr(r["selected_lr_per_seed"])
+            win = "-" if m == "sft" else f"{r['win_rate_vs_sft']:.1%}"
+            owin = "-" if m == "sft" else f"{r['oracle_win_rate_vs_sft']:.1%}"
+            lines.append(f"| {n:g} | {LABELS[m]} | {r['true_reward_mean']:.3f} ± {r['ci95']:.3f} | {win} | "
+                         f"{r['oracle_reward_mean']:+.3f} | {owin} | {lr} |")
+    lines += ["", "## What it shows", ""]
+    for n in report["noise_levels"]:
+        key = noise_key(n)
+        diag = report["diagnostics"][key]
+        lines.append(f"- **noise {n:g}** (labels agree with r_true on {diag['label_agreement_with_r_true']:.1%} "
+                     f"of training pairs; Oracle 1 vs r_true correlation over the test samples: "
+                     f"{diag['oracle_true_correlation']:.2f}): {_verdict(report, key)}")
+    lines.append("")
+    lines.append(_drdo_vs_sft_text(report))
+    lines.append("")
+    lines.append(_inflation_text(report))
+    lines += ["", "## The sweep (the same for every method)", ""] + _sweep_table(report)
+    ci_text = ("Student-t over the per-seed means" if n_seeds >= 2
+               else "1.96 x the standard error over test prompts (one seed: sampling noise only, no seed-to-seed "
+                    "variation; run more seeds for a real interval)")
+    lines += [
+        "",
+        "## How it was run",
+        "",
+        f"- Pipeline per seed and noise level: SFT on the chosen responses of that noise level's labels "
+        f"({s['sft_steps']} steps, lr {s['sft_lr']:g}) -> Oracle (paper Eq. 5, alpha_O {s['oracle_alpha']:g}, "
+        f"{s['oracle_steps']} steps, lr {s['oracle_lr']:g}, initialised from the SFT model with a fresh reward head) "
+        f"-> K = 3 Oracles (head seed and data order differ) score the pairs offline -> students from the same "
+        f"SFT start: "
+        f"DRDO (Eq. 6, alpha {s['alpha']:g}, gamma {s['gamma']:g}, reward head, distils Oracle 1), "
+        f"DPO (beta {s['beta']:g}, reference = SFT) and e-DPO (beta {s['beta']:g}, pessimistic over the 3 Oracles).",
+        f"- Same budget for every student: {s['steps']} steps of {s['batch_size']} pairs. Same sweep for every "
+        f"method: lr in {{{', '.join(f'{lr:g}' for lr in s['lrs'])}}}; the lr with the highest mean r_true of "
+        f"samples on {s['val_prompts']} validation prompts (disjoint from the test prompts) is kept, per method, "
+        f"seed and noise level. Hyperparameters other than lr are the paper's defaults, untuned.",
+        f"- Generation: one sample per prompt, temperature {s['temperature']:g}, at most {s['max_new_tokens']} "
+        f"new tokens. True reward = r_true of the sample; Oracle-judged = Oracle 1's score of the same sample.",
+        f"- Interval: {ci_text}.",
+        f"- Time: {s.get('elapsed_s', float('nan')):.0f} s wall clock ({s.get('workers', 1)} worker process(es) x "
+        f"{s.get('threads', 1)} thread(s); the machine had {s.get('cpu_count', '?')} CPU cores).",
+    ]
+    if plot_name:
+        lines += ["", f"![true reward vs noise]({plot_name})"]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def _drdo_vs_sft_text(report: dict) -> str:
+    """Whether DRDO moved its policy away from the SFT start at all (true reward difference)."""
+    still, moved = [], []
+    for n in report["noise_levels"]:
+        d = report["comparisons"][noise_key(n)]["drdo_minus_sft"]
+        text = f"noise {n:g}: {d['mean']:+.3f} ± {d['ci95']:.3f}"
+        (still if d["mean"] - d["ci95"] <= 0 else moved).append(text)
+    if not still:
+        return f"DRDO improves on its SFT start at every noise level ({'; '.join(moved)})."
+    return (
+        f"DRDO vs its SFT start (true reward difference): {'; '.join(still + moved)}. Where the interval includes "
+        f"0, DRDO's policy did not improve on SFT. By construction of Eq. 6 the policy's token probabilities "
+        f"are trained only by the alpha-weighted focal term (alpha {report['settings'].get('alpha', 0.1):g}); "
+        f"the distillation term trains the reward head (and the shared backbone). `drdo demo --alpha 1` runs "
+        f"the paper's other alpha."
+    )
+
+
+def _sweep_table(report: dict) -> list[str]:
+    """Mean validation r_true (over seeds) of every lr of the sweep, per method and noise level."""
+    lrs = [f"{lr:g}" for lr in report["settings"].get("lrs", [])]
+    if len(lrs) < 2:
+        return [f"One learning rate ({', '.join(lrs)}) for every method: no selection was made."]
+    lines = ["Mean r_true of validation samples per learning rate (mean over seeds); the best lr of each "
+             "seed is the one kept.", "",
+             "| noise | method | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
+             "|---|---|" + "---|" * len(lrs)]
+    for n in report["noise_levels"]:
+        for m in ("drdo", "dpo", "edpo"):
+            runs = report["sweep"][m][noise_key(n)]
+            cells = []
+            for lr in lrs:
+                vals = [r["val_true_reward"][lr] for r in runs if lr in r["val_true_reward"]]
+                cells.append(f"{_mean(vals):.3f}" if vals else "-")
+            lines.append(f"| {n:g} | {LABELS[m]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _inflation_text(report: dict) -> str:
+    """How an Oracle-judged evaluation differs from the true one (win rates vs SFT)."""
+    rows = []
+    for n in report["noise_levels"]:
+        key = noise_key(n)
+        for m in ("drdo", "dpo", "edpo"):
+            r = report["methods"][m][key]
+            rows.append((n, m, r["oracle_win_rate_vs_sft"] - r["win_rate_vs_sft"]))
+    worst = max(rows, key=lambda t: t[2])
+    drdo_gaps = [g for _, m, g in rows if m == "drdo"]
+    other_gaps = [g for _, m, g in rows if m != "drdo"]
+    return (
+        f"Oracle-judged vs true evaluation: the Oracle-judged win rate over SFT minus the true one is "
+        f"{_mean(drdo_gaps):+.1%} for DRDO on average (which distils that Oracle) and {_mean(other_gaps):+.1%} "
+        f"for DPO/e-DPO; the largest gap is {worst[2]:+.1%} ({LABELS[worst[1]]}, noise {worst[0]:g}). "
+        f"A positive gap is how much judging with the Oracle inflates the result."
+    )
+
+
+def plot_report(report: dict, path: str) -> str:
+    """PNG: true reward vs noise level per method with 95% intervals, and true vs Oracle-judged win rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    noise = report["noise_levels"]
+    keys = [noise_key(n) for n in noise]
+    span = (max(noise) - min(noise)) or 1.0
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, m in enumerate(METHODS):
+        stats = [report["methods"][m][k] for k in keys]
+        xs = [n + (i - 1.5) * 0.012 * span for n in noise]
+        ax1.errorbar(xs, [s["true_reward_mean"] for s in stats], yerr=[s["ci95"] for s in stats], marker="o",
+                     capsize=4, label=LABELS[m])
+    ax1.set_xlabel("label noise (flip rate)")
+    ax1.set_ylabel("true reward r_true of samples")
+    ax1.set_title("true reward vs noise (95% CI)")
+    ax1.set_xticks(noise)
+    ax1.grid(alpha=0.3)
+    ax1.legend()
+    width = 0.8 / 6
+    for j, m in enumerate(("drdo", "dpo", "edpo")):
+        color = f"C{j + 1}"  # the colour of the method in the left panel
+        true_w = [report["methods"][m][k]["win_rate_vs_sft"] for k in keys]
+        orc_w = [report["methods"][m][k]["oracle_win_rate_vs_sft"] for k in keys]
+        base = [i + (2 * j - 2.5) * width for i in range(len(keys))]
+        ax2.bar(base, true_w, width, color=color, label=f"{LABELS[m]}: true")
+        ax2.bar([b + width for b in base], orc_w, width, color=color, alpha=0.4, hatch="//",
+                label=f"{LABELS[m]}: Oracle-judged")
+    ax2.axhline(0.5, color="gray", lw=1, ls="--")
+    ax2.set_ylim(0, 1.25)
+    ax2.set_xticks(range(len(keys)))
+    ax2.set_xticklabels([f"noise {n:g}" for n in noise])
+    ax2.set_ylabel("win rate vs SFT")
+    ax2.set_title("true vs Oracle-judged win rate")
+    ax2.legend(fontsize=7, ncol=3, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
