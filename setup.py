@@ -10,7 +10,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["drdo", "drdo.*", "drdo_kernels", "drdo_kernels.*"]),
-    package_data={"drdo": ["assets/*", "tasks/*.json"]},
     install_requires=[
         "torch>=2.4",
         'triton>=3.1; platform_system == "Linux"',
