@@ -17,7 +17,9 @@ Exit status: 0 done, 1 failure (message on stderr), 2 usage error, 130 interrupt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import json
 import sys
 
@@ -330,22 +332,36 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _configure_logging() -> None:
-    """drdo's own INFO messages (resume, dropped rows) on stderr; other libraries stay at WARNING."""
-    import logging
-
+@contextlib.contextmanager
+def _drdo_logging():
+    """drdo's own INFO messages (resume, dropped rows) on stderr while a command runs; other
+    libraries stay at WARNING. The logger is restored afterwards, so calling main() in-process
+    (tests, notebooks) leaves the caller's logging as it was."""
     logger = logging.getLogger("drdo")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    if logger.handlers:  # configured by the caller: leave it alone
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``drdo`` console script; returns the exit status."""
-    _configure_logging()
+    with _drdo_logging():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = parse_args(argv)
         return _COMMANDS[args.command_path](args)
