@@ -177,14 +177,14 @@ def _split_prompts(seed: int, n_val: int, n_test: int, exclude: set) -> tuple[li
 
 
 def _write_pairs(rows: list[dict], path: str) -> str:
-    from drdo.tasks.preferences import write_jsonl
+    from drdo.jsonl import write_jsonl
 
     return write_jsonl(({k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows), path)
 
 
 def _single_oracle_file(scored: str, path: str) -> str:
     """Copy of a K-Oracle scored file keeping only Oracle 1's scores (floats), for DRDO."""
-    from drdo.tasks.preferences import read_jsonl, write_jsonl
+    from drdo.jsonl import read_jsonl, write_jsonl
 
     rows = []
     for row in read_jsonl(scored):

@@ -21,7 +21,9 @@ from typing import Callable
 
 import torch
 
-from drdo.scoring import load_reward_model, pick_device, write_jsonl
+from drdo.data import encode_prompt
+from drdo.jsonl import write_jsonl
+from drdo.scoring import load_reward_model, pick_device
 
 __all__ = ["JudgeError", "generate", "evaluate", "load_judge", "win_rate", "parse_policies"]
 
@@ -43,27 +45,6 @@ def parse_policies(specs: list[str]) -> dict[str, str]:
             raise ValueError(f"two policies are named {name!r}; use NAME=PATH to tell them apart")
         out[name] = path
     return out
-
-
-def _prefix_ids(tokenizer) -> list[int]:
-    """The ids a tokenizer puts in front of a single sequence (e.g. BOS), as the data pipeline does."""
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    full = tokenizer("x", add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return list(full[:start])
-    return []
-
-
-def _prompt_ids(tokenizer, prompt, max_prompt_length: int) -> list[int]:
-    """Token ids of a prompt (string or messages), rendered like drdo.data does; keeps the last tokens."""
-    from drdo.data import render_prompt
-
-    text = render_prompt(tokenizer, prompt)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if isinstance(prompt, str):
-        ids = _prefix_ids(tokenizer) + ids
-    return ids[-max_prompt_length:]
 
 
 def _load_policy(policy, tokenizer, device, trust_remote_code):
@@ -98,7 +79,7 @@ def generate(policy, prompts: list, *, tokenizer=None, max_new_tokens: int = 64,
     """
     dev = pick_device(device)
     lm, tok = _load_policy(policy, tokenizer, dev, trust_remote_code)
-    encoded = [_prompt_ids(tok, p, max_prompt_length) for p in prompts]
+    encoded = [encode_prompt(tok, p, max_prompt_length) for p in prompts]
     starts = range(0, len(encoded), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -137,7 +118,7 @@ def _reward_model_judge(path: str, *, device, trust_remote_code, batch_size=16, 
     def judge(prompts: list, responses: list) -> list[float]:
         seqs = []
         for prompt, response in zip(prompts, responses):
-            ids = _prompt_ids(tok, prompt, max_prompt_length)
+            ids = encode_prompt(tok, prompt, max_prompt_length)
             resp = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             seqs.append((ids + resp)[:max_length])
         scores: list[float] = []

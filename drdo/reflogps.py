@@ -13,7 +13,8 @@ import torch
 
 from drdo.data import PreferenceCollator, load_preference_dataset
 from drdo.objectives import IGNORE_INDEX, _head_params, resolve_kernel
-from drdo.scoring import pick_device, write_jsonl
+from drdo.jsonl import write_jsonl
+from drdo.scoring import pick_device
 
 __all__ = ["compute_reference_logps", "policy_sequence_logps"]
 

@@ -9,15 +9,15 @@ source row number, and a row dropped by any model (``skip_invalid``) is left out
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 
 import torch
 
 from drdo.data import PreferenceCollator, load_preference_dataset
+from drdo.jsonl import write_jsonl
 
-__all__ = ["RewardModelError", "RewardModel", "load_reward_model", "score_dataset", "pick_device", "write_jsonl"]
+__all__ = ["RewardModelError", "RewardModel", "load_reward_model", "score_dataset", "pick_device"]
 
 
 class RewardModelError(ValueError):
@@ -106,18 +106,6 @@ def _score_pairs(rm: RewardModel, dataset, batch_size: int, progress: bool, desc
         for j, row in enumerate(batch["rows"].tolist()):
             out[row] = (float(rewards[j]), float(rewards[n + j]))
     return out
-
-
-def write_jsonl(rows, path: str) -> str:
-    """Write dict rows as JSONL atomically (temporary file + rename); returns path."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def score_dataset(reward_models, data, output: str, *, batch_size: int = 8, max_length: int = 1024,

@@ -22,12 +22,11 @@ between noise levels are due to the noise, not to a different sample.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-from typing import Callable, Iterable
+from typing import Callable
 
+from drdo.jsonl import read_jsonl, write_jsonl
 from drdo.tasks.synthetic import DEFAULT_TASK, LettersTask, true_reward
 
 __all__ = [
@@ -127,17 +126,3 @@ def build_preference_pairs(
     return rows
 
 
-def write_jsonl(rows: Iterable[dict], path: str) -> str:
-    """Write dict rows as JSON lines (creates parent folders); returns ``path``."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Read JSON lines written by :func:`write_jsonl` (blank lines skipped)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
