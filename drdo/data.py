@@ -711,7 +711,16 @@ def _stack_scores(items: list[dict], fields: tuple[str, str]) -> torch.Tensor | 
     return tensor.T.contiguous() if tensor.dim() == 2 else tensor
 
 
-class PreferenceCollator:
+class _PaddingCollator:
+    """Shared settings of the collators: the pad id, the ignore index, optional length rounding."""
+
+    def __init__(self, pad_token_id: int, ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None):
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None; load the tokenizer with drdo.tokenizer.get_tokenizer")
+        self.pad_token_id, self.ignore_index, self.pad_to_multiple_of = pad_token_id, ignore_index, pad_to_multiple_of
+
+
+class PreferenceCollator(_PaddingCollator):
     """Pads right and stacks a list of B items as 2B rows [chosen; rejected].
 
     Returns input_ids [2B, T] int64, attention_mask [2B, T] int64, labels [2B, T] int64
@@ -719,11 +728,6 @@ class PreferenceCollator:
     ignore_index; last column ignore_index), rows [B] int64, and when present
     oracle_rewards [2B] float32 (K == 1) or [K, 2B] float32 (K > 1), ref_logps [2B] float32.
     """
-
-    def __init__(self, pad_token_id: int, ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None):
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None; load the tokenizer with drdo.tokenizer.get_tokenizer")
-        self.pad_token_id, self.ignore_index, self.pad_to_multiple_of = pad_token_id, ignore_index, pad_to_multiple_of
 
     def __call__(self, items: list[dict]) -> dict:
         if not items:
@@ -741,13 +745,8 @@ class PreferenceCollator:
         return batch
 
 
-class SFTCollator:
+class SFTCollator(_PaddingCollator):
     """Chosen rows only: input_ids, attention_mask, labels (aligned like PreferenceCollator) [B, T] int64, rows [B]."""
-
-    def __init__(self, pad_token_id: int, ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None):
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None; load the tokenizer with drdo.tokenizer.get_tokenizer")
-        self.pad_token_id, self.ignore_index, self.pad_to_multiple_of = pad_token_id, ignore_index, pad_to_multiple_of
 
     def __call__(self, items: list[dict]) -> dict:
         if not items:
