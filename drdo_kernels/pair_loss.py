@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from drdo.losses import LOGP_CLAMP_MAX, log1mexp
+from drdo.losses import _REDUCTIONS, _UNLIKELIHOOD_SIGN, LOGP_CLAMP_MAX, _check_pair_shapes, log1mexp
 
 from .logprobs import resolve_backend
 
@@ -49,8 +49,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 __all__ = ["drdo_pair_loss", "aot_specs", "METRIC_NAMES", "BLOCK_PAIRS"]
 
-_UNLIKELIHOOD_SIGN = {"welleck": 1.0, "paper": -1.0}
-_REDUCTIONS = ("mean", "sum")
 
 #: Order of the per-block sums the kernel writes; metric means are these sums / B.
 #: "loss" is the sum of the per-pair losses; "reward_acc" counts rhat_w > rhat_l.
@@ -303,18 +301,13 @@ def _check_inputs(inputs: dict, unlikelihood: str, gamma: float, reduction: str)
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    first_name, first = next(iter(inputs.items()))
     for name, t in inputs.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
-        if t.dim() != 1 or t.shape != first.shape:
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)} but {first_name} has shape {tuple(first.shape)}; all must be [B]"
-            )
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
-    if first.shape[0] == 0:
-        raise ValueError("empty batch: the loss of zero pairs is undefined")
+    _check_pair_shapes(**inputs)
+    devices = {t.device for t in inputs.values()}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
 def _resolve_backend(backend: str, tensors) -> str:
