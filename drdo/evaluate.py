@@ -23,6 +23,7 @@ import torch
 
 from drdo.data import encode_prompt
 from drdo.jsonl import write_jsonl
+from drdo.progress import batch_starts
 from drdo.scoring import load_reward_model, pick_device
 
 __all__ = ["JudgeError", "generate", "evaluate", "load_judge", "win_rate", "parse_policies"]
@@ -80,13 +81,8 @@ def generate(policy, prompts: list, *, tokenizer=None, max_new_tokens: int = 64,
     dev = pick_device(device)
     lm, tok = _load_policy(policy, tokenizer, dev, trust_remote_code)
     encoded = [encode_prompt(tok, p, max_prompt_length) for p in prompts]
-    starts = range(0, len(encoded), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="generating", total=len(starts))
     responses = []
-    for start in starts:
+    for start in batch_starts(len(encoded), batch_size, progress=progress, desc="generating"):
         chunk = encoded[start:start + batch_size]
         width = max(max(len(ids) for ids in chunk), 1)
         input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)

@@ -12,8 +12,9 @@ import os
 import torch
 
 from drdo.data import PreferenceCollator, load_preference_dataset
-from drdo.objectives import IGNORE_INDEX, _head_params, resolve_kernel
 from drdo.jsonl import write_jsonl
+from drdo.objectives import IGNORE_INDEX, _head_params, resolve_kernel
+from drdo.progress import batch_starts
 from drdo.scoring import pick_device
 
 __all__ = ["compute_reference_logps", "policy_sequence_logps"]
@@ -71,13 +72,8 @@ def compute_reference_logps(model, data, output: str, *, batch_size: int = 8, ma
                                  split=split, skip_invalid=skip_invalid)
     collate = PreferenceCollator(tokenizer.pad_token_id)
     policy.eval()
-    starts = range(0, len(ds), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="reference log-probs", total=len(starts))
     rows = []
-    for start in starts:
+    for start in batch_starts(len(ds), batch_size, progress=progress, desc="reference log-probs"):
         idx = list(range(start, min(start + batch_size, len(ds))))
         batch = {k: v.to(dev) for k, v in collate([ds[i] for i in idx]).items()}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):

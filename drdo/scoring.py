@@ -16,6 +16,7 @@ import torch
 
 from drdo.data import PreferenceCollator, load_preference_dataset
 from drdo.jsonl import write_jsonl
+from drdo.progress import batch_starts
 
 __all__ = ["RewardModelError", "RewardModel", "load_reward_model", "score_dataset", "pick_device"]
 
@@ -94,12 +95,7 @@ def _score_pairs(rm: RewardModel, dataset, batch_size: int, progress: bool, desc
     """{source row: (chosen reward, rejected reward)} for every pair of ``dataset``."""
     collate = PreferenceCollator(rm.tokenizer.pad_token_id)
     out: dict[int, tuple[float, float]] = {}
-    starts = range(0, len(dataset), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, total=len(starts))
-    for start in starts:
+    for start in batch_starts(len(dataset), batch_size, progress=progress, desc=desc):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         rewards = rm.score(batch["input_ids"], batch["attention_mask"])
         n = batch["rows"].shape[0]

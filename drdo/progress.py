@@ -1,0 +1,16 @@
+"""Batched passes over data with an optional progress bar (scoring, reference log-probs, generation)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+__all__ = ["batch_starts"]
+
+
+def batch_starts(n: int, batch_size: int, *, progress: bool, desc: str) -> Iterable[int]:
+    """The first index of each batch of ``batch_size`` out of ``n`` items, behind a tqdm bar if ``progress``."""
+    starts = range(0, n, batch_size)
+    if not progress:
+        return starts
+    from tqdm.auto import tqdm
+
+    return tqdm(starts, desc=desc, total=len(starts))
