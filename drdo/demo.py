@@ -28,14 +28,11 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["add_arguments", "run_demo", "DemoSettings", "settings_from_args"]
 
-#: Files of a saved policy that hold its reward head (stripped to give Oracles / students a fresh head).
-_HEAD_FILES = ("reward_head.safetensors", "reward_head.json")
 METHODS = ("drdo", "dpo", "edpo")
 K_ORACLES = 3
 
@@ -195,15 +192,6 @@ def _single_oracle_file(scored: str, path: str) -> str:
     return write_jsonl(rows, path)
 
 
-def _without_head(model_dir: str, path: str) -> str:
-    """A copy of a saved policy without its reward head, so that loading it gives a fresh seeded head."""
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    shutil.copytree(model_dir, path, ignore=shutil.ignore_patterns(*_HEAD_FILES, "checkpoints", "metrics.jsonl",
-                                                                      "*.png", "config.yaml"))
-    return path
-
-
 # ----------------------------------------------------------------------------- stages
 
 
@@ -344,13 +332,12 @@ def run_cell(s: DemoSettings, seed: int, noise: float, work: str, stages: _Stage
 
     stages.step(f"{tag}: SFT")
     sft = _train(s, "sft", pairs, os.path.join(work, "sft"), model=s.model, steps=s.sft_steps, lr=s.sft_lr, seed=seed)
-    start = _without_head(sft, os.path.join(work, "sft_lm"))  # Oracles and students get fresh seeded heads
     stages.done()
 
     oracles = []
     for k in range(K_ORACLES):
         stages.step(f"{tag}: Oracle {k + 1}/{K_ORACLES}")
-        oracles.append(_train(s, "oracle", pairs, os.path.join(work, f"oracle{k + 1}"), model=start,
+        oracles.append(_train(s, "oracle", pairs, os.path.join(work, f"oracle{k + 1}"), model=sft,
                               steps=s.oracle_steps, lr=s.oracle_lr, seed=1000 * seed + k))
         stages.done()
 
@@ -360,7 +347,7 @@ def run_cell(s: DemoSettings, seed: int, noise: float, work: str, stages: _Stage
 
     policies, results = {"sft": sft}, {"sft": {"selected_lr": None, "sweep": {}}}
     for method in METHODS:
-        policies[method], results[method] = _sweep(s, method, data[method], start, work, seed, val_prompts, stages,
+        policies[method], results[method] = _sweep(s, method, data[method], sft, work, seed, val_prompts, stages,
                                                    tag)
 
     stages.step(f"{tag}: test generations")
