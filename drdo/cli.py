@@ -6,7 +6,7 @@
     drdo reflogps       --model REF --data D --output WITH_REF.jsonl  # for DPO / e-DPO
     drdo train --loss drdo|dpo|edpo --model SFT --data SCORED.jsonl --output-dir OUT
     drdo eval           --policy drdo=OUT --policy dpo=OUT2 --prompts P.jsonl --judge JUDGE
-    drdo demo           ...                                           # see drdo/demo.py
+    drdo demo           ...                                           # see drdo/demo/run.py
 
 Every subcommand takes ``--config file.yaml`` (keys = flag names with '_' or '-');
 flags given on the command line override the file, the file overrides the defaults.
@@ -189,7 +189,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_train_flags(t)
     _add_reflogps_flags(leaf(sub, "reflogps", "precompute reference log-probs for DPO / e-DPO", "reflogps"))
     _add_eval_flags(leaf(sub, "eval", "sample from policies; expected judge reward and pairwise win rates", "eval"))
-    demo = leaf(sub, "demo", "end-to-end demo on a synthetic task (drdo/demo.py)", "demo")
+    demo = leaf(sub, "demo", "end-to-end demo on a synthetic task (drdo/demo/run.py)", "demo")
     _add_demo_flags(demo)
     leaves.update({f"{name} (group)": p for name, p in groups.items()})
     return parser, leaves
@@ -197,7 +197,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def _add_demo_flags(p: argparse.ArgumentParser) -> None:
     try:
-        from drdo.demo import add_arguments
+        from drdo.demo.run import add_arguments
     except ImportError:
         p.set_defaults(demo_missing=True)
         return
@@ -236,7 +236,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _run_train(args) -> int:
-    from drdo.train import train
+    from drdo.training.loop import train
 
     result = train(train_config_from_args(args))
     if result.get("status") == "interrupted":
@@ -246,7 +246,7 @@ def _run_train(args) -> int:
 
 
 def _run_score(args) -> int:
-    from drdo.scoring import score_dataset
+    from drdo.pipeline.scoring import score_dataset
 
     _require(args, "reward_models", "--reward-model", "data", "--data", "output", "--output")
     path = score_dataset(args.reward_models, args.data, args.output, batch_size=args.batch_size,
@@ -258,7 +258,7 @@ def _run_score(args) -> int:
 
 
 def _run_reflogps(args) -> int:
-    from drdo.reflogps import compute_reference_logps
+    from drdo.pipeline.reflogps import compute_reference_logps
 
     _require(args, "data", "--data", "output", "--output")
     path = compute_reference_logps(args.model, args.data, args.output, batch_size=args.batch_size,
@@ -272,7 +272,7 @@ def _run_reflogps(args) -> int:
 
 def _run_eval(args) -> int:
     from drdo.data import load_prompts
-    from drdo.evaluate import evaluate, parse_policies
+    from drdo.pipeline.evaluate import evaluate, parse_policies
 
     _require(args, "policies", "--policy", "prompts", "--prompts", "judge", "--judge")
     prompts = load_prompts(args.prompts, split=args.split)
@@ -289,9 +289,9 @@ def _run_eval(args) -> int:
 
 def _run_demo(args) -> int:
     if getattr(args, "demo_missing", False):
-        print("drdo: error: the demo is not available: drdo/demo.py is missing", file=sys.stderr)
+        print("drdo: error: the demo is not available: drdo/demo/run.py is missing", file=sys.stderr)
         return 1
-    from drdo.demo import run_demo
+    from drdo.demo.run import run_demo
 
     return int(run_demo(args) or 0)
 
@@ -307,12 +307,12 @@ _COMMANDS = {"sft": _run_train, "oracle train": _run_train, "train": _run_train,
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from drdo.checkpoint import CheckpointError
-    from drdo.objectives import KernelUnavailableError
-    from drdo.train import TrainingDiverged
+    from drdo.training.checkpoint import CheckpointError
+    from drdo.training.objectives import KernelUnavailableError
+    from drdo.training.loop import TrainingDiverged
 
     errors = [ConfigError, CheckpointError, KernelUnavailableError, TrainingDiverged, FileNotFoundError]
-    for module, name in (("drdo.scoring", "RewardModelError"), ("drdo.evaluate", "JudgeError")):
+    for module, name in (("drdo.pipeline.scoring", "RewardModelError"), ("drdo.pipeline.evaluate", "JudgeError")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except ImportError:

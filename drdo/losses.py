@@ -34,6 +34,7 @@ __all__ = [
 #: z_l is clamped to at most this value before log(1 - exp(z_l)) so that the
 #: unlikelihood term stays finite for a response whose probability rounds to 1.
 #: log(1 - exp(-1e-6)) = -13.8; its derivative there is about -1e6.
+IGNORE_INDEX = -100  # label of a token that is not scored (prompt, padding), as in PyTorch and HF
 LOGP_CLAMP_MAX = -1e-6
 
 _UNLIKELIHOOD_SIGN = {"welleck": 1.0, "paper": -1.0}
@@ -89,7 +90,7 @@ def log1mexp(z: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of the labelled tokens of each row.
 

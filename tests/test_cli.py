@@ -97,7 +97,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     # an SFT output's head was never trained: an Oracle started from it gets a fresh head per seed
     import torch
 
-    from drdo.train import _build_policy, head_was_trained
+    from drdo.training.loop import _build_policy, head_was_trained
 
     assert head_was_trained(sft) is False and head_was_trained(oracle) is True and head_was_trained("tiny") is None
     heads = [_build_policy(TrainConfig(stage="oracle", model=m, seed=seed), torch.device("cpu")).reward_head.weight
@@ -158,7 +158,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_generation_is_seeded():
-    from drdo.evaluate import generate
+    from drdo.pipeline.evaluate import generate
 
     prompts = ["Q: 1+1=", "Hello"]
     a = generate("tiny", prompts, max_new_tokens=5, seed=3, progress=False, device="cpu")

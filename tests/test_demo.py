@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from drdo.demo import QUICK, DemoSettings, add_arguments, settings_from_args
+from drdo.demo.run import QUICK, DemoSettings, add_arguments, settings_from_args
 
 METHODS = ("sft", "drdo", "dpo", "edpo")
 STAT_KEYS = ("true_reward_mean", "ci95", "oracle_reward_mean", "win_rate_vs_sft")

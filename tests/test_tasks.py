@@ -4,20 +4,19 @@ import random
 
 import pytest
 
-from drdo.tasks import (
+from drdo.demo import (
     DEFAULT_TASK,
     LettersTask,
     bradley_terry_prob,
     build_preference_pairs,
     draw_label,
     label_agreement_prob,
-    read_jsonl,
     reward_components,
     true_reward,
     true_rewards,
-    write_jsonl,
 )
-from drdo.tasks.report import ci95_halfwidth, noise_key, summarize
+from drdo.jsonl import read_jsonl, write_jsonl
+from drdo.demo.report import ci95_halfwidth, noise_key, summarize
 
 
 # ------------------------------------------------------------------ r_true on hand-made examples

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drdo.checkpoint import CheckpointError, latest_checkpoint
+from drdo.training.checkpoint import CheckpointError, latest_checkpoint
 from drdo.config import ConfigError
-from drdo.schedule import lr_at
-from drdo.train import TrainConfig, TrainingDiverged, rank_micro_batches, step_indices, train
+from drdo.training.schedule import lr_at
+from drdo.training.loop import TrainConfig, TrainingDiverged, rank_micro_batches, step_indices, train
 
 try:
     import drdo_kernels  # noqa: F401
@@ -121,7 +121,7 @@ def params_init_tiny():
 def test_explicit_kernel_without_drdo_kernels_is_a_clear_error(monkeypatch):
     import sys
 
-    from drdo.objectives import KernelUnavailableError, resolve_kernel
+    from drdo.training.objectives import KernelUnavailableError, resolve_kernel
 
     monkeypatch.setitem(sys.modules, "drdo_kernels", None)  # import drdo_kernels -> ImportError
     with pytest.raises(KernelUnavailableError, match="--kernel reference"):

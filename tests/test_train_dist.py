@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from test_train import KERNEL, make_rows, write_rows
 
-from drdo.train import TrainConfig, train
+from drdo.training.loop import TrainConfig, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -63,7 +63,7 @@ def load_reward_model(path: str, *, device="auto", trust_remote_code: bool = Fal
     tokenizer = get_tokenizer(path, trust_remote_code=trust_remote_code)
     if _is_policy_dir(path):
         from drdo.models import PolicyWithRewardHead
-        from drdo.train import head_was_trained
+        from drdo.training.loop import head_was_trained
 
         if head_was_trained(path) is False:
             warnings.warn(f"{path} was not trained as an Oracle (see its config.yaml): its reward head is untrained; "

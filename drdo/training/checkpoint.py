@@ -24,7 +24,7 @@ import shutil
 import torch
 from torch import nn
 
-from drdo.distributed import DistState, barrier
+from drdo.training.distributed import DistState, barrier
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from drdo import losses as ref_losses
+from drdo.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 #: Metrics that the losses report as sums (not means) over the micro-batch under reduction="sum".
 _SUMMED_METRICS = {"edpo": ("distill_min", "distill_max")}
 

@@ -13,9 +13,9 @@ import torch
 
 from drdo.data import PreferenceCollator, load_preference_dataset
 from drdo.jsonl import write_jsonl
-from drdo.objectives import IGNORE_INDEX, _head_params, resolve_kernel
+from drdo.training.objectives import IGNORE_INDEX, _head_params, resolve_kernel
 from drdo.progress import batch_starts
-from drdo.scoring import pick_device
+from drdo.pipeline.scoring import pick_device
 
 __all__ = ["compute_reference_logps", "policy_sequence_logps"]
 

@@ -2,7 +2,7 @@
 
 For every seed and every label-noise level (flip rate):
 
-1. data: pairs of the letters task (:mod:`drdo.tasks.synthetic`) labelled by
+1. data: pairs of the letters task (:mod:`drdo.demo.synthetic`) labelled by
    Bradley-Terry on the true reward r_true, each label flipped with probability
    = the noise level (the same candidate pairs at every noise level of a seed);
 2. SFT: the tiny model fine-tuned on the chosen responses of THESE (noisy) labels;
@@ -161,7 +161,7 @@ def _validate(s: DemoSettings) -> None:
 
 def _split_prompts(seed: int, n_val: int, n_test: int, exclude: set) -> tuple[list[str], list[str]]:
     """Validation and test prompts of a seed: distinct, disjoint, and not among the training prompts."""
-    from drdo.tasks.synthetic import DEFAULT_TASK
+    from drdo.demo.synthetic import DEFAULT_TASK
 
     rng = random.Random(f"letters-heldout-{seed}")
     seen, out = set(exclude), []
@@ -196,7 +196,7 @@ def _single_oracle_file(scored: str, path: str) -> str:
 
 
 def _train(s: DemoSettings, stage: str, data: str, out: str, *, model: str, steps: int, lr: float, seed: int) -> str:
-    from drdo.train import TrainConfig, train
+    from drdo.training.loop import TrainConfig, train
 
     cfg = TrainConfig(
         stage=stage, model=model, data=data, output_dir=out,
@@ -211,7 +211,7 @@ def _train(s: DemoSettings, stage: str, data: str, out: str, *, model: str, step
 
 
 def _generate(s: DemoSettings, policy: str, prompts: list[str], seed: int) -> list[str]:
-    from drdo.evaluate import generate
+    from drdo.pipeline.evaluate import generate
 
     return generate(policy, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed,
                     batch_size=64, max_prompt_length=16, device="auto", progress=s.progress)
@@ -262,8 +262,8 @@ def _oracle_data(s: DemoSettings, work: str, sft: str, oracles: list[str], pairs
 
     Returns the training file of each method: DRDO gets Oracle 1's scores (floats), DPO and
     e-DPO the K-member lists plus ref log-probs (DPO ignores the Oracle scores)."""
-    from drdo.reflogps import compute_reference_logps
-    from drdo.scoring import score_dataset
+    from drdo.pipeline.reflogps import compute_reference_logps
+    from drdo.pipeline.scoring import score_dataset
 
     common = dict(batch_size=128, max_length=64, max_prompt_length=16, device="auto", progress=s.progress)
     scored = score_dataset(oracles, pairs, os.path.join(work, "scored_k3.jsonl"), **common)
@@ -277,7 +277,7 @@ def _sweep(s: DemoSettings, method: str, data: str, start: str, work: str, seed:
            stages: "_Stages", tag: str) -> tuple[str, dict]:
     """Train ``method`` once per lr of the sweep; keep the lr whose samples on the validation prompts
     have the highest mean r_true. Returns (selected policy dir, {"selected_lr", "sweep": {lr: value}})."""
-    from drdo.tasks.synthetic import true_rewards
+    from drdo.demo.synthetic import true_rewards
 
     sweep, best = {}, None
     for lr in s.lrs:
@@ -300,8 +300,8 @@ def _judge_test(s: DemoSettings, policies: dict[str, str], oracle: str, prompts:
 
     Fills results[name]["true" | "oracle"] (per-prompt scores), writes test_generations.jsonl
     and returns the Pearson correlation of Oracle and true scores over all samples."""
-    from drdo.evaluate import load_judge
-    from drdo.tasks.synthetic import true_rewards
+    from drdo.pipeline.evaluate import load_judge
+    from drdo.demo.synthetic import true_rewards
 
     judge = load_judge(oracle, device="auto")
     generations = {}
@@ -319,8 +319,8 @@ def _judge_test(s: DemoSettings, policies: dict[str, str], oracle: str, prompts:
 
 
 def run_cell(s: DemoSettings, seed: int, noise: float, work: str, stages: _Stages) -> dict:
-    """The whole pipeline for one (seed, noise level); returns the cell result of :mod:`drdo.tasks.report`."""
-    from drdo.tasks.preferences import build_preference_pairs
+    """The whole pipeline for one (seed, noise level); returns the cell result of :mod:`drdo.demo.report`."""
+    from drdo.demo.preferences import build_preference_pairs
 
     tag = f"seed {seed} noise {noise:g}"
     os.makedirs(work, exist_ok=True)
@@ -427,7 +427,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run the demo from parsed ``drdo demo`` flags; writes the report; returns 0."""
     import torch
 
-    from drdo.tasks.report import plot_report, summarize, write_report_json, write_report_md
+    from drdo.demo.report import plot_report, summarize, write_report_json, write_report_md
 
     s = settings_from_args(args)
     start = time.perf_counter()

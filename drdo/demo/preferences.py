@@ -27,7 +27,7 @@ import random
 from typing import Callable
 
 from drdo.jsonl import read_jsonl, write_jsonl
-from drdo.tasks.synthetic import DEFAULT_TASK, LettersTask, true_reward
+from drdo.demo.synthetic import DEFAULT_TASK, LettersTask, true_reward
 
 __all__ = [
     "bradley_terry_prob",

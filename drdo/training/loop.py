@@ -34,16 +34,16 @@ from typing import Callable
 
 import torch
 
-from drdo import checkpoint as ckpt
-from drdo import distributed as dist_utils
+from drdo.training import checkpoint as ckpt
+from drdo.training import distributed as dist_utils
 from drdo.config import TrainConfig, accumulation_steps, resolve, save_yaml, total_steps, warmup_steps_for
-from drdo.metrics import MetricsLog, peak_memory_mb
-from drdo.objectives import StageObjective, resolve_kernel
-from drdo.schedule import lr_at, set_lr
+from drdo.training.metrics import MetricsLog, peak_memory_mb
+from drdo.training.objectives import StageObjective, resolve_kernel
+from drdo.training.schedule import lr_at, set_lr
 
 __all__ = ["TrainConfig", "train", "TrainingDiverged", "step_indices"]
 
-logger = logging.getLogger("drdo.train")
+logger = logging.getLogger("drdo.training.loop")
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -403,7 +403,7 @@ class Trainer:
     def _plot(self) -> None:
         if not (self.config.plot and self.dist.is_main and os.path.exists(self.metrics.path)):
             return
-        from drdo.plots import plot_training_curves
+        from drdo.training.plots import plot_training_curves
 
         plot_training_curves(self.metrics.path, os.path.join(self.out, PLOT_FILE),
                              title=f"{self.config.stage} ({self.config.model})")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from drdo.metrics import read_metrics
+from drdo.training.metrics import read_metrics
 
 #: Panels drawn when present in the log, in this order.
 PANELS = ("loss", "distill", "pref", "bt", "nll", "p_w", "reward_acc", "reward_margin", "grad_norm", "lr")

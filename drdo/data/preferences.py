@@ -67,13 +67,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from drdo.data.sources import _BadJSONLine, load_rows
+from drdo.losses import IGNORE_INDEX
+
 logger = logging.getLogger("drdo.data")
 
-IGNORE_INDEX = -100
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 ORACLE_FIELDS = ("oracle_chosen", "oracle_rejected")
 REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _TOKENIZE_CHUNK = 1024
 _LOGP_TOLERANCE = 1e-3  # a summed log-prob above this is not a log-prob
 
@@ -101,117 +102,6 @@ class _RowProblem(Exception):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
 
-
-@dataclass
-class _BadJSONLine:
-    """Placeholder row for a JSONL line that does not parse (fallback reader only)."""
-
-    line: int
-    error: str
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def _local_split(split: str) -> str:
-    """A local file is one split named "train"; keep the slice of ``split`` ("x[:10]" -> "train[:10]")."""
-    match = re.fullmatch(r"[^\[]*(\[.*\])?", split)
-    return "train" + ((match.group(1) or "") if match else "")
-
-
-def _read_json_fallback(path: Path) -> list:
-    """Plain-Python reader used when ``datasets`` cannot parse a JSON/JSONL file.
-
-    Returns the rows; a JSONL line that is not valid JSON becomes a :class:`_BadJSONLine`
-    so that the error names its row (and line).
-    """
-    text = path.read_text(encoding="utf-8")
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError as err:
-        if text.lstrip().startswith("["):
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        whole = None
-    if isinstance(whole, list):
-        return whole
-    if isinstance(whole, dict):
-        return [whole]
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            rows.append(_BadJSONLine(line_no, str(err)))
-    return rows
-
-
-def _load_local_file(path: Path, split: str):
-    """Rows of a local .jsonl/.json/.parquet file through ``datasets`` (JSON: Python fallback)."""
-    import datasets
-
-    builder = LOCAL_SUFFIXES.get(path.suffix.lower())
-    if builder is None:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet")
-    if path.stat().st_size == 0:
-        return []
-    try:
-        return datasets.load_dataset(builder, data_files={"train": str(path)}, split=_local_split(split))
-    except Exception as err:  # datasets raises many types (DatasetGenerationError, StopIteration, ...)
-        if builder != "json":
-            raise ValueError(f"{path}: cannot read the parquet file: {err}") from err
-        return _read_json_fallback(path)
-
-
-def _load_directory(path: Path, split: str):
-    """A ``save_to_disk`` directory, or a directory of data files, through ``datasets``."""
-    import datasets
-
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        loaded = datasets.load_from_disk(str(path))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(str(path), split=split)
-
-
-def _load_hub(name: str, split: str):
-    """A hub dataset id (needs network access)."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(name, split=split)
-    except Exception as err:
-        raise ValueError(
-            f"could not load {name!r}: it is not a local file or directory, and loading it as a hub "
-            f"dataset (split {split!r}) failed: {err}"
-        ) from err
-
-
-def _looks_like_path(name: str) -> bool:
-    return Path(name).suffix.lower() in LOCAL_SUFFIXES or name.startswith(("./", "../", "/", "~"))
-
-
-def load_rows(source, split: str = "train") -> tuple[Sequence, str]:
-    """Rows (a ``datasets.Dataset`` or a list of dicts) and a display name for error messages."""
-    import datasets
-
-    if isinstance(source, datasets.DatasetDict):
-        return source[split], f"<DatasetDict[{split}]>"
-    if isinstance(source, datasets.Dataset):
-        return source, "<Dataset>"
-    if isinstance(source, (list, tuple)):
-        return list(source), "<list>"
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"source must be a path, a hub id, a datasets.Dataset or a list of dicts, got {type(source)}")
-    name = os.fspath(source)
-    path = Path(name).expanduser()
-    if path.is_file():
-        return _load_local_file(path, split), name
-    if path.is_dir():
-        return _load_directory(path, split), name
-    if _looks_like_path(name):
-        raise FileNotFoundError(f"preference data file not found: {name}")
-    return _load_hub(name, split), f"{name}[{split}]"
 
 
 # ----------------------------------------------------------------------------- row validation
@@ -664,94 +554,3 @@ def load_prompts(source, *, split: str = "train") -> list:
     if not prompts:
         raise EmptyDatasetError(f"{name}: the data source holds no rows")
     return prompts
-
-
-# ----------------------------------------------------------------------------- collators
-
-
-def _pad(sequences: list[list[int]], value: int, length: int) -> torch.Tensor:
-    """[N, length] int64, each sequence padded on the right with ``value``."""
-    out = torch.full((len(sequences), length), value, dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        out[i, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-    return out
-
-
-def _padded_length(sequences: list[list[int]], multiple: int | None) -> int:
-    length = max(len(s) for s in sequences)
-    if multiple:
-        length = (length + multiple - 1) // multiple * multiple
-    return length
-
-
-def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """labels [N, T] unshifted -> aligned: out[:, t] = labels[:, t + 1], out[:, -1] = ignore_index."""
-    out = torch.full_like(labels, ignore_index)
-    out[:, :-1] = labels[:, 1:]
-    return out
-
-
-def _encode_batch(input_ids: list, labels: list, pad_token_id: int, ignore_index: int, multiple) -> dict:
-    length = _padded_length(input_ids, multiple)
-    mask = _pad([[1] * len(s) for s in input_ids], 0, length)
-    unshifted = _pad([[ignore_index if t == IGNORE_INDEX else t for t in s] for s in labels], ignore_index, length)
-    return {"input_ids": _pad(input_ids, pad_token_id, length), "attention_mask": mask,
-            "labels": shift_labels(unshifted, ignore_index)}
-
-
-def _stack_scores(items: list[dict], fields: tuple[str, str]) -> torch.Tensor | None:
-    """[2B] float32 (scalars) or [K, 2B] float32 (lists of K) = [chosen scores; rejected scores]."""
-    present = [all(f in item for f in fields) for item in items]
-    if not any(present):
-        return None
-    if not all(present):
-        raise ValueError(f"some items carry {fields} and some do not")
-    values = [item[fields[0]] for item in items] + [item[fields[1]] for item in items]
-    tensor = torch.tensor(values, dtype=torch.float32)
-    return tensor.T.contiguous() if tensor.dim() == 2 else tensor
-
-
-class _PaddingCollator:
-    """Shared settings of the collators: the pad id, the ignore index, optional length rounding."""
-
-    def __init__(self, pad_token_id: int, ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None):
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None; load the tokenizer with drdo.tokenizer.get_tokenizer")
-        self.pad_token_id, self.ignore_index, self.pad_to_multiple_of = pad_token_id, ignore_index, pad_to_multiple_of
-
-
-class PreferenceCollator(_PaddingCollator):
-    """Pads right and stacks a list of B items as 2B rows [chosen; rejected].
-
-    Returns input_ids [2B, T] int64, attention_mask [2B, T] int64, labels [2B, T] int64
-    ALIGNED (labels[:, t] is the token at t + 1 when it is a response token, else
-    ignore_index; last column ignore_index), rows [B] int64, and when present
-    oracle_rewards [2B] float32 (K == 1) or [K, 2B] float32 (K > 1), ref_logps [2B] float32.
-    """
-
-    def __call__(self, items: list[dict]) -> dict:
-        if not items:
-            raise ValueError("cannot collate an empty batch")
-        input_ids = [it["chosen_input_ids"] for it in items] + [it["rejected_input_ids"] for it in items]
-        labels = [it["chosen_labels"] for it in items] + [it["rejected_labels"] for it in items]
-        batch = _encode_batch(input_ids, labels, self.pad_token_id, self.ignore_index, self.pad_to_multiple_of)
-        batch["rows"] = torch.tensor([it["row"] for it in items], dtype=torch.long)
-        oracle = _stack_scores(items, ORACLE_FIELDS)
-        if oracle is not None:
-            batch["oracle_rewards"] = oracle
-        ref = _stack_scores(items, REF_FIELDS)
-        if ref is not None:
-            batch["ref_logps"] = ref
-        return batch
-
-
-class SFTCollator(_PaddingCollator):
-    """Chosen rows only: input_ids, attention_mask, labels (aligned like PreferenceCollator) [B, T] int64, rows [B]."""
-
-    def __call__(self, items: list[dict]) -> dict:
-        if not items:
-            raise ValueError("cannot collate an empty batch")
-        batch = _encode_batch([it["chosen_input_ids"] for it in items], [it["chosen_labels"] for it in items],
-                              self.pad_token_id, self.ignore_index, self.pad_to_multiple_of)
-        batch["rows"] = torch.tensor([it["row"] for it in items], dtype=torch.long)
-        return batch

@@ -90,7 +90,7 @@ def true_reward(prompt: str, response: str) -> float:
 
 def true_rewards(prompts: list[str], responses: list[str]) -> list[float]:
     """Batched r_true; the judge signature ``(prompts, responses) -> list[float]``
-    that ``drdo eval --judge drdo.tasks.synthetic:true_rewards`` accepts."""
+    that ``drdo eval --judge drdo.demo.synthetic:true_rewards`` accepts."""
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
     return [true_reward(p, r) for p, r in zip(prompts, responses)]

@@ -163,7 +163,7 @@ def write_report_md(report: dict, path: str, *, plot_name: str | None = None) ->
     lines = [
         "# drdo demo: noisy preferences with a known true reward",
         "",
-        f"Task: the synthetic *letters* task (`drdo/tasks/synthetic.py`), true reward r_true in [0, 1]. "
+        f"Task: the synthetic *letters* task (`drdo/demo/synthetic.py`), true reward r_true in [0, 1]. "
         f"Labels: Bradley-Terry on r_true (temperature {s['bt_temperature']:g}), then each label flipped with "
         f"probability = the noise level. Model: `{s['model']}`. {n_seeds} seed(s): {s['seeds']}; "
         f"{s['train_pairs']} training pairs, {s['test_prompts']} held-out test prompts per seed.",

@@ -24,7 +24,7 @@ import torch
 from drdo.data import encode_prompt
 from drdo.jsonl import write_jsonl
 from drdo.progress import batch_starts
-from drdo.scoring import load_reward_model, pick_device
+from drdo.pipeline.scoring import load_reward_model, pick_device
 
 __all__ = ["JudgeError", "generate", "evaluate", "load_judge", "win_rate", "parse_policies"]
 
