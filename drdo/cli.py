@@ -18,61 +18,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
 import json
 import sys
 
-from drdo.config import FIELD_NAMES, KERNELS, PRECISIONS, REWARDS, UNLIKELIHOODS, ConfigError, TrainConfig, load_yaml
-
-# Help of the training flags; the default is appended from TrainConfig.
-_TRAIN_HELP = {
-    "model": "policy to train: a local directory, a hub id, or 'tiny' (built-in tiny model)",
-    "tokenizer": "tokenizer to use (default: the one of --model)",
-    "data": "preference data: .jsonl/.json/.parquet file or hub dataset id",
-    "output_dir": "where the checkpoint, metrics.jsonl, config.yaml and training_curves.png go",
-    "split": "dataset split (hub datasets)",
-    "max_steps": "optimizer steps (default: 1000 for train; one epoch via --num-epochs for sft/oracle)",
-    "num_epochs": "epochs when --max-steps is not given",
-    "batch_size": "GLOBAL pairs per optimizer step (all ranks, all accumulation steps)",
-    "micro_batch_size": "pairs per rank per forward pass",
-    "lr": "peak learning rate (default: 5e-6; 1e-5 for oracle train)",
-    "weight_decay": "AdamW weight decay (matrices only)",
-    "warmup_steps": "linear warm-up steps (default: --warmup-ratio of the steps)",
-    "warmup_ratio": "warm-up fraction of the steps when --warmup-steps is not given",
-    "min_lr_ratio": "cosine floor as a fraction of --lr",
-    "max_grad_norm": "gradient clipping norm (0: no clipping)",
-    "adam_beta1": "AdamW beta1",
-    "adam_beta2": "AdamW beta2",
-    "adam_eps": "AdamW epsilon",
-    "max_length": "max tokens of prompt + response",
-    "max_prompt_length": "max prompt tokens (left-truncated)",
-    "shuffle": "shuffle the data each epoch",
-    "skip_invalid": "drop invalid rows instead of failing",
-    "alpha": "DRDO weight of the focal preference term",
-    "gamma": "DRDO focal exponent",
-    "beta": "DPO/e-DPO beta (default 0.1); DRDO --reward implicit scale (default 1.0)",
-    "reward": "DRDO student reward: a linear 'head' or the 'implicit' beta*log pi",
-    "unlikelihood": "DRDO unlikelihood term: 'welleck' (lowers pi(y_l)) or 'paper' (the sign as printed)",
-    "oracle_alpha": "Oracle LM-regulariser weight alpha_O",
-    "pessimistic": "e-DPO: max over ensemble members (else mean); with gradient accumulation the max is taken "
-                   "per micro-batch",
-    "kernel": "loss path: fused drdo_kernels (auto/triton/torch) or 'reference' (full logits)",
-    "seed": "random seed (model head init, data order)",
-    "precision": "'auto': bf16 mixed precision on GPU, fp32 on CPU",
-    "gradient_checkpointing": "recompute activations in backward",
-    "attn_implementation": "attention implementation passed to transformers (default: sdpa / flash_attention_2)",
-    "trust_remote_code": "allow model code from the hub (off by default)",
-    "save_every": "write a resumable checkpoint every N steps (0: only the final model)",
-    "save_limit": "keep only the newest N step checkpoints (0: keep all)",
-    "resume": "continue from the latest checkpoint in --output-dir, or from the given checkpoint directory",
-    "progress": "show a progress bar",
-    "plot": "write training_curves.png at the end",
-}
-_CHOICES = {"kernel": KERNELS, "reward": REWARDS, "unlikelihood": UNLIKELIHOODS, "precision": PRECISIONS}
-_TRAIN_TYPES = {"max_steps": int, "lr": float, "beta": float, "warmup_steps": int, "tokenizer": str, "data": str,
-                "output_dir": str, "attn_implementation": str}
-
+from drdo.config import (
+    FIELD_NAMES,
+    STUDENT_STAGES,
+    ConfigError,
+    EvalConfig,
+    RefLogpsConfig,
+    ScoreConfig,
+    TrainConfig,
+    add_config_flags,
+    load_yaml,
+)
+from drdo.demo.run import add_arguments as add_demo_arguments
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Shows "(default: X)" after each flag's help unless X is None (those helps say what None means)."""
@@ -92,77 +53,13 @@ def _add_config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values (flags override it)")
 
 
-def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple = ()) -> None:
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in skip or f.name == "stage":
-            continue
-        default = getattr(defaults, f.name)
-        kwargs = {"default": default, "help": _TRAIN_HELP.get(f.name, f.name)}
-        if f.name == "resume":
-            kwargs.update(nargs="?", const=True, metavar="CHECKPOINT_DIR")
-        elif isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = _TRAIN_TYPES.get(f.name, type(default))
-            if f.name in _CHOICES:
-                kwargs["choices"] = _CHOICES[f.name]
-        parser.add_argument(_flag(f.name), dest=f.name, **kwargs)
+def _add_train_flags(parser: argparse.ArgumentParser, stages: tuple[str, ...]) -> None:
+    _add_flags(parser, TrainConfig, stages)
+
+
+def _add_flags(parser: argparse.ArgumentParser, cls, stages: tuple[str, ...] | None = None) -> None:
+    add_config_flags(parser, cls, stages)
     _add_config_flag(parser)
-
-
-def _add_score_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reward-model", dest="reward_models", nargs="+", action="extend", required=False, default=None,
-                   help="reward model(s): our Oracle directory or any HF sequence-classification model with one "
-                        "output; K models give K scores per response (e-DPO)")
-    p.add_argument("--data", help="preference data to score")
-    p.add_argument("--output", help="output JSONL (the rows plus oracle_chosen/oracle_rejected)")
-    _add_inference_flags(p)
-
-
-def _add_inference_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
-    p.add_argument("--max-length", type=int, default=1024, help="max tokens of prompt + response")
-    p.add_argument("--max-prompt-length", type=int, default=512, help="max prompt tokens")
-    p.add_argument("--split", default="train", help="dataset split (hub datasets)")
-    p.add_argument("--skip-invalid", action=argparse.BooleanOptionalAction, default=False,
-                   help="drop invalid rows instead of failing")
-    p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
-                   help="allow model code from the hub")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
-    _add_config_flag(p)
-
-
-def _add_reflogps_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="reference policy (usually the SFT model): dir, hub id or 'tiny'")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's)")
-    p.add_argument("--data", help="preference data")
-    p.add_argument("--output", help="output JSONL (the rows plus ref_chosen_logps/ref_rejected_logps)")
-    p.add_argument("--kernel", choices=KERNELS, default="auto", help="log-prob path (use the one you train with)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the tiny model")
-    _add_inference_flags(p)
-
-
-def _add_eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", dest="policies", action="append", default=None, metavar="NAME=PATH",
-                   help="a policy to evaluate (repeat for several); PATH alone uses its basename as name")
-    p.add_argument("--prompts", help="data file whose 'prompt' fields are used")
-    p.add_argument("--judge", help="reward-model directory, or 'module:function' taking (prompts, responses) -> scores")
-    p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: all)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation length")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
-    p.add_argument("--max-prompt-length", type=int, default=512, help="max prompt tokens")
-    p.add_argument("--split", default="train", help="dataset split (hub datasets)")
-    p.add_argument("--output", default=None, help="write the report (JSON) here; generations go to <output>.generations.jsonl")
-    p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
-                   help="allow model code from the hub")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
-    _add_config_flag(p)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -177,31 +74,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         leaves[path] = p
         return p
 
-    _add_train_flags(leaf(sub, "sft", "stage 1: supervised fine-tuning on the chosen responses", "sft"))
+    _add_train_flags(leaf(sub, "sft", "stage 1: supervised fine-tuning on the chosen responses", "sft"), ("sft",))
     oracle = sub.add_parser("oracle", help="train an Oracle reward model, or score data with reward models")
     oracle_sub = oracle.add_subparsers(dest="oracle_command", metavar="{train,score}")
     groups = {"oracle": oracle}
-    _add_train_flags(leaf(oracle_sub, "train", "stage 2: train the Oracle reward model (paper Eq. 5)", "oracle train"))
-    _add_score_flags(leaf(oracle_sub, "score", "score every pair with reward model(s): adds oracle_chosen/"
-                                                "oracle_rejected", "oracle score"))
+    _add_train_flags(leaf(oracle_sub, "train", "stage 2: train the Oracle reward model (paper Eq. 5)", "oracle train"),
+                     ("oracle",))
+    _add_flags(leaf(oracle_sub, "score", "score every pair with reward model(s): adds oracle_chosen/"
+                                                "oracle_rejected", "oracle score"), ScoreConfig)
     t = leaf(sub, "train", "stage 3: train a student with DRDO (Eq. 6) or a baseline (DPO, e-DPO)", "train")
-    t.add_argument("--loss", dest="stage", choices=("drdo", "dpo", "edpo"), default="drdo", help="training objective")
-    _add_train_flags(t)
-    _add_reflogps_flags(leaf(sub, "reflogps", "precompute reference log-probs for DPO / e-DPO", "reflogps"))
-    _add_eval_flags(leaf(sub, "eval", "sample from policies; expected judge reward and pairwise win rates", "eval"))
+    t.add_argument("--loss", dest="stage", choices=STUDENT_STAGES, default="drdo", help="training objective")
+    _add_train_flags(t, STUDENT_STAGES)
+    _add_flags(leaf(sub, "reflogps", "precompute reference log-probs for DPO / e-DPO", "reflogps"), RefLogpsConfig)
+    _add_flags(leaf(sub, "eval", "sample from policies; expected judge reward and pairwise win rates", "eval"),
+               EvalConfig)
     demo = leaf(sub, "demo", "end-to-end demo on a synthetic task (drdo/demo/run.py)", "demo")
-    _add_demo_flags(demo)
+    add_demo_arguments(demo)
     leaves.update({f"{name} (group)": p for name, p in groups.items()})
     return parser, leaves
-
-
-def _add_demo_flags(p: argparse.ArgumentParser) -> None:
-    try:
-        from drdo.demo.run import add_arguments
-    except ImportError:
-        p.set_defaults(demo_missing=True)
-        return
-    add_arguments(p)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -288,9 +178,6 @@ def _run_eval(args) -> int:
 
 
 def _run_demo(args) -> int:
-    if getattr(args, "demo_missing", False):
-        print("drdo: error: the demo is not available: drdo/demo/run.py is missing", file=sys.stderr)
-        return 1
     from drdo.demo.run import run_demo
 
     return int(run_demo(args) or 0)
@@ -307,29 +194,18 @@ _COMMANDS = {"sft": _run_train, "oracle train": _run_train, "train": _run_train,
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or a failed run, not a bug: reported as one ``drdo: error:`` line."""
+    from drdo.data import EmptyDatasetError, InvalidExampleError, MissingFieldError
+    from drdo.models import ModelFormatError
+    from drdo.pipeline.evaluate import JudgeError
+    from drdo.pipeline.scoring import RewardModelError
     from drdo.training.checkpoint import CheckpointError
-    from drdo.training.objectives import KernelUnavailableError
     from drdo.training.loop import TrainingDiverged
+    from drdo.training.objectives import KernelUnavailableError
 
-    errors = [ConfigError, CheckpointError, KernelUnavailableError, TrainingDiverged, FileNotFoundError]
-    for module, name in (("drdo.pipeline.scoring", "RewardModelError"), ("drdo.pipeline.evaluate", "JudgeError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except ImportError:
-            pass
-    try:
-        from drdo.data import EmptyDatasetError, InvalidExampleError, MissingFieldError
-
-        errors += [MissingFieldError, InvalidExampleError, EmptyDatasetError]
-    except ImportError:
-        pass
-    try:
-        from drdo.models import ModelFormatError
-
-        errors.append(ModelFormatError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (ConfigError, CheckpointError, KernelUnavailableError, TrainingDiverged, FileNotFoundError,
+            RewardModelError, JudgeError, MissingFieldError, InvalidExampleError, EmptyDatasetError,
+            ModelFormatError)
 
 
 @contextlib.contextmanager

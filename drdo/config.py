@@ -1,6 +1,10 @@
 """Training configuration: one dataclass for every stage, YAML in and out.
 
-Defaults are the paper's settings (shared/docs/drdo-math.md): AdamW, lr 5e-6
+Each field is declared once with :func:`option`: its default, help, choices and the stages that
+use it. The command line is built from these declarations (``drdo.cli``), so a subcommand
+accepts and shows only the flags of its own stage.
+
+Defaults are the paper's settings (``docs/math.md``): AdamW, lr 5e-6
 (Oracle 1e-5) with cosine decay after a linear warm-up, weight decay 0.05,
 global batch 64 pairs, max_prompt_length 512, max_length 1024, 1000 steps for
 the students and one epoch for the Oracle; alpha 0.1, gamma 2, alpha_O 0.01,
@@ -12,10 +16,11 @@ these defaults. Fields left at ``None`` are resolved per stage by
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 STAGES = ("sft", "oracle", "drdo", "dpo", "edpo")
 KERNELS = ("auto", "triton", "torch", "reference")
@@ -34,58 +39,186 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or inconsistent."""
 
 
+STUDENT_STAGES = ("drdo", "dpo", "edpo")
+
+
+def option(default: Any, help: str, *, stages: tuple[str, ...] = STAGES, choices: tuple | None = None,
+           type: Callable | None = None, flag: str | None = None, **argparse_kwargs: Any) -> Any:
+    """A config field with everything the command line needs, defined once.
+
+    ``help`` and ``choices`` become the flag's help and choices; ``stages`` lists the
+    training stages that use the field (a subcommand shows only the flags of its stages);
+    ``type`` converts the flag's string (default: the default's type); ``flag`` names the flag
+    when it is not ``--field-name``; further keyword
+    arguments go to ``argparse.add_argument`` (``nargs``, ``metavar``, ``const``).
+    A list default is copied for every instance.
+    """
+    metadata = {"help": help, "stages": stages, "choices": choices, "type": type, "flag": flag,
+                "argparse": argparse_kwargs}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+_PAIRS = ("oracle",) + STUDENT_STAGES
+
+
 @dataclass
 class TrainConfig:
-    """Every knob of one training stage. See the module docstring for defaults."""
+    """Every knob of one training stage: default, help, choices and the stages that use it."""
 
-    stage: str = "drdo"
-    model: str = "tiny"
-    tokenizer: str | None = None
-    data: str | None = None
-    output_dir: str | None = None
-    split: str = "train"
+    stage: str = option("drdo", "training stage", choices=STAGES)
+    model: str = option("tiny", "policy to train: a local directory, a hub id, or 'tiny' (built-in tiny model)")
+    tokenizer: str | None = option(None, "tokenizer to use (default: the one of --model)", type=str)
+    data: str | None = option(None, "preference data: .jsonl/.json/.parquet file or hub dataset id", type=str)
+    output_dir: str | None = option(
+        None, "where the checkpoint, metrics.jsonl, config.yaml and training_curves.png go", type=str)
+    split: str = option("train", "dataset split (hub datasets)")
     # schedule
-    max_steps: int | None = None
-    num_epochs: float = 1.0
-    batch_size: int = 64
-    micro_batch_size: int = 8
-    lr: float | None = None
-    weight_decay: float = 0.05
-    warmup_steps: int | None = None
-    warmup_ratio: float = 0.1
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    max_steps: int | None = option(
+        None, "optimizer steps (default: 1000 for train; one epoch via --num-epochs for sft/oracle)", type=int)
+    num_epochs: float = option(1.0, "epochs when --max-steps is not given")
+    batch_size: int = option(64, "GLOBAL pairs per optimizer step (all ranks, all accumulation steps)")
+    micro_batch_size: int = option(8, "pairs per rank per forward pass")
+    lr: float | None = option(None, "peak learning rate (default: 5e-6; 1e-5 for oracle train)", type=float)
+    weight_decay: float = option(0.05, "AdamW weight decay (matrices only)")
+    warmup_steps: int | None = option(
+        None, "linear warm-up steps (default: --warmup-ratio of the steps)", type=int)
+    warmup_ratio: float = option(0.1, "warm-up fraction of the steps when --warmup-steps is not given")
+    min_lr_ratio: float = option(0.0, "cosine floor as a fraction of --lr")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_eps: float = option(1e-8, "AdamW epsilon")
     # data
-    max_length: int = 1024
-    max_prompt_length: int = 512
-    shuffle: bool = True
-    skip_invalid: bool = False
+    max_length: int = option(1024, "max tokens of prompt + response")
+    max_prompt_length: int = option(512, "max prompt tokens (left-truncated)")
+    shuffle: bool = option(True, "shuffle the data each epoch")
+    skip_invalid: bool = option(False, "drop invalid rows instead of failing")
     # losses
-    alpha: float = 0.1
-    gamma: float = 2.0
-    beta: float | None = None
-    reward: str = "head"
-    unlikelihood: str = "welleck"
-    oracle_alpha: float = 0.01
-    pessimistic: bool = True
-    kernel: str = "auto"
+    alpha: float = option(0.1, "DRDO weight of the focal preference term", stages=("drdo",))
+    gamma: float = option(2.0, "DRDO focal exponent", stages=("drdo",))
+    beta: float | None = option(None, "DPO/e-DPO beta (default 0.1); DRDO --reward implicit scale (default 1.0)",
+                                stages=STUDENT_STAGES, type=float)
+    reward: str = option("head", "DRDO student reward: a linear 'head' or the 'implicit' beta*log pi",
+                         stages=("drdo",), choices=REWARDS)
+    unlikelihood: str = option("welleck", "DRDO unlikelihood term: 'welleck' (lowers pi(y_l)) or 'paper' "
+                               "(the sign as printed)", stages=("drdo",), choices=UNLIKELIHOODS)
+    oracle_alpha: float = option(0.01, "Oracle LM-regulariser weight alpha_O", stages=("oracle",))
+    pessimistic: bool = option(True, "e-DPO: max over ensemble members (else mean); with gradient accumulation "
+                               "the max is taken per micro-batch", stages=("edpo",))
+    kernel: str = option("auto", "loss path: fused drdo_kernels (auto/triton/torch) or 'reference' (full logits)",
+                         choices=KERNELS)
     # system
-    seed: int = 0
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    attn_implementation: str | None = None
-    trust_remote_code: bool = False
-    save_every: int = 0
-    save_limit: int = 2  # keep the newest N step checkpoints (0: keep all)
-    resume: bool | str = False  # True: latest checkpoint in output_dir; a str: that checkpoint directory
-    progress: bool = True
-    plot: bool = True
+    seed: int = option(0, "random seed (model head init, data order)")
+    precision: str = option("auto", "'auto': bf16 mixed precision on GPU, fp32 on CPU", choices=PRECISIONS)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward")
+    attn_implementation: str | None = option(
+        None, "attention implementation passed to transformers (default: sdpa / flash_attention_2)", type=str)
+    trust_remote_code: bool = option(False, "allow model code from the hub (off by default)")
+    save_every: int = option(0, "write a resumable checkpoint every N steps (0: only the final model)")
+    save_limit: int = option(2, "keep only the newest N step checkpoints (0: keep all)")
+    resume: bool | str = option(
+        False, "continue from the latest checkpoint in --output-dir, or from the given checkpoint directory",
+        nargs="?", const=True, metavar="CHECKPOINT_DIR")
+    progress: bool = option(True, "show a progress bar")
+    plot: bool = option(True, "write training_curves.png at the end")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class InferenceConfig:
+    """Settings shared by the offline passes over a preference data set (``oracle score``, ``reflogps``)."""
+
+    data: str | None = option(None, "preference data: .jsonl/.json/.parquet file or hub dataset id", type=str)
+    output: str | None = option(None, "output JSONL (the rows plus the computed columns)", type=str)
+    batch_size: int = option(8, "pairs per forward pass")
+    max_length: int = option(1024, "max tokens of prompt + response")
+    max_prompt_length: int = option(512, "max prompt tokens (left-truncated)")
+    split: str = option("train", "dataset split (hub datasets)")
+    skip_invalid: bool = option(False, "drop invalid rows instead of failing")
+    trust_remote_code: bool = option(False, "allow model code from the hub")
+    device: str = option("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    progress: bool = option(True, "show a progress bar")
+
+
+@dataclass
+class ScoreConfig(InferenceConfig):
+    """``drdo oracle score``: every pair scored by one or more reward models."""
+
+    reward_models: list | None = option(
+        None, "reward model(s): our Oracle directory or any HF sequence-classification model with one output; "
+              "K models give K scores per response (e-DPO)", type=str, flag="--reward-model", nargs="+",
+        action="extend")
+
+
+@dataclass
+class RefLogpsConfig(InferenceConfig):
+    """``drdo reflogps``: the reference policy's summed response log-probs, for DPO and e-DPO."""
+
+    model: str = option("tiny", "reference policy (usually the SFT model): dir, hub id or 'tiny'")
+    tokenizer: str | None = option(None, "tokenizer (default: the model's)", type=str)
+    kernel: str = option("auto", "log-prob path (use the one you train with)", choices=KERNELS)
+    seed: int = option(0, "seed of the tiny model")
+
+
+@dataclass
+class EvalConfig:
+    """``drdo eval``: sample from policies, score with a judge, report rewards and win rates."""
+
+    policies: list | None = option(
+        None, "a policy to evaluate (repeat for several); PATH alone uses its basename as name", type=str,
+        flag="--policy", action="append", metavar="NAME=PATH")
+    prompts: str | None = option(None, "data file whose 'prompt' fields are used", type=str)
+    judge: str | None = option(
+        None, "reward-model directory, or 'module:function' taking (prompts, responses) -> scores", type=str)
+    num_prompts: int | None = option(None, "use the first N prompts (default: all)", type=int)
+    max_new_tokens: int = option(64, "generation length")
+    temperature: float = option(1.0, "sampling temperature (0: greedy)")
+    top_p: float = option(1.0, "nucleus sampling")
+    seed: int = option(0, "sampling seed")
+    batch_size: int = option(16, "prompts per generation batch")
+    max_prompt_length: int = option(512, "max prompt tokens (left-truncated)")
+    split: str = option("train", "dataset split (hub datasets)")
+    output: str | None = option(
+        None, "write the report (JSON) here; generations go to <output>.generations.jsonl", type=str)
+    trust_remote_code: bool = option(False, "allow model code from the hub")
+    device: str = option("auto", "'auto', 'cpu', 'cuda', ...")
+    progress: bool = option(True, "show a progress bar")
+
+
+def fields_for(cls, stages: tuple[str, ...] | None = None) -> list[dataclasses.Field]:
+    """The fields of a config dataclass used by any of ``stages`` (all fields when None)."""
+    return [f for f in dataclasses.fields(cls)
+            if stages is None or set(f.metadata.get("stages", STAGES)) & set(stages)]
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, stages: tuple[str, ...] | None = None) -> None:
+    """One flag per field of the config dataclass ``cls`` used by ``stages``, from the field's
+    :func:`drdo.config.option` metadata (help, choices, type); booleans get ``--x/--no-x``."""
+    defaults = cls()
+    for f in fields_for(cls, stages):
+        if f.name == "stage":
+            continue
+        meta, default = f.metadata, getattr(defaults, f.name)
+        kwargs = {"default": default, "help": meta.get("help", f.name), **meta.get("argparse", {})}
+        if "action" in kwargs or "const" in kwargs:
+            pass
+        elif isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = meta.get("type") or type(default)
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+        parser.add_argument(meta.get("flag") or "--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+
+
+def unused_settings(config: TrainConfig) -> list[str]:
+    """Fields set away from their default that ``config.stage`` does not use (e.g. --alpha for dpo)."""
+    return [f.name for f in dataclasses.fields(config)
+            if config.stage not in f.metadata.get("stages", STAGES) and getattr(config, f.name) != f.default]
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -136,14 +269,18 @@ def resolve(config: TrainConfig) -> TrainConfig:
     """
     c = dataclasses.replace(config)
     _check_choice("stage", c.stage, STAGES)
+    unused = unused_settings(c)
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        raise ConfigError(f"{flags} not used by the {c.stage} stage; remove it")
     _check_choice("kernel", c.kernel, KERNELS)
     _check_choice("reward", c.reward, REWARDS)
     _check_choice("unlikelihood", c.unlikelihood, UNLIKELIHOODS)
     _check_choice("precision", c.precision, PRECISIONS)
     if c.lr is None:
         c.lr = _DEFAULT_LR.get(c.stage, _STUDENT_LR)
-    if c.beta is None:
-        c.beta = _DEFAULT_BETA.get(c.stage, 0.1)
+    if c.beta is None and c.stage in STUDENT_STAGES:
+        c.beta = _DEFAULT_BETA[c.stage]
     if c.max_steps is None:
         c.max_steps = _DEFAULT_MAX_STEPS.get(c.stage)
     if c.data is None:

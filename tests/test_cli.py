@@ -26,6 +26,28 @@ SUBCOMMANDS = {
 }
 
 
+#: Flags a subcommand must NOT show: each stage shows only the options it uses.
+FOREIGN = {
+    ("sft",): ["--alpha", "--gamma", "--beta", "--reward", "--unlikelihood", "--pessimistic", "--oracle-alpha"],
+    ("oracle", "train"): ["--alpha", "--gamma", "--beta", "--reward", "--unlikelihood", "--pessimistic"],
+    ("train",): ["--oracle-alpha"],
+}
+
+
+@pytest.mark.parametrize("path", list(FOREIGN), ids=lambda p: " ".join(p))
+def test_each_stage_shows_only_its_own_flags(path, capsys):
+    assert main([*path, "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert not [flag for flag in FOREIGN[path] if f"{flag} " in shown or f"{flag}," in shown]
+
+
+def test_a_flag_of_another_stage_is_refused(capsys):
+    assert main(["sft", "--alpha", "5", "--data", "x.jsonl", "--output-dir", "out"]) == 2
+    assert "unrecognized arguments: --alpha" in capsys.readouterr().err
+    with pytest.raises(Exception, match="--alpha not used by the dpo stage"):
+        resolve(TrainConfig(stage="dpo", alpha=5.0, data="x", output_dir="y"))
+
+
 @pytest.mark.parametrize("path", list(SUBCOMMANDS), ids=lambda p: " ".join(p))
 def test_help_of_every_subcommand(path, capsys):
     assert main([*path, "--help"]) == 0

@@ -24,12 +24,15 @@ Writes under ``--output-dir``: report.md, report.json, report.png and work/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+
+from drdo.config import KERNELS, ConfigError, add_config_flags, option
 
 __all__ = ["add_arguments", "run_demo", "DemoSettings", "settings_from_args"]
 
@@ -37,36 +40,48 @@ METHODS = ("drdo", "dpo", "edpo")
 K_ORACLES = 3
 
 
+_PER_SEED = "per seed and noise level"
+
+
 @dataclass
 class DemoSettings:
-    """Every knob of the demo (see :func:`add_arguments` for the meaning of each)."""
+    """Every knob of the demo: default, help and flag declared once (see :func:`drdo.config.option`).
 
-    model: str = "tiny"
-    seeds: list = field(default_factory=lambda: [0, 1, 2])
-    noise: list = field(default_factory=lambda: [0.0, 0.3])
-    bt_temperature: float = 0.05
-    steps: int = 100
-    sft_steps: int = 400
-    oracle_steps: int = 100
-    batch_size: int = 32
-    lrs: list = field(default_factory=lambda: [3e-4, 1e-3])
-    sft_lr: float = 5e-3
-    oracle_lr: float = 1e-3
-    alpha: float = 0.1
-    gamma: float = 2.0
-    beta: float = 0.1
-    oracle_alpha: float = 0.01
-    train_pairs: int = 1024
-    val_prompts: int = 64
-    test_prompts: int = 256
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    kernel: str = "auto"
-    threads: int = 1
-    workers: int = 2
-    output_dir: str = "runs/demo"
-    progress: bool = True
-    quick: bool = False
+    Flags left out on the command line take the default here, or with ``--quick`` the value in
+    :data:`QUICK`.
+    """
+
+    model: str = option("tiny", "base model of every stage: 'tiny' (built in, no download), an HF dir or hub id "
+                                "(it must handle raw byte-like text prompts such as 'dkm:')")
+    seeds: list = option([0, 1, 2], "number of seeds 0..N-1", type=int, metavar="N")
+    noise: list = option([0.0, 0.3], "label-noise levels = flip rates in [0, 0.5]", type=float, nargs="+",
+                         metavar="FLIP")
+    bt_temperature: float = option(
+        0.05, "Bradley-Terry temperature of the labels (0: the better response always wins before flips)")
+    steps: int = option(100, "optimizer steps of every student")
+    sft_steps: int = option(400, "SFT steps")
+    oracle_steps: int = option(100, "steps of each Oracle")
+    batch_size: int = option(32, "pairs per optimizer step (every stage)")
+    lrs: list = option([3e-4, 1e-3], "learning-rate sweep, the same for every method", type=float, nargs="+")
+    sft_lr: float = option(5e-3, "SFT learning rate")
+    oracle_lr: float = option(1e-3, "Oracle learning rate")
+    alpha: float = option(0.1, "DRDO alpha (paper: 0.1; its sweep also tried 1)")
+    gamma: float = option(2.0, "DRDO focal gamma (paper: 2)")
+    beta: float = option(0.1, "DPO / e-DPO beta (paper: 0.1)")
+    oracle_alpha: float = option(0.01, "Oracle LM-regulariser weight alpha_O")
+    train_pairs: int = option(1024, f"training pairs {_PER_SEED}")
+    val_prompts: int = option(64, "validation prompts for the lr choice")
+    test_prompts: int = option(256, "held-out test prompts")
+    max_new_tokens: int = option(24, "generation length")
+    temperature: float = option(1.0, "sampling temperature of the judged samples")
+    kernel: str = option("auto", "loss/log-prob path", choices=KERNELS)
+    threads: int = option(1, "torch CPU threads (the tiny model gains nothing from more, and loses much when "
+                             "cores are shared)")
+    workers: int = option(2, "cells (seed x noise level) run in this many processes at once (each with "
+                             "--threads threads)")
+    output_dir: str = option("runs/demo", "where report.md / report.json / report.png and work/ go")
+    progress: bool = option(True, "show progress bars")
+    quick: bool = option(False, "a fast smoke run: 1 seed, fewer steps, one lr", action="store_true")
 
 
 #: --quick: one seed, fewer steps, one lr, fewer prompts (both noise levels kept).
@@ -75,42 +90,11 @@ QUICK = dict(seeds=[0], steps=40, sft_steps=150, oracle_steps=40, lrs=[1e-3], tr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``drdo demo`` flags to ``parser`` (defaults: :class:`DemoSettings`; None = default or --quick's)."""
-    d = DemoSettings()
-    a = parser.add_argument
-    a("--model", default=d.model, help="base model of every stage: 'tiny' (built in, no download), an HF dir or hub id "
-                                       "(it must handle raw byte-like text prompts such as 'dkm:')")
-    a("--seeds", type=int, default=None, metavar="N",
-      help=f"number of seeds 0..N-1 (default {len(d.seeds)}; --quick: {len(QUICK['seeds'])})")
-    a("--noise", type=float, nargs="+", default=None, metavar="FLIP",
-      help=f"label-noise levels = flip rates in [0, 0.5] (default {' '.join(map(str, d.noise))})")
-    a("--steps", type=int, default=None,
-      help=f"optimizer steps of every student (default {d.steps}; --quick: {QUICK['steps']})")
-    a("--sft-steps", type=int, default=None, help=f"SFT steps (default {d.sft_steps}; --quick: {QUICK['sft_steps']})")
-    a("--oracle-steps", type=int, default=None,
-      help=f"steps of each Oracle (default {d.oracle_steps}; --quick: {QUICK['oracle_steps']})")
-    a("--lrs", type=float, nargs="+", default=None,
-      help=f"learning-rate sweep, the same for every method (default {' '.join(map(str, d.lrs))}; --quick: "
-           f"{' '.join(map(str, QUICK['lrs']))})")
-    a("--batch-size", type=int, default=d.batch_size, help="pairs per optimizer step (every stage)")
-    a("--bt-temperature", type=float, default=d.bt_temperature,
-      help="Bradley-Terry temperature of the labels (0: the better response always wins before flips)")
-    a("--train-pairs", type=int, default=None, help=f"training pairs per seed (default {d.train_pairs})")
-    a("--test-prompts", type=int, default=None, help=f"held-out test prompts (default {d.test_prompts})")
-    a("--val-prompts", type=int, default=None, help=f"validation prompts for the lr choice (default {d.val_prompts})")
-    a("--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length")
-    a("--kernel", default=d.kernel, choices=("auto", "triton", "torch", "reference"), help="loss/log-prob path")
-    a("--threads", type=int, default=d.threads,
-      help="torch CPU threads (the tiny model gains nothing from more, and loses much when cores are shared)")
-    a("--workers", type=int, default=d.workers,
-      help="cells (seed x noise level) run in this many processes at once (each with --threads threads)")
-    a("--alpha", type=float, default=d.alpha, help="DRDO alpha (paper: 0.1; its sweep also tried 1)")
-    a("--gamma", type=float, default=d.gamma, help="DRDO focal gamma (paper: 2)")
-    a("--beta", type=float, default=d.beta, help="DPO / e-DPO beta (paper: 0.1)")
-    a("--quick", action="store_true", help="a fast smoke run (<= 2 min on 2 cores): 1 seed, fewer steps, one lr")
-    a("--output-dir", default=d.output_dir, help="where report.md / report.json / report.png and work/ go")
-    a("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
-    a("--config", metavar="FILE.yaml", help="YAML file of flag values (flags override it)")
+    """Add the ``drdo demo`` flags to ``parser``: one per :class:`DemoSettings` field, default None
+    (= the field's default, or --quick's value), and ``--config``."""
+    add_config_flags(parser, DemoSettings)
+    parser.set_defaults(**{f.name: None for f in dataclasses.fields(DemoSettings) if f.name != "quick"})
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values (flags override it)")
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
@@ -119,24 +103,21 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     if s.quick:
         for k, v in QUICK.items():
             setattr(s, k, list(v) if isinstance(v, list) else v)
-    for name in ("model", "steps", "sft_steps", "oracle_steps", "lrs", "batch_size", "bt_temperature", "train_pairs",
-                 "test_prompts", "val_prompts", "max_new_tokens", "kernel", "threads", "workers", "alpha", "gamma",
-                 "beta", "output_dir", "progress"):
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(s, name, list(value) if isinstance(value, list) else value)
-    if getattr(args, "seeds", None) is not None:
-        s.seeds = list(range(args.seeds))
-    if getattr(args, "noise", None) is not None:
-        s.noise = sorted({float(n) for n in args.noise})
+    for f in dataclasses.fields(DemoSettings):
+        value = getattr(args, f.name, None)
+        if value is None or f.name == "quick":
+            continue
+        if f.name == "seeds":
+            value = list(range(value))
+        elif f.name == "noise":
+            value = sorted({float(n) for n in value})
+        setattr(s, f.name, list(value) if isinstance(value, list) else value)
     _validate(s)
     return s
 
 
 def _validate(s: DemoSettings) -> None:
     """Raise ConfigError (a ValueError; `drdo` exits with status 2) on an unusable setting."""
-    from drdo.config import ConfigError
-
     if not s.seeds:
         raise ConfigError("--seeds must be >= 1")
     for n in s.noise:
@@ -196,13 +177,17 @@ def _single_oracle_file(scored: str, path: str) -> str:
 
 
 def _train(s: DemoSettings, stage: str, data: str, out: str, *, model: str, steps: int, lr: float, seed: int) -> str:
-    from drdo.training.loop import TrainConfig, train
+    from drdo.config import TrainConfig, fields_for
+    from drdo.training.loop import train
 
+    losses = dict(alpha=s.alpha, gamma=s.gamma, beta=s.beta if stage in ("dpo", "edpo") else None,
+                  oracle_alpha=s.oracle_alpha)
+    stage_fields = {f.name for f in fields_for(TrainConfig, (stage,))}
     cfg = TrainConfig(
         stage=stage, model=model, data=data, output_dir=out,
         max_steps=steps, batch_size=s.batch_size, micro_batch_size=s.batch_size, lr=lr, warmup_ratio=0.1,
-        max_length=64, max_prompt_length=16, alpha=s.alpha, gamma=s.gamma, beta=s.beta if stage != "drdo" else None,
-        oracle_alpha=s.oracle_alpha, kernel=s.kernel, seed=seed, progress=s.progress, plot=False,
+        max_length=64, max_prompt_length=16, kernel=s.kernel, seed=seed, progress=s.progress, plot=False,
+        **{k: v for k, v in losses.items() if k in stage_fields},
     )
     result = train(cfg)
     if result.get("status") != "completed":
