@@ -27,7 +27,7 @@ from typing import Callable
 
 from benchmarks.common import ROOT, set_threads
 
-FLOP_FACTOR = {"fwd": 2, "bwd": 6, "fwd+bwd": 8}  # x N*H*V, the recompute schedule of anchors.md
+FLOP_FACTOR = {"fwd": 2, "bwd": 6, "fwd+bwd": 8}  # x N*H*V: forward, recompute, two gradient GEMMs
 OURS_PREFIX = "ours_"
 ROWS_TAG = "@@ROWS@@"
 MIN_CPU_SAMPLES = 3
