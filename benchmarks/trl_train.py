@@ -27,9 +27,13 @@ def skip_reason(method: str, ctx: dict) -> str | None:
     """Why ``method`` cannot run at ``ctx``, or None."""
     from benchmarks import peers
 
+    from drdo.tokenizer import TINY_VOCAB_SIZE
+
     reason = peers.trl_kernels_reason() or peers.import_reason("trl.trainer.dpo_trainer", "trl>=1.16")
     if reason:
         return reason
+    if ctx["V"] < TINY_VOCAB_SIZE:
+        return f"the trainer's byte tokenizer needs a vocabulary of at least {TINY_VOCAB_SIZE}, got V={ctx['V']}"
     if method == "trl_dpo_liger":
         if ctx["device"] != "cuda":
             return "Liger-Kernel's kernels are Triton-only and need a CUDA device (use_liger_kernel=True)"
