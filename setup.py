@@ -25,7 +25,7 @@ setup(
     extras_require={
         "flash": ["flash-attn"],
         "dev": ["pytest>=7", "pytest-timeout"],
-        "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib"],
+        "bench": ["liger-kernel", "cut-cross-entropy", "trl>=1.16", "matplotlib"],
     },
     entry_points={"console_scripts": ["drdo=drdo.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],

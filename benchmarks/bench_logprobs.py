@@ -2,6 +2,7 @@
 
 Methods (all return logp [N] float32; their backward takes a random upstream gradient [N]):
   ours_triton        drdo_kernels.fused_linear_logprobs(backend="triton")  (CUDA, or TRITON_INTERPRET=1)
+  ours_chunked       drdo_kernels.fused_linear_logprobs(backend="chunked") (cuBLAS logits chunks + Triton fold)
   ours_torch         drdo_kernels.fused_linear_logprobs(backend="torch")   (chunked PyTorch)
   naive              full logits [N, V], float32 log_softmax, gather
   naive_compile      torch.compile(naive)
@@ -9,6 +10,9 @@ Methods (all return logp [N] float32; their backward takes a random upstream gra
   cce                Cut Cross-Entropy linear_cross_entropy(reduction="none", impl="cce"), negated
   cce_torch_compile  the same with impl="torch_compile" (its CPU path)
   torch_lce          torch.nn.functional.linear_cross_entropy(reduction="none") with LinearCrossEntropyOptions()
+  trl_chunked        TRL's fused LM head: trl.kernels.ChunkedLogProbFunction (TRL >= 1.16), as its trainers call it
+  base_triton        the triton / torch backends of an older checkout (--baseline DIR), in a fresh process
+  base_torch
 
 Usage: python benchmarks/bench_logprobs.py --quick --device cpu --output DIR
 """
@@ -57,6 +61,11 @@ def _ours(backend: str):
     return build
 
 
+def _trl(inputs, ctx):
+    h, w, y = _args(inputs)
+    return lambda: peers.trl_logprobs(h, w, y, IGNORE_INDEX)
+
+
 def _naive(inputs, ctx):
     h, w, y = _args(inputs)
     return lambda: naive_logprobs(h, w, y)
@@ -101,6 +110,7 @@ def _torch_lce(inputs, ctx):
 METHODS = {
     "ours_triton": Method("ours_triton", "ours", _ours("triton"),
                           skip=lambda ctx: peers.ours_reason(ctx, "triton")),
+    "ours_chunked": Method("ours_chunked", "ours", _ours("chunked"), skip=lambda ctx: peers.ours_reason(ctx, "chunked")),
     "ours_torch": Method("ours_torch", "ours", _ours("torch"), skip=lambda ctx: peers.ours_reason(ctx, "torch")),
     "naive": Method("naive", "naive", _naive),
     "naive_compile": Method("naive_compile", "naive", _naive_compile, skip=peers.compile_reason),
@@ -112,6 +122,11 @@ METHODS = {
         "cce_torch_compile", "peer", _cce("torch_compile"),
         skip=lambda ctx: peers.import_reason("cut_cross_entropy", "cut-cross-entropy") or peers.compile_reason(ctx)),
     "torch_lce": Method("torch_lce", "peer", _torch_lce, skip=lambda ctx: peers.torch_lce_reason()),
+    "trl_chunked": Method("trl_chunked", "peer", _trl, skip=lambda ctx: peers.trl_kernels_reason()),
+    "base_triton": Method("base_triton", "base", _ours("triton"), baseline=True,
+                          skip=lambda ctx: peers.baseline_reason(ctx, "triton")),
+    "base_torch": Method("base_torch", "base", _ours("torch"), baseline=True,
+                         skip=lambda ctx: peers.baseline_reason(ctx, "torch")),
 }
 
 

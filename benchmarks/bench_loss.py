@@ -4,6 +4,7 @@ Inputs: weight [V, H], hidden [2B, T, H] (N = 2B*T tokens, rows 0..B-1 chosen), 
 oracle rewards [2B] and policy (reward-head) rewards [2B] float32 with requires_grad.
 Methods (each returns the scalar loss):
   ours_triton        drdo_kernels.FusedLinearDRDOLoss(backend="triton")
+  ours_chunked       drdo_kernels.FusedLinearDRDOLoss(backend="chunked")
   ours_torch         drdo_kernels.FusedLinearDRDOLoss(backend="torch")
   naive              full logits [2B, T, V] -> drdo.losses.sequence_logprobs -> drdo.losses.drdo_loss
   naive_compile      torch.compile(naive)
@@ -12,6 +13,9 @@ Methods (each returns the scalar loss):
   cce                Cut Cross-Entropy linear_cross_entropy(reduction="none", impl="cce") -> row sums -> drdo_loss
   cce_torch_compile  the same with impl="torch_compile"
   torch_lce          torch.nn.functional.linear_cross_entropy(reduction="none") -> row sums -> drdo_loss
+  trl_chunked        TRL's fused LM head (trl.kernels.ChunkedLogProbFunction) per-token log-probs -> row sums -> drdo_loss
+  base_triton        FusedLinearDRDOLoss of an older checkout (--baseline DIR), triton / torch backend, in a fresh process
+  base_torch
 
 Usage: python benchmarks/bench_loss.py --quick --device cpu --output DIR [--seq-len T]
 """
@@ -163,12 +167,17 @@ def _torch_nll(h, w, y):
                                   options=torch.nn.LinearCrossEntropyOptions())
 
 
+def _trl_nll(h, w, y):
+    return -peers.trl_logprobs(h, w, y, IGNORE_INDEX)
+
+
 def _liger_note(ctx: dict) -> str | None:
     return peers.import_reason("liger_kernel.chunked_loss", "liger-kernel")
 
 
 METHODS = {
     "ours_triton": Method("ours_triton", "ours", _ours("triton"), skip=lambda ctx: peers.ours_reason(ctx, "triton")),
+    "ours_chunked": Method("ours_chunked", "ours", _ours("chunked"), skip=lambda ctx: peers.ours_reason(ctx, "chunked")),
     "ours_torch": Method("ours_torch", "ours", _ours("torch"), skip=lambda ctx: peers.ours_reason(ctx, "torch")),
     "naive": Method("naive", "naive", _naive),
     "naive_compile": Method("naive_compile", "naive", _naive_compile, skip=peers.compile_reason),
@@ -180,6 +189,11 @@ METHODS = {
         "cce_torch_compile", "peer", _per_token(_cce_nll("torch_compile")),
         skip=lambda ctx: peers.import_reason("cut_cross_entropy", "cut-cross-entropy") or peers.compile_reason(ctx)),
     "torch_lce": Method("torch_lce", "peer", _per_token(_torch_nll), skip=lambda ctx: peers.torch_lce_reason()),
+    "trl_chunked": Method("trl_chunked", "peer", _per_token(_trl_nll), skip=lambda ctx: peers.trl_kernels_reason()),
+    "base_triton": Method("base_triton", "base", _ours("triton"), baseline=True,
+                          skip=lambda ctx: peers.baseline_reason(ctx, "triton")),
+    "base_torch": Method("base_torch", "base", _ours("torch"), baseline=True,
+                         skip=lambda ctx: peers.baseline_reason(ctx, "torch")),
 }
 
 

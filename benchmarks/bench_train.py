@@ -9,7 +9,9 @@ of each row is the response. Methods:
   cce                       Cut Cross-Entropy per-token NLL -> drdo_loss ("cce" on CUDA, "torch_compile" on CPU)
   liger_dpo                 Liger-Kernel LigerFusedLinearDPOLoss(use_ref_model=False) (a DPO loss: the head work
                             TRL's use_liger_kernel=True path does)
-  trl_dpo, trl_dpo_liger    TRL DPOTrainer without / with use_liger_kernel (only listed, with the reason)
+  trl_dpo_fused             TRL's DPOTrainer as it ships (its fused LM head), a DPO loss (benchmarks/trl_train.py)
+  trl_dpo                   the same trainer with full logits instead of the fused head
+  trl_dpo_liger             the trainer with use_liger_kernel=True (Triton only)
 Outputs: train.csv (tokens/s, peak memory), train_max_batch.csv (largest B whose step fits --mem-budget-mb).
 
 Usage: python benchmarks/bench_train.py --quick --device cpu --output DIR
@@ -25,13 +27,13 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import peers, report  # noqa: E402
+from benchmarks import peers, report, trl_train  # noqa: E402
 from benchmarks.common import default_output, interpret_mode, resolve_device, set_threads, torch_dtype, write_csv  # noqa: E402
 from benchmarks.heads import IGNORE_INDEX  # noqa: E402
 from benchmarks.measure import PeakMemory, bench_times, run_isolated, sync  # noqa: E402
 
 NAME = "train"
-METHODS = ["ours_triton", "ours_torch", "full_logits", "cce", "liger_dpo", "trl_dpo", "trl_dpo_liger"]
+METHODS = ["ours_triton", "ours_chunked", "ours_torch", "full_logits", "cce", "liger_dpo", *trl_train.METHODS]
 DEFAULTS = {  # per device: model, batch and memory budget
     "cpu": dict(dtype="fp32", V=32000, H=256, layers=2, heads=4, T=128, B=2, budget=768.0, max_batch=16),
     "cuda": dict(dtype="bf16", V=128256, H=2048, layers=2, heads=16, T=1024, B=8, budget=16384.0, max_batch=256),
@@ -53,10 +55,8 @@ def skip_reason(method: str, ctx: dict) -> str | None:
             peers.compile_reason(ctx) if ctx["device"] == "cpu" else None)
     if method == "liger_dpo":
         return peers.import_reason("liger_kernel.chunked_loss", "liger-kernel")
-    if method.startswith("trl_"):
-        return peers.import_reason("trl", "trl") or (
-            "trl is installed, but a DPOTrainer step (dataset, tokenizer, reference model) is not wired into this "
-            "benchmark; compare with liger_dpo, the head work TRL's use_liger_kernel=True runs")
+    if method in trl_train.METHODS:
+        return trl_train.skip_reason(method, ctx)
     return None
 
 
@@ -137,6 +137,11 @@ def _make_step(method: str, ctx: dict, pairs: int):
     """A zero-argument training step and the bytes it keeps resident (parameters, optimizer state, batch)."""
     import torch
 
+    if method in trl_train.METHODS:  # the trainer patches the model: a fresh one, not the shared one
+        _MODELS.clear()
+        step, resident = trl_train.make_trl_step(method, ctx, _build_model(ctx)[0], pairs)
+        sync(ctx["device"])
+        return step, resident
     lm, head = _model(ctx)
     params = list(lm.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-5)

@@ -121,6 +121,10 @@ def add_common_args(parser: argparse.ArgumentParser, default_modes: tuple[str, .
                              "(faster; peak RSS is then polluted by earlier methods)")
     parser.add_argument("--gemm-n", type=int, default=None, help="size of the square GEMM that measures the peak")
     parser.add_argument("--no-plots", dest="plots", action="store_false")
+    parser.add_argument("--baseline", default=os.environ.get("DRDO_BENCH_BASELINE") or None,
+                        help="a folder holding an older drdo/ and drdo_kernels/ (e.g. `git archive OLD drdo drdo_kernels`"
+                             " unpacked): its kernels run as base_triton / base_torch, each in a fresh process "
+                             "(default $DRDO_BENCH_BASELINE)")
 
 
 def resolve_device(requested: str | None) -> str:

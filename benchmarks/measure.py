@@ -27,7 +27,7 @@ from typing import Callable
 
 from benchmarks.common import ROOT, set_threads
 
-FLOP_FACTOR = {"fwd": 2, "bwd": 6, "fwd+bwd": 8}  # x N*H*V, the recompute schedule of anchors.md
+FLOP_FACTOR = {"fwd": 2, "bwd": 6, "fwd+bwd": 8}  # x N*H*V: forward, recompute, two gradient GEMMs
 OURS_PREFIX = "ours_"
 ROWS_TAG = "@@ROWS@@"
 MIN_CPU_SAMPLES = 3
@@ -51,7 +51,8 @@ class Inputs:
 class Method:
     """One competitor. ``build(inputs, ctx)`` returns a zero-argument callable that runs the
     forward and returns the output tensor; ``skip(ctx)`` returns a reason not to run, or None.
-    kind: "ours" | "naive" | "peer" (a peer's failure on its first call is recorded as skipped)."""
+    kind: "ours" | "base" (an older checkout's kernels) | "naive" | "peer" (a peer's failure on its first call
+    is recorded as skipped)."""
 
     name: str
     kind: str
@@ -59,6 +60,7 @@ class Method:
     skip: Callable = field(default=lambda ctx: None)
     reference: Callable | None = None  # overrides the bench's reference (a different loss)
     note: str = ""
+    baseline: bool = False  # runs the kernels of the --baseline checkout, always in a fresh process
 
 
 # ---------------------------------------------------------------- device helpers
@@ -320,10 +322,34 @@ def run_isolated(target: str, payload: dict, timeout: float) -> tuple[list[dict]
     return None, f"worker exited with {proc.returncode}: {tail[0][:300]}"
 
 
+def use_kernels_from(folder: str) -> str:
+    """Make ``import drdo`` / ``import drdo_kernels`` load from ``folder`` (an older checkout) in this
+    process; returns the folder the imported drdo_kernels lives in. The benchmarks package itself stays
+    this checkout's (it imports drdo only inside functions)."""
+    folder = os.path.abspath(folder)
+    for name in [m for m in sys.modules if m.split(".")[0] in ("drdo", "drdo_kernels")]:
+        del sys.modules[name]
+    sys.path.insert(0, folder)
+    importlib.invalidate_caches()
+    kernels = importlib.import_module("drdo_kernels")
+    found = os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__)))
+    if found != folder:
+        raise ImportError(f"drdo_kernels imported from {found}, not from the baseline {folder}")
+    return found
+
+
 def measure_point_payload(payload: dict) -> list[dict]:
-    """Subprocess entry for grid benchmarks: payload = {"bench": module name, "method", "ctx"}."""
+    """Subprocess entry for grid benchmarks: payload = {"bench": module name, "method", "ctx"}; a
+    baseline method's ctx["baseline"] names the checkout whose kernels it runs."""
     bench = importlib.import_module(payload["bench"])
-    return measure_point(bench, payload["method"], payload["ctx"])
+    method = bench.METHODS[payload["method"]]
+    if not (method.baseline and method.skip(payload["ctx"]) is None):
+        return measure_point(bench, payload["method"], payload["ctx"])
+    folder = use_kernels_from(payload["ctx"]["baseline"])
+    rows = measure_point(bench, payload["method"], payload["ctx"])
+    for r in rows:
+        r["note"] = "; ".join(x for x in (r.get("note", ""), f"kernels of the baseline checkout {folder}") if x)
+    return rows
 
 
 def _worker_main(target: str) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def run_grid(bench, argv: list[str] | None, description: str, default_modes: tup
         for name in methods:
             ctx = dict(device=device, N=p.N, H=p.H, V=p.V, dtype=p.dtype, modes=list(args.modes), quick=args.quick,
                        seed=args.seed, ignore_frac=args.ignore_frac, min_run_time=_min_run_time(args, device),
-                       interpret=interpret_mode(), threads=args.threads, seq_len=args.seq_len)
+                       interpret=interpret_mode(), threads=args.threads, seq_len=args.seq_len,
+                       baseline=os.path.abspath(args.baseline) if args.baseline else None)
             known = failed_first_call.get((name, p.dtype))
             if known:
                 new = _not_retried(bench, name, ctx, known)
@@ -85,8 +87,9 @@ def run_grid(bench, argv: list[str] | None, description: str, default_modes: tup
 
 
 def _measure(bench, name: str, ctx: dict, isolate: bool, timeout: float) -> list[dict]:
-    reason = bench.METHODS[name].skip(ctx)
-    if not isolate or reason:
+    method = bench.METHODS[name]
+    reason = method.skip(ctx)
+    if reason or not (isolate or method.baseline):  # the baseline's kernels need a process of their own
         return measure_point(bench, name, ctx)
     rows, failure = run_isolated("benchmarks.measure:measure_point_payload",
                                  {"bench": bench.__name__, "method": name, "ctx": ctx}, timeout)

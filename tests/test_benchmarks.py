@@ -88,14 +88,16 @@ def test_triton_backend_is_skipped_with_reason_on_cpu_without_interpreter():
 
 
 def test_train_smoke_and_max_batch(tmp_path: Path):
-    out = bench_train.main(["--device", "cpu", "--quick", "--no-isolate", "--V", "256", "--H", "32", "--heads", "2",
+    out = bench_train.main(["--device", "cpu", "--quick", "--no-isolate", "--V", "512", "--H", "32", "--heads", "2",
                             "--T", "16", "--B", "1", "--threads", "1", "--min-run-time", "0.01",
-                            "--methods", "ours_torch,full_logits,trl_dpo", "--output", str(tmp_path)])
+                            "--methods", "ours_torch,full_logits,trl_dpo_fused,trl_dpo_liger", "--output", str(tmp_path)])
     rows = read_csv(out / "train.csv")
     _check_rows([dict(r, tflops="1") for r in rows], {"ours_torch", "full_logits"})  # no FLOP count for a step
     assert all(float(r["tokens_per_s"]) > 0 for r in rows if r["status"] == "ok")
-    trl = [r for r in rows if r["method"] == "trl_dpo"]
-    assert trl[0]["status"] == "skipped" and "trl" in trl[0]["note"]
+    liger = [r for r in rows if r["method"] == "trl_dpo_liger"]
+    assert liger[0]["status"] == "skipped" and "CUDA" in liger[0]["note"]
+    fused = [r for r in rows if r["method"] == "trl_dpo_fused"][0]
+    assert fused["status"] == ("skipped" if peers.trl_kernels_reason() else "ok"), fused
     ctx = dict(method="full_logits", device="cpu", dtype="fp32", V=256, H=32, layers=1, heads=2, T=16, seed=0,
                quick=True, threads=1, min_run_time=0.01, interpret=False)
     found = bench_train.max_batch(ctx, budget_mb=1e6, limit=2, isolate=False, timeout=60)
@@ -124,7 +126,8 @@ def test_gpu_suite_script_is_offline_and_valid_bash():
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "--no-index" in text and "pip download" not in text
-    for bench in ("bench_loss.py", "bench_logprobs.py", "bench_train.py", "16384x4096x128256"):
+    for bench in ("bench_loss.py", "bench_logprobs.py", "bench_train.py", "16384x4096x128256", "bench_padding_free.py",
+                  "base_triton", "ours_chunked", "trl_chunked", "BASELINE", "timeout"):
         assert bench in text
 
 
@@ -137,3 +140,66 @@ def test_paired_timing_smoke(tmp_path: Path):
     assert 0 < float(rows["naive"]["ratio_p20"]) <= float(rows["naive"]["ratio_median"]) <= float(rows["naive"]["ratio_p80"])
     if rows["cce"]["rounds"] == "0":  # no GPU (CCE's default impl is Triton): listed with the exception
         assert rows["cce"]["note"].startswith("skipped:")
+
+
+def test_new_methods_are_listed():
+    for bench in (bench_logprobs, bench_loss):
+        assert {"ours_chunked", "trl_chunked", "base_triton", "base_torch"} <= set(bench.METHODS)
+        assert bench.METHODS["base_torch"].baseline and not bench.METHODS["ours_torch"].baseline
+    assert {"ours_chunked", "trl_dpo_fused", "trl_dpo", "trl_dpo_liger"} <= set(bench_train.METHODS)
+    reason = peers.baseline_reason(dict(device="cpu"), "torch")
+    assert reason and "--baseline" in reason
+
+
+@pytest.mark.skipif(peers.trl_kernels_reason() is not None, reason="trl >= 1.16 not installed")
+def test_trl_heads_match_the_float64_log_softmax():
+    import torch
+
+    from benchmarks.trl_train import FullLogitsHead
+
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(37, 16, generator=gen, dtype=torch.float64), torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 300, (37,), generator=gen)
+    y[::3] = -100
+    expected = torch.log_softmax(h @ w.T, -1).gather(-1, y.clamp(min=0)[:, None])[:, 0].masked_fill(y == -100, 0)
+    got = peers.trl_logprobs(h.float(), w.float(), y)
+    assert (got.double() - expected).abs().max() < 1e-4
+    full = FullLogitsHead.apply(h.float()[y != -100], w.float(), None, y[y != -100], 1.0, 0, None, 1.0, ("entropy",))
+    assert (full[0].double() - expected[y != -100]).abs().max() < 1e-4 and full[1] is not None and full[2] is None
+
+
+def test_baseline_kernels_come_from_the_given_checkout(tmp_path: Path):
+    import shutil
+
+    root = Path(__file__).resolve().parent.parent
+    base = tmp_path / "base"
+    for pkg in ("drdo", "drdo_kernels"):
+        shutil.copytree(root / pkg, base / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    out = bench_loss.main(FAST + ["--shapes", "64x16x256", "--seq-len", "16", "--output", str(tmp_path / "out"),
+                                  "--methods", "ours_torch,base_torch", "--no-plots", "--baseline", str(base)])
+    rows = {r["method"]: r for r in read_csv(out / "loss.csv")}
+    assert rows["base_torch"]["status"] == "ok", rows["base_torch"]
+    assert str(base) in rows["base_torch"]["note"] and float(rows["base_torch"]["max_abs_err"]) < 1e-4
+
+
+def test_model_arithmetic_by_hand():
+    from benchmarks import model
+
+    n, h, v = 16384, 4096, 128256
+    by_name = {b.name: b for b in model.backends(n, h, v)}
+    assert set(by_name) >= {"naive", "cce", "liger_flce", "liger_dpo", "ours_triton_old", "ours_triton_new",
+                            "ours_chunked", "ours_torch_old", "trl_chunked"}
+    nhv = n * h * v
+    # CCE by hand: forward 2NHV at 705 TFLOP/s; backward 128 x 1002 tiles of (128 + 128) x 4096 atomics at 5e11/s
+    fwd_s = 2 * nhv / 705e12
+    atomics = 128 * 1002 * 256 * 4096
+    assert by_name["cce"].total("atomics") == atomics
+    assert math.isclose(by_name["cce"].seconds(705e12), fwd_s + atomics / 5e11, rel_tol=1e-9)
+    assert math.isclose(fwd_s * 1e3 + atomics / 5e11 * 1e3, 293.4, abs_tol=0.1)
+    # naive: 6NHV, 12 bytes per logit of extra memory (fp32 log-probs, their gradient, the gather's zeros)
+    assert math.isclose(by_name["naive"].total("flops"), 6 * nhv)
+    assert by_name["naive"].extra_bytes == 12 * n * v
+    assert math.isclose(by_name["ours_chunked"].total("flops"), 6 * nhv)
+    assert math.isclose(by_name["ours_triton_old"].total("flops"), 8 * nhv)
+    text = model.table(n, h, v)
+    assert "Modelled, not measured" in text and "| cce |" in text and "313.2" in text
