@@ -441,7 +441,11 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
     Raises ConfigError, MissingFieldError (data lacks Oracle scores / reference log-probs),
     CheckpointError, KernelUnavailableError, TrainingDiverged.
     """
+    from drdo.hub import require_model_source
+
     config = resolve(dataclasses.replace(config))
+    require_model_source(config.model, "--model")
+    require_model_source(config.tokenizer, "--tokenizer")
     state = dist_utils.setup()
     lock = rundir.RunLock(config.output_dir)
     plan, error = None, None
