@@ -401,17 +401,31 @@ def test_loss_functions_refuse_silent_no_ops():
         dpo_loss(t - 1, t - 2, t - 1, t - 2, beta=0.0)
 
 
-def test_output_and_model_and_judge_paths_are_one_line(tmp_path, data, capsys):
+def test_output_path_that_is_a_file_is_one_line(tmp_path, data, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     one_error(capsys, ["train", "--data", data, "--output-dir", a_file, *CLI], "not a directory")
+
+
+def test_missing_model_directory_is_one_line(tmp_path, data, capsys):
     one_error(capsys, ["train", "--model", tmp_path / "no" / "model", "--data", data, "--output-dir",
                        tmp_path / "o", *CLI], "no such directory")
+
+
+def test_unknown_hub_model_fails_fast_offline(tmp_path, data, capsys, monkeypatch):
+    from drdo import hub
+
+    hub.hub_reachable.cache_clear()
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: as good as offline
     start = time.perf_counter()
     one_error(capsys, ["train", "--model", "no-such-org/no-such-model-x1", "--data", data, "--output-dir",
                        tmp_path / "o", *CLI], "no-such-org/no-such-model-x1")
-    assert time.perf_counter() - start < 15  # offline: fail fast, not after retries
-    one_error(capsys, ["eval", "--policy", f"p={tmp_path}", "--prompts", data, "--judge", tmp_path / "no_judge"],
+    hub.hub_reachable.cache_clear()
+    assert time.perf_counter() - start < 15  # not after half a minute of retries
+
+
+def test_missing_judge_directory_is_one_line(tmp_path, data, capsys):
+    one_error(capsys, ["eval", "--policy", "p=tiny", "--prompts", data, "--judge", tmp_path / "no_judge"],
               "--judge")
 
 
