@@ -116,6 +116,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         unknown = sorted(set(values) - dests)
         if unknown:
             raise ConfigError(f"unknown key(s) {unknown} in {args.config} for `drdo {path}`")
+        for action in p._actions:  # argparse never converts a default: "no" would read as true
+            value = values.get(action.dest)
+            if isinstance(action, argparse.BooleanOptionalAction) and action.dest in values \
+                    and not isinstance(value, bool):
+                raise ConfigError(f"{action.dest} in {args.config} must be true or false, got {value!r}")
         p.set_defaults(**values)
         args = parser.parse_args(argv)
     return args

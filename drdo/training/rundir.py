@@ -38,8 +38,11 @@ LOCK_FILE = ".drdo.lock"
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 #: Settings that cannot change what a run computes: they may differ between a checkpoint and its resume.
+#: (The step's loss is normalised over the global batch, so micro_batch_size, like the world size,
+#: changes only the rounding; gradient_checkpointing recomputes the same activations.)
 RUNTIME_ONLY = frozenset({"output_dir", "resume", "overwrite", "allow_config_change", "save_every", "save_limit",
-                          "progress", "plot", "threads", "num_threads", "debug"})
+                          "progress", "plot", "threads", "num_threads", "debug", "micro_batch_size",
+                          "gradient_checkpointing"})
 
 
 class OutputDirError(RuntimeError):
