@@ -322,8 +322,10 @@ class Trainer:
 
     def _check_weights(self, step: int) -> None:
         """TrainingDiverged when an updated weight is NaN/inf (such a step is never saved)."""
-        bad = sum(int(not torch.isfinite(p.detach()).all()) for p in self.root.parameters())
-        bad = self._all_reduce([float(bad)])[0] if self.dist.distributed else bad
+        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in self.root.parameters()]
+        flags = [torch.isfinite(t).all() for t in local]  # under FSDP2 each rank checks its shards
+        bad = float((~torch.stack(flags)).sum()) if flags else 0.0  # one device sync
+        bad = self._all_reduce([bad])[0] if self.dist.distributed else bad
         if bad:
             where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
             raise TrainingDiverged(
@@ -364,7 +366,8 @@ class Trainer:
         full = ckpt.gather_model_state(self.root) if self.dist.distributed else None
         if self.dist.is_main:
             ckpt.export_final(self.root.policy, full, self.out, self.tokenizer, kept=self.last_good)
-            if self.last_good and os.path.abspath(self.last_good) == os.path.abspath(final_ckpt):
+            if self.last_good and os.path.abspath(self.last_good) == os.path.abspath(final_ckpt) \
+                    and ckpt.checkpoint_run_id(final_ckpt) == self.plan.run_id:
                 shutil.rmtree(final_ckpt, ignore_errors=True)
                 self.last_good = ckpt.latest_checkpoint(self.out, self.plan.run_id)
         dist_utils.barrier(self.dist)
