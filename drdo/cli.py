@@ -12,14 +12,19 @@ Every subcommand takes ``--config file.yaml`` (keys = flag names with '_' or '-'
 flags given on the command line override the file, the file overrides the defaults.
 Multi-GPU: ``torchrun --nproc_per_node N -m drdo.cli train ...``.
 
-Exit status: 0 done, 1 failure (message on stderr), 2 usage error, 130 interrupted.
+Exit status: 0 done, 2 a usage error or a known failure (bad data, unusable output directory,
+corrupt checkpoint, divergence, disk full, ...: one ``drdo: error:`` line on stderr; ``drdo --debug
+COMMAND ...`` shows the traceback instead), 130 interrupted; anything else is a bug and shows
+its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import json
+import os
 import sys
 
 from drdo.config import (
@@ -34,6 +39,7 @@ from drdo.config import (
     load_yaml,
 )
 from drdo.demo.run import add_arguments as add_demo_arguments
+from drdo.hub import require_model_source
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Shows "(default: X)" after each flag's help unless X is None (those helps say what None means)."""
@@ -65,6 +71,7 @@ def _add_flags(parser: argparse.ArgumentParser, cls, stages: tuple[str, ...] | N
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser and its leaf subparsers by command path ("sft", "oracle train", ...)."""
     parser = argparse.ArgumentParser(prog="drdo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     leaves: dict[str, argparse.ArgumentParser] = {}
 
@@ -109,6 +116,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         unknown = sorted(set(values) - dests)
         if unknown:
             raise ConfigError(f"unknown key(s) {unknown} in {args.config} for `drdo {path}`")
+        for action in p._actions:  # argparse never converts a default: "no" would read as true
+            value = values.get(action.dest)
+            if isinstance(action, argparse.BooleanOptionalAction) and action.dest in values \
+                    and not isinstance(value, bool):
+                raise ConfigError(f"{action.dest} in {args.config} must be true or false, got {value!r}")
         p.set_defaults(**values)
         args = parser.parse_args(argv)
     return args
@@ -139,6 +151,8 @@ def _run_score(args) -> int:
     from drdo.pipeline.scoring import score_dataset
 
     _require(args, "reward_models", "--reward-model", "data", "--data", "output", "--output")
+    for name in args.reward_models:
+        require_model_source(name, "--reward-model")
     path = score_dataset(args.reward_models, args.data, args.output, batch_size=args.batch_size,
                          max_length=args.max_length, max_prompt_length=args.max_prompt_length, split=args.split,
                          skip_invalid=args.skip_invalid, trust_remote_code=args.trust_remote_code,
@@ -151,6 +165,8 @@ def _run_reflogps(args) -> int:
     from drdo.pipeline.reflogps import compute_reference_logps
 
     _require(args, "data", "--data", "output", "--output")
+    require_model_source(args.model, "--model")
+    require_model_source(args.tokenizer, "--tokenizer")
     path = compute_reference_logps(args.model, args.data, args.output, batch_size=args.batch_size,
                                    max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                                    tokenizer=args.tokenizer, kernel=args.kernel, split=args.split,
@@ -165,6 +181,8 @@ def _run_eval(args) -> int:
     from drdo.pipeline.evaluate import evaluate, parse_policies
 
     _require(args, "policies", "--policy", "prompts", "--prompts", "judge", "--judge")
+    if ":" not in args.judge or os.path.exists(args.judge):
+        require_model_source(args.judge, "--judge")
     prompts = load_prompts(args.prompts, split=args.split)
     if args.num_prompts is not None:
         prompts = prompts[: args.num_prompts]
@@ -195,17 +213,28 @@ _COMMANDS = {"sft": _run_train, "oracle train": _run_train, "train": _run_train,
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or a failed run, not a bug: reported as one ``drdo: error:`` line."""
-    from drdo.data import EmptyDatasetError, InvalidExampleError, MissingFieldError
+    from drdo.data import DataSourceError, EmptyDatasetError, InvalidExampleError, MissingFieldError
     from drdo.models import ModelFormatError
     from drdo.pipeline.evaluate import JudgeError
     from drdo.pipeline.scoring import RewardModelError
     from drdo.training.checkpoint import CheckpointError
     from drdo.training.loop import TrainingDiverged
     from drdo.training.objectives import KernelUnavailableError
+    from drdo.training.rundir import OutputDirError
 
     return (ConfigError, CheckpointError, KernelUnavailableError, TrainingDiverged, FileNotFoundError,
             RewardModelError, JudgeError, MissingFieldError, InvalidExampleError, EmptyDatasetError,
-            ModelFormatError)
+            ModelFormatError, OutputDirError, DataSourceError, PermissionError, IsADirectoryError,
+            NotADirectoryError)
+
+
+def _error_line(e: BaseException) -> str | None:
+    """The one-line message of a known failure, or None for an unexpected error (a bug)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device: {e.filename or e}"
+    if isinstance(e, _known_errors()):
+        return " ".join(str(e).split("\n")) if str(e) else type(e).__name__
+    return None
 
 
 @contextlib.contextmanager
@@ -238,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
         return _COMMANDS[args.command_path](args)
@@ -247,10 +277,11 @@ def _main(argv: list[str] | None) -> int:
         print("drdo: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if isinstance(e, ConfigError) or isinstance(e, _known_errors()):
-            print(f"drdo: error: {e}", file=sys.stderr)
-            return 2 if isinstance(e, ConfigError) else 1
-        raise
+        line = _error_line(e)
+        if line is None or debug:
+            raise
+        print(f"drdo: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

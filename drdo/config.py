@@ -123,6 +123,10 @@ class TrainConfig:
         nargs="?", const=True, metavar="CHECKPOINT_DIR")
     progress: bool = option(True, "show a progress bar")
     plot: bool = option(True, "write training_curves.png at the end")
+    overwrite: bool = option(False, "start a new run in a non-empty --output-dir that holds other files or a run "
+                             "of another config (files of other runs are kept unless overwritten)")
+    allow_config_change: bool = option(False, "--resume a checkpoint written with other settings (by default "
+                                       "the differing fields are named and the run refused)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -287,13 +291,13 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ConfigError("no training data: pass --data (a .jsonl/.json/.parquet file or a hub dataset id)")
     if c.output_dir is None:
         raise ConfigError("no output directory: pass --output-dir")
+    _check_types(c)
     _check_positive(c, "batch_size", "micro_batch_size", "max_length", "max_prompt_length")
+    _check_numbers(c)
     if c.max_steps is not None and c.max_steps <= 0:
         raise ConfigError(f"max_steps must be > 0, got {c.max_steps}")
     if c.max_steps is None and not (c.num_epochs > 0 and math.isfinite(c.num_epochs)):
         raise ConfigError(f"num_epochs must be a positive number, got {c.num_epochs}")
-    if c.lr <= 0:
-        raise ConfigError(f"lr must be > 0, got {c.lr}")
     if not 0.0 <= c.warmup_ratio < 1.0:
         raise ConfigError(f"warmup_ratio must lie in [0, 1), got {c.warmup_ratio}")
     if c.warmup_steps is not None and c.warmup_steps < 0:
@@ -336,6 +340,59 @@ def warmup_steps_for(config: TrainConfig, steps: int) -> int:
     if config.warmup_steps is not None:
         return config.warmup_steps
     return int(round(config.warmup_ratio * steps))
+
+
+#: Largest accepted learning rate. AdamW moves every weight by about lr per step whatever the
+#: gradient's scale, so lr > 1 can only destroy a pretrained model (and 1e38 overflows to inf).
+MAX_LR = 1.0
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Each field holds its declared type: bool fields real booleans (YAML ``progress: "no"`` is an
+    error, not True), int fields ints, float fields numbers, str fields strings."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        if value is None and "None" in kind:
+            continue
+        if f.name == "resume":
+            ok = isinstance(value, (bool, str))
+        elif kind.startswith("bool"):
+            ok = isinstance(value, bool)
+        elif kind.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind.startswith("float"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind.startswith("str"):
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            want = kind.split(" ")[0].replace("bool", "true or false")
+            raise ConfigError(f"{f.name} must be {want}, got {value!r} ({type(value).__name__})")
+
+
+def _check_numbers(c: TrainConfig) -> None:
+    """Ranges of the numeric settings; NaN and inf are refused everywhere."""
+    for name in ("lr", "weight_decay", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "adam_beta1", "adam_beta2",
+                 "adam_eps", "alpha", "gamma", "oracle_alpha", "num_epochs") + (("beta",) if c.beta is not None else ()):
+        if not math.isfinite(getattr(c, name)):
+            raise ConfigError(f"{name} must be a finite number, got {getattr(c, name)}")
+    if not 0 < c.lr <= MAX_LR:
+        raise ConfigError(f"lr must lie in (0, {MAX_LR:g}], got {c.lr:g} (AdamW moves each weight by about lr per step)")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(c, name) < 1.0:
+            raise ConfigError(f"{name} must lie in [0, 1), got {getattr(c, name)}")
+    for name in ("adam_eps",):
+        if getattr(c, name) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(c, name)}")
+    for name in ("weight_decay", "max_grad_norm", "alpha", "oracle_alpha"):
+        if getattr(c, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(c, name)}")
+    if not 0.0 <= c.min_lr_ratio <= 1.0:
+        raise ConfigError(f"min_lr_ratio must lie in [0, 1], got {c.min_lr_ratio}")
+    if c.beta is not None and c.beta <= 0:
+        raise ConfigError(f"beta must be > 0, got {c.beta} (beta 0 makes the DPO loss constant and the implicit "
+                          "DRDO reward zero: nothing would be learned)")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

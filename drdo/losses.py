@@ -152,8 +152,10 @@ def drdo_loss(
     """
     if unlikelihood not in _UNLIKELIHOOD_SIGN:
         raise ValueError(f"unlikelihood must be one of {tuple(_UNLIKELIHOOD_SIGN)}, got {unlikelihood!r}")
-    if gamma < 0:
+    if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if not (alpha >= 0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha} (a negative alpha reverses the preference term)")
     inputs = dict(
         policy_chosen_logps=policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,
@@ -247,10 +249,17 @@ def oracle_loss(
 
 def _implicit_margin(pc, pr, rc, rr, beta, dtype):
     """beta * ((z_w - zref_w) - (z_l - zref_l)) and the two implicit rewards."""
+    _check_beta(beta)
     pc, pr, rc, rr = (_as_float(t, dtype) for t in (pc, pr, rc, rr))
     chosen = beta * (pc - rc)
     rejected = beta * (pr - rr)
     return chosen - rejected, chosen, rejected
+
+
+def _check_beta(beta: float) -> None:
+    """beta must be finite and > 0: with beta 0 the DPO loss is the constant log 2 and nothing is learned."""
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite number > 0, got {beta}")
 
 
 def dpo_loss(

@@ -87,7 +87,7 @@ def test_yaml_config_with_flag_override(tmp_path, capsys):
 def test_train_on_unscored_data_says_to_score_first(tmp_path, capsys):
     data = write_rows(tmp_path / "raw.jsonl", make_rows(4, oracle=False))
     rc = main(["train", "--loss", "drdo", "--model", "tiny", "--data", data, "--output-dir", str(tmp_path / "o")])
-    assert rc == 1
+    assert rc == 2
     assert "drdo oracle score" in capsys.readouterr().err
 
 
@@ -140,7 +140,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
         assert b["oracle_chosen"][0] == pytest.approx(a["oracle_chosen"], abs=1e-5)
     bad = _tiny_sequence_classifier(tmp_path / "two_labels", num_labels=2)
     assert main(["oracle", "score", "--reward-model", bad, "--data", data, "--output", str(tmp_path / "x.jsonl"),
-                 "--no-progress"]) == 1
+                 "--no-progress"]) == 2
     assert "exactly one" in capsys.readouterr().err
 
     # reference log-probs of the SFT model; DPO from the same model starts at loss ln 2

@@ -120,7 +120,7 @@ def test_load_prompts(tok, tmp_path):
     assert load_prompts(FIXTURES / "prefs.jsonl")[:2] == ["Q: 2+2?\nA:", "Say hi in French."]
     chat = load_prompts(FIXTURES / "prefs_chat.json")
     assert chat[0][1] == {"role": "user", "content": "Capital of France?"}
-    with pytest.raises(InvalidExampleError, match=r"bad\.jsonl: row 1: missing field 'prompt'"):
+    with pytest.raises(InvalidExampleError, match=r"bad\.jsonl: line 2: missing field 'prompt'"):
         load_prompts(write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a"}, {"chosen": "b"}]))
 
 
@@ -193,7 +193,7 @@ def test_truncation_short_prompt_untouched(tok):
 
 def test_truncation_leaving_no_response_token_is_invalid(tok, tmp_path):
     path = write_jsonl(tmp_path / "long.jsonl", [pair("ab", "c", "d"), pair("abcdefgh", "c", "d")])
-    with pytest.raises(InvalidExampleError, match=r"long\.jsonl: row 1: the chosen response has no token left") as e:
+    with pytest.raises(InvalidExampleError, match=r"long\.jsonl: line 2: the chosen response has no token left") as e:
         load_preference_dataset(path, tok, max_length=6, max_prompt_length=6)
     assert e.value.reason == "no tokens after truncation" and e.value.row == 1
     # one token of room: the first response token survives, without EOS
@@ -355,7 +355,7 @@ def test_bad_row_names_file_row_and_problem(tok, tmp_path, bad, reason, message)
     path = write_jsonl(tmp_path / "bad.jsonl", [_good_like(bad), bad])
     with pytest.raises(InvalidExampleError, match=message) as err:
         load_preference_dataset(path, tok)
-    assert str(err.value).startswith(f"{path}: row 1: ")
+    assert str(err.value).startswith(f"{path}: line 2: ")
     assert (err.value.row, err.value.reason) == (1, reason)
     # skip_invalid drops exactly that row and keeps the good one
     ds = load_preference_dataset(path, tok, skip_invalid=True)
@@ -365,14 +365,14 @@ def test_bad_row_names_file_row_and_problem(tok, tmp_path, bad, reason, message)
 def test_inconsistent_k_across_rows(tok, tmp_path):
     rows = [pair(oracle_chosen=[1.0, 2.0], oracle_rejected=[0.0, 1.0]),
             pair(oracle_chosen=[1.0, 2.0, 3.0], oracle_rejected=[0.0, 1.0, 2.0])]
-    with pytest.raises(InvalidExampleError, match=r"k\.jsonl: row 1: 3 oracle scores per response but row 0 has 2"):
+    with pytest.raises(InvalidExampleError, match=r"k\.jsonl: line 2: 3 oracle scores per response but line 1 has 2"):
         load_preference_dataset(write_jsonl(tmp_path / "k.jsonl", rows), tok)
 
 
 @pytest.mark.parametrize("fields", [("oracle_chosen", "oracle_rejected"), ("ref_chosen_logps", "ref_rejected_logps")])
 def test_row_without_scores_that_others_have(tok, fields):
     rows = [pair(**{fields[0]: -1.0, fields[1]: -2.0}), pair()]
-    with pytest.raises(InvalidExampleError, match=f"row 1: missing field '{fields[0]}' \\(other rows have") as err:
+    with pytest.raises(InvalidExampleError, match=f"row 2 \\(1-based\\): missing field '{fields[0]}' \\(other rows have") as err:
         load_preference_dataset(rows, tok)
     assert err.value.source == "<list>"
 
@@ -380,14 +380,14 @@ def test_row_without_scores_that_others_have(tok, fields):
 def test_invalid_json_line(tok, tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n{not json\n" + json.dumps(GOOD) + "\n")
-    with pytest.raises(InvalidExampleError, match=r"broken\.jsonl: row 1: line 3 is not valid JSON"):
+    with pytest.raises(InvalidExampleError, match=r"broken\.jsonl: line 3: not valid JSON"):
         load_preference_dataset(path, tok)
     ds = load_preference_dataset(path, tok, skip_invalid=True)
     assert [ds[i]["row"] for i in range(len(ds))] == [0, 2] and ds.dropped == {"invalid JSON": 1}
 
 
 def test_non_dict_row_in_list(tok):
-    with pytest.raises(InvalidExampleError, match=r"<list>: row 0: a row must be a dict, got str"):
+    with pytest.raises(InvalidExampleError, match=r"<list>: row 1 \(1-based\): a row must be a dict, got str"):
         load_preference_dataset(["prompt chosen rejected"], tok)
 
 
@@ -437,7 +437,7 @@ def test_require_oracle_and_ref(tok):
 def test_broken_json_array_file(tok, tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[{"prompt": "a", "chosen": "b", "rejected": "c"},\n {"prompt": ')
-    with pytest.raises(ValueError, match=r"broken\.json: not valid JSON"):
+    with pytest.raises(ValueError, match=r"broken\.json: line 2: not valid JSON"):
         load_preference_dataset(path, tok)
 
 
@@ -459,6 +459,6 @@ def test_chat_template_that_does_not_prefix_is_a_row_error():
     odd.chat_template = ("{% for m in messages %}{{ m['role'] + ':' + m['content'] + ';' }}{% endfor %}"
                          "{% if add_generation_prompt %}{{ 'assistant>' }}{% endif %}")
     rows = [pair(msgs("hi", role="user"), msgs("a"), msgs("b"))]
-    with pytest.raises(InvalidExampleError, match="row 0: chat template failed") as err:
+    with pytest.raises(InvalidExampleError, match=r"row 1 \(1-based\): chat template failed") as err:
         load_preference_dataset(rows, odd)
     assert err.value.reason == "chat template"

@@ -15,12 +15,12 @@ from drdo.data.preferences import (
     render_prompt,
     render_response,
 )
-from drdo.data.sources import load_rows
+from drdo.data.sources import DataSourceError, load_rows
 from drdo.losses import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX", "PAIR_FIELDS", "ORACLE_FIELDS", "REF_FIELDS",
-    "InvalidExampleError", "MissingFieldError", "EmptyDatasetError",
+    "InvalidExampleError", "MissingFieldError", "EmptyDatasetError", "DataSourceError",
     "load_rows", "load_preference_dataset", "load_prompts", "PreferenceDataset",
     "encode_prompt", "render_prompt", "render_response",
     "PreferenceCollator", "SFTCollator", "shift_labels",

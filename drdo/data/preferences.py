@@ -3,9 +3,12 @@
 Sources (read through the ``datasets`` library): a local ``.jsonl`` / ``.json`` /
 ``.parquet`` file, a directory (``save_to_disk`` output or data files), a hub dataset
 id (needs network; tests never use one), a ``datasets.Dataset``, or a list of dicts.
-Rows are numbered from 0 in source order (blank JSONL lines are not rows); every
-item keeps its source row number in ``item["row"]``. For a local file the split
-name is ignored (a file is one split) but a slice such as ``"train[:100]"`` is honoured.
+Local JSON/JSONL files are read with Python's ``json`` (values stay exactly as written: the
+string "42" is never turned into a number) and Parquet with pyarrow. Rows are indexed from 0 in
+source order (blank JSONL lines are not rows) and every item keeps that index in ``item["row"]``;
+messages name a JSONL row by its 1-based line number and other rows by their 1-based position
+("row 3 (1-based)"). For a local file the split name is ignored (a file is one split) but a
+slice such as ``"train[:100]"`` is honoured.
 
 Row fields:
   - ``prompt``, ``chosen``, ``rejected``: either all strings, or all TRL-style
@@ -42,6 +45,12 @@ Truncation policy (prompt shared by the pair, each response truncated on its own
      without BOS, is never predicted and does not count).
   Choose ``max_prompt_length < max_length`` to leave every response room.
 
+Before tokenizing, a text is cut to a generous number of characters (prompts keep their end,
+responses their start): at least 4 x the token limit x the longest token of the vocabulary, so
+the kept tokens are unchanged while one huge row cannot take gigabytes. Rows whose chosen and
+rejected responses are identical carry no preference; they are counted
+(``dataset.identical_pairs``) and reported in one warning.
+
 Bad rows (missing field, wrong type, mixed formats, malformed messages, empty or
 whitespace-only response, nothing left after truncation, NaN/inf score, positive
 log-prob, inconsistent K, invalid JSON line, chat template failure) raise
@@ -60,14 +69,14 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from drdo.data.sources import _BadJSONLine, load_rows
+from drdo.data.sources import _BadJSONLine, load_rows, row_label
 from drdo.losses import IGNORE_INDEX
 
 logger = logging.getLogger("drdo.data")
@@ -80,11 +89,13 @@ _LOGP_TOLERANCE = 1e-3  # a summed log-prob above this is not a log-prob
 
 
 class InvalidExampleError(ValueError):
-    """A row that cannot be used; ``.source``, ``.row`` (0-based) and ``.reason`` name the problem."""
+    """A row that cannot be used; ``.source``, ``.row`` (0-based index), ``.where`` (its line or 1-based
+    row number, as shown) and ``.reason`` name the problem."""
 
-    def __init__(self, source: str, row: int, reason: str, detail: str):
+    def __init__(self, source: str, row: int, reason: str, detail: str, where: str | None = None):
         self.source, self.row, self.reason, self.detail = source, row, reason, detail
-        super().__init__(f"{source}: row {row}: {detail} (pass skip_invalid=True to drop such rows)")
+        self.where = where or f"row {row + 1} (1-based)"
+        super().__init__(f"{source}: {self.where}: {detail} (pass --skip-invalid to drop such rows)")
 
 
 class MissingFieldError(ValueError):
@@ -190,11 +201,11 @@ def _check_oracle(row: dict, spec: "_Spec", row_index: int):
             "inconsistent K", f"oracle_chosen has {len(chosen)} scores but oracle_rejected has {len(rejected)}"
         )
     if spec.num_oracles == 0:
-        spec.num_oracles, spec.k_row = len(chosen), row_index
+        spec.num_oracles, spec.k_row = len(chosen), spec.where(row_index)
     elif len(chosen) != spec.num_oracles:
         raise _RowProblem(
             "inconsistent K",
-            f"{len(chosen)} oracle scores per response but row {spec.k_row} has {spec.num_oracles}",
+            f"{len(chosen)} oracle scores per response but {spec.k_row} has {spec.num_oracles}",
         )
     return chosen, rejected
 
@@ -219,7 +230,8 @@ class _Spec:
     has_oracle: bool
     has_ref: bool
     num_oracles: int = 0  # K, set by the first row with valid oracle scores (row k_row)
-    k_row: int = -1
+    k_row: str = ""
+    where: Callable[[int], str] = lambda index: f"row {index + 1} (1-based)"
 
 
 @dataclass
@@ -296,7 +308,7 @@ def _render(tokenizer, prompt, chosen, rejected) -> tuple[str, str, str]:
 
 def _parse_row(row, index: int, spec: _Spec, tokenizer) -> _Parsed:
     if isinstance(row, _BadJSONLine):
-        raise _RowProblem("invalid JSON", f"line {row.line} is not valid JSON ({row.error})")
+        raise _RowProblem("invalid JSON", f"not valid JSON ({row.error})")
     if not isinstance(row, dict):
         raise _RowProblem("not a dict", f"a row must be a dict, got {type(row).__name__}")
     prompt, chosen, rejected = _check_pair(row)
@@ -350,6 +362,23 @@ def _batch_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     for i in range(0, len(texts), _TOKENIZE_CHUNK):
         out.extend(tokenizer(texts[i:i + _TOKENIZE_CHUNK], add_special_tokens=False)["input_ids"])
     return out
+
+
+def _char_limit(tokenizer, max_tokens: int) -> int:
+    """Characters that always hold more than ``max_tokens`` tokens: 4 x max_tokens x the longest
+    token string of the vocabulary (at least 4 characters). One token never covers more characters
+    than its string, so cutting a text there keeps its first (or last) max_tokens tokens."""
+    longest = getattr(tokenizer, "_drdo_longest_token", None)
+    if longest is None:
+        try:
+            longest = max((len(t) for t in tokenizer.get_vocab()), default=0)
+        except Exception:  # a tokenizer without get_vocab: assume long tokens
+            longest = 64
+        try:
+            tokenizer._drdo_longest_token = longest
+        except Exception:
+            pass
+    return 4 * max_tokens * max(longest, 4)
 
 
 def _truncate_pair(prompt_ids, chosen_ids, rejected_ids, *, eos_token_id: int, max_length: int,
@@ -438,21 +467,25 @@ class _RowView(Sequence):
 class _Dropper:
     """Raises on the first bad row, or (skip_invalid) counts reasons for the summary line."""
 
-    def __init__(self, source: str, skip_invalid: bool):
-        self.source, self.skip_invalid = source, skip_invalid
+    def __init__(self, source: str, skip_invalid: bool, rows=None):
+        self.source, self.skip_invalid, self._all = source, skip_invalid, rows
         self.counts: Counter = Counter()
         self.rows: list[tuple[int, str]] = []
 
+    def where(self, row: int) -> str:
+        return row_label(self._all, row) if self._all is not None else f"row {row + 1} (1-based)"
+
     def __call__(self, row: int, problem: _RowProblem) -> None:
         if not self.skip_invalid:
-            raise InvalidExampleError(self.source, row, problem.reason, problem.detail) from problem
+            raise InvalidExampleError(self.source, row, problem.reason, problem.detail, self.where(row)) from problem
         self.counts[problem.reason] += 1
         self.rows.append((row, problem.detail))
 
     def summary(self, total: int) -> str:
         reasons = ", ".join(f"{n} {reason}" for reason, n in self.counts.most_common())
         first_row, first = min(self.rows)
-        return f"{self.source}: dropped {len(self.rows)} of {total} rows ({reasons}); first: row {first_row}: {first}"
+        return (f"{self.source}: dropped {len(self.rows)} of {total} rows with --skip-invalid ({reasons}); "
+                f"first: {self.where(first_row)}: {first}")
 
 
 def _validate_lengths(max_length: int, max_prompt_length: int | None) -> int:
@@ -494,9 +527,10 @@ def _encode_all(parsed: list[_Parsed], tokenizer, drop: _Dropper, max_length: in
                 max_prompt_length: int) -> list[_Encoded]:
     """Phase 2: batch-tokenize the rendered texts, add BOS/EOS, truncate (bad rows go to ``drop``)."""
     prefix = _special_prefix(tokenizer)
-    prompts = _batch_ids(tokenizer, [p.prompt_text for p in parsed])
-    chosen = _batch_ids(tokenizer, [p.chosen_text for p in parsed])
-    rejected = _batch_ids(tokenizer, [p.rejected_text for p in parsed])
+    limit = _char_limit(tokenizer, max_length)
+    prompts = _batch_ids(tokenizer, [p.prompt_text[-limit:] for p in parsed])
+    chosen = _batch_ids(tokenizer, [p.chosen_text[:limit] for p in parsed])
+    rejected = _batch_ids(tokenizer, [p.rejected_text[:limit] for p in parsed])
     encoded = []
     for p, prompt_ids, chosen_ids, rejected_ids in zip(parsed, prompts, chosen, rejected):
         if not p.is_chat:
@@ -529,15 +563,23 @@ def load_preference_dataset(source, tokenizer, *, max_length: int = 1024, max_pr
     spec = _Spec(has_oracle=any(_any_present(rows, f) for f in ORACLE_FIELDS),
                  has_ref=any(_any_present(rows, f) for f in REF_FIELDS))
     _check_requirements(spec, name, require_oracle, require_ref)
-    drop = _Dropper(name, skip_invalid)
+    drop = _Dropper(name, skip_invalid, rows)
+    spec.where = drop.where
     parsed = _parse_all(rows, spec, tokenizer, drop)
     encoded = _encode_all(parsed, tokenizer, drop, max_length, max_prompt_length)
     if drop.rows:
         logger.warning(drop.summary(len(rows)))
+    kept = {e.row for e in encoded}
+    identical = [p.row for p in parsed if p.row in kept and p.chosen_text == p.rejected_text]
+    if identical:
+        logger.warning("%s: %d of %d rows have identical chosen and rejected responses (no preference signal; "
+                       "first: %s)", name, len(identical), len(rows), drop.where(identical[0]))
     if not encoded:
         raise EmptyDatasetError(f"{name}: no usable preference pair; " + (drop.summary(len(rows)) if drop.rows else ""))
-    return PreferenceDataset(encoded, rows, [e.row for e in encoded], source=name, dropped=drop.counts,
-                             dropped_rows=sorted(drop.rows), num_oracles=spec.num_oracles, has_ref=spec.has_ref)
+    dataset = PreferenceDataset(encoded, rows, [e.row for e in encoded], source=name, dropped=drop.counts,
+                                dropped_rows=sorted(drop.rows), num_oracles=spec.num_oracles, has_ref=spec.has_ref)
+    dataset.identical_pairs = len(identical)
+    return dataset
 
 
 def load_prompts(source, *, split: str = "train") -> list:
@@ -550,7 +592,7 @@ def load_prompts(source, *, split: str = "train") -> list:
                 raise _RowProblem("not a dict", f"a row must be a dict, got {type(row).__name__}")
             prompts.append(_check_text_field(row, "prompt"))
         except _RowProblem as problem:
-            raise InvalidExampleError(name, index, problem.reason, problem.detail) from problem
+            raise InvalidExampleError(name, index, problem.reason, problem.detail, row_label(rows, index)) from problem
     if not prompts:
         raise EmptyDatasetError(f"{name}: the data source holds no rows")
     return prompts

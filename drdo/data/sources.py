@@ -13,67 +13,117 @@ from pathlib import Path
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
+class DataSourceError(ValueError):
+    """A data source cannot be read at all (unsupported type, not UTF-8, corrupt file)."""
+
+
 @dataclass
 class _BadJSONLine:
-    """Placeholder row for a JSONL line that does not parse (fallback reader only)."""
+    """Placeholder row for a JSONL line that does not parse, so that the error names its line."""
 
     line: int
     error: str
 
 
+class Rows(list):
+    """Rows of a local JSON/JSONL file with where each one came from: ``lines[i]`` is the 1-based line
+    of row i in a JSONL file (None: rows are counted from 1 instead, e.g. a JSON array)."""
+
+    def __init__(self, rows, lines: list[int] | None = None):
+        super().__init__(rows)
+        self.lines = lines
+
+
+def row_label(rows, index: int) -> str:
+    """Where row ``index`` (0-based) is, for messages: "line 7" in a JSONL file, else "row 8 (1-based)"."""
+    lines = getattr(rows, "lines", None)
+    if lines is not None:
+        return f"line {lines[index]}"
+    return f"row {index + 1} (1-based)"
+
 
 # ----------------------------------------------------------------------------- loading
 
 
-def _local_split(split: str) -> str:
-    """A local file is one split named "train"; keep the slice of ``split`` ("x[:10]" -> "train[:10]")."""
-    match = re.fullmatch(r"[^\[]*(\[.*\])?", split)
-    return "train" + ((match.group(1) or "") if match else "")
+_SLICE = re.compile(r"[^\[]*\[(-?\d*)(%?):(-?\d*)(%?)\]")
 
 
-def _read_json_fallback(path: Path) -> list:
-    """Plain-Python reader used when ``datasets`` cannot parse a JSON/JSONL file.
+def _apply_slice(rows: Rows, split: str) -> Rows:
+    """A local file is one split; honour a slice of ``split`` ("x[:10]", "x[10:]", "x[:50%]")."""
+    match = _SLICE.fullmatch(split)
+    if match is None:
+        if "[" in split:
+            raise DataSourceError(f"unsupported split slice {split!r}; use e.g. 'train[:100]' or 'train[:50%]'")
+        return rows
+    n = len(rows)
 
-    Returns the rows; a JSONL line that is not valid JSON becomes a :class:`_BadJSONLine`
-    so that the error names its row (and line).
-    """
-    text = path.read_text(encoding="utf-8")
+    def bound(text: str, percent: str):
+        if not text:
+            return None
+        value = int(text)
+        return int(round(value * n / 100)) if percent else value
+
+    part = slice(bound(match.group(1), match.group(2)), bound(match.group(3), match.group(4)))
+    return Rows(list.__getitem__(rows, part), rows.lines[part] if rows.lines is not None else None)
+
+
+def _decode_utf8(path: Path) -> str:
+    """The file's text; DataSourceError naming the line of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataSourceError(f"{path}: line {line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _read_json_file(path: Path) -> Rows:
+    """Rows of a JSON array / object or a JSONL file, read with Python's ``json``: values stay exactly
+    as written ("42" stays a string, 42 an int); no schema is inferred across rows. A JSONL line
+    that is not valid JSON becomes a :class:`_BadJSONLine` so that the error names its line."""
+    text = _decode_utf8(path)
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as err:
         if text.lstrip().startswith("["):
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
+            raise DataSourceError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
         whole = None
     if isinstance(whole, list):
-        return whole
+        return Rows(whole)
     if isinstance(whole, dict):
-        return [whole]
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+        return Rows([whole])
+    rows, lines = [], []
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            rows.append(_BadJSONLine(line_no, str(err)))
-    return rows
+            rows.append(_BadJSONLine(line_no, err.msg))
+        lines.append(line_no)
+    return Rows(rows, lines)
 
 
-def _load_local_file(path: Path, split: str):
-    """Rows of a local .jsonl/.json/.parquet file through ``datasets`` (JSON: Python fallback)."""
-    import datasets
+def _read_parquet(path: Path) -> Rows:
+    """Rows of a parquet file as Python values (pyarrow's types, no JSON decoding)."""
+    try:
+        import pyarrow.parquet as pq
 
+        return Rows(pq.read_table(str(path)).to_pylist())
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a corrupt file
+        raise DataSourceError(f"{path}: cannot read the parquet file: {' '.join(str(err).split())}") from None
+
+
+def _load_local_file(path: Path, split: str) -> Rows:
+    """Rows of a local .jsonl/.json/.parquet file (a file is one split; a slice of ``split`` is kept)."""
     builder = LOCAL_SUFFIXES.get(path.suffix.lower())
     if builder is None:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet")
+        raise DataSourceError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet")
     if path.stat().st_size == 0:
-        return []
-    try:
-        return datasets.load_dataset(builder, data_files={"train": str(path)}, split=_local_split(split))
-    except Exception as err:  # datasets raises many types (DatasetGenerationError, StopIteration, ...)
-        if builder != "json":
-            raise ValueError(f"{path}: cannot read the parquet file: {err}") from err
-        return _read_json_fallback(path)
+        return Rows([], [])
+    rows = _read_json_file(path) if builder == "json" else _read_parquet(path)
+    return _apply_slice(rows, split)
 
 
 def _load_directory(path: Path, split: str):
@@ -87,16 +137,29 @@ def _load_directory(path: Path, split: str):
 
 
 def _load_hub(name: str, split: str):
-    """A hub dataset id (needs network access)."""
+    """A hub dataset id (needs network access; fails at once when the hub cannot be reached)."""
     import datasets
 
+    from drdo.hub import require_hub
+
+    if not _cached_dataset(name):
+        require_hub(name, "--data")
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as err:
-        raise ValueError(
+        raise DataSourceError(
             f"could not load {name!r}: it is not a local file or directory, and loading it as a hub "
             f"dataset (split {split!r}) failed: {err}"
         ) from err
+
+
+def _cached_dataset(name: str) -> bool:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return any(r.repo_id == name and r.repo_type == "dataset" for r in scan_cache_dir().repos)
+    except Exception:
+        return False
 
 
 def _looks_like_path(name: str) -> bool:

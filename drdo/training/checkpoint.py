@@ -6,7 +6,14 @@ Layout of ``<output_dir>/checkpoints/step-0000010/``:
 * ``optimizer.pt``: the full (unsharded) AdamW state, FQN-keyed (torch.save of tensors
   and plain Python values, read back with ``torch.load(weights_only=True)``);
 * ``rng-rank{r}.pt``: each rank's torch (and CUDA) RNG state;
-* ``trainer_state.json``: the optimizer step reached, world size, config and last metrics.
+* ``trainer_state.json``: the optimizer step reached, world size, run id, config and last metrics;
+* ``manifest.json``: the sha256 digest of every other file, written last; a checkpoint whose
+  files do not match it is corrupt and is never resumed (:func:`verify_checkpoint`).
+
+Every checkpoint carries the id of the run that wrote it: resuming and pruning only look at
+the checkpoints of one run (:mod:`drdo.training.rundir` decides which). A checkpoint name
+already taken by another run's checkpoint is not overwritten: that one is renamed to
+``step-...-run-<id>`` and can still be resumed by its path.
 
 A checkpoint is first written to ``checkpoints/.tmp-step-...`` and renamed into place
 with ``os.replace``, so a crash mid-write never leaves a half checkpoint under a
@@ -16,6 +23,8 @@ every rank reads the files and ``set_*_state_dict`` reshards them.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -29,6 +38,7 @@ from drdo.training.distributed import DistState, barrier
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
+MANIFEST_FILE = "manifest.json"
 POLICY_PREFIX = "policy."
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -41,33 +51,127 @@ def step_dir(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, CHECKPOINTS, f"step-{step:07d}")
 
 
-def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete step checkpoints under output_dir/checkpoints, oldest first."""
+def checkpoint_run_id(directory: str) -> str | None:
+    """The run id stored in a checkpoint's trainer_state.json (None: unreadable or written without one)."""
+    try:
+        with open(os.path.join(directory, STATE_FILE), encoding="utf-8") as f:
+            run_id = json.load(f).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, str) else None
+
+
+def list_checkpoints(output_dir: str, run_id: str | None = None) -> list[str]:
+    """Complete step checkpoints under output_dir/checkpoints, oldest first; only those written by
+    run ``run_id`` when given."""
     root = os.path.join(output_dir, CHECKPOINTS)
     if not os.path.isdir(root):
         return []
     found = []
     for name in os.listdir(root):
         m = _STEP_RE.match(name)
-        if m and os.path.isfile(os.path.join(root, name, STATE_FILE)):
-            found.append((int(m.group(1)), os.path.join(root, name)))
+        path = os.path.join(root, name)
+        if m and os.path.isfile(os.path.join(path, STATE_FILE)):
+            if run_id is None or checkpoint_run_id(path) == run_id:
+                found.append((int(m.group(1)), path))
     return [path for _, path in sorted(found)]
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The complete checkpoint with the highest step under output_dir/checkpoints, or None."""
-    found = list_checkpoints(output_dir)
+def latest_checkpoint(output_dir: str, run_id: str | None = None) -> str | None:
+    """The complete checkpoint with the highest step under output_dir/checkpoints (of run ``run_id``
+    when given), or None."""
+    found = list_checkpoints(output_dir, run_id)
     return found[-1] if found else None
 
 
-def prune_checkpoints(output_dir: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` step checkpoints (keep=0: delete none); returns the deleted."""
+def prune_checkpoints(output_dir: str, keep: int, run_id: str | None = None) -> list[str]:
+    """Delete all but the newest ``keep`` step checkpoints of run ``run_id`` (keep=0: delete none);
+    returns the deleted. Checkpoints of other runs are never touched."""
     if keep <= 0:
         return []
-    old = list_checkpoints(output_dir)[:-keep]
+    old = list_checkpoints(output_dir, run_id)[:-keep]
     for path in old:
         shutil.rmtree(path, ignore_errors=True)
     return old
+
+
+# ---------------------------------------------------------------- integrity and disk full
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str) -> None:
+    """Write manifest.json: {"files": {name: sha256}} of every other file in ``directory`` (call it last)."""
+    files = {name: _sha256(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
+             if name != MANIFEST_FILE and os.path.isfile(os.path.join(directory, name))}
+    with open(os.path.join(directory, MANIFEST_FILE), "w", encoding="utf-8") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoint_problem(directory: str) -> str | None:
+    """Why a checkpoint cannot be trusted (no manifest, a missing file, a digest mismatch), or None."""
+    try:
+        with open(os.path.join(directory, MANIFEST_FILE), encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST_FILE} (incomplete, or written by an older drdo)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its {MANIFEST_FILE} is unreadable ({e})"
+    if not isinstance(files, dict) or STATE_FILE not in files:
+        return f"its {MANIFEST_FILE} does not list {STATE_FILE}"
+    for name, want in files.items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if _sha256(path) != want:
+            return f"{name} does not match its sha256 digest in {MANIFEST_FILE}"
+    return None
+
+
+def verify_checkpoint(directory: str) -> None:
+    """CheckpointError naming ``directory`` and the problem unless every file matches the manifest."""
+    problem = checkpoint_problem(directory)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {directory} is corrupt: {problem}")
+
+
+_DISK_FULL_MARKERS = ("no space left", "enospc", "code: 28", "disk quota", "unexpected pos", "file write failed")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for ENOSPC/EDQUOT, and for torch's and safetensors' wrapped forms of it
+    ("[enforce fail at inline_container.cc] . unexpected pos", "IoError(Os { code: 28 ...")."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err).lower()
+    return any(marker in text for marker in _DISK_FULL_MARKERS)
+
+
+def _write_guard(what: str, tmp: str, kept: str | None):
+    """Context manager: on a write failure remove ``tmp`` and raise one CheckpointError line."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except Exception as e:  # OSError, torch's RuntimeError, safetensors' own error type
+            if not isinstance(e, OSError) and not is_disk_full(e):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            cause = "no space left on device" if is_disk_full(e) else f"{type(e).__name__}: {e}"
+            where = f"the checkpoint {kept} is kept" if kept else "no earlier checkpoint exists"
+            raise CheckpointError(f"{cause} while writing {what}; {where}; free space and resume with --resume") from e
+
+    return guard()
 
 
 # ---------------------------------------------------------------- gathering (all ranks call these)
@@ -139,30 +243,64 @@ def save_checkpoint(
     dist_state: DistState,
     tokenizer=None,
     trainer_state: dict | None = None,
+    kept: str | None = None,
 ) -> str:
-    """Write checkpoint ``step`` atomically; every rank must call it. Returns its directory."""
+    """Write checkpoint ``step`` atomically, manifest last; every rank must call it. Returns its directory.
+
+    ``kept`` names the previous good checkpoint for the error message when the write fails
+    (disk full: one :class:`CheckpointError` line; the half-written directory is removed).
+    """
     final = step_dir(output_dir, step)
     tmp = os.path.join(os.path.dirname(final), ".tmp-" + os.path.basename(final))
-    if dist_state.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier(dist_state)
-    full = gather_model_state(root) if dist_state.distributed else None
-    optim_state = gather_optimizer_state(root, optimizer)
-    if dist_state.is_main:
-        export_policy(root.policy, full, tmp, tokenizer)
-        torch.save(optim_state, os.path.join(tmp, OPTIM_FILE))
-    torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{dist_state.rank}.pt"))
-    barrier(dist_state)
-    if dist_state.is_main:
-        state = dict(trainer_state or {}, step=step, world_size=dist_state.world_size)
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2, default=str)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    what = f"checkpoint {final}"
+    with _write_guard(what, tmp, kept):
+        if dist_state.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier(dist_state)
+        full = gather_model_state(root) if dist_state.distributed else None
+        optim_state = gather_optimizer_state(root, optimizer)
+        if dist_state.is_main:
+            export_policy(root.policy, full, tmp, tokenizer)
+            torch.save(optim_state, os.path.join(tmp, OPTIM_FILE))
+        torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{dist_state.rank}.pt"))
+        barrier(dist_state)
+        if dist_state.is_main:
+            state = dict(trainer_state or {}, step=step, world_size=dist_state.world_size)
+            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=2, default=str)
+            write_manifest(tmp)
+            _move_aside_or_remove(final, state.get("run_id"))
+            os.replace(tmp, final)
     barrier(dist_state)
     return final
+
+
+def _move_aside_or_remove(path: str, run_id: str | None) -> None:
+    """Make room for a new checkpoint at ``path``: a checkpoint of the same run is replaced, one of
+    another run is renamed ``<path>-run-<its id>`` (never deleted)."""
+    if not os.path.exists(path):
+        return
+    other = checkpoint_run_id(path)
+    if other is not None and other != run_id:
+        os.replace(path, f"{path}-run-{other}")
+    else:
+        shutil.rmtree(path)
+
+
+def export_final(policy: nn.Module, full_state: dict[str, torch.Tensor] | None, directory: str, tokenizer=None,
+                 *, kept: str | None = None) -> str:
+    """The final export, atomically: every file is written to ``directory/.tmp-export`` first and
+    renamed into ``directory`` only when all were written (a full disk leaves the old files and
+    ``kept`` in place and raises one :class:`CheckpointError` line)."""
+    tmp = os.path.join(directory, ".tmp-export")
+    with _write_guard(f"the final model to {directory}", tmp, kept):
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_policy(policy, full_state, tmp, tokenizer)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+        os.rmdir(tmp)
+    return directory
 
 
 def _rng_state() -> dict:

@@ -16,8 +16,11 @@ world size or micro-batch size. (FSDP2 averages gradients over ranks, so the
 backward loss is multiplied by the world size to get the sum.)
 
 Failure behaviour: a non-finite loss or gradient norm stops the run before the
-optimizer step (:class:`TrainingDiverged`), leaving the last good checkpoint in
-place; SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns
+optimizer step (:class:`TrainingDiverged`), and so do weights that are not finite after
+it (they are never saved), leaving the last good checkpoint in place. The run owns its
+output directory (:mod:`drdo.training.rundir`: lock, run id, config checks); the final
+model is exported atomically after a checkpoint of the last step was written, and that
+checkpoint is removed only once the export succeeded. SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns
 ``{"status": "interrupted", ...}`` (a second Ctrl-C aborts at once).
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -36,7 +40,8 @@ import torch
 
 from drdo.training import checkpoint as ckpt
 from drdo.training import distributed as dist_utils
-from drdo.config import TrainConfig, accumulation_steps, resolve, save_yaml, total_steps, warmup_steps_for
+from drdo.training import rundir
+from drdo.config import TrainConfig, accumulation_steps, resolve, total_steps, warmup_steps_for
 from drdo.training.metrics import MetricsLog, peak_memory_mb
 from drdo.training.objectives import StageObjective, resolve_kernel
 from drdo.training.schedule import lr_at, set_lr
@@ -52,7 +57,7 @@ PAIR_STAGES = ("oracle", "drdo", "dpo", "edpo")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN/inf; training stopped before the optimizer step."""
+    """The loss, gradient norm or updated weights became NaN/inf; nothing of that step was saved."""
 
 
 # ----------------------------------------------------------------------------- data order
@@ -180,14 +185,15 @@ class _StopFlag:
 class Trainer:
     """State of one run; :meth:`run` does the work. Use :func:`train`."""
 
-    def __init__(self, config: TrainConfig, dist_state: dist_utils.DistState, on_step: Callable | None = None):
+    def __init__(self, config: TrainConfig, dist_state: dist_utils.DistState, on_step: Callable | None = None,
+                 plan: rundir.RunPlan | None = None):
         from drdo.tokenizer import get_tokenizer
 
         self.config, self.dist, self.on_step = config, dist_state, on_step
+        self.plan = plan or rundir.RunPlan(run_id="unowned")
         self.device = dist_state.device
         self.out = config.output_dir
-        if dist_state.is_main:
-            os.makedirs(self.out, exist_ok=True)
+        self.data_sha256 = rundir.data_digest(config.data) if dist_state.is_main else None
         self.tokenizer = get_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
         self.dataset = self._load_data_rank0_first()  # fails fast on data without Oracle scores / ref log-probs
         self.collate = _collator(config, self.tokenizer)
@@ -227,29 +233,11 @@ class Trainer:
 
     # -- resume
     def maybe_resume(self) -> None:
-        c = self.config
-        if not c.resume:
-            self.metrics.reset()
-            old = ckpt.latest_checkpoint(self.out)
-            if old is not None and self.dist.is_main:
-                logger.warning("%s already holds checkpoints (latest %s) of an earlier run; this run starts from "
-                               "step 0 and overwrites them as it goes (pass --resume to continue instead)",
-                               self.out, old)
-            return
-        directory = c.resume if isinstance(c.resume, str) else ckpt.latest_checkpoint(self.out)
+        """Load the checkpoint chosen (and verified) by :func:`rundir.plan_run`; cut metrics.jsonl back to it."""
+        directory = self.plan.resume_dir
         if directory is None:
-            raise ckpt.CheckpointError(
-                f"--resume: no checkpoint under {os.path.join(self.out, ckpt.CHECKPOINTS)}; "
-                "start without --resume (or pass --save-every N to write checkpoints)"
-            )
-        state = ckpt.read_trainer_state(directory)
-        saved = state.get("config", {})
-        for key in ("stage", "batch_size", "seed", "shuffle"):
-            if key in saved and saved[key] != getattr(c, key):
-                raise ckpt.CheckpointError(
-                    f"checkpoint {directory} was written with {key}={saved[key]!r}, this run has {getattr(c, key)!r}"
-                )
-        ckpt.load_checkpoint(directory, root=self.root, optimizer=self.optimizer, dist_state=self.dist)
+            return
+        state = ckpt.load_checkpoint(directory, root=self.root, optimizer=self.optimizer, dist_state=self.dist)
         self.start_step = state["step"]
         self.last_good = directory
         self.metrics.truncate_after(self.start_step)
@@ -316,6 +304,7 @@ class Trainer:
             raise TrainingDiverged(self._diverged_message(step, loss, grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._check_weights(step)
         elapsed = time.perf_counter() - t0
         row = {"step": step + 1, "loss": loss}
         row.update({k: packed[1 + j] / normaliser for j, k in enumerate(names)})
@@ -331,6 +320,18 @@ class Trainer:
             norm = norm.full_tensor()
         return float(norm)
 
+    def _check_weights(self, step: int) -> None:
+        """TrainingDiverged when an updated weight is NaN/inf (such a step is never saved)."""
+        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in self.root.parameters()]
+        flags = [torch.isfinite(t).all() for t in local]  # under FSDP2 each rank checks its shards
+        bad = float((~torch.stack(flags)).sum()) if flags else 0.0  # one device sync
+        bad = self._all_reduce([bad])[0] if self.dist.distributed else bad
+        if bad:
+            where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"training diverged at step {step + 1}: the updated weights are not finite (in {int(bad)} tensor(s)); "
+                f"nothing of this step was saved; {where}. Lower --lr or use --max-grad-norm.")
+
     def _diverged_message(self, step: int, loss: float, grad_norm: float) -> str:
         where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
         return (
@@ -340,19 +341,35 @@ class Trainer:
         )
 
     # -- checkpoints and outputs
-    def save(self, step: int, last_row: dict | None) -> str:
-        state = {"config": self.config.to_dict(), "total_steps": self.total, "last_metrics": last_row or {}}
+    def save(self, step: int, last_row: dict | None, *, prune: bool = True) -> str:
+        state = {"config": self.config.to_dict(), "total_steps": self.total, "last_metrics": last_row or {},
+                 "run_id": self.plan.run_id, "data_sha256": self.data_sha256}
         directory = ckpt.save_checkpoint(self.out, step, root=self.root, optimizer=self.optimizer,
-                                         dist_state=self.dist, tokenizer=self.tokenizer, trainer_state=state)
+                                         dist_state=self.dist, tokenizer=self.tokenizer, trainer_state=state,
+                                         kept=self.last_good)
         self.last_good = directory
-        if self.dist.is_main:
-            ckpt.prune_checkpoints(self.out, self.config.save_limit)
+        if self.dist.is_main and prune:
+            ckpt.prune_checkpoints(self.out, self.config.save_limit, run_id=self.plan.run_id)
         return directory
 
-    def export_final(self) -> None:
+    def export_final(self, row: dict | None) -> None:
+        """Checkpoint the last step (unless it is the checkpoint just resumed), export atomically, then
+        drop that checkpoint. A full disk while checkpointing still tries the smaller export."""
+        final_ckpt = ckpt.step_dir(self.out, self.total)
+        if not (self.last_good and os.path.abspath(self.last_good) == os.path.abspath(final_ckpt)):
+            try:
+                self.save(self.total, row, prune=False)
+            except ckpt.CheckpointError as e:
+                if not ckpt.is_disk_full(e) or self.dist.distributed:
+                    raise
+                logger.warning("%s; trying the (smaller) final export anyway", e)
         full = ckpt.gather_model_state(self.root) if self.dist.distributed else None
         if self.dist.is_main:
-            ckpt.export_policy(self.root.policy, full, self.out, self.tokenizer)
+            ckpt.export_final(self.root.policy, full, self.out, self.tokenizer, kept=self.last_good)
+            if self.last_good and os.path.abspath(self.last_good) == os.path.abspath(final_ckpt) \
+                    and ckpt.checkpoint_run_id(final_ckpt) == self.plan.run_id:
+                shutil.rmtree(final_ckpt, ignore_errors=True)
+                self.last_good = ckpt.latest_checkpoint(self.out, self.plan.run_id)
         dist_utils.barrier(self.dist)
 
     def _stop_requested(self, flag: _StopFlag) -> bool:
@@ -361,9 +378,11 @@ class Trainer:
 
     def run(self) -> dict:
         c = self.config
-        if self.dist.is_main:
-            save_yaml(c, os.path.join(self.out, CONFIG_FILE))
         self.maybe_resume()
+        if self.dist.is_main:  # every check passed: this run now owns the directory
+            if self.plan.resume_dir is None:
+                self.metrics.reset()
+            rundir.commit_run(c, self.plan)
         bar = _progress(c.progress and self.dist.is_main, self.total, self.start_step, c.stage)
         row: dict | None = None
         status = "completed"
@@ -395,7 +414,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         if status == "completed":
-            self.export_final()
+            self.export_final(row)
             self._plot()
         return dict(row or {}, status=status, output_dir=self.out, checkpoint=self.last_good,
                     total_steps=self.total)
@@ -425,8 +444,28 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
     Raises ConfigError, MissingFieldError (data lacks Oracle scores / reference log-probs),
     CheckpointError, KernelUnavailableError, TrainingDiverged.
     """
+    from drdo.hub import require_model_source
+
     config = resolve(dataclasses.replace(config))
+    require_model_source(config.model, "--model")
+    require_model_source(config.tokenizer, "--tokenizer")
     state = dist_utils.setup()
-    result = Trainer(config, state, on_step).run()
+    lock = rundir.RunLock(config.output_dir)
+    plan, error = None, None
+    if state.is_main:
+        try:
+            lock.acquire()
+            plan = rundir.plan_run(config)
+        except Exception as e:  # the other ranks must not wait for a broadcast that never comes
+            error = e
+    try:
+        plan = dist_utils.broadcast_object(state, plan)
+        if error is not None:
+            raise error
+        if plan is None:
+            raise rundir.OutputDirError("rank 0 could not use the output directory (see its error)")
+        result = Trainer(config, state, on_step, plan).run()
+    finally:
+        lock.release()
     dist_utils.teardown(state)  # on an error the ranks do not wait for each other
     return result

@@ -17,12 +17,27 @@ class MetricsLog:
         self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:
+        """Keep the lines of steps <= ``step`` (rewritten atomically). A line that does not parse (a
+        crash mid-write leaves half a line) is dropped, as are lines after it."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        with open(self.path, "w", encoding="utf-8") as f:
+        kept = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int) or row["step"] > step:
+                    break
+                kept.append(row)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
             for row in kept:
                 f.write(json.dumps(row) + "\n")
+        os.replace(tmp, self.path)
 
     def reset(self) -> None:
         if self.enabled and os.path.exists(self.path):

@@ -1,0 +1,306 @@
+"""A training run owns its output directory.
+
+* A lock (``fcntl.flock`` on ``<output_dir>/.drdo.lock``, held for the whole run) refuses a
+  second run into the same directory. The kernel drops the lock when its process dies, so a
+  lock file left by a crashed run never blocks.
+* ``run.json`` names the run that owns the directory: its id, its config and the checkpoint
+  it was resumed from (``parent``). Checkpoints carry the id of the run that wrote them;
+  ``--resume`` only uses, and pruning only deletes, checkpoints of the run being resumed.
+* A fresh run (no ``--resume``) refuses a non-empty directory that holds no drdo run, or a
+  run of another config, unless ``--overwrite``; files it did not write are never deleted.
+* ``--resume`` refuses a checkpoint written with another config (naming the fields), except
+  for the settings in :data:`RUNTIME_ONLY` and a larger ``max_steps``, unless
+  ``--allow-config-change``.
+* ``run.json`` and ``config.yaml`` are written only after every check passed (:func:`commit_run`).
+
+Resuming from a checkpoint that is not the newest of its run (a roll-back) starts a new run
+id whose ``parent`` is that checkpoint: a later plain ``--resume`` continues the new branch,
+never the abandoned steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+
+from drdo.config import TrainConfig, save_yaml
+from drdo.training import checkpoint as ckpt
+
+logger = logging.getLogger("drdo.training.rundir")
+
+LOCK_FILE = ".drdo.lock"
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+#: Settings that cannot change what a run computes: they may differ between a checkpoint and its resume.
+#: (The step's loss is normalised over the global batch, so micro_batch_size, like the world size,
+#: changes only the rounding; gradient_checkpointing recomputes the same activations.)
+RUNTIME_ONLY = frozenset({"output_dir", "resume", "overwrite", "allow_config_change", "save_every", "save_limit",
+                          "progress", "plot", "threads", "num_threads", "debug", "micro_batch_size",
+                          "gradient_checkpointing"})
+
+
+class OutputDirError(RuntimeError):
+    """The output directory cannot be used by this run (in use, foreign, unwritable, another config)."""
+
+
+@dataclass
+class RunPlan:
+    """What :func:`plan_run` decided: the run's id, the checkpoint to resume (None: start at step 0)
+    and the checkpoint the run descends from (``parent``, recorded in run.json)."""
+
+    run_id: str
+    resume_dir: str | None = None
+    parent: str | None = None
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<directory>/.drdo.lock`` (creates the directory)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        _make_directory(self.directory)
+        path = os.path.join(self.directory, LOCK_FILE)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputDirError(f"cannot write to --output-dir {self.directory}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputDirError(
+                f"--output-dir {self.directory} is in use by another drdo run (pid {holder}); wait for it to "
+                "finish or choose another directory") from None
+        self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _probe_writable(self.directory)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def _make_directory(directory: str) -> None:
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise OutputDirError(f"--output-dir {directory} exists and is not a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise OutputDirError(f"cannot create --output-dir {directory}: {e.strerror or e}") from None
+
+
+def _probe_writable(directory: str) -> None:
+    """OutputDirError unless a file can be created in ``directory`` (read-only or immutable dirs)."""
+    probe = os.path.join(directory, f".drdo-write-test-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("x")
+        os.remove(probe)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OutputDirError(f"--output-dir {directory}: no space left on device") from None
+        raise OutputDirError(f"cannot write to --output-dir {directory}: {e.strerror or e}") from None
+
+
+# ----------------------------------------------------------------------------- the run's identity
+
+
+def read_run(directory: str) -> dict | None:
+    """{"run_id", "config", "parent"} of the run that owns ``directory``; a directory written by an older
+    drdo (config.yaml only) gives run_id None; None when the directory holds no drdo run."""
+    path = os.path.join(directory, RUN_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                run = json.load(f)
+            if isinstance(run, dict) and isinstance(run.get("config"), dict):
+                return run
+        except (OSError, ValueError):
+            pass
+        raise OutputDirError(f"{path} is unreadable; pass --overwrite to start a new run in {directory}")
+    legacy = os.path.join(directory, CONFIG_FILE)
+    if os.path.isfile(legacy):
+        from drdo.config import ConfigError, load_yaml
+
+        try:
+            return {"run_id": None, "config": load_yaml(legacy), "parent": None}
+        except ConfigError:
+            return None
+    return None
+
+
+def data_digest(source) -> str | None:
+    """sha256 of a local data file (None for hub ids, directories and in-memory data)."""
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(os.path.expanduser(str(source))):
+        return None
+    digest = hashlib.sha256()
+    with open(os.path.expanduser(str(source)), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_differences(saved: dict, config: TrainConfig, *, resuming: bool) -> list[str]:
+    """Fields whose value in ``config`` differs from ``saved`` (a config dict), as "name: old -> new".
+    Settings in :data:`RUNTIME_ONLY` are ignored; when ``resuming``, so is a larger max_steps."""
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in RUNTIME_ONLY:
+            continue
+        new = getattr(config, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        old = saved.get(f.name, default)
+        if old == new:
+            continue
+        if resuming and f.name == "max_steps" and isinstance(old, int) and isinstance(new, int) and new > old:
+            continue
+        out.append(f"{f.name}: {old!r} -> {new!r}")
+    return out
+
+
+def _check_fresh(directory: str, config: TrainConfig) -> None:
+    """A fresh run may use an empty directory, or one holding a drdo run of the same config."""
+    entries = sorted(set(os.listdir(directory)) - {LOCK_FILE})
+    if not entries:
+        return
+    run = read_run(directory) if not config.overwrite else None
+    if config.overwrite:
+        logger.warning("--overwrite: starting a new run in %s (files of other runs are kept unless overwritten)",
+                       directory)
+        return
+    if run is None:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise OutputDirError(
+            f"--output-dir {directory} is not empty ({shown}) and holds no drdo run; choose an empty directory "
+            "or pass --overwrite")
+    diffs = config_differences(run["config"], config, resuming=False)
+    if diffs:
+        raise OutputDirError(
+            f"--output-dir {directory} holds a drdo run with another config ({'; '.join(diffs)}); pass --resume to "
+            "continue it, choose another directory, or pass --overwrite to start a new run there")
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _newest_valid(candidates: list[str]) -> str | None:
+    for path in reversed(candidates):
+        if ckpt.checkpoint_problem(path) is None:
+            return path
+    return None
+
+
+def _verified(directory: str, candidates: list[str]) -> str:
+    problem = ckpt.checkpoint_problem(directory)
+    if problem is None:
+        return directory
+    others = [c for c in candidates if os.path.abspath(c) != os.path.abspath(directory)]
+    good = _newest_valid(others)
+    hint = f"the newest valid checkpoint of this run is {good}: pass --resume {good}" if good else \
+        "no valid checkpoint of this run is left"
+    raise ckpt.CheckpointError(f"checkpoint {directory} is corrupt: {problem}; {hint}")
+
+
+def _plan_resume(directory: str, config: TrainConfig) -> RunPlan:
+    run = read_run(directory)
+    if isinstance(config.resume, str):
+        chosen = config.resume
+        state = ckpt.read_trainer_state(chosen)
+        run_id = state.get("run_id")
+        siblings = ckpt.list_checkpoints(directory, run_id) if run_id else []
+        newest = siblings[-1] if siblings else None
+        _compare(state, chosen, config)
+        _verified(chosen, siblings or [chosen])
+        if run_id and newest and os.path.samefile(newest, chosen) and run and run.get("run_id") == run_id:
+            return RunPlan(run_id, chosen, run.get("parent"))
+        return RunPlan(_new_id(), chosen, parent=os.path.abspath(chosen))  # a roll-back or a foreign checkpoint
+    if run is None or not run.get("run_id"):
+        where = os.path.join(directory, ckpt.CHECKPOINTS)
+        raise ckpt.CheckpointError(
+            f"--resume: no checkpoint of a drdo run under {where}; start without --resume (or pass --save-every N "
+            "to write checkpoints), or name a checkpoint directory: --resume DIR")
+    candidates = ckpt.list_checkpoints(directory, run["run_id"])
+    parent = run.get("parent")
+    if not candidates and parent and os.path.isdir(parent):
+        candidates = [parent]
+    if not candidates:
+        raise ckpt.CheckpointError(
+            f"--resume: no checkpoint of run {run['run_id']} under {os.path.join(directory, ckpt.CHECKPOINTS)}; "
+            "start without --resume (or pass --save-every N to write checkpoints)")
+    chosen = candidates[-1]
+    _compare(ckpt.read_trainer_state(chosen), chosen, config)
+    _verified(chosen, candidates + ([parent] if parent and os.path.isdir(parent) else []))
+    return RunPlan(run["run_id"], chosen, parent)
+
+
+def _compare(state: dict, chosen: str, config: TrainConfig) -> None:
+    saved = state.get("config") or {}
+    diffs = config_differences(saved, config, resuming=True)
+    if isinstance(saved.get("max_steps"), int) and isinstance(config.max_steps, int) \
+            and config.max_steps < state["step"]:
+        diffs.append(f"max_steps {config.max_steps} is below the checkpoint's step {state['step']}")
+    digest = state.get("data_sha256")
+    if digest and config.data == saved.get("data") and data_digest(config.data) not in (None, digest):
+        diffs.append(f"data: the content of {config.data} changed since the checkpoint was written")
+    if diffs and config.allow_config_change:
+        logger.warning("--allow-config-change: resuming %s with %s", chosen, "; ".join(diffs))
+        return
+    if diffs:
+        raise ckpt.CheckpointError(
+            f"checkpoint {chosen} was written with another config: {'; '.join(diffs)}; resume with the same "
+            "settings, or pass --allow-config-change to continue anyway")
+
+
+def plan_run(config: TrainConfig) -> RunPlan:
+    """Check the (locked) output directory for this run and decide what to resume; writes nothing."""
+    if config.resume:
+        return _plan_resume(config.output_dir, config)
+    _check_fresh(config.output_dir, config)
+    return RunPlan(_new_id())
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def commit_run(config: TrainConfig, plan: RunPlan) -> None:
+    """Record the run as the owner of its directory: run.json, then config.yaml (both atomic)."""
+    directory = config.output_dir
+    run = {"run_id": plan.run_id, "parent": plan.parent, "data_sha256": data_digest(config.data),
+           "config": config.to_dict()}
+    _atomic_write(os.path.join(directory, RUN_FILE), json.dumps(run, indent=2, default=str))
+    tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
+    save_yaml(config, tmp)
+    os.replace(tmp, os.path.join(directory, CONFIG_FILE))
