@@ -45,10 +45,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _add_config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values (flags override it)")
 
@@ -201,9 +197,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from drdo.pipeline.scoring import RewardModelError
     from drdo.training.checkpoint import CheckpointError
     from drdo.training.loop import TrainingDiverged
-    from drdo.training.objectives import KernelUnavailableError
 
-    return (ConfigError, CheckpointError, KernelUnavailableError, TrainingDiverged, FileNotFoundError,
+    return (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError,
             RewardModelError, JudgeError, MissingFieldError, InvalidExampleError, EmptyDatasetError,
             ModelFormatError)
 

@@ -22,8 +22,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from drdo.logprobs import KERNELS
+
 STAGES = ("sft", "oracle", "drdo", "dpo", "edpo")
-KERNELS = ("auto", "triton", "torch", "reference")
 REWARDS = ("head", "implicit")
 UNLIKELIHOODS = ("welleck", "paper")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -58,9 +59,6 @@ def option(default: Any, help: str, *, stages: tuple[str, ...] = STAGES, choices
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
-
-
-_PAIRS = ("oracle",) + STUDENT_STAGES
 
 
 @dataclass
@@ -222,17 +220,6 @@ def unused_settings(config: TrainConfig) -> list[str]:
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
-
-
-def from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
-    """Build a TrainConfig from a mapping; keys may use '-' or '_'. Unknown keys raise ConfigError."""
-    clean = {}
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name not in FIELD_NAMES:
-            raise ConfigError(f"unknown key {key!r} in {source}; known keys: {', '.join(FIELD_NAMES)}")
-        clean[name] = value
-    return TrainConfig(**clean)
 
 
 def load_yaml(path: str) -> dict[str, Any]:

@@ -119,9 +119,10 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     # an SFT output's head was never trained: an Oracle started from it gets a fresh head per seed
     import torch
 
-    from drdo.training.loop import _build_policy, head_was_trained
+    from drdo.models import head_is_trained
+    from drdo.training.loop import _build_policy
 
-    assert head_was_trained(sft) is False and head_was_trained(oracle) is True and head_was_trained("tiny") is None
+    assert head_is_trained(sft) is False and head_is_trained(oracle) is True and head_is_trained("tiny") is None
     heads = [_build_policy(TrainConfig(stage="oracle", model=m, seed=seed), torch.device("cpu")).reward_head.weight
              for m, seed in ((sft, 1), (sft, 2), (oracle, 1), (oracle, 2))]
     assert not torch.equal(heads[0], heads[1]) and torch.equal(heads[2], heads[3])

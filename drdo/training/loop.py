@@ -38,7 +38,7 @@ from drdo.training import checkpoint as ckpt
 from drdo.training import distributed as dist_utils
 from drdo.config import TrainConfig, accumulation_steps, resolve, save_yaml, total_steps, warmup_steps_for
 from drdo.training.metrics import MetricsLog, peak_memory_mb
-from drdo.training.objectives import StageObjective, resolve_kernel
+from drdo.training.objectives import StageObjective
 from drdo.training.schedule import lr_at, set_lr
 
 __all__ = ["TrainConfig", "train", "TrainingDiverged", "step_indices"]
@@ -48,7 +48,6 @@ logger = logging.getLogger("drdo.training.loop")
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 PLOT_FILE = "training_curves.png"
-PAIR_STAGES = ("oracle", "drdo", "dpo", "edpo")
 
 
 class TrainingDiverged(RuntimeError):
@@ -111,30 +110,21 @@ def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
     return config.precision == "auto" and device.type == "cuda"
 
 
-def head_was_trained(model_dir: str) -> bool | None:
-    """Whether the reward head saved in a directory written by :func:`train` was trained
-    (stage oracle, or drdo with reward="head"); None when the directory has no drdo config.yaml."""
-    path = os.path.join(os.path.expanduser(str(model_dir)), CONFIG_FILE)
-    if not os.path.isfile(path):
-        return None
-    from drdo.config import load_yaml
-
-    saved = load_yaml(path)
-    return saved.get("stage") == "oracle" or (saved.get("stage") == "drdo" and saved.get("reward") == "head")
-
-
 def _build_policy(config: TrainConfig, device: torch.device):
     """The policy in fp32. A head saved by a stage that never trained it (e.g. the SFT output) is
     replaced by a fresh one seeded by ``config.seed``, so that Oracles trained with different seeds
-    from the same SFT model start from different heads (the e-DPO ensemble)."""
+    from the same SFT model start from different heads (the e-DPO ensemble). A stage that trains
+    the head marks it trained (``reward_head.json`` says so when the run saves it)."""
     from drdo.models import PolicyWithRewardHead, new_reward_head
 
     policy = PolicyWithRewardHead.from_pretrained(
         config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code,
         attn_implementation=config.attn_implementation, seed=config.seed,
     )
-    if head_was_trained(config.model) is False:
+    if policy.head_trained is False:
         policy.reward_head = new_reward_head(policy.hidden_size, seed=config.seed)
+    if config.stage == "oracle" or (config.stage == "drdo" and config.reward == "head"):
+        policy.head_trained = True
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     return policy.to(device).train()
@@ -197,11 +187,10 @@ class Trainer:
         self.total = total_steps(config, len(self.dataset))
         self.accum = accumulation_steps(config.batch_size, config.micro_batch_size, dist_state.world_size)
         self.warmup = warmup_steps_for(config, self.total)
-        self.kernel_mode, kernels = resolve_kernel(config.kernel)
         self.bf16 = _use_bf16(config, self.device)
         torch.manual_seed(config.seed)
         policy = _build_policy(config, self.device)
-        self.root = StageObjective(policy, config, self.kernel_mode, kernels)
+        self.root = StageObjective(policy, config)
         if dist_state.distributed:
             dist_utils.wrap_fsdp(self.root, dist_state, bf16=self.bf16)
         self.optimizer = _optimizer(config, self.root)
@@ -423,7 +412,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
 
     on_step(step, metrics) is called on every rank after each optimizer step (1-based step).
     Raises ConfigError, MissingFieldError (data lacks Oracle scores / reference log-probs),
-    CheckpointError, KernelUnavailableError, TrainingDiverged.
+    CheckpointError, TrainingDiverged.
     """
     config = resolve(dataclasses.replace(config))
     state = dist_utils.setup()
