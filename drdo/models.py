@@ -49,6 +49,7 @@ __all__ = [
     "count_parameters",
     "find_transformer_blocks",
     "head_is_trained",
+    "is_tiny_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,26 @@ def build_tiny_causal_lm(
         torch.manual_seed(seed)
         lm = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
     return lm.float().eval()
+
+
+def is_tiny_model(name_or_path: str | os.PathLike) -> bool:
+    """True for ``"tiny"`` and for a directory holding a model of its architecture (e.g. the SFT
+    output of the tiny model): config.json says llama, 2 layers, 64 wide, the byte vocabulary."""
+    name = os.fspath(name_or_path)
+    if name == TINY_MODEL_NAME:
+        return True
+    path = os.path.join(os.path.expanduser(name), "config.json")
+    if not os.path.isfile(path):
+        return False
+    from drdo.tokenizer import TINY_VOCAB_SIZE
+
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    wanted = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": TINY_VOCAB_SIZE}
+    return isinstance(config, dict) and all(config.get(k) == v for k, v in wanted.items())
 
 
 def _set_attn_implementation(lm: nn.Module, attn_implementation: str) -> None:

@@ -27,6 +27,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -36,6 +37,7 @@ import torch
 
 from drdo.training import checkpoint as ckpt
 from drdo.training import distributed as dist_utils
+from drdo.runtime import quiet_libraries, torch_threads
 from drdo.config import TrainConfig, accumulation_steps, resolve, save_yaml, total_steps, warmup_steps_for
 from drdo.training.metrics import MetricsLog, peak_memory_mb
 from drdo.training.objectives import StageObjective
@@ -406,6 +408,14 @@ def _progress(enabled: bool, total: int, start: int, stage: str):
     return tqdm(total=total, initial=start, desc=f"drdo {stage}", dynamic_ncols=True)
 
 
+def _outermost_missing(path: str) -> str | None:
+    """The outermost directory on the way to ``path`` that does not exist yet (None: it exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
 def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run one training stage (see the module docstring); returns the last step's metrics plus
     ``status`` ("completed" | "interrupted"), ``output_dir``, ``checkpoint``, ``total_steps``.
@@ -416,6 +426,14 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
     """
     config = resolve(dataclasses.replace(config))
     state = dist_utils.setup()
-    result = Trainer(config, state, on_step).run()
+    with torch_threads(config.threads), quiet_libraries(not config.progress):
+        created = _outermost_missing(config.output_dir)
+        try:
+            trainer = Trainer(config, state, on_step)
+        except BaseException:  # a failed start (bad data, model, ...) leaves no directory it created
+            if created is not None and state.is_main:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+        result = trainer.run()
     dist_utils.teardown(state)  # on an error the ranks do not wait for each other
     return result
