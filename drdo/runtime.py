@@ -6,11 +6,11 @@ in its own process (a test, a notebook) finds its thread count and progress bars
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["torch_threads", "quiet_libraries"]
+__all__ = ["torch_threads", "quiet_libraries", "disable_library_progress_bars"]
 
 
 @contextlib.contextmanager
@@ -30,13 +30,9 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-@contextlib.contextmanager
-def quiet_libraries(quiet: bool = True) -> Iterator[None]:
-    """Hide the progress bars of ``transformers`` (loading, saving checkpoints) and ``datasets``
-    (reading and mapping files) inside the block when ``quiet``; re-enable those that were on."""
-    if not quiet:
-        yield
-        return
+def disable_library_progress_bars() -> list[Callable[[], None]]:
+    """Turn off the progress bars of ``transformers`` (loading, saving checkpoints) and ``datasets``
+    (reading and mapping files); returns the functions that turn back on those that were on."""
     import datasets
     from transformers.utils import logging as hf_logging
 
@@ -47,6 +43,13 @@ def quiet_libraries(quiet: bool = True) -> Iterator[None]:
     if datasets.is_progress_bar_enabled():
         datasets.disable_progress_bars()
         restore.append(datasets.enable_progress_bars)
+    return restore
+
+
+@contextlib.contextmanager
+def quiet_libraries(quiet: bool = True) -> Iterator[None]:
+    """No progress bar of ``transformers`` or ``datasets`` inside the block when ``quiet``."""
+    restore = disable_library_progress_bars() if quiet else []
     try:
         yield
     finally:

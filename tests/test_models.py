@@ -146,7 +146,8 @@ def test_rewards_equal_head_on_last_real_token(policy, padding_side):
         last = int(real_positions(mask, b)[-1])
         assert last == (LENGTHS[b] - 1 if padding_side == "right" else T - 1)
         expected = policy.reward_head(out.hidden_states[b, last]).squeeze()
-        torch.testing.assert_close(out.rewards[b], expected, rtol=0, atol=0)
+        # the head on [B, H] and on one [H] row are different kernels: rounding may differ
+        torch.testing.assert_close(out.rewards[b], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_left_and_right_padding_give_the_same_rewards(policy):

@@ -37,6 +37,7 @@ import torch
 
 from drdo.training import checkpoint as ckpt
 from drdo.training import distributed as dist_utils
+from drdo.losses import IGNORE_INDEX
 from drdo.runtime import quiet_libraries, torch_threads
 from drdo.config import TrainConfig, accumulation_steps, resolve, save_yaml, total_steps, warmup_steps_for
 from drdo.training.metrics import MetricsLog, peak_memory_mb
@@ -259,7 +260,7 @@ class Trainer:
             batch = self.collate([self.dataset[i] for i in group])
             batch.pop("rows", None)
             if c.stage == "sft":
-                count = float((batch["labels"] != -100).sum())
+                count = float((batch["labels"] != IGNORE_INDEX).sum())
             else:
                 count = float(batch["input_ids"].shape[0] // 2)
             out.append((batch, count, float(batch["attention_mask"].sum())))
