@@ -4,7 +4,7 @@ Each field is declared once with :func:`option`: its default, help, choices and 
 use it. The command line is built from these declarations (``drdo.cli``), so a subcommand
 accepts and shows only the flags of its own stage.
 
-Defaults are the paper's settings (``docs/math.md``): AdamW, lr 5e-6
+Defaults are the paper's settings: AdamW, lr 5e-6
 (Oracle 1e-5) with cosine decay after a linear warm-up, weight decay 0.05,
 global batch 64 pairs, max_prompt_length 512, max_length 1024, 1000 steps for
 the students and one epoch for the Oracle; alpha 0.1, gamma 2, alpha_O 0.01,
