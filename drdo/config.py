@@ -8,7 +8,7 @@ Defaults are the paper's settings: AdamW, lr 5e-6
 (Oracle 1e-5) with cosine decay after a linear warm-up, weight decay 0.05,
 global batch 64 pairs, max_prompt_length 512, max_length 1024, 1000 steps for
 the students and one epoch for the Oracle; alpha 0.1, gamma 2, alpha_O 0.01,
-DPO beta 0.1.
+DPO beta 0.1. The built-in tiny model gets its own learning rates (``_TINY_LR``).
 
 Precedence when the CLI builds a config: explicit flags > ``--config`` YAML >
 these defaults. Fields left at ``None`` are resolved per stage by
