@@ -26,6 +26,7 @@ import logging
 import json
 import os
 import sys
+import time
 
 from drdo.config import (
     FIELD_NAMES,
@@ -36,10 +37,17 @@ from drdo.config import (
     ScoreConfig,
     TrainConfig,
     add_config_flags,
+    check_threads,
     load_yaml,
 )
 from drdo.demo.run import add_arguments as add_demo_arguments
 from drdo.hub import require_model_source
+from drdo.runtime import quiet_libraries, torch_threads
+
+#: How long ``drdo demo`` takes; the README says the same (tests/test_readme_table.py checks it). Measured
+#: on 2 CPU cores: the default run 3 min 56 s (idle machine); --quick 81 s and 100 s (cores shared, load 5-8).
+DEMO_TIME = "about 4 min on 2 CPU cores, no download; `drdo demo --quick` (a smoke run): about 1.5 min"
+
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Shows "(default: X)" after each flag's help unless X is None (those helps say what None means)."""
@@ -49,10 +57,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         if action.default not in (None, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
             text += " (default: %(default)s)"
         return text
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _add_config_flag(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +99,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_flags(leaf(sub, "reflogps", "precompute reference log-probs for DPO / e-DPO", "reflogps"), RefLogpsConfig)
     _add_flags(leaf(sub, "eval", "sample from policies; expected judge reward and pairwise win rates", "eval"),
                EvalConfig)
-    demo = leaf(sub, "demo", "end-to-end demo on a synthetic task (drdo/demo/run.py)", "demo")
+    demo = leaf(sub, "demo", f"end-to-end demo on a synthetic task (drdo/demo/run.py): {DEMO_TIME}", "demo")
     add_demo_arguments(demo)
     leaves.update({f"{name} (group)": p for name, p in groups.items()})
     return parser, leaves
@@ -144,6 +148,7 @@ def _run_train(args) -> int:
     if result.get("status") == "interrupted":
         print(f"interrupted: checkpoint saved to {result.get('checkpoint')}; continue with --resume", file=sys.stderr)
         return 130
+    print(f"saved to {result['output_dir']}")
     return 0
 
 
@@ -178,21 +183,28 @@ def _run_reflogps(args) -> int:
 
 def _run_eval(args) -> int:
     from drdo.data import load_prompts
-    from drdo.pipeline.evaluate import evaluate, parse_policies
+    from drdo.pipeline.evaluate import evaluate, generations_path, parse_policies
 
     _require(args, "policies", "--policy", "prompts", "--prompts", "judge", "--judge")
     if ":" not in args.judge or os.path.exists(args.judge):
         require_model_source(args.judge, "--judge")
+    output = args.output or default_eval_output()
     prompts = load_prompts(args.prompts, split=args.split)
     if args.num_prompts is not None:
         prompts = prompts[: args.num_prompts]
     report = evaluate(parse_policies(args.policies), prompts, args.judge, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                       max_prompt_length=args.max_prompt_length, trust_remote_code=args.trust_remote_code,
-                      device=args.device, progress=args.progress, output=args.output)
+                      device=args.device, progress=args.progress, output=output)
     summary = {k: v for k, v in report.items() if k != "generations"}
     print(json.dumps(summary, indent=2))
+    print(f"report: {output}\ngenerations: {generations_path(output)}", file=sys.stderr)
     return 0
+
+
+def default_eval_output() -> str:
+    """Where ``drdo eval`` writes its report without ``--output``: runs/eval-<date>-<time>/report.json."""
+    return os.path.join("runs", time.strftime("eval-%Y%m%d-%H%M%S"), "report.json")
 
 
 def _run_demo(args) -> int:
@@ -219,10 +231,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from drdo.pipeline.scoring import RewardModelError
     from drdo.training.checkpoint import CheckpointError
     from drdo.training.loop import TrainingDiverged
-    from drdo.training.objectives import KernelUnavailableError
     from drdo.training.rundir import OutputDirError
 
-    return (ConfigError, CheckpointError, KernelUnavailableError, TrainingDiverged, FileNotFoundError,
+    return (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError,
             RewardModelError, JudgeError, MissingFieldError, InvalidExampleError, EmptyDatasetError,
             ModelFormatError, OutputDirError, DataSourceError, PermissionError, IsADirectoryError,
             NotADirectoryError)
@@ -270,7 +281,9 @@ def _main(argv: list[str] | None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
-        return _COMMANDS[args.command_path](args)
+        check_threads(getattr(args, "threads", None))
+        with torch_threads(getattr(args, "threads", None)), quiet_libraries(not getattr(args, "progress", True)):
+            return _COMMANDS[args.command_path](args)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     except KeyboardInterrupt:

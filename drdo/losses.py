@@ -1,7 +1,7 @@
 """Plain PyTorch reference of every loss in the project.
 
 This module is the ground truth that every kernel is tested against, so it is
-written to be read next to ``shared/docs/drdo-math.md``: one function per
+written to be read next to ``docs/math.md``: one function per
 formula, no fusion, no tricks beyond numerically stable primitives.
 
 Conventions (the same as TRL and Liger-Kernel):

@@ -14,7 +14,8 @@
 On disk a policy is a plain Hugging Face model directory (``config.json`` + ``model.safetensors``,
 loadable by ``AutoModelForCausalLM.from_pretrained`` in any HF tool) plus two small files of ours:
 ``reward_head.safetensors`` (tensors ``weight`` [1, H] and ``bias`` [1], float32) and
-``reward_head.json`` (``{"format": "drdo-reward-head", "version": 1, "hidden_size": H}``).
+``reward_head.json`` (``{"format": "drdo-reward-head", "version": 1, "hidden_size": H, "trained": true}``;
+``trained`` says whether the head was trained as a reward model, see :func:`head_is_trained`).
 
 The tiny model (``"tiny"``: a 2-layer, 64-wide Llama over the byte tokenizer's vocabulary) is built
 from a config, so tests and the demo never download anything.
@@ -47,6 +48,8 @@ __all__ = [
     "last_token_indices",
     "count_parameters",
     "find_transformer_blocks",
+    "head_is_trained",
+    "is_tiny_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -206,6 +209,26 @@ def build_tiny_causal_lm(
     return lm.float().eval()
 
 
+def is_tiny_model(name_or_path: str | os.PathLike) -> bool:
+    """True for ``"tiny"`` and for a directory holding a model of its architecture (e.g. the SFT
+    output of the tiny model): config.json says llama, 2 layers, 64 wide, the byte vocabulary."""
+    name = os.fspath(name_or_path)
+    if name == TINY_MODEL_NAME:
+        return True
+    path = os.path.join(os.path.expanduser(name), "config.json")
+    if not os.path.isfile(path):
+        return False
+    from drdo.tokenizer import TINY_VOCAB_SIZE
+
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    wanted = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": TINY_VOCAB_SIZE}
+    return isinstance(config, dict) and all(config.get(k) == v for k, v in wanted.items())
+
+
 def _set_attn_implementation(lm: nn.Module, attn_implementation: str) -> None:
     if hasattr(lm, "set_attn_implementation"):
         lm.set_attn_implementation(attn_implementation)
@@ -348,7 +371,8 @@ def _head_hidden_size(lm: nn.Module) -> int:
     return int(lm.config.hidden_size)
 
 
-def _save_head(head: nn.Linear, directory: str) -> None:
+def _save_head(head: nn.Linear, directory: str, *, trained: bool | None = None) -> None:
+    """Write reward_head.safetensors and reward_head.json (with ``trained`` when it is known)."""
     from safetensors.torch import save_file
 
     tensors = {"weight": head.weight.detach().float().cpu().contiguous()}
@@ -356,8 +380,37 @@ def _save_head(head: nn.Linear, directory: str) -> None:
         tensors["bias"] = head.bias.detach().float().cpu().contiguous()
     save_file(tensors, os.path.join(directory, HEAD_WEIGHTS_NAME), metadata={"format": _HEAD_FORMAT})
     meta = {"format": _HEAD_FORMAT, "version": _HEAD_VERSION, "hidden_size": int(head.in_features), "dtype": "float32"}
+    if trained is not None:
+        meta["trained"] = bool(trained)
     with open(os.path.join(directory, HEAD_CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
+
+
+def head_is_trained(directory: str | os.PathLike) -> bool | None:
+    """Whether the reward head saved in ``directory`` was trained as a reward model (by ``drdo oracle
+    train``, or ``drdo train --loss drdo`` with a head). Read from ``trained`` in reward_head.json;
+    a file written before that key existed falls back to the ``stage`` in the directory's
+    config.yaml. None when neither says (no head, a head of unknown origin, or not a directory)."""
+    directory = os.path.expanduser(os.fspath(directory))
+    meta_path = os.path.join(directory, HEAD_CONFIG_NAME)
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as f:
+                trained = json.load(f).get("trained")
+        except (OSError, ValueError, AttributeError):
+            trained = None
+        if isinstance(trained, bool):
+            return trained
+    config_path = os.path.join(directory, "config.yaml")
+    if not os.path.isfile(os.path.join(directory, HEAD_WEIGHTS_NAME)) or not os.path.isfile(config_path):
+        return None
+    import yaml
+
+    with open(config_path) as f:
+        saved = yaml.safe_load(f)
+    if not isinstance(saved, dict) or "stage" not in saved:
+        return None
+    return saved["stage"] == "oracle" or (saved["stage"] == "drdo" and saved.get("reward") == "head")
 
 
 def _load_head(directory: str, hidden_size: int) -> nn.Linear:
@@ -402,12 +455,17 @@ class PolicyWithRewardHead(nn.Module):
     Module tree: ``lm`` (the HF CausalLM, untouched) and ``reward_head``. ``backbone`` is
     ``lm.base_model`` (the decoder stack incl. the final norm), ``lm_head`` the LM's output
     embedding, ``transformer_blocks()`` its decoder layers (for FSDP2 ``fully_shard``).
+    ``head_trained`` (True, False, or None: unknown) is written to reward_head.json on save: a
+    fresh head is False; whoever trains the head as a reward model sets it to True.
     """
 
-    def __init__(self, lm: nn.Module, reward_head: nn.Linear | None = None, *, seed: int = 0):
+    def __init__(self, lm: nn.Module, reward_head: nn.Linear | None = None, *, seed: int = 0,
+                 head_trained: bool | None = None):
         super().__init__()
         hidden_size = _head_hidden_size(lm)
+        self.head_trained = head_trained
         if reward_head is None:
+            self.head_trained = False
             device = next(lm.parameters()).device
             reward_head = new_reward_head(hidden_size, seed=seed, device=device)
         if not isinstance(reward_head, nn.Linear) or reward_head.out_features != 1:
@@ -504,7 +562,7 @@ class PolicyWithRewardHead(nn.Module):
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         self.lm.save_pretrained(directory)
-        _save_head(self.reward_head, directory)
+        _save_head(self.reward_head, directory, trained=self.head_trained)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         return directory
@@ -533,8 +591,10 @@ class PolicyWithRewardHead(nn.Module):
         )
         hidden_size = _head_hidden_size(lm)
         local = os.path.expanduser(name)
+        trained = False
         if os.path.isfile(os.path.join(local, HEAD_WEIGHTS_NAME)):
             head = _load_head(local, hidden_size)
+            trained = head_is_trained(local)
         elif require_head:
             raise ModelFormatError(
                 f"{name} has no reward head ({HEAD_WEIGHTS_NAME}); train one with `drdo oracle train` "
@@ -546,5 +606,5 @@ class PolicyWithRewardHead(nn.Module):
             head = new_reward_head(hidden_size, seed=seed)
         if device is not None:
             head = head.to(device)
-        return cls(lm, head, seed=seed)
+        return cls(lm, head, seed=seed, head_trained=trained)
 

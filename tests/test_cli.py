@@ -63,10 +63,11 @@ def test_no_subcommand_is_a_usage_error(capsys):
 
 
 def test_paper_defaults():
-    c = resolve(TrainConfig(data="d", output_dir="o"))
+    model = "org/a-7b-model"  # any model but the tiny one gets the paper's learning rates
+    c = resolve(TrainConfig(model=model, data="d", output_dir="o"))
     assert (c.lr, c.weight_decay, c.batch_size, c.max_steps) == (5e-6, 0.05, 64, 1000)
     assert (c.max_length, c.max_prompt_length, c.alpha, c.gamma) == (1024, 512, 0.1, 2.0)
-    oracle = resolve(TrainConfig(stage="oracle", data="d", output_dir="o"))
+    oracle = resolve(TrainConfig(model=model, stage="oracle", data="d", output_dir="o"))
     assert (oracle.lr, oracle.max_steps, oracle.num_epochs, oracle.oracle_alpha) == (1e-5, None, 1.0, 0.01)
     assert resolve(TrainConfig(stage="dpo", data="d", output_dir="o")).beta == 0.1
 
@@ -119,9 +120,10 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     # an SFT output's head was never trained: an Oracle started from it gets a fresh head per seed
     import torch
 
-    from drdo.training.loop import _build_policy, head_was_trained
+    from drdo.models import head_is_trained
+    from drdo.training.loop import _build_policy
 
-    assert head_was_trained(sft) is False and head_was_trained(oracle) is True and head_was_trained("tiny") is None
+    assert head_is_trained(sft) is False and head_is_trained(oracle) is True and head_is_trained("tiny") is None
     heads = [_build_policy(TrainConfig(stage="oracle", model=m, seed=seed), torch.device("cpu")).reward_head.weight
              for m, seed in ((sft, 1), (sft, 2), (oracle, 1), (oracle, 2))]
     assert not torch.equal(heads[0], heads[1]) and torch.equal(heads[2], heads[3])

@@ -1,4 +1,4 @@
-"""drdo.losses against independent float64 computations of the formulas in drdo-math.md.
+"""drdo.losses against independent float64 computations of the formulas in docs/math.md.
 
 The independent computations below use Python's `math` module element by element, so
 they share no code path with the torch implementation they check.

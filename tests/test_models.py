@@ -401,3 +401,30 @@ def test_corrupt_or_inconsistent_files_raise_clear_errors(saved_dir, tmp_path):
     (bin_only / "model.safetensors").rename(bin_only / "pytorch_model.bin")
     with pytest.raises(ModelFormatError, match="only safetensors"):
         PolicyWithRewardHead.from_pretrained(bin_only)
+
+
+def test_reward_head_json_records_whether_the_head_was_trained(tmp_path):
+    import json
+
+    from drdo.models import HEAD_CONFIG_NAME, PolicyWithRewardHead, head_is_trained
+
+    policy = PolicyWithRewardHead.from_pretrained("tiny")
+    assert policy.head_trained is False  # a fresh head
+    policy.save_pretrained(tmp_path / "fresh")
+    assert head_is_trained(tmp_path / "fresh") is False
+    assert PolicyWithRewardHead.from_pretrained(str(tmp_path / "fresh")).head_trained is False
+    policy.head_trained = True
+    policy.save_pretrained(tmp_path / "trained")
+    assert head_is_trained(tmp_path / "trained") is True
+    assert PolicyWithRewardHead.from_pretrained(str(tmp_path / "trained")).head_trained is True
+    # a reward_head.json written before the key existed: the run's config.yaml decides, else unknown
+    meta_path = tmp_path / "trained" / HEAD_CONFIG_NAME
+    meta = json.loads(meta_path.read_text())
+    del meta["trained"]
+    meta_path.write_text(json.dumps(meta))
+    assert head_is_trained(tmp_path / "trained") is None
+    for stage, reward, expected in (("oracle", "head", True), ("sft", "head", False), ("drdo", "head", True),
+                                    ("drdo", "implicit", False), ("dpo", "head", False)):
+        (tmp_path / "trained" / "config.yaml").write_text(f"stage: {stage}\nreward: {reward}\n")
+        assert head_is_trained(tmp_path / "trained") is expected, stage
+    assert head_is_trained(tmp_path / "nowhere") is None and head_is_trained("tiny") is None

@@ -16,12 +16,7 @@ from drdo.config import ConfigError
 from drdo.training.schedule import lr_at
 from drdo.training.loop import TrainConfig, TrainingDiverged, rank_micro_batches, step_indices, train
 
-try:
-    import drdo_kernels  # noqa: F401
-
-    KERNEL = "torch"
-except ImportError:  # the loop must work without the kernels package
-    KERNEL = "reference"
+KERNEL = "torch"  # the fused path (chunked PyTorch backend on CPU)
 
 
 def make_rows(n, *, oracle=True, ref=False, k=1, seed=0):
@@ -118,27 +113,12 @@ def params_init_tiny():
     return {k: v.detach() for k, v in build_tiny_causal_lm(seed=0).state_dict().items()}
 
 
-def test_explicit_kernel_without_drdo_kernels_is_a_clear_error(monkeypatch):
-    import sys
-
-    from drdo.training.objectives import KernelUnavailableError, resolve_kernel
-
-    monkeypatch.setitem(sys.modules, "drdo_kernels", None)  # import drdo_kernels -> ImportError
-    with pytest.raises(KernelUnavailableError, match="--kernel reference"):
-        resolve_kernel("triton")
-    with pytest.warns(UserWarning, match="reference"):
-        assert resolve_kernel("auto") == ("reference", None)
-    assert resolve_kernel("reference") == ("reference", None)
-
-
 def test_batch_must_divide(tmp_path, data_file):
     with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
         train(cfg(data_file, tmp_path, batch_size=4, micro_batch_size=3))
 
 
 def test_fused_kernel_path_matches_reference(tmp_path, data_file):
-    if KERNEL == "reference":
-        pytest.skip("drdo_kernels not importable")
     train(cfg(data_file, tmp_path / "k", max_steps=3))
     train(cfg(data_file, tmp_path / "r", max_steps=3, kernel="reference"))
     for a, b in zip(losses(tmp_path / "k"), losses(tmp_path / "r")):

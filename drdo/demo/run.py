@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from drdo.config import KERNELS, ConfigError, add_config_flags, option
+from drdo.runtime import disable_library_progress_bars
 
 __all__ = ["add_arguments", "run_demo", "DemoSettings", "settings_from_args"]
 
@@ -342,25 +343,6 @@ def run_cell(s: DemoSettings, seed: int, noise: float, work: str, stages: _Stage
             "label_agreement": _mean([float(r["agrees"]) for r in rows])}
 
 
-def _quiet_libraries() -> list:
-    """Hide the per-file progress bars of transformers (loading/saving ~60 tiny checkpoints) and
-    datasets (reading ~50 small JSONL files); returns the enable functions to call afterwards."""
-    restore = []
-    from transformers.utils import logging as hf_logging
-
-    if hf_logging.is_progress_bar_enabled():
-        hf_logging.disable_progress_bar()
-        restore.append(hf_logging.enable_progress_bar)
-    try:
-        import datasets
-    except ImportError:
-        return restore
-    if datasets.is_progress_bar_enabled():
-        datasets.disable_progress_bars()
-        restore.append(datasets.enable_progress_bars)
-    return restore
-
-
 def _run_serial(s: DemoSettings, jobs: list, bar) -> list[dict]:
     stages = _Stages(bar=bar)
     return [run_cell(s, seed, noise, work, stages) for seed, noise, work in jobs]
@@ -376,7 +358,7 @@ def _init_worker(queue, threads: int) -> None:
 
     _WORKER_QUEUE = queue
     torch.set_num_threads(threads)
-    _quiet_libraries()
+    disable_library_progress_bars()
 
 
 def _cell_worker(settings: dict, seed: int, noise: float, work: str) -> dict:
@@ -424,7 +406,7 @@ def run_demo(args: argparse.Namespace) -> int:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=_stages_per_cell(s) * len(jobs), desc="drdo demo", dynamic_ncols=True)
-    restore_bars = _quiet_libraries()
+    restore_bars = disable_library_progress_bars()
     threads = torch.get_num_threads()
     torch.set_num_threads(s.threads)
     try:

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import sys
 from typing import Callable
 
 import torch
@@ -26,7 +27,7 @@ from drdo.jsonl import write_jsonl
 from drdo.progress import batch_starts
 from drdo.pipeline.scoring import load_reward_model, pick_device
 
-__all__ = ["JudgeError", "generate", "evaluate", "load_judge", "win_rate", "parse_policies"]
+__all__ = ["JudgeError", "generate", "evaluate", "load_judge", "win_rate", "parse_policies", "generations_path"]
 
 Judge = Callable[[list, list], list]
 
@@ -133,6 +134,25 @@ def _reward_model_judge(path: str, *, device, trust_remote_code, batch_size=16, 
     return judge
 
 
+def _import_from_cwd(module_name: str):
+    """Import a module, searching the current directory first (the ``drdo`` console script's
+    sys.path does not hold it, unlike ``python -m``)."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def generations_path(output: str) -> str:
+    """The JSONL of generations written next to the report ``output``."""
+    return output + ".generations.jsonl"
+
+
 def load_judge(spec, *, device="auto", trust_remote_code: bool = False) -> Judge:
     """A callable judge from a callable, "module:function", or a reward-model directory / hub id."""
     if callable(spec):
@@ -141,7 +161,7 @@ def load_judge(spec, *, device="auto", trust_remote_code: bool = False) -> Judge
     if ":" in spec and not os.path.exists(spec):
         module_name, _, func_name = spec.partition(":")
         try:
-            func = getattr(importlib.import_module(module_name), func_name)
+            func = getattr(_import_from_cwd(module_name), func_name)
         except (ImportError, AttributeError) as e:
             raise JudgeError(f"cannot import the judge {spec!r} (expected 'module:function'): {e}") from e
         if not callable(func):
@@ -208,5 +228,5 @@ def evaluate(policies: dict, prompts: list, judge, *, max_new_tokens: int = 64, 
         with open(output, "w", encoding="utf-8") as f:
             json.dump({k: v for k, v in report.items() if k != "generations"}, f, indent=2)
         rows = [{"prompt": p, **{name: generations[name][i] for name in generations}} for i, p in enumerate(prompts)]
-        write_jsonl(rows, output + ".generations.jsonl")
+        write_jsonl(rows, generations_path(output))
     return report

@@ -13,33 +13,11 @@ import torch
 
 from drdo.data import PreferenceCollator, load_preference_dataset
 from drdo.jsonl import write_jsonl
-from drdo.training.objectives import IGNORE_INDEX, _head_params, resolve_kernel
+from drdo.logprobs import policy_sequence_logprobs
 from drdo.progress import batch_starts
 from drdo.pipeline.scoring import pick_device
 
-__all__ = ["compute_reference_logps", "policy_sequence_logps"]
-
-
-@torch.no_grad()
-def policy_sequence_logps(policy, input_ids, attention_mask, labels, *, kernel_mode: str = "reference") -> torch.Tensor:
-    """Summed log-probs [R] float32 of the labelled tokens of each row.
-
-    input_ids/attention_mask/labels: [R, T] int64, labels aligned (shifted). kernel_mode:
-    "reference" (full logits + drdo.losses.sequence_logprobs) or a drdo_kernels backend.
-    """
-    from drdo.losses import sequence_logprobs
-
-    reference = kernel_mode == "reference"
-    out = policy(input_ids, attention_mask, return_logits=reference)
-    if reference:
-        return sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)[0].float()
-    import drdo_kernels as dk
-
-    hidden = out.hidden_states
-    weight, bias = _head_params(policy.lm_head, hidden.dtype)
-    token_logp = dk.fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                          bias=bias, ignore_index=IGNORE_INDEX, backend=kernel_mode)
-    return token_logp.view(labels.shape).sum(-1).float()
+__all__ = ["compute_reference_logps"]
 
 
 def compute_reference_logps(model, data, output: str, *, batch_size: int = 8, max_length: int = 1024,
@@ -67,7 +45,6 @@ def compute_reference_logps(model, data, output: str, *, batch_size: int = 8, ma
             raise ValueError("pass tokenizer= when model is a loaded module")
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = get_tokenizer(os.fspath(tokenizer), trust_remote_code=trust_remote_code)
-    kernel_mode, _ = resolve_kernel(kernel)
     ds = load_preference_dataset(data, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                                  split=split, skip_invalid=skip_invalid)
     collate = PreferenceCollator(tokenizer.pad_token_id)
@@ -76,9 +53,9 @@ def compute_reference_logps(model, data, output: str, *, batch_size: int = 8, ma
     for start in batch_starts(len(ds), batch_size, progress=progress, desc="reference log-probs"):
         idx = list(range(start, min(start + batch_size, len(ds))))
         batch = {k: v.to(dev) for k, v in collate([ds[i] for i in idx]).items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logps = policy_sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                          kernel_mode=kernel_mode).cpu()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logps = policy_sequence_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                             kernel=kernel)[0].float().cpu()
         n = len(idx)
         for j, i in enumerate(idx):
             row = dict(ds.raw[i])

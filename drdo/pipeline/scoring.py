@@ -62,11 +62,10 @@ def load_reward_model(path: str, *, device="auto", trust_remote_code: bool = Fal
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     tokenizer = get_tokenizer(path, trust_remote_code=trust_remote_code)
     if _is_policy_dir(path):
-        from drdo.models import PolicyWithRewardHead
-        from drdo.training.loop import head_was_trained
+        from drdo.models import PolicyWithRewardHead, head_is_trained
 
-        if head_was_trained(path) is False:
-            warnings.warn(f"{path} was not trained as an Oracle (see its config.yaml): its reward head is untrained; "
+        if head_is_trained(path) is False:
+            warnings.warn(f"{path} was not trained as an Oracle (see its reward_head.json): its reward head is untrained; "
                           "train one with `drdo oracle train`")
 
         model = PolicyWithRewardHead.from_pretrained(path, dtype=dtype, device=dev, require_head=True,

@@ -221,7 +221,7 @@ def export_policy(policy: nn.Module, full_state: dict[str, torch.Tensor] | None,
         head.weight.copy_(head_sd["weight"])
         if "bias" in head_sd:
             head.bias.copy_(head_sd["bias"])
-    models._save_head(head, directory)
+    models._save_head(head, directory, trained=policy.head_trained)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory

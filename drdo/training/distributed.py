@@ -94,22 +94,8 @@ def broadcast_object(state: DistState, obj):
     return box[0]
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers to shard one by one: HF ``_no_split_modules`` classes, else ``*.layers.N``."""
-    names = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if blocks:
-        return blocks
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) and all(type(x) is type(m[0]) for x in m):
-            return list(m)
-    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to shard")
-
-
 def wrap_fsdp(root: nn.Module, state: DistState, *, bf16: bool) -> nn.Module:
-    """FSDP2: ``fully_shard`` each transformer block of ``root``, then ``root`` itself.
+    """FSDP2: ``fully_shard`` each transformer block of ``root.policy`` (a PolicyWithRewardHead), then ``root``.
 
     bf16=True: bf16 compute with fp32 gradient reduction (MixedPrecisionPolicy);
     parameters and optimizer state stay fp32. The root does not cast its floating-point
@@ -126,9 +112,7 @@ def wrap_fsdp(root: nn.Module, state: DistState, *, bf16: bool) -> nn.Module:
         root_kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
         )
-    policy = getattr(root, "policy", None)
-    blocks = policy.transformer_blocks() if hasattr(policy, "transformer_blocks") else transformer_blocks(root)
-    for block in blocks:
+    for block in root.policy.transformer_blocks():
         fully_shard(block, **block_kwargs)
     fully_shard(root, **root_kwargs)
     return root

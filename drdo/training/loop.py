@@ -41,9 +41,11 @@ import torch
 from drdo.training import checkpoint as ckpt
 from drdo.training import distributed as dist_utils
 from drdo.training import rundir
+from drdo.losses import IGNORE_INDEX
+from drdo.runtime import quiet_libraries, torch_threads
 from drdo.config import TrainConfig, accumulation_steps, resolve, total_steps, warmup_steps_for
 from drdo.training.metrics import MetricsLog, peak_memory_mb
-from drdo.training.objectives import StageObjective, resolve_kernel
+from drdo.training.objectives import StageObjective
 from drdo.training.schedule import lr_at, set_lr
 
 __all__ = ["TrainConfig", "train", "TrainingDiverged", "step_indices"]
@@ -53,7 +55,6 @@ logger = logging.getLogger("drdo.training.loop")
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 PLOT_FILE = "training_curves.png"
-PAIR_STAGES = ("oracle", "drdo", "dpo", "edpo")
 
 
 class TrainingDiverged(RuntimeError):
@@ -116,30 +117,21 @@ def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
     return config.precision == "auto" and device.type == "cuda"
 
 
-def head_was_trained(model_dir: str) -> bool | None:
-    """Whether the reward head saved in a directory written by :func:`train` was trained
-    (stage oracle, or drdo with reward="head"); None when the directory has no drdo config.yaml."""
-    path = os.path.join(os.path.expanduser(str(model_dir)), CONFIG_FILE)
-    if not os.path.isfile(path):
-        return None
-    from drdo.config import load_yaml
-
-    saved = load_yaml(path)
-    return saved.get("stage") == "oracle" or (saved.get("stage") == "drdo" and saved.get("reward") == "head")
-
-
 def _build_policy(config: TrainConfig, device: torch.device):
     """The policy in fp32. A head saved by a stage that never trained it (e.g. the SFT output) is
     replaced by a fresh one seeded by ``config.seed``, so that Oracles trained with different seeds
-    from the same SFT model start from different heads (the e-DPO ensemble)."""
+    from the same SFT model start from different heads (the e-DPO ensemble). A stage that trains
+    the head marks it trained (``reward_head.json`` says so when the run saves it)."""
     from drdo.models import PolicyWithRewardHead, new_reward_head
 
     policy = PolicyWithRewardHead.from_pretrained(
         config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code,
         attn_implementation=config.attn_implementation, seed=config.seed,
     )
-    if head_was_trained(config.model) is False:
+    if policy.head_trained is False:
         policy.reward_head = new_reward_head(policy.hidden_size, seed=config.seed)
+    if config.stage == "oracle" or (config.stage == "drdo" and config.reward == "head"):
+        policy.head_trained = True
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     return policy.to(device).train()
@@ -203,11 +195,10 @@ class Trainer:
         self.total = total_steps(config, len(self.dataset))
         self.accum = accumulation_steps(config.batch_size, config.micro_batch_size, dist_state.world_size)
         self.warmup = warmup_steps_for(config, self.total)
-        self.kernel_mode, kernels = resolve_kernel(config.kernel)
         self.bf16 = _use_bf16(config, self.device)
         torch.manual_seed(config.seed)
         policy = _build_policy(config, self.device)
-        self.root = StageObjective(policy, config, self.kernel_mode, kernels)
+        self.root = StageObjective(policy, config)
         if dist_state.distributed:
             dist_utils.wrap_fsdp(self.root, dist_state, bf16=self.bf16)
         self.optimizer = _optimizer(config, self.root)
@@ -256,7 +247,7 @@ class Trainer:
             batch = self.collate([self.dataset[i] for i in group])
             batch.pop("rows", None)
             if c.stage == "sft":
-                count = float((batch["labels"] != -100).sum())
+                count = float((batch["labels"] != IGNORE_INDEX).sum())
             else:
                 count = float(batch["input_ids"].shape[0] // 2)
             out.append((batch, count, float(batch["attention_mask"].sum())))
@@ -436,21 +427,16 @@ def _progress(enabled: bool, total: int, start: int, stage: str):
     return tqdm(total=total, initial=start, desc=f"drdo {stage}", dynamic_ncols=True)
 
 
-def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Run one training stage (see the module docstring); returns the last step's metrics plus
-    ``status`` ("completed" | "interrupted"), ``output_dir``, ``checkpoint``, ``total_steps``.
+def _outermost_missing(path: str) -> str | None:
+    """The outermost directory on the way to ``path`` that does not exist yet (None: it exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
 
-    on_step(step, metrics) is called on every rank after each optimizer step (1-based step).
-    Raises ConfigError, MissingFieldError (data lacks Oracle scores / reference log-probs),
-    CheckpointError, KernelUnavailableError, TrainingDiverged.
-    """
-    from drdo.hub import require_model_source
 
-    config = resolve(dataclasses.replace(config))
-    require_model_source(config.model, "--model")
-    require_model_source(config.tokenizer, "--tokenizer")
-    state = dist_utils.setup()
-    lock = rundir.RunLock(config.output_dir)
+def _start(config: TrainConfig, state, on_step, lock: rundir.RunLock) -> "Trainer":
+    """Take the output directory (rank 0: lock, check, plan the run; the plan is broadcast) and build the trainer."""
     plan, error = None, None
     if state.is_main:
         try:
@@ -458,14 +444,41 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
             plan = rundir.plan_run(config)
         except Exception as e:  # the other ranks must not wait for a broadcast that never comes
             error = e
-    try:
-        plan = dist_utils.broadcast_object(state, plan)
-        if error is not None:
-            raise error
-        if plan is None:
-            raise rundir.OutputDirError("rank 0 could not use the output directory (see its error)")
-        result = Trainer(config, state, on_step, plan).run()
-    finally:
-        lock.release()
+    plan = dist_utils.broadcast_object(state, plan)
+    if error is not None:
+        raise error
+    if plan is None:
+        raise rundir.OutputDirError("rank 0 could not use the output directory (see its error)")
+    return Trainer(config, state, on_step, plan)
+
+
+def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run one training stage (see the module docstring); returns the last step's metrics plus
+    ``status`` ("completed" | "interrupted"), ``output_dir``, ``checkpoint``, ``total_steps``.
+
+    on_step(step, metrics) is called on every rank after each optimizer step (1-based step).
+    Raises ConfigError, MissingFieldError (data lacks Oracle scores / reference log-probs),
+    CheckpointError, TrainingDiverged.
+    """
+    from drdo.hub import require_model_source
+
+    config = resolve(dataclasses.replace(config))
+    require_model_source(config.model, "--model")
+    require_model_source(config.tokenizer, "--tokenizer")
+    state = dist_utils.setup()
+    with torch_threads(config.threads), quiet_libraries(not config.progress):
+        created = _outermost_missing(config.output_dir)
+        lock = rundir.RunLock(config.output_dir)
+        try:
+            trainer = _start(config, state, on_step, lock)
+        except BaseException:  # a failed start (busy or foreign directory, bad data, ...) leaves no directory it created
+            lock.release()
+            if created is not None and state.is_main:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+        try:
+            result = trainer.run()
+        finally:
+            lock.release()
     dist_utils.teardown(state)  # on an error the ranks do not wait for each other
     return result

@@ -16,43 +16,15 @@ the max of the full-batch sums.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from drdo import losses as ref_losses
+from drdo.logprobs import head_params, policy_sequence_logprobs
 from drdo.losses import IGNORE_INDEX
 
 #: Metrics that the losses report as sums (not means) over the micro-batch under reduction="sum".
 _SUMMED_METRICS = {"edpo": ("distill_min", "distill_max")}
-
-
-class KernelUnavailableError(RuntimeError):
-    """--kernel triton|torch was asked for but drdo_kernels cannot be imported."""
-
-
-def resolve_kernel(kernel: str):
-    """Return (mode, drdo_kernels module or None). mode: "reference" or a drdo_kernels backend.
-
-    "auto" falls back to the reference path (with a warning) when drdo_kernels is
-    missing; "triton"/"torch" raise KernelUnavailableError instead.
-    """
-    if kernel == "reference":
-        return "reference", None
-    try:
-        import drdo_kernels as dk
-
-        dk.fused_linear_logprobs  # noqa: B018 - the package must provide the kernels
-    except (ImportError, AttributeError) as e:
-        if kernel == "auto":
-            warnings.warn(f"drdo_kernels is not importable ({e}); using --kernel reference (full logits)")
-            return "reference", None
-        raise KernelUnavailableError(
-            f"--kernel {kernel} needs the drdo_kernels package, which cannot be imported: {e}. "
-            "Use --kernel reference for the plain PyTorch path."
-        ) from e
-    return kernel, dk
 
 
 class StageObjective(nn.Module):
@@ -65,18 +37,20 @@ class StageObjective(nn.Module):
     over the B pairs (SFT: over the response tokens).
     """
 
-    def __init__(self, policy: nn.Module, config, kernel_mode: str, kernels=None):
+    def __init__(self, policy: nn.Module, config):
         super().__init__()
         self.policy = policy
         self.stage = config.stage
-        self.kernel_mode = kernel_mode
+        self.kernel_mode = config.kernel
         self.cfg = dict(
             alpha=config.alpha, gamma=config.gamma, beta=config.beta, reward=config.reward,
             unlikelihood=config.unlikelihood, oracle_alpha=config.oracle_alpha, pessimistic=config.pessimistic,
         )
-        self.fused = None if kernels is None else self._make_fused(kernels)
+        self.fused = None if self.kernel_mode == "reference" else self._make_fused()
 
-    def _make_fused(self, dk):
+    def _make_fused(self):
+        import drdo_kernels as dk
+
         c, backend = self.cfg, self.kernel_mode
         common = dict(ignore_index=IGNORE_INDEX, backend=backend, reduction="sum")
         if self.stage == "drdo":
@@ -92,14 +66,14 @@ class StageObjective(nn.Module):
         return None  # sft uses fused_linear_logprobs directly
 
     def forward(self, input_ids, attention_mask, labels, oracle_rewards=None, ref_logps=None):
-        reference = self.kernel_mode == "reference"
-        out = self.policy(input_ids, attention_mask, return_logits=reference)
         if self.stage == "sft":
-            return self._sft(out, labels, reference)
-        if reference:
-            logps, n_tokens = ref_losses.sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)
+            return self._sft(input_ids, attention_mask, labels)
+        if self.kernel_mode == "reference":
+            logps, n_tokens, out = policy_sequence_logprobs(self.policy, input_ids, attention_mask, labels,
+                                                            kernel="reference")
             loss, metrics = self._reference_pair_loss(logps, n_tokens, out.rewards, oracle_rewards, ref_logps)
         else:
+            out = self.policy(input_ids, attention_mask)
             loss, metrics = self._fused_pair_loss(out, labels, oracle_rewards, ref_logps)
         n_pairs = input_ids.shape[0] // 2
         metrics = {k: v for k, v in metrics.items() if k != "loss"}
@@ -109,28 +83,16 @@ class StageObjective(nn.Module):
         return loss.float(), metrics
 
     # ---- SFT -------------------------------------------------------------------------------------------------
-    def _sft(self, out, labels, reference):
-        mask = labels != IGNORE_INDEX
-        n_tokens = mask.sum()
-        if reference:
-            logps, _ = ref_losses.sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)
-            total = logps.sum()
-        else:
-            import drdo_kernels as dk
-
-            weight, bias = _head_params(self.policy.lm_head, out.hidden_states.dtype)
-            token_logp = dk.fused_linear_logprobs(
-                out.hidden_states[mask], weight, labels[mask], bias=bias,
-                ignore_index=IGNORE_INDEX, backend=self.kernel_mode,
-            )
-            total = token_logp.sum()
-        nll_sum = -total.float()
-        return nll_sum, {"nll": (nll_sum / n_tokens.clamp(min=1)).detach()}
+    def _sft(self, input_ids, attention_mask, labels):
+        logps, n_tokens, _ = policy_sequence_logprobs(self.policy, input_ids, attention_mask, labels,
+                                                      kernel=self.kernel_mode)
+        nll_sum = -logps.sum().float()
+        return nll_sum, {"nll": (nll_sum / n_tokens.sum().clamp(min=1)).detach()}
 
     # ---- preference stages -----------------------------------------------------------------------------------
     def _fused_pair_loss(self, out, labels, oracle_rewards, ref_logps):
         h = out.hidden_states
-        w, b = _head_params(self.policy.lm_head, h.dtype)
+        w, b = head_params(self.policy.lm_head, h.dtype)
         if self.stage == "drdo":
             oracle = _single_oracle(oracle_rewards)
             policy_rewards = out.rewards if self.cfg["reward"] == "head" else None
@@ -166,19 +128,6 @@ class StageObjective(nn.Module):
             z_w, z_l, ref_logps[:n], ref_logps[n:], oracle[:, :n], oracle[:, n:],
             beta=c["beta"], pessimistic=c["pessimistic"], reduction="sum",
         )
-
-
-def _head_params(head: nn.Module, dtype: torch.dtype):
-    """LM-head (weight [V, H], bias [V] | None) in the dtype of the hidden states.
-
-    Under FSDP2 mixed precision both are bf16 already; under single-GPU autocast the
-    fp32 weight is cast (differentiably) to the bf16 hidden states' dtype.
-    """
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if weight.dtype != dtype:
-        weight = weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    return weight, bias
 
 
 def _single_oracle(oracle_rewards: torch.Tensor) -> torch.Tensor:

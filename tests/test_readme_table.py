@@ -1,0 +1,64 @@
+"""README figures that cannot go stale: the demo table, the demo's time, the layout table."""
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import pytest
+
+from drdo.demo.readme_table import COMMITTED_REPORT, END, START, current_block, readme_block, replace_block, update
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _committed_report() -> dict:
+    return json.loads((ROOT / COMMITTED_REPORT).read_text(encoding="utf-8"))
+
+
+def test_readme_demo_table_is_the_one_the_committed_report_gives():
+    assert current_block(README) == readme_block(_committed_report()), (
+        "regenerate it: python -m drdo.demo.readme_table --update README.md docs/demo/report.json")
+
+
+def test_block_reflects_the_report():
+    report = _committed_report()
+    report["methods"]["drdo"]["0.3"]["true_reward_mean"] = 0.987654
+    block = readme_block(report)
+    assert "| 0.3 | DRDO | 0.988 ±" in block and block != current_block(README)
+    assert "Oracle-judged win rate over SFT minus the true one" in block
+
+
+def test_update_rewrites_only_the_block_and_copies_report_and_plot(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{START}\nold table\n{END}\n\nafter\n")
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    (run / "report.json").write_text((ROOT / COMMITTED_REPORT).read_text())
+    (run / "report.png").write_bytes(b"png")
+    block = update(str(readme), str(run / "report.json"))
+    text = readme.read_text()
+    assert text.startswith("# title\n\n") and text.endswith(f"{END}\n\nafter\n") and "old table" not in text
+    assert current_block(text) == block
+    assert json.loads((tmp_path / COMMITTED_REPORT).read_text()) == _committed_report()
+    assert (tmp_path / "docs" / "demo.png").read_bytes() == b"png"
+    with pytest.raises(ValueError, match="markers"):
+        replace_block("no markers here", block)
+
+
+def test_readme_and_demo_help_give_the_same_time(capsys):
+    from drdo.cli import DEMO_TIME, main
+
+    assert main(["demo", "--help"]) == 0
+    assert DEMO_TIME in " ".join(capsys.readouterr().out.split())
+    assert f"drdo demo                 # {DEMO_TIME}" in README
+
+
+def test_layout_table_lists_every_module():
+    layout = README[README.index("## Layout"):]
+    listed = set(re.findall(r"`((?:drdo|drdo_kernels)/[\w/]+\.py)`", layout))
+    modules = {p.relative_to(ROOT).as_posix() for pkg in ("drdo", "drdo_kernels") for p in (ROOT / pkg).rglob("*.py")
+               if p.name != "__init__.py"}
+    assert not modules - listed, f"add to the README's layout table: {sorted(modules - listed)}"
+    assert not listed - modules, f"the README's layout table names missing files: {sorted(listed - modules)}"
