@@ -164,12 +164,16 @@ def test_frozen_weight_triton():
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=0, atol=1e-5)
 
 
-def test_mixed_dtypes_promote():
-    """bf16 hidden with an fp32 weight (autocast-style) computes in fp32."""
+def test_mixed_dtypes_run_in_hidden_dtype():
+    """bf16 hidden with an fp32 weight (autocast training): the GEMMs see the weight cast to
+    bf16, as autocast does; the weight gradient comes back in fp32."""
     hidden, weight, _, labels, _ = _inputs((10,), 16, 40, torch.float32, False, "none")
-    out = fused_linear_logprobs(hidden.bfloat16(), weight, labels, backend="torch")
-    ref = _reference(hidden.bfloat16().double(), weight.double(), None, labels)
+    w = weight.clone().requires_grad_()
+    out = fused_linear_logprobs(hidden.bfloat16(), w, labels, backend="torch")
+    ref = _reference(hidden.bfloat16().double(), weight.bfloat16().double(), None, labels)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    out.sum().backward()
+    assert w.grad.dtype == torch.float32
 
 
 def test_bad_inputs_raise(monkeypatch):
