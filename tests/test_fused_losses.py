@@ -1,8 +1,8 @@
 """drdo_kernels.FusedLinear*Loss == drdo.losses composed on full logits.
 
 The ground truth is the reference composition (logits -> sequence_logprobs -> loss) in
-float64 on the very same (dtype-exact) inputs. Each fused run (both backends; Triton
-through its CPU interpreter) must be within a small multiple of the error of the same
+float64 on the very same (dtype-exact) inputs. Each fused run (every backend; Triton
+kernels through the CPU interpreter) must be within a small multiple of the error of the same
 composition run in the tested dtype (the naive PyTorch path a trainer would use).
 """
 import pytest
@@ -131,7 +131,7 @@ def _drdo_pair(reward, unlikelihood, beta=0.5, alpha=0.5, gamma=2.0):
     return fused, ref
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 def test_drdo_both_rewards_both_unlikelihoods_fp32(backend):
     batch = _batch(seed=1)
     for reward in ("head", "implicit"):
@@ -140,7 +140,7 @@ def test_drdo_both_rewards_both_unlikelihoods_fp32(backend):
             _assert_matches(fused(backend), ref, batch, torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 def test_drdo_bf16_without_bias(backend):
     batch = _batch(seed=2, bias=False)
     fused, ref = _drdo_pair("implicit", "welleck", gamma=1.0)
@@ -169,7 +169,7 @@ def _split(t):
     return t[..., :N_PAIRS], t[..., N_PAIRS:]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dpo(backend, dtype):
     batch = _batch(seed=4)
@@ -183,7 +183,7 @@ def test_dpo(backend, dtype):
                     ref, batch, dtype)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 def test_edpo_pessimistic_and_mean(backend):
     batch = _batch(seed=5, k_oracles=3)
     for pessimistic in (True, False):
@@ -198,7 +198,7 @@ def test_edpo_pessimistic_and_mean(backend):
                                          b["bias"]), ref, batch, torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 def test_oracle_loss_token_mean_and_sum(backend):
     batch = _batch(seed=6)
     for nll_reduction in ("mean", "sum"):

@@ -58,11 +58,12 @@ def _errors(results, ref):
     return [(r - e).abs().max().item() for r, e in zip(results, ref)]
 
 
-def _check_against_naive(backend, shape, n_hidden, n_vocab, dtype, bias, ignored):
+def _check_against_naive(backend, shape, n_hidden, n_vocab, dtype, bias, ignored, chunk_size=None):
     hidden, weight, b, labels, upstream = _inputs(shape, n_hidden, n_vocab, dtype, bias, ignored)
     ref = _run(_reference, hidden, weight, b, labels, upstream, torch.float64)
     naive = _run(_reference, hidden, weight, b, labels, upstream, dtype)
-    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(h, w, lab, bias=bb, backend=backend),
+    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(h, w, lab, bias=bb, backend=backend,
+                                                             chunk_size=chunk_size),
                  hidden, weight, b, labels, upstream, dtype)
     assert fused[0].dtype == torch.float64 and fused[0].shape == labels.shape
     assert bool((fused[0] <= 0).all())
@@ -104,9 +105,12 @@ def test_triton_single_vocab_split(monkeypatch):
 @pytest.mark.parametrize("ignored", ["half", "row"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_torch_backend_matches_reference(dtype, bias, ignored):
-    _check_against_naive("torch", (3, 8), 40, 300, dtype, bias, ignored)
-    _check_against_naive("torch", (37,), 33, 257, dtype, bias, ignored)
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_chunked_backends_match_reference(backend, dtype, bias, ignored):
+    """Several chunks (5 tokens each: chunk boundaries inside sequences) and one chunk."""
+    _check_against_naive(backend, (3, 8), 40, 300, dtype, bias, ignored, chunk_size=5)
+    _check_against_naive(backend, (37,), 33, 257, dtype, bias, ignored, chunk_size=5)
+    _check_against_naive(backend, (37,), 33, 257, dtype, bias, ignored)
 
 
 def test_torch_backend_gpt2_vocab_single_token():
@@ -129,7 +133,7 @@ def test_torch_backend_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, args)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 def test_logprobs_never_positive(backend):
     """A near-certain token: exact log-prob ~ -1e-30, rounding must not make it positive."""
     weight = torch.eye(16, 16) * 60.0
@@ -139,7 +143,7 @@ def test_logprobs_never_positive(backend):
     assert bool((logp <= 0).all()) and float(logp.min()) > -1e-6
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 @pytest.mark.parametrize("n_tokens", [0, 5])
 def test_empty_and_all_ignored_give_zeros(backend, n_tokens):
     hidden = torch.randn(n_tokens, 8, requires_grad=True)
