@@ -87,8 +87,7 @@ def row_logprobs(
     logp = valid_logprobs(hidden.reshape(-1, n_hidden).index_select(0, plan.index), lm_head_weight,
                           labels.reshape(-1).index_select(0, plan.index).long(), bias, backend)
     token_logps = logp.new_zeros(n_rows * n_pos).index_copy(0, plan.index, logp).view(n_rows, n_pos)
-    n_tokens = torch.tensor(plan.row_counts, dtype=torch.int64, device=labels.device)
-    return token_logps.sum(-1), n_tokens
+    return token_logps.sum(-1), plan.counts
 
 
 def _resolve(backend: str, hidden: torch.Tensor, weight: torch.Tensor, n_tokens: int = 0) -> str:

@@ -113,12 +113,14 @@ class TokenPlan(NamedTuple):
     """Which tokens are valid, from ONE host synchronisation.
 
     row_counts: valid tokens per row of labels [rows, T] (host ints); n_valid: their sum;
-    index: [n_valid] int64 flat positions of the valid tokens, in ``order``'s order.
+    index: [n_valid] int64 flat positions of the valid tokens, in ``order``'s order;
+    counts: row_counts as an int64 tensor on the labels' device.
     """
 
     row_counts: list[int]
     n_valid: int
     index: torch.Tensor
+    counts: torch.Tensor
 
 
 def plan_tokens(labels: torch.Tensor, n_vocab: int, ignore_index: int, order: torch.Tensor | None = None) -> TokenPlan:
@@ -131,7 +133,8 @@ def plan_tokens(labels: torch.Tensor, n_vocab: int, ignore_index: int, order: to
     lab = labels.reshape(1, -1) if labels.dim() == 1 else labels.reshape(labels.shape[0], -1)
     valid = lab != ignore_index
     bad = valid & ((lab < 0) | (lab >= n_vocab))
-    host = torch.cat([valid.sum(1), bad.sum().reshape(1)]).tolist()
+    counts = valid.sum(1)
+    host = torch.cat([counts, bad.sum().reshape(1)]).tolist()
     row_counts, n_bad = host[:-1], host[-1]
     if n_bad:
         examples = lab[bad][:5].tolist()
@@ -141,7 +144,7 @@ def plan_tokens(labels: torch.Tensor, n_vocab: int, ignore_index: int, order: to
     keys = (~flat_valid).to(torch.uint8)
     pick = torch.sort(keys, stable=True).indices[:n_valid]  # valid positions first, order kept
     index = pick if order is None else order[pick]
-    return TokenPlan(row_counts, n_valid, index)
+    return TokenPlan(row_counts, n_valid, index, counts)
 
 
 class _TritonLogprobs(torch.autograd.Function):

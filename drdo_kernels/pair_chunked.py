@@ -77,8 +77,8 @@ class _ChunkedPairLoss(torch.autograd.Function):
         lab_valid = labels.reshape(-1).index_select(0, plan.index).long()
         token_row = torch.div(plan.index, n_pos, rounding_mode="floor")
         b = None if bias is None else bias.detach().to(acc)
-        n_tokens = torch.tensor(plan.row_counts, dtype=torch.int64, device=hidden.device)
-        counts = torch.tensor(plan.row_counts).view(sides, groups).sum(0).tolist()
+        n_tokens = plan.counts
+        counts = [sum(plan.row_counts[side * groups + g] for side in range(sides)) for g in range(groups)]
 
         token_logp = hidden.new_zeros(n_rows * n_pos, dtype=acc)
         coeff = hidden.new_zeros(n_rows, dtype=acc)  # dL/dz of every LM row
