@@ -20,8 +20,9 @@ bf16/fp16 (an fp32 weight is cast once, as autocast does) with fp32 output, else
 promoted dtype (fp32 GEMMs use TF32 when ``torch.backends.cuda.matmul.allow_tf32`` /
 ``torch.set_float32_matmul_precision`` allow it). 16-bit inputs with fp32 output use
 ``torch.mm(..., out_dtype=torch.float32)`` where the device supports it (CUDA, torch >=
-2.9); elsewhere the 16-bit operands are upcast exactly to fp32 first (same products, fp32
-sums), which costs an fp32 copy of the weight.
+2.9, probed once per process); on the CPU the 16-bit operands are upcast exactly to fp32
+first (same products, fp32 sums; an fp32 copy of the weight); on CUDA without
+``out_dtype`` the GEMMs return 16-bit results that are upcast (see :class:`LMHeadGemms`).
 """
 from __future__ import annotations
 
@@ -81,19 +82,29 @@ class LMHeadGemms:
     """The three GEMMs of a chunk with the weight [V, H] cast once to the compute dtype.
 
     ``logits`` and ``d_hidden`` return float32 (float64) results; ``add_d_weight``
-    accumulates into a float32 (float64) [V, H] buffer in place.
+    accumulates into a float32 (float64) [V, H] buffer in place. For 16-bit inputs,
+    ``mode`` says how fp32 results are obtained: "native" (``out_dtype=float32``, CUDA,
+    torch >= 2.9), "upcast" (CPU: exact fp32 copies of the 16-bit operands), or
+    "half_out" (CUDA without ``out_dtype``: 16-bit results of fp32-accumulating GEMMs,
+    upcast, so logits are rounded to 16 bits as in an unfused model).
     """
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
         self.dtype, self.acc = dtype, accumulate_dtype(dtype)
         self.weight = weight.detach().to(dtype).contiguous()
-        self.native = _native_out_dtype(weight.device.type, dtype)
-        upcast = dtype != self.acc and not self.native
-        self.weight_acc = self.weight.to(self.acc) if upcast else self.weight
+        if dtype == self.acc:
+            self.mode = "same"
+        elif _native_out_dtype(weight.device.type, dtype):
+            self.mode = "native"
+        else:
+            self.mode = "half_out" if weight.device.type == "cuda" else "upcast"
+        self.weight_acc = self.weight.to(self.acc) if self.mode == "upcast" else self.weight
 
     def _mm(self, a, b):
-        if self.native:
+        if self.mode == "native":
             return torch.mm(a, b, out_dtype=self.acc)
+        if self.mode == "half_out":
+            return torch.mm(a, b).to(self.acc)
         return torch.mm(a.to(self.acc), b.to(self.acc))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -106,8 +117,10 @@ class LMHeadGemms:
 
     def add_d_weight(self, acc: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> None:
         """acc [V, H] float32 (float64) += d.T @ h, in place."""
-        if self.native:
+        if self.mode == "native":
             torch.addmm(acc, d.t(), h, out_dtype=self.acc, out=acc)
+        elif self.mode == "half_out":
+            acc.add_(torch.mm(d.t(), h))
         else:
             acc.addmm_(d.t().to(self.acc), h.to(self.acc))
 

@@ -237,3 +237,29 @@ def test_auto_backend_table(monkeypatch):
     assert auto_backend(cuda, torch.float16, 8192) == "chunked"
     monkeypatch.setattr(logprobs_mod, "triton_runs_on", lambda device: False)
     assert auto_backend(cuda, torch.bfloat16, 8192) == "chunked"  # never a backend that cannot run
+
+
+def test_group_chunks_keep_pairs_whole():
+    from drdo_kernels.pair_chunked import _group_chunks
+
+    assert _group_chunks([3, 4, 2, 9, 1], 6) == [(0, 1, 0, 3), (1, 3, 3, 9), (3, 4, 9, 18), (4, 5, 18, 19)]
+    assert _group_chunks([3, 4], 100) == [(0, 2, 0, 7)]
+    assert _group_chunks([], 5) == []
+
+
+@pytest.mark.aot
+def test_fold_kernels_compile_for_sm90():
+    """The fold kernels compile for Hopper without a GPU (a subprocess without the interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH")) if p)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    code = ("import sys; from drdo_kernels import aot; "
+            "sys.exit(aot.run(90, modules=('drdo_kernels.softmax_fold',), jobs=1))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    n_specs = len(softmax_fold.aot_specs())
+    assert f"{n_specs}/{n_specs} kernels ok" in proc.stdout, proc.stdout
