@@ -1,4 +1,4 @@
-"""fused_linear_logprobs (Triton under TRITON_INTERPRET=1, and the torch backend) vs float64.
+"""fused_linear_logprobs (every backend; Triton kernels under TRITON_INTERPRET=1) vs float64.
 
 Bound in the style of Cut Cross-Entropy's tests: on the same rounded inputs, the error of
 each backend against the float64 reference must be at most RATIO x the error of the plain
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from drdo_kernels import fused_linear_logprobs
 from drdo_kernels import logprobs_triton
 from drdo_kernels.logprobs import resolve_backend
+from drdo_kernels.runtime import triton_interpreting
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RATIO = 3.0
@@ -202,20 +203,22 @@ def test_bad_inputs_raise(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
-_ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+_ON_GPU = torch.cuda.is_available() and not triton_interpreting()
 
 
 @pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU with TRITON_INTERPRET unset")
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_kernels_match_reference(dtype, bias):
-    """Compiled kernels on a GPU, larger odd shape (several K steps, splits and row blocks)."""
+def test_cuda_kernels_match_reference(dtype, bias, backend):
+    """Compiled kernels on a GPU, larger odd shape (several K steps, splits and row blocks;
+    several chunks for the chunked backend)."""
     hidden, weight, b, labels, upstream = _inputs((3, 171), 264, 5003, dtype, bias, "half")
     cuda = [t.cuda() if t is not None else None for t in (hidden, weight, b, labels, upstream)]
     hidden, weight, b, labels, upstream = cuda
     ref = _run(_reference, hidden, weight, b, labels, upstream, torch.float64)
     naive = _run(_reference, hidden, weight, b, labels, upstream, dtype)
-    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(h, w, lab, bias=bb, backend="triton"),
+    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(h, w, lab, bias=bb, backend=backend, chunk_size=100),
                  hidden, weight, b, labels, upstream, dtype)
     assert bool((fused[0] <= 0).all())
     for e_fused, e_naive, r in zip(_errors(fused, ref), _errors(naive, ref), ref):
