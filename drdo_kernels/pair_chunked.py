@@ -97,17 +97,18 @@ class _ChunkedPairLoss(torch.autograd.Function):
             _side_slice(coeff, sides, g0, g1).copy_(c * scale)
             for full, part in zip(d_scores, dsc):
                 _side_slice(full, 2, g0, g1).copy_(part * scale)
-            d = softmax_grad(x, lab_valid[lo:hi], lse, coeff[token_row[lo:hi]], dtype, use_triton)
-            chunked.accumulate_chunk(gemms, d, h_valid[lo:hi], d_h, lo, d_w, d_b)
-            del x, d
+            if need_h or need_w or need_b:
+                d = softmax_grad(x, lab_valid[lo:hi], lse, coeff[token_row[lo:hi]], dtype, use_triton)
+                chunked.accumulate_chunk(gemms, d, h_valid[lo:hi], d_h, lo, d_w, d_b)
+            del x
         z_all = token_logp.view(n_rows, n_pos).sum(-1)
         with torch.no_grad():
             loss, metrics = spec.loss(z_all, n_tokens, [s.detach() for s in scores], reduction)
         values = torch.stack([v.detach().to(loss.dtype) for v in metrics.values()])
         names.extend(metrics)
         ctx.grads = (d_h, d_w, d_b, d_scores)
-        ctx.meta = (plan.index, hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype,
-                    [s.dtype for s in scores])
+        ctx.meta = (acc, plan.index, hidden.shape, hidden.dtype, weight.dtype,
+                    None if bias is None else bias.dtype, [s.dtype for s in scores])
         ctx.mark_non_differentiable(values)
         return loss, values
 
@@ -115,9 +116,9 @@ class _ChunkedPairLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_values):
         d_h, d_w, d_b, d_scores = ctx.grads
-        index, h_shape, h_dtype, w_dtype, b_dtype, s_dtypes = ctx.meta
+        acc, index, h_shape, h_dtype, w_dtype, b_dtype, s_dtypes = ctx.meta
         ctx.grads = None
-        g = grad_loss.to(d_w.dtype if d_w is not None else torch.float32)
+        g = grad_loss.to(acc)
         out_h = None
         if d_h is not None:
             out_h = torch.zeros(h_shape, dtype=h_dtype, device=d_h.device)

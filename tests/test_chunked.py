@@ -263,3 +263,20 @@ def test_fold_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     n_specs = len(softmax_fold.aot_specs())
     assert f"{n_specs}/{n_specs} kernels ok" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_pair_loss_backward_scales_by_the_upstream_gradient(reduction):
+    """The gradients stored in the forward are scaled by d(outer)/d(loss) (here -2.5)."""
+    from drdo.losses import dpo_loss, sequence_logprobs
+
+    weight, hidden, labels, ref_logps = _dpo_batch(seed=7)
+    w, h, r = (t.double().requires_grad_() for t in (weight, hidden, ref_logps))
+    loss, _ = FusedLinearDPOLoss(backend="chunked", reduction=reduction)(w, h, labels, r)
+    (-2.5 * loss).backward()
+    w64, h64, r64 = (t.double().requires_grad_() for t in (weight, hidden, ref_logps))
+    z, _ = sequence_logprobs(F.linear(h64, w64), labels)
+    ref, _ = dpo_loss(z[:3], z[3:], r64[:3], r64[3:], beta=0.1, reduction=reduction)
+    (-2.5 * ref).backward()
+    for a, b in ((w, w64), (h, h64), (r, r64)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
