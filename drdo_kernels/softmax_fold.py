@@ -91,9 +91,13 @@ if triton is not None:
 
 
 def _torch_row_stats(x, bias, labels):
+    """row_stats in torch ops; logsumexp over quarters of the rows, so its temporary is at
+    most a quarter of the buffer."""
     if bias is not None:
         x.add_(bias.to(x.dtype))
-    return torch.logsumexp(x, dim=-1), x.gather(1, labels[:, None]).squeeze(1)
+    lse = torch.cat([torch.logsumexp(part, dim=-1) for part in x.split(max(1, -(-x.shape[0] // 4)))]) \
+        if x.shape[0] else x.new_zeros(0)
+    return lse, x.gather(1, labels[:, None]).squeeze(1)
 
 
 def row_stats(x: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, use_triton: bool):

@@ -7,7 +7,6 @@ plus a tiny epsilon; log-probs must moreover be fp32-accurate for every input dt
 (fp32 accumulation). Values and gradients (hidden, weight, bias) under a non-uniform
 upstream gradient.
 """
-import os
 
 import pytest
 import torch
