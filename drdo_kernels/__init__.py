@@ -1,13 +1,18 @@
 """drdo_kernels: fused LM-head log-probs and DRDO/DPO/EDPO/Oracle losses that never
 materialise the [tokens, vocab] logits.
 
-* ``fused_linear_logprobs(hidden, weight, labels)`` -> per-token log-probs (float32),
-  Triton kernels on CUDA (or under ``TRITON_INTERPRET=1``), a chunked PyTorch path elsewhere.
+* ``fused_linear_logprobs(hidden, weight, labels)`` -> per-token log-probs (float32).
+  Backends: "chunked" (cuBLAS GEMMs on token chunks sized from
+  ``logprobs_chunked.CHUNK_BUDGET_BYTES``, a Triton fold per chunk), "torch" (the same
+  with a PyTorch fold), "triton" (tiled Triton kernels), and "auto"
+  (``logprobs.auto_backend``: "chunked" on CUDA, "torch" elsewhere).
 * ``drdo_pair_loss`` -> the DRDO loss and its per-pair gradients in one Triton kernel.
 * ``FusedLinear*Loss`` -> the losses of ``drdo.losses`` computed straight from the last
-  hidden state and ``lm_head.weight``.
+  hidden state and ``lm_head.weight`` (on the chunked backends, DRDO / DPO / Oracle
+  compute their gradients in the forward on chunks of whole pairs).
+* ``runtime.triton_interpreting()`` -> whether Triton runs in its CPU interpreter.
 """
-from .logprobs import fused_linear_logprobs
+from .logprobs import auto_backend, fused_linear_logprobs
 from .pair_loss import drdo_pair_loss
 from .fused_losses import (
     FusedLinearDPOLoss,
@@ -23,6 +28,7 @@ from .fused_losses import (
 
 __all__ = [
     "fused_linear_logprobs",
+    "auto_backend",
     "drdo_pair_loss",
     "FusedLinearDRDOLoss",
     "fused_linear_drdo_loss",

@@ -13,17 +13,26 @@ labels[t]); ``ignore_index`` marks prompt and padding tokens. Every row that ent
 loss must hold at least one response token (z of an empty response is meaningless);
 checking that costs one host sync per call.
 
-``backend`` ("auto" | "triton" | "torch") selects the log-prob kernel and, for DRDO,
-the pair-loss kernel (:func:`drdo_kernels.drdo_pair_loss`).
+``backend`` ("auto" | "chunked" | "torch" | "triton") selects the log-prob kernel.
+With "chunked" and "torch" (the chunked backend, with or without its Triton fold), DRDO,
+DPO and the Oracle loss compute every LM-head gradient during the forward on chunks of
+whole pairs (:mod:`drdo_kernels.pair_chunked`: 6·N·H·V FLOPs, no recompute), and the
+backward only scales them; e-DPO (a max over ensemble members of batch means, not a
+sum over pairs) takes the two passes of :func:`fused_linear_logprobs`. With "triton"
+every loss composes :func:`fused_linear_logprobs` with its reference (DRDO with the
+pair-loss kernel :func:`drdo_kernels.drdo_pair_loss`). "auto" resolves per call with
+:func:`drdo_kernels.logprobs.auto_backend`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from drdo.losses import dpo_loss, edpo_loss, oracle_loss
+from drdo.losses import dpo_loss, drdo_loss, edpo_loss, oracle_loss
 
-from .logprobs import fused_linear_logprobs
+from . import logprobs_chunked as chunked
+from .logprobs import check_inputs, plan_tokens, resolve_backend, valid_logprobs
+from .pair_chunked import PairLossSpec, chunked_pair_loss
 from .pair_loss import drdo_pair_loss
 
 __all__ = [
@@ -65,17 +74,33 @@ def row_logprobs(
         raise ValueError(
             f"expected hidden [N, T, H] and labels [N, T], got {tuple(hidden.shape)} and {tuple(labels.shape)}"
         )
-    n_tokens = (labels != ignore_index).sum(-1)
-    empty = (n_tokens == 0).nonzero().flatten()
-    if empty.numel():
+    check_inputs(hidden, lm_head_weight, labels, bias)
+    n_rows, n_pos, n_hidden = hidden.shape
+    plan = plan_tokens(labels, lm_head_weight.shape[0], ignore_index)
+    empty = [r for r, n in enumerate(plan.row_counts) if n == 0]
+    if empty:
         raise ValueError(
-            f"rows {empty[:8].tolist()} have no response token (every label is ignore_index={ignore_index}); "
+            f"rows {empty[:8]} have no response token (every label is ignore_index={ignore_index}); "
             "a sequence log-prob needs at least one token"
         )
-    token_logps = fused_linear_logprobs(
-        hidden, lm_head_weight, labels, bias=bias, ignore_index=ignore_index, backend=backend
-    )
-    return token_logps.sum(-1), n_tokens
+    backend = _resolve(backend, hidden, lm_head_weight, plan.n_valid)
+    logp = valid_logprobs(hidden.reshape(-1, n_hidden).index_select(0, plan.index), lm_head_weight,
+                          labels.reshape(-1).index_select(0, plan.index).long(), bias, backend)
+    token_logps = logp.new_zeros(n_rows * n_pos).index_copy(0, plan.index, logp).view(n_rows, n_pos)
+    return token_logps.sum(-1), plan.counts
+
+
+def _resolve(backend: str, hidden: torch.Tensor, weight: torch.Tensor, n_tokens: int = 0) -> str:
+    """resolve_backend for these inputs (device, GEMM dtype, valid tokens)."""
+    return resolve_backend(backend, hidden.device, chunked.compute_dtype(hidden.dtype, weight.dtype), n_tokens)
+
+
+def _chunked(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """The resolved backend when it is a chunked one ("chunked" | "torch"), else None."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return None
+    resolved = _resolve(backend, hidden, weight, hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else 0)
+    return resolved if resolved in ("chunked", "torch") else None
 
 
 def _n_pairs(hidden: torch.Tensor, labels: torch.Tensor) -> int:
@@ -152,13 +177,19 @@ def fused_linear_drdo_loss(
             raise ValueError('reward="head" needs policy_rewards [2B] (the reward head\'s outputs); '
                              'or use reward="implicit"')
         rhat_w, rhat_l = _split_rows("policy_rewards", policy_rewards, n_pairs)
+    kind = _chunked(backend, hidden, lm_head_weight)
+    if kind is not None:
+        spec = _drdo_spec(alpha=alpha, gamma=gamma, reward=reward, beta=beta, unlikelihood=unlikelihood)
+        scores = [oracle_rewards] + ([policy_rewards] if reward == "head" else [])
+        return chunked_pair_loss(spec, lm_head_weight, hidden, labels, scores, bias,
+                                 ignore_index=ignore_index, backend=kind, reduction=reduction)
     logps, _ = row_logprobs(lm_head_weight, hidden, labels, bias, ignore_index=ignore_index, backend=backend)
     z_w, z_l = logps[:n_pairs], logps[n_pairs:]
     if reward == "implicit":
         rhat_w, rhat_l = beta * z_w, beta * z_l
     return drdo_pair_loss(
         z_w, z_l, rhat_w, rhat_l, oracle_w, oracle_l,
-        alpha=alpha, gamma=gamma, unlikelihood=unlikelihood, reduction=reduction, backend=backend,
+        alpha=alpha, gamma=gamma, unlikelihood=unlikelihood, reduction=reduction, backend="triton",
     )
 
 
@@ -177,6 +208,10 @@ def fused_linear_dpo_loss(
     """DPO (:func:`drdo.losses.dpo_loss`) from hidden states; ref_logps: [2B] reference z of each row."""
     n_pairs = _n_pairs(hidden, labels)
     ref_w, ref_l = _split_rows("ref_logps", ref_logps, n_pairs)
+    kind = _chunked(backend, hidden, lm_head_weight)
+    if kind is not None:
+        return chunked_pair_loss(_dpo_spec(beta), lm_head_weight, hidden, labels, [ref_logps], bias,
+                                 ignore_index=ignore_index, backend=kind, reduction=reduction)
     logps, _ = row_logprobs(lm_head_weight, hidden, labels, bias, ignore_index=ignore_index, backend=backend)
     return dpo_loss(logps[:n_pairs], logps[n_pairs:], ref_w, ref_l, beta=beta, reduction=reduction)
 
@@ -230,12 +265,54 @@ def fused_linear_oracle_loss(
     """
     n_pairs = _n_pairs(hidden, labels)
     r_w, r_l = _split_rows("rewards", rewards, n_pairs)
+    if nll_reduction not in ("mean", "sum"):
+        raise ValueError(f'nll_reduction must be "mean" or "sum", got {nll_reduction!r}')
+    kind = _chunked(backend, hidden, lm_head_weight)
+    if kind is not None:
+        spec = _oracle_spec(alpha, nll_reduction)
+        return chunked_pair_loss(spec, lm_head_weight, hidden[:n_pairs], labels[:n_pairs], [rewards], bias,
+                                 ignore_index=ignore_index, backend=kind, reduction=reduction)
     logps, n_tokens = row_logprobs(
         lm_head_weight, hidden[:n_pairs], labels[:n_pairs], bias, ignore_index=ignore_index, backend=backend
     )
     return oracle_loss(
         r_w, r_l, -logps, alpha=alpha, chosen_n_tokens=n_tokens, nll_reduction=nll_reduction, reduction=reduction
     )
+
+
+def _drdo_spec(**kw) -> PairLossSpec:
+    """drdo_loss over pairs; scores = [oracle [2B]] (+ [policy rewards [2B]] for reward="head")."""
+    reward, beta = kw.pop("reward"), kw.pop("beta")
+
+    def loss(z, n_tokens, scores, reduction):
+        z_w, z_l = z.chunk(2)
+        o_w, o_l = scores[0].chunk(2)
+        r_w, r_l = scores[1].chunk(2) if reward == "head" else (beta * z_w, beta * z_l)
+        return drdo_loss(z_w, z_l, r_w, r_l, o_w, o_l, reduction=reduction, **kw)
+
+    return PairLossSpec(loss, rows_per_group=2)
+
+
+def _dpo_spec(beta: float) -> PairLossSpec:
+    """dpo_loss over pairs; scores = [reference log-probs [2B]]."""
+
+    def loss(z, n_tokens, scores, reduction):
+        z_w, z_l = z.chunk(2)
+        ref_w, ref_l = scores[0].chunk(2)
+        return dpo_loss(z_w, z_l, ref_w, ref_l, beta=beta, reduction=reduction)
+
+    return PairLossSpec(loss, rows_per_group=2)
+
+
+def _oracle_spec(alpha: float, nll_reduction: str) -> PairLossSpec:
+    """oracle_loss over pairs: the LM rows are the chosen ones only; scores = [rewards [2B]]."""
+
+    def loss(z, n_tokens, scores, reduction):
+        r_w, r_l = scores[0].chunk(2)
+        return oracle_loss(r_w, r_l, -z, alpha=alpha, chosen_n_tokens=n_tokens, nll_reduction=nll_reduction,
+                           reduction=reduction)
+
+    return PairLossSpec(loss, rows_per_group=1)
 
 
 class FusedLinearDRDOLoss(nn.Module):

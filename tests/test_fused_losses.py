@@ -1,8 +1,8 @@
 """drdo_kernels.FusedLinear*Loss == drdo.losses composed on full logits.
 
 The ground truth is the reference composition (logits -> sequence_logprobs -> loss) in
-float64 on the very same (dtype-exact) inputs. Each fused run (both backends; Triton
-through its CPU interpreter) must be within a small multiple of the error of the same
+float64 on the very same (dtype-exact) inputs. Each fused run (every backend; Triton
+kernels through the CPU interpreter) must be within a small multiple of the error of the same
 composition run in the tested dtype (the naive PyTorch path a trainer would use).
 """
 import pytest
@@ -24,7 +24,7 @@ N_PAIRS, T, H, V = 2, 7, 24, 67
 #: A one-ulp error in a row's z moves the loss gradient through focal and log1mexp, so
 #: the ratio varies with each path's per-row luck: worst over 15 seeds was 6.5 (Triton, fp32).
 ERR_FACTOR = 8.0
-ULP = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
+ULP = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
 def _batch(seed=0, bias=True, k_oracles=3):
@@ -131,7 +131,7 @@ def _drdo_pair(reward, unlikelihood, beta=0.5, alpha=0.5, gamma=2.0):
     return fused, ref
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 def test_drdo_both_rewards_both_unlikelihoods_fp32(backend):
     batch = _batch(seed=1)
     for reward in ("head", "implicit"):
@@ -140,7 +140,7 @@ def test_drdo_both_rewards_both_unlikelihoods_fp32(backend):
             _assert_matches(fused(backend), ref, batch, torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 def test_drdo_bf16_without_bias(backend):
     batch = _batch(seed=2, bias=False)
     fused, ref = _drdo_pair("implicit", "welleck", gamma=1.0)
@@ -169,7 +169,7 @@ def _split(t):
     return t[..., :N_PAIRS], t[..., N_PAIRS:]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dpo(backend, dtype):
     batch = _batch(seed=4)
@@ -183,7 +183,7 @@ def test_dpo(backend, dtype):
                     ref, batch, dtype)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 def test_edpo_pessimistic_and_mean(backend):
     batch = _batch(seed=5, k_oracles=3)
     for pessimistic in (True, False):
@@ -198,7 +198,7 @@ def test_edpo_pessimistic_and_mean(backend):
                                          b["bias"]), ref, batch, torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 def test_oracle_loss_token_mean_and_sum(backend):
     batch = _batch(seed=6)
     for nll_reduction in ("mean", "sum"):
@@ -272,3 +272,116 @@ def test_bad_inputs_raise_clear_errors():
         FusedLinearDPOLoss(backend="torch")(w, h, y, b["ref_logps"][:3])
     with pytest.raises(ValueError, match="nll_reduction"):
         FusedLinearOracleLoss(nll_reduction="token")
+
+
+def _loss_pairs(reduction):
+    """name -> (fused(backend) -> fn(batch), ref fn(batch)) for every loss, with `reduction`."""
+    def drdo(reward):
+        kw = dict(alpha=0.5, gamma=2.0, unlikelihood="welleck", reduction=reduction)
+
+        def ref(b):
+            z, _ = _ref_logps(b)
+            rhat = b["policy_rewards"] if reward == "head" else 0.5 * z
+            return drdo_loss(*_split(z), *_split(rhat), *_split(b["oracle"]), **kw)
+
+        def fused(backend):
+            module = FusedLinearDRDOLoss(reward=reward, beta=0.5, backend=backend, **kw)
+            return lambda b: module(b["weight"], b["hidden"], b["labels"], b["oracle"],
+                                    b["policy_rewards"] if reward == "head" else None, b["bias"])
+        return fused, ref
+
+    def dpo_ref(b):
+        z, _ = _ref_logps(b)
+        return dpo_loss(*_split(z), *_split(b["ref_logps"]), beta=0.1, reduction=reduction)
+
+    def dpo(backend):
+        module = FusedLinearDPOLoss(beta=0.1, backend=backend, reduction=reduction)
+        return lambda b: module(b["weight"], b["hidden"], b["labels"], b["ref_logps"], b["bias"])
+
+    def oracle_ref(b):
+        z, n = _ref_logps(b)
+        return oracle_loss(*_split(b["policy_rewards"]), -z[:N_PAIRS], alpha=0.3, chosen_n_tokens=n[:N_PAIRS],
+                           reduction=reduction)
+
+    def oracle(backend):
+        module = FusedLinearOracleLoss(alpha=0.3, backend=backend, reduction=reduction)
+        return lambda b: module(b["weight"], b["hidden"], b["labels"], b["policy_rewards"], b["bias"])
+
+    def edpo_ref(b):
+        z, _ = _ref_logps(b)
+        return edpo_loss(*_split(z), *_split(b["ref_logps"]), *_split(b["oracle_k"]), beta=0.1, reduction=reduction)
+
+    def edpo(backend):
+        module = FusedLinearEDPOLoss(beta=0.1, backend=backend, reduction=reduction)
+        return lambda b: module(b["weight"], b["hidden"], b["labels"], b["ref_logps"], b["oracle_k"], b["bias"])
+
+    return {"drdo_head": drdo("head"), "drdo_implicit": drdo("implicit"), "dpo": (dpo, dpo_ref),
+            "oracle": (oracle, oracle_ref), "edpo": (edpo, edpo_ref)}
+
+
+@pytest.fixture
+def several_chunks(monkeypatch):
+    """A CPU chunk budget of 3 fp32 tokens (2 bf16 ones): one pair per chunk, and every
+    plain log-prob chunk boundary falls inside a sequence."""
+    monkeypatch.setitem(drdo_kernels.logprobs_chunked.CHUNK_BUDGET_BYTES, "cpu", 3 * V * 4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_every_loss_in_float64_on_several_chunks(backend, reduction, several_chunks):
+    """float64 inputs: the chunked losses equal the reference to float64 rounding (loss,
+    metrics and the gradients of hidden, weight, bias and rewards)."""
+    batch = _batch(seed=10)
+    for name, (fused, ref) in _loss_pairs(reduction).items():
+        truth, keys = _evaluate(ref, batch, torch.float64)
+        got, got_keys = _evaluate(fused(backend), batch, torch.float64)
+        assert got_keys == keys and set(got) == set(truth), name
+        for key, r in truth.items():
+            assert got[key].dtype == torch.float64
+            assert _err(got[key], r) < 1e-12, (name, key, _err(got[key], r))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_every_loss_on_several_chunks(backend, dtype, several_chunks):
+    batch = _batch(seed=11)
+    for name, (fused, ref) in _loss_pairs("mean").items():
+        _assert_matches(fused(backend), ref, batch, dtype)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_losses_autocast_mixed_precision(backend, several_chunks):
+    """bf16 hidden with fp32 weight, bias and scores (autocast training): each gradient comes
+    back in its input's dtype, and every result is within ERR_FACTOR of the error of the
+    autocast-style naive composition (bf16 logits) against float64 on the bf16-rounded
+    weight the GEMMs see (the fp32 bias is added to the fp32 logits unrounded)."""
+    batch = _batch(seed=12)
+    for name, (fused, ref) in _loss_pairs("mean").items():
+        def mixed(b, fn=fused(backend)):
+            return fn(dict(b, hidden=b["hidden"].detach().bfloat16().requires_grad_()))
+
+        def autocast(b, fn=ref):
+            return fn(dict(b, hidden=b["hidden"].bfloat16(), weight=b["weight"].bfloat16(), bias=b["bias"].bfloat16()))
+
+        exact = dict(batch, hidden=batch["hidden"].bfloat16().double(), weight=batch["weight"].bfloat16().double())
+        truth, _ = _evaluate(ref, exact, torch.float64)
+        naive, _ = _evaluate(autocast, batch, torch.float32)
+        leaves = _leaves(batch, torch.float32)
+        loss, _ = mixed(leaves)
+        loss.backward()
+        assert leaves["weight"].grad.dtype == torch.float32 and leaves["bias"].grad.dtype == torch.float32
+        got, _ = _evaluate(mixed, batch, torch.float32)
+        for key in ("loss", "metrics", "d_weight", "d_bias", "d_policy_rewards"):
+            if key in truth:
+                e, e_naive = _err(got[key], truth[key]), _err(naive[key], truth[key])
+                assert e <= ERR_FACTOR * max(e_naive, ULP[torch.bfloat16]), (name, key, e, e_naive)
+        assert _err(got["loss"], truth["loss"]) < 1e-5, name  # fp32 logits: fp32-accurate loss
+
+
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_all_tokens_ignored_raises(backend):
+    b = _batch(seed=13)
+    labels = torch.full_like(b["labels"], -100)
+    for module in (FusedLinearDPOLoss(backend=backend),):
+        with pytest.raises(ValueError, match="no response token"):
+            module(b["weight"], b["hidden"], labels, b["ref_logps"])

@@ -1,4 +1,4 @@
-"""fused_linear_logprobs (Triton under TRITON_INTERPRET=1, and the torch backend) vs float64.
+"""fused_linear_logprobs (every backend; Triton kernels under TRITON_INTERPRET=1) vs float64.
 
 Bound in the style of Cut Cross-Entropy's tests: on the same rounded inputs, the error of
 each backend against the float64 reference must be at most RATIO x the error of the plain
@@ -7,7 +7,6 @@ plus a tiny epsilon; log-probs must moreover be fp32-accurate for every input dt
 (fp32 accumulation). Values and gradients (hidden, weight, bias) under a non-uniform
 upstream gradient.
 """
-import os
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from drdo_kernels import fused_linear_logprobs
 from drdo_kernels import logprobs_triton
 from drdo_kernels.logprobs import resolve_backend
+from drdo_kernels.runtime import triton_interpreting
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RATIO = 3.0
@@ -58,11 +58,12 @@ def _errors(results, ref):
     return [(r - e).abs().max().item() for r, e in zip(results, ref)]
 
 
-def _check_against_naive(backend, shape, n_hidden, n_vocab, dtype, bias, ignored):
+def _check_against_naive(backend, shape, n_hidden, n_vocab, dtype, bias, ignored, chunk_size=None):
     hidden, weight, b, labels, upstream = _inputs(shape, n_hidden, n_vocab, dtype, bias, ignored)
     ref = _run(_reference, hidden, weight, b, labels, upstream, torch.float64)
     naive = _run(_reference, hidden, weight, b, labels, upstream, dtype)
-    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(h, w, lab, bias=bb, backend=backend),
+    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(h, w, lab, bias=bb, backend=backend,
+                                                             chunk_size=chunk_size),
                  hidden, weight, b, labels, upstream, dtype)
     assert fused[0].dtype == torch.float64 and fused[0].shape == labels.shape
     assert bool((fused[0] <= 0).all())
@@ -104,9 +105,12 @@ def test_triton_single_vocab_split(monkeypatch):
 @pytest.mark.parametrize("ignored", ["half", "row"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_torch_backend_matches_reference(dtype, bias, ignored):
-    _check_against_naive("torch", (3, 8), 40, 300, dtype, bias, ignored)
-    _check_against_naive("torch", (37,), 33, 257, dtype, bias, ignored)
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_chunked_backends_match_reference(backend, dtype, bias, ignored):
+    """Several chunks (5 tokens each: chunk boundaries inside sequences) and one chunk."""
+    _check_against_naive(backend, (3, 8), 40, 300, dtype, bias, ignored, chunk_size=5)
+    _check_against_naive(backend, (37,), 33, 257, dtype, bias, ignored, chunk_size=5)
+    _check_against_naive(backend, (37,), 33, 257, dtype, bias, ignored)
 
 
 def test_torch_backend_gpt2_vocab_single_token():
@@ -129,7 +133,7 @@ def test_torch_backend_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, args)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 def test_logprobs_never_positive(backend):
     """A near-certain token: exact log-prob ~ -1e-30, rounding must not make it positive."""
     weight = torch.eye(16, 16) * 60.0
@@ -139,7 +143,7 @@ def test_logprobs_never_positive(backend):
     assert bool((logp <= 0).all()) and float(logp.min()) > -1e-6
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
 @pytest.mark.parametrize("n_tokens", [0, 5])
 def test_empty_and_all_ignored_give_zeros(backend, n_tokens):
     hidden = torch.randn(n_tokens, 8, requires_grad=True)
@@ -164,12 +168,16 @@ def test_frozen_weight_triton():
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=0, atol=1e-5)
 
 
-def test_mixed_dtypes_promote():
-    """bf16 hidden with an fp32 weight (autocast-style) computes in fp32."""
+def test_mixed_dtypes_run_in_hidden_dtype():
+    """bf16 hidden with an fp32 weight (autocast training): the GEMMs see the weight cast to
+    bf16, as autocast does; the weight gradient comes back in fp32."""
     hidden, weight, _, labels, _ = _inputs((10,), 16, 40, torch.float32, False, "none")
-    out = fused_linear_logprobs(hidden.bfloat16(), weight, labels, backend="torch")
-    ref = _reference(hidden.bfloat16().double(), weight.double(), None, labels)
+    w = weight.clone().requires_grad_()
+    out = fused_linear_logprobs(hidden.bfloat16(), w, labels, backend="torch")
+    ref = _reference(hidden.bfloat16().double(), weight.bfloat16().double(), None, labels)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    out.sum().backward()
+    assert w.grad.dtype == torch.float32
 
 
 def test_bad_inputs_raise(monkeypatch):
@@ -194,20 +202,22 @@ def test_bad_inputs_raise(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
-_ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+_ON_GPU = torch.cuda.is_available() and not triton_interpreting()
 
 
 @pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU with TRITON_INTERPRET unset")
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_kernels_match_reference(dtype, bias):
-    """Compiled kernels on a GPU, larger odd shape (several K steps, splits and row blocks)."""
+def test_cuda_kernels_match_reference(dtype, bias, backend):
+    """Compiled kernels on a GPU, larger odd shape (several K steps, splits and row blocks;
+    several chunks for the chunked backend)."""
     hidden, weight, b, labels, upstream = _inputs((3, 171), 264, 5003, dtype, bias, "half")
     cuda = [t.cuda() if t is not None else None for t in (hidden, weight, b, labels, upstream)]
     hidden, weight, b, labels, upstream = cuda
     ref = _run(_reference, hidden, weight, b, labels, upstream, torch.float64)
     naive = _run(_reference, hidden, weight, b, labels, upstream, dtype)
-    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(h, w, lab, bias=bb, backend="triton"),
+    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(h, w, lab, bias=bb, backend=backend, chunk_size=100),
                  hidden, weight, b, labels, upstream, dtype)
     assert bool((fused[0] <= 0).all())
     for e_fused, e_naive, r in zip(_errors(fused, ref), _errors(naive, ref), ref):
