@@ -115,7 +115,7 @@ class TrainConfig:
     oracle_alpha: float = option(0.01, "Oracle LM-regulariser weight alpha_O", stages=("oracle",))
     pessimistic: bool = option(True, "e-DPO: max over ensemble members (else mean); with gradient accumulation "
                                "the max is taken per micro-batch", stages=("edpo",))
-    kernel: str = option("auto", "loss path: fused drdo_kernels (auto/triton/torch) or 'reference' (full logits)",
+    kernel: str = option("auto", "loss path: fused drdo_kernels (auto/chunked/triton/torch) or 'reference' (full logits)",
                          choices=KERNELS)
     # system
     seed: int = option(0, "random seed (model head init, data order)")

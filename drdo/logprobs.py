@@ -3,7 +3,7 @@
 z(y) = sum over the response tokens t of log pi(y_t | x, y_<t) (``docs/math.md``). Two paths give it:
 
 * ``kernel="reference"``: the full [R, T, V] logits and :func:`drdo.losses.sequence_logprobs`;
-* any :mod:`drdo_kernels` backend (``"auto"``, ``"triton"``, ``"torch"``): the last hidden state and
+* any :mod:`drdo_kernels` backend (``"auto"``, ``"chunked"``, ``"triton"``, ``"torch"``): the last hidden state and
   the LM-head weight go through :func:`drdo_kernels.fused_linear_logprobs`, which never builds the
   logits. Only the labelled tokens are sent to the kernel.
 """
@@ -17,7 +17,7 @@ from drdo.losses import IGNORE_INDEX, sequence_logprobs
 __all__ = ["KERNELS", "head_params", "hidden_sequence_logprobs", "policy_sequence_logprobs"]
 
 #: Log-prob paths: the fused drdo_kernels backends, or "reference" (full logits).
-KERNELS = ("auto", "triton", "torch", "reference")
+KERNELS = ("auto", "chunked", "triton", "torch", "reference")
 
 
 def head_params(head: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
