@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from drdo.errors import ConfigError
 from drdo.logprobs import KERNELS
 from drdo.models import is_tiny_model
 
@@ -38,10 +39,6 @@ _STUDENT_LR = 5e-6
 _TINY_LR = {"sft": 5e-3, "oracle": 1e-3, "drdo": 1e-3, "dpo": 1e-3, "edpo": 1e-3}
 _DEFAULT_MAX_STEPS = {"drdo": 1000, "dpo": 1000, "edpo": 1000}  # sft / oracle: num_epochs
 _DEFAULT_BETA = {"dpo": 0.1, "edpo": 0.1, "drdo": 1.0}  # drdo: only used by reward="implicit"
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or inconsistent."""
 
 
 STUDENT_STAGES = ("drdo", "dpo", "edpo")

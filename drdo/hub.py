@@ -12,7 +12,7 @@ import re
 import socket
 from urllib.parse import urlparse
 
-from drdo.config import ConfigError
+from drdo.errors import ConfigError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

@@ -92,11 +92,11 @@ def test_a_failed_start_leaves_no_directory_behind(tmp_path, capsys):
     rows[2]["chosen"] = ""  # an empty response: the data is refused before training starts
     data = write_rows(tmp_path / "bad.jsonl", rows)
     out = tmp_path / "new" / "run"
-    assert main(["sft", "--model", "tiny", "--data", data, "--output-dir", str(out), "--no-progress"]) == 1
+    assert main(["sft", "--model", "tiny", "--data", data, "--output-dir", str(out), "--no-progress"]) == 2
     assert "empty" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    assert main(["sft", "--model", "tiny", "--data", data, "--output-dir", str(existing), "--no-progress"]) == 1
+    assert main(["sft", "--model", "tiny", "--data", data, "--output-dir", str(existing), "--no-progress"]) == 2
     assert (existing / "keep.txt").read_text() == "mine"
