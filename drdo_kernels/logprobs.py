@@ -93,7 +93,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     """hidden [M, H], weight [V, H], bias [V] | None, labels [M] int64 (all valid) -> logp [M] float32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, backend, chunk_size):
+    def forward(ctx, hidden, weight, bias, labels, backend, chunk_size, filter_eps=None):
         if backend == "triton":
             from . import logprobs_triton
 
@@ -101,7 +101,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         else:
             logp, lse = logprobs_torch.logprobs_forward(hidden, weight, bias, labels, chunk_size)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.backend, ctx.chunk_size = backend, chunk_size
+        ctx.backend, ctx.chunk_size, ctx.filter_eps = backend, chunk_size, filter_eps
         return logp
 
     @staticmethod
@@ -115,7 +115,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         elif ctx.backend == "triton":
             from . import logprobs_triton
 
-            d_h, d_w, d_b = logprobs_triton.logprobs_backward(grad, hidden, weight, bias, labels, lse, need_w)
+            d_h, d_w, d_b = logprobs_triton.logprobs_backward(
+                grad, hidden, weight, bias, labels, lse, need_w, need_hidden_grad=ctx.needs_input_grad[0],
+                need_bias_grad=ctx.needs_input_grad[2], filter_eps=ctx.filter_eps)
         else:
             d_h, d_w, d_b = logprobs_torch.logprobs_backward(
                 grad, hidden, weight, bias, labels, lse, ctx.chunk_size, need_w
@@ -124,7 +126,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             d_h = None
         if not ctx.needs_input_grad[2]:
             d_b = None
-        return d_h, d_w, d_b, None, None, None
+        return d_h, d_w, d_b, None, None, None, None
 
 
 def fused_linear_logprobs(
@@ -136,18 +138,24 @@ def fused_linear_logprobs(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: int | None = None,
+    filter_eps: float | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of the LM head, never materialising the [N, V] logits.
 
     Args:
         hidden: [N, H] or [*, H], float16 / bfloat16 / float32 (float64: torch backend only).
         weight: [V, H] (e.g. ``lm_head.weight``); a dtype different from hidden's is
-            promoted to the common type (e.g. bf16 hidden + fp32 weight -> fp32 math).
+            promoted to the common type (e.g. bf16 hidden + fp32 weight -> fp32 math), except
+            with backend="triton", where 16-bit hidden + fp32 weight computes in the 16-bit
+            dtype (weight cast tile by tile, as autocast does) and d_weight stays fp32.
         labels: [N] or [*] integer, ALIGNED with hidden (position t predicts labels[t]);
             each entry in [0, V) or ``ignore_index``.
         bias: optional [V].
         backend: "auto" (Triton on CUDA tensors, else torch), "triton", or "torch".
         chunk_size: torch backend only: tokens per logits slab (default: 8 MiB float32 slab).
+        filter_eps: triton backend only: skip the backward's gradient dots for vocab tiles whose
+            |softmax - onehot| entries are all below it (None: 2**-12 for bf16, 2**-15 for
+            fp16, 0 for fp32; 0: exact). See :mod:`drdo_kernels.logprobs_triton`.
 
     Returns:
         logp: labels.shape, float32 (float64 for float64 inputs), <= 0, 0.0 at ignored
@@ -160,8 +168,13 @@ def fused_linear_logprobs(
         raise TypeError(f"backend='triton' supports float16/bfloat16/float32 inputs, got {dtype}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if filter_eps is not None and not (isinstance(filter_eps, (int, float)) and filter_eps >= 0):
+        raise ValueError(f"filter_eps must be a float >= 0 or None, got {filter_eps!r}")
     n_vocab, n_hidden = weight.shape
     out_shape = labels.shape
+    keep_fp32_weight = backend == "triton" and hidden.dtype in (torch.float16, torch.bfloat16) and weight.dtype == torch.float32
+    if keep_fp32_weight:
+        dtype = hidden.dtype  # the kernels cast weight tiles on load
     flat_hidden = hidden.reshape(-1, n_hidden).to(dtype)
     flat_labels = labels.reshape(-1).long()
     index = (flat_labels != ignore_index).nonzero().squeeze(1)
@@ -169,11 +182,12 @@ def fused_linear_logprobs(
     _check_labels(valid_labels, n_vocab, ignore_index)
     logp_valid = _FusedLinearLogprobs.apply(
         flat_hidden.index_select(0, index).contiguous(),
-        weight.to(dtype).contiguous(),
+        (weight if keep_fp32_weight else weight.to(dtype)).contiguous(),
         bias,
         valid_labels.contiguous(),
         backend,
         chunk_size or logprobs_torch.default_chunk_size(n_vocab),
+        filter_eps,
     )
     out = logp_valid.new_zeros(flat_labels.shape[0]).index_copy(0, index, logp_valid)
     return out.reshape(out_shape)
