@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from drdo.losses import _REDUCTIONS, _UNLIKELIHOOD_SIGN, LOGP_CLAMP_MAX, _check_pair_shapes, log1mexp
+from drdo.losses import REDUCTIONS, UNLIKELIHOOD_SIGN, LOGP_CLAMP_MAX, check_pair_shapes, log1mexp
 
 from .logprobs import resolve_backend
 
@@ -295,16 +295,16 @@ class _DRDOPairLossFn(torch.autograd.Function):
 
 
 def _check_inputs(inputs: dict, unlikelihood: str, gamma: float, reduction: str) -> None:
-    if unlikelihood not in _UNLIKELIHOOD_SIGN:
-        raise ValueError(f"unlikelihood must be one of {tuple(_UNLIKELIHOOD_SIGN)}, got {unlikelihood!r}")
+    if unlikelihood not in UNLIKELIHOOD_SIGN:
+        raise ValueError(f"unlikelihood must be one of {tuple(UNLIKELIHOOD_SIGN)}, got {unlikelihood!r}")
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     for name, t in inputs.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
-    _check_pair_shapes(**inputs)
+    check_pair_shapes(**inputs)
     devices = {t.device for t in inputs.values()}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
@@ -363,7 +363,7 @@ def drdo_pair_loss(
     tensors = list(inputs.values())
     backend = _resolve_backend(backend, tensors)
     loss, sums = _DRDOPairLossFn.apply(
-        *tensors, float(alpha), float(gamma), _UNLIKELIHOOD_SIGN[unlikelihood], reduction, backend
+        *tensors, float(alpha), float(gamma), UNLIKELIHOOD_SIGN[unlikelihood], reduction, backend
     )
     means = sums / tensors[0].shape[0]
     metrics = {name: means[i] for i, name in enumerate(METRIC_NAMES)}
