@@ -47,9 +47,10 @@ operands are upcast to fp32 before each dot (``UPCAST_DOT``); bf16 x bf16 produc
 in fp32, so this matches the tensor-core bf16 dot with fp32 accumulation that runs on GPUs.
 The interpreter does not emulate TF32 rounding.
 
-Block configurations per compute dtype are in :data:`CONFIGS`; :func:`aot_specs` lists
-exactly the variants :func:`logprobs_forward` / :func:`logprobs_backward` launch. The
-launchers never synchronise with the host.
+Block configurations per compute dtype are in :data:`CONFIGS`; :func:`aot_specs` lists the
+variants :func:`logprobs_forward` / :func:`logprobs_backward` launch (every dtype with and
+without bias, 16-bit hidden with an fp32 weight, TF32, a frozen weight). The launchers
+never synchronise with the host (no ``.item()``, no data-dependent shapes).
 """
 from __future__ import annotations
 
