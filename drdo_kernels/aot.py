@@ -138,12 +138,15 @@ def register_usage(ptx: str, capability: int) -> tuple[int | None, int | None, i
 
 
 def mma_summary(ptx: str) -> str:
-    """The matrix instructions in `ptx`: "wgmma:m64n128k16+m64n64k16", "mma:m16n8k16" or "fma"."""
-    wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)), key=len)
-    if wgmma:
-        return "wgmma:" + "+".join(sorted(wgmma, reverse=True))
-    mma = sorted(set(re.findall(r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))
-    return "mma:" + "+".join(mma) if mma else "fma"
+    """The matrix instructions in `ptx`, e.g. "wgmma:m64n128k16+m64n64k16", "mma:m16n8k16",
+    both ("wgmma:m64n128k8,mma:m16n8k8": some dots fell back to mma.sync) or "fma"."""
+    def shapes(pattern):
+        return "+".join(sorted(set(re.findall(pattern, ptx)), key=lambda s: [-int(x) for x in re.findall(r"\d+", s)]))
+
+    parts = [f"{kind}:{found}" for kind, found in (
+        ("wgmma", shapes(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)")),
+        ("mma", shapes(r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)"))) if found]
+    return ",".join(parts) or "fma"
 
 
 def _fmt(value) -> str:

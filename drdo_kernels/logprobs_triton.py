@@ -79,6 +79,9 @@ CONFIGS = {
     torch.float16: (KernelConfig(128, 128, 64, 8, 8, 3), KernelConfig(128, 128, 64, 8, 8, 3)),
     torch.float32: (KernelConfig(64, 128, 32, 8, 8, 3), KernelConfig(64, 64, 32, 8, 8, 2)),
 }
+#: fp32 inputs with TF32 dots (tensor cores, so 128-row blocks as for 16-bit dtypes; K step 32
+#: keeps three stages of fp32 tiles within sm_80's shared memory).
+TF32_CONFIGS = (KernelConfig(128, 128, 32, 8, 8, 3), KernelConfig(128, 128, 32, 8, 8, 3))
 #: Most vocab tiles one forward program walks; more splits give grouped programs to share L2.
 MAX_TILES_PER_SPLIT = 16
 _TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -272,10 +275,11 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, d
                          DOT_PRECISION, UPCAST_DOT)
 
 
-def _config(dtype: torch.dtype) -> tuple[KernelConfig, KernelConfig]:
+def _config(dtype: torch.dtype, precision: str) -> tuple[KernelConfig, KernelConfig]:
+    """(forward, backward) configs of a compute dtype and DOT_PRECISION."""
     if dtype not in CONFIGS:
         raise TypeError(f"Triton log-prob kernels support {list(CONFIGS)}, got {dtype}")
-    return CONFIGS[dtype]
+    return TF32_CONFIGS if dtype == torch.float32 and precision == "tf32" else CONFIGS[dtype]
 
 
 def _upcast_dot(dtype: torch.dtype, device: torch.device) -> bool:
@@ -311,7 +315,8 @@ def logprobs_forward(hidden, weight, bias, labels):
     (16-bit hidden: computed in hidden's dtype); bias: [V] | None; labels: [M] int64 in [0, V).
     Returns (logp [M] fp32 <= 0, lse [M] fp32)."""
     dtype = compute_dtype(hidden.dtype, weight.dtype)
-    fwd, _ = _config(dtype)
+    precision = dot_precision(dtype)
+    fwd, _ = _config(dtype, precision)
     (m, h), v = hidden.shape, weight.shape[0]
     if m == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
@@ -323,7 +328,7 @@ def logprobs_forward(hidden, weight, bias, labels):
     _logprobs_fwd_kernel[grid](
         hidden, weight, _bias_arg(bias, part_lse), labels, part_lse, part_tgt, m, v, h, tiles_per_split, splits,
         HAS_BIAS=bias is not None, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k,
-        GROUP_M=fwd.group_m, DOT_PRECISION=dot_precision(dtype), UPCAST_DOT=_upcast_dot(dtype, hidden.device),
+        GROUP_M=fwd.group_m, DOT_PRECISION=precision, UPCAST_DOT=_upcast_dot(dtype, hidden.device),
         num_warps=fwd.num_warps, num_stages=fwd.num_stages,
     )
     lse = torch.logsumexp(part_lse, dim=0)
@@ -341,7 +346,8 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
     d_bias [V] bias.dtype | None); a gradient that is not needed is not computed.
     """
     dtype = compute_dtype(hidden.dtype, weight.dtype)
-    _, bwd = _config(dtype)
+    precision = dot_precision(dtype)
+    _, bwd = _config(dtype, precision)
     eps = default_filter_eps(dtype) if filter_eps is None else float(filter_eps)
     if not eps >= 0.0:
         raise ValueError(f"filter_eps must be >= 0 or None, got {filter_eps!r}")
@@ -358,7 +364,7 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
             d_hidden, d_weight, d_bias, m, v, h, eps,
             HAS_BIAS=bias is not None, COMPUTE_DH=need_hidden_grad, COMPUTE_DW=need_weight_grad,
             COMPUTE_DB=need_bias_grad, FILTER=eps > 0.0, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
-            BLOCK_K=bwd.block_k, GROUP_M=bwd.group_m, DOT_PRECISION=dot_precision(dtype),
+            BLOCK_K=bwd.block_k, GROUP_M=bwd.group_m, DOT_PRECISION=precision,
             UPCAST_DOT=_upcast_dot(dtype, hidden.device), num_warps=bwd.num_warps, num_stages=bwd.num_stages,
         )
     return (
@@ -411,7 +417,7 @@ def aot_specs() -> list[tuple]:
     """
     specs = []
     for tag, dtype, wdtype, prec, has_bias, overrides in _variants():
-        fwd, bwd = CONFIGS[dtype]
+        fwd, bwd = _config(dtype, prec)
         dt, wt = _TL_DTYPE[dtype], _TL_DTYPE[wdtype]
         if not overrides:
             specs.append((f"logprobs_fwd_{tag}", _logprobs_fwd_kernel, _fwd_signature(dt, wt),
