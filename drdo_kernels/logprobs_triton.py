@@ -13,8 +13,11 @@ Backward (:func:`_logprobs_bwd_kernel`), 1-D grid over (row block, vocab tile) p
     d_logits = g * (onehot - exp(logits - lse)) in fp32 (cast to the compute dtype for
     the tensor-core dots, as the same-dtype PyTorch autograd path does), adds its column
     sums into d_bias, then, unless the tile is filtered (below), loops over H twice in
-    BLOCK_K chunks: d_logits @ W_tile into d_hidden, and d_logits^T @ h_tile into d_weight
-    (d_logits^T is formed once per tile), with relaxed fp32 atomics. No [M, V] buffer
+    BLOCK_K chunks, adding (W_chunk^T @ d_logits^T)^T into d_hidden and
+    (h_chunk^T @ d_logits)^T into d_weight with relaxed fp32 atomics. Both products are
+    computed transposed so that d_logits, cast and stored in shared memory once per tile,
+    is the shared-memory operand of every gradient dot and the streamed W / h chunk
+    (pipelined copies) the other: no per-step transpose or register shuffle. No [M, V] buffer
     exists; the extra memory is the fp32 accumulators dH [M, H], dW [V, H], db [V]
     (cast to the output dtypes at the end) and O(M * splits) forward statistics.
     Atomic accumulation makes d_hidden / d_weight non-deterministic in the last bits.
@@ -32,14 +35,17 @@ gradient (e.g. 1 / number of tokens) cannot silently zero the whole gradient. Ev
 skipped entry is a token whose probability is below filter_eps; the error this adds to
 d_hidden[i] is at most |g_i| * sum_{skipped j} p_ij * |W_j| (elementwise), and likewise for
 d_weight. :func:`default_filter_eps`: ``finfo(dtype).eps / 32`` for 16-bit compute dtypes
-(2**-12 for bf16, 2**-15 for fp16: below the rounding of the 16-bit d_logits operand of
-the tensor-core dots relative to the target entry), 0 (off) for fp32.
+(2**-12 for bf16, 2**-15 for fp16: a skipped entry is under 1/32 of the 16-bit spacing at
+1.0, the size of the target entry of its row, in the rounded d_logits operand of the dots),
+0 (off) for fp32, whose users ask for fp32 accuracy.
 
 Precision: 16-bit hidden with an fp32 weight computes in the 16-bit dtype (the weight
 tile is cast on load, as autocast casts the weight), so the dots run on tensor cores
 (wgmma on sm_90). fp32 inputs use TF32 dots when PyTorch allows TF32 matmuls
 (``torch.get_float32_matmul_precision() != "highest"`` or
-``torch.backends.cuda.matmul.allow_tf32``) and exact fp32 products otherwise.
+``torch.backends.cuda.matmul.allow_tf32``) and exact fp32 products otherwise. (On sm_90 the
+TF32 backward's gradient dots run as mma.sync: wgmma takes their MN-major operands only for
+16-bit types.)
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) bf16 ``tl.dot`` is broken in the Triton 3.9
 interpreter (it multiplies the raw uint16 bit patterns), so there, and only there, bf16
