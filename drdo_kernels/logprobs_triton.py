@@ -31,10 +31,11 @@ rows and few d_weight slices instead of sweeping all of d_hidden per vocab tile.
 Gradient filtering (backward, as Cut Cross-Entropy does): a tile whose entries all have
 |softmax - onehot| < filter_eps (rows with g = 0 ignored) skips its two gradient loops.
 The test is on |softmax - onehot|, not on |g| times it, so that the scale of the upstream
-gradient (e.g. 1 / number of tokens) cannot silently zero the whole gradient. Every
-skipped entry is a token whose probability is below filter_eps; the error this adds to
-d_hidden[i] is at most |g_i| * sum_{skipped j} p_ij * |W_j| (elementwise), and likewise for
-d_weight. :func:`default_filter_eps`: ``finfo(dtype).eps / 32`` for 16-bit compute dtypes
+gradient (e.g. 1 / number of tokens) cannot silently zero the whole gradient. A skipped
+entry is a non-target token whose probability is below filter_eps (or a target whose
+probability is above 1 - filter_eps); with e_ij = |p_ij - onehot_ij| over the skipped
+entries, the error this adds is at most sum_j |g_i| e_ij |W_j| in d_hidden[i] and
+sum_i |g_i| e_ij |h_i| in d_weight[j] (elementwise). :func:`default_filter_eps`: ``finfo(dtype).eps / 32`` for 16-bit compute dtypes
 (2**-12 for bf16, 2**-15 for fp16: a skipped entry is under 1/32 of the 16-bit spacing at
 1.0, the size of the target entry of its row, in the rounded d_logits operand of the dots),
 0 (off) for fp32, whose users ask for fp32 accuracy.

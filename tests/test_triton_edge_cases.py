@@ -90,11 +90,11 @@ def _peaked(n=20, n_hidden=16, n_vocab=1000, seed=2):
 
 
 def _skip_bounds(hidden, weight, bias, labels, upstream, eps):
-    """Elementwise bounds (float64) on what skipping every entry with |p - onehot| < eps can change:
-    d_hidden: (|g| p [small]) @ |W|, d_weight: (|g| p [small])^T @ |h|."""
+    """Elementwise bounds (float64) on what skipping every entry with e = |p - onehot| < eps can
+    change: d_hidden: (|g| e [e < eps]) @ |W|, d_weight: (|g| e [e < eps])^T @ |h|."""
     p = torch.softmax(F.linear(hidden, weight, bias), -1)
-    onehot = F.one_hot(labels, weight.shape[0]).double()
-    small = upstream.abs()[:, None] * p * ((p - onehot).abs() < eps)
+    e = (p - F.one_hot(labels, weight.shape[0]).double()).abs()
+    small = upstream.abs()[:, None] * e * (e < eps)
     return small @ weight.abs(), small.T @ hidden.abs()
 
 
