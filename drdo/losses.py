@@ -29,6 +29,9 @@ __all__ = [
     "edpo_loss",
     "log1mexp",
     "LOGP_CLAMP_MAX",
+    "REDUCTIONS",
+    "UNLIKELIHOOD_SIGN",
+    "check_pair_shapes",
 ]
 
 #: z_l is clamped to at most this value before log(1 - exp(z_l)) so that the
@@ -37,8 +40,8 @@ __all__ = [
 IGNORE_INDEX = -100  # label of a token that is not scored (prompt, padding), as in PyTorch and HF
 LOGP_CLAMP_MAX = -1e-6
 
-_UNLIKELIHOOD_SIGN = {"welleck": 1.0, "paper": -1.0}
-_REDUCTIONS = ("mean", "sum")
+UNLIKELIHOOD_SIGN = {"welleck": 1.0, "paper": -1.0}
+REDUCTIONS = ("mean", "sum")
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -50,7 +53,7 @@ def _as_float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.dtype != dtype else t
 
 
-def _check_pair_shapes(**tensors: torch.Tensor) -> int:
+def check_pair_shapes(**tensors: torch.Tensor) -> int:
     """All tensors must be 1-D of the same length B >= 1; returns B."""
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     first_name, first = next(iter(shapes.items()))
@@ -69,7 +72,7 @@ def _reduce(per_pair: torch.Tensor, reduction: str) -> torch.Tensor:
         return per_pair.mean()
     if reduction == "sum":
         return per_pair.sum()
-    raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def _detached(**values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -150,8 +153,8 @@ def drdo_loss(
         metrics: distill, pref, p_w, reward_acc, focal, unlikelihood,
             reward_margin, oracle_margin, logps_chosen, logps_rejected (means).
     """
-    if unlikelihood not in _UNLIKELIHOOD_SIGN:
-        raise ValueError(f"unlikelihood must be one of {tuple(_UNLIKELIHOOD_SIGN)}, got {unlikelihood!r}")
+    if unlikelihood not in UNLIKELIHOOD_SIGN:
+        raise ValueError(f"unlikelihood must be one of {tuple(UNLIKELIHOOD_SIGN)}, got {unlikelihood!r}")
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if not (alpha >= 0 and math.isfinite(alpha)):
@@ -164,7 +167,7 @@ def drdo_loss(
         oracle_chosen_rewards=oracle_chosen_rewards,
         oracle_rejected_rewards=oracle_rejected_rewards,
     )
-    _check_pair_shapes(**inputs)
+    check_pair_shapes(**inputs)
     dtype = _compute_dtype(*inputs.values())
     z_w, z_l, rhat_w, rhat_l, r_w, r_l = (_as_float(t, dtype) for t in inputs.values())
 
@@ -175,7 +178,7 @@ def drdo_loss(
     delta = z_w - z_l
     p_w = torch.sigmoid(delta)
     focal = torch.exp(gamma * F.logsigmoid(-delta))  # (1 - p_w)^gamma, stable and differentiable
-    u = z_w + _UNLIKELIHOOD_SIGN[unlikelihood] * log1mexp(z_l.clamp(max=LOGP_CLAMP_MAX))
+    u = z_w + UNLIKELIHOOD_SIGN[unlikelihood] * log1mexp(z_l.clamp(max=LOGP_CLAMP_MAX))
     pref = -alpha * focal * u
 
     loss = _reduce(distill + pref, reduction)
@@ -221,13 +224,13 @@ def oracle_loss(
         loss, metrics: loss, bt (the Bradley-Terry term), nll, reward_acc,
         reward_margin, rewards_chosen, rewards_rejected.
     """
-    _check_pair_shapes(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, chosen_nll=chosen_nll)
+    check_pair_shapes(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, chosen_nll=chosen_nll)
     dtype = _compute_dtype(chosen_rewards, rejected_rewards, chosen_nll)
     r_w, r_l, nll = (_as_float(t, dtype) for t in (chosen_rewards, rejected_rewards, chosen_nll))
     if nll_reduction == "mean":
         if chosen_n_tokens is None:
             raise ValueError('nll_reduction="mean" needs chosen_n_tokens (the token count of each chosen response)')
-        _check_pair_shapes(chosen_nll=chosen_nll, chosen_n_tokens=chosen_n_tokens)
+        check_pair_shapes(chosen_nll=chosen_nll, chosen_n_tokens=chosen_n_tokens)
         nll = nll / chosen_n_tokens.to(dtype).clamp(min=1)
     elif nll_reduction != "sum":
         raise ValueError(f'nll_reduction must be "mean" or "sum", got {nll_reduction!r}')
@@ -283,7 +286,7 @@ def dpo_loss(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
     )
-    _check_pair_shapes(**inputs)
+    check_pair_shapes(**inputs)
     dtype = _compute_dtype(*inputs.values())
     margin, chosen, rejected = _implicit_margin(*inputs.values(), beta, dtype)
     loss = _reduce(-F.logsigmoid(margin), reduction)
@@ -330,7 +333,7 @@ def edpo_loss(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
     )
-    n_pairs = _check_pair_shapes(**inputs)
+    n_pairs = check_pair_shapes(**inputs)
     oracle_w = oracle_chosen_rewards if oracle_chosen_rewards.dim() == 2 else oracle_chosen_rewards.unsqueeze(0)
     oracle_l = oracle_rejected_rewards if oracle_rejected_rewards.dim() == 2 else oracle_rejected_rewards.unsqueeze(0)
     if oracle_w.shape != oracle_l.shape or oracle_w.dim() != 2 or oracle_w.shape[1] != n_pairs or oracle_w.shape[0] == 0:

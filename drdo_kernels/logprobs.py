@@ -151,11 +151,12 @@ class _TritonLogprobs(torch.autograd.Function):
     """hidden [M, H], weight [V, H], bias [V] | None, labels [M] int64 (all valid) -> logp [M] fp32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels):
+    def forward(ctx, hidden, weight, bias, labels, filter_eps):
         from . import logprobs_triton
 
         logp, lse = logprobs_triton.logprobs_forward(hidden, weight, bias, labels)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.filter_eps = filter_eps
         return logp
 
     @staticmethod
@@ -169,9 +170,11 @@ class _TritonLogprobs(torch.autograd.Function):
             d_w = torch.zeros_like(weight) if need_w else None
             d_b = torch.zeros_like(bias) if bias is not None else None
         else:
-            d_h, d_w, d_b = logprobs_triton.logprobs_backward(grad, hidden, weight, bias, labels, lse, need_w)
+            d_h, d_w, d_b = logprobs_triton.logprobs_backward(
+                grad, hidden, weight, bias, labels, lse, need_w, need_hidden_grad=ctx.needs_input_grad[0],
+                need_bias_grad=ctx.needs_input_grad[2], filter_eps=ctx.filter_eps)
         return (d_h if ctx.needs_input_grad[0] else None, d_w,
-                d_b if ctx.needs_input_grad[2] else None, None)
+                d_b if ctx.needs_input_grad[2] else None, None, None)
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -196,14 +199,18 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 None if d_b is None else d_b.to(bias.dtype), None, None, None)
 
 
-def valid_logprobs(hidden, weight, labels, bias, backend: str, rows: int | None = None) -> torch.Tensor:
+def valid_logprobs(hidden, weight, labels, bias, backend: str, rows: int | None = None,
+                   filter_eps: float | None = None) -> torch.Tensor:
     """The log-probs of compacted tokens: hidden [M, H] (any float), labels [M] int64 all
     valid, backend already resolved -> [M] float32 (float64), differentiable."""
     dtype = chunked.compute_dtype(hidden.dtype, weight.dtype)
     if backend == "triton":
         if dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports float16/bfloat16/float32 inputs, got {dtype}")
-        return _TritonLogprobs.apply(hidden.to(dtype).contiguous(), weight.to(dtype).contiguous(), bias, labels)
+        # 16-bit hidden with an fp32 weight: the kernels cast weight tiles on load; d_weight stays fp32
+        keep_fp32_weight = dtype != torch.float32 and weight.dtype == torch.float32
+        w = weight if keep_fp32_weight else weight.to(dtype)
+        return _TritonLogprobs.apply(hidden.to(dtype).contiguous(), w.contiguous(), bias, labels, filter_eps)
     rows = rows or chunked.chunk_rows(weight.shape[0], dtype, hidden.device)
     use_triton = uses_triton_fold(backend, hidden.device, dtype)
     return _ChunkedLogprobs.apply(hidden.to(dtype).contiguous(), weight, bias, labels, rows, use_triton)
@@ -218,6 +225,7 @@ def fused_linear_logprobs(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: int | None = None,
+    filter_eps: float | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of the LM head, never materialising the [N, V] logits.
 
@@ -232,6 +240,9 @@ def fused_linear_logprobs(
         backend: "auto" (:func:`auto_backend`), "chunked", "torch" or "triton".
         chunk_size: chunked/torch backends: tokens per chunk (default: from
             ``drdo_kernels.logprobs_chunked.CHUNK_BUDGET_BYTES``).
+        filter_eps: triton backend only: skip the backward's gradient dots for vocab tiles whose
+            |softmax - onehot| entries are all below it (None: 2**-12 for bf16, 2**-15 for
+            fp16, 0 for fp32; 0: exact). See :mod:`drdo_kernels.logprobs_triton`.
 
     Returns:
         logp: labels.shape, float32 (float64 for float64 inputs), <= 0, 0.0 at ignored
@@ -240,6 +251,8 @@ def fused_linear_logprobs(
     check_inputs(hidden, weight, labels, bias)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if filter_eps is not None and not (isinstance(filter_eps, (int, float)) and filter_eps >= 0):
+        raise ValueError(f"filter_eps must be a float >= 0 or None, got {filter_eps!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     n_vocab, n_hidden = weight.shape
@@ -248,7 +261,7 @@ def fused_linear_logprobs(
     flat_labels = labels.reshape(-1)
     logp_valid = valid_logprobs(
         hidden.reshape(-1, n_hidden).index_select(0, plan.index), weight,
-        flat_labels.index_select(0, plan.index).long(), bias, backend, chunk_size,
+        flat_labels.index_select(0, plan.index).long(), bias, backend, chunk_size, filter_eps,
     )
     out = logp_valid.new_zeros(flat_labels.shape[0]).index_copy(0, plan.index, logp_valid)
     return out.reshape(labels.shape)

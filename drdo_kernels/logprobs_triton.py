@@ -1,31 +1,63 @@
 """Triton kernels of ``fused_linear_logprobs`` (on COMPACTED tokens: every label valid).
 
-Forward (:func:`_logprobs_fwd_kernel`), grid (row blocks, vocab splits):
+Forward (:func:`_logprobs_fwd_kernel`), 1-D grid over (row block, vocab split) pairs:
     each program owns BLOCK_M tokens and a contiguous range of vocab tiles; for each
     [BLOCK_M, BLOCK_N] logits tile (a K-loop of ``tl.dot`` over H in BLOCK_K chunks, so
     H is never held whole) it updates an online (running max, running sum) log-sum-exp
     and picks up the target logit when the label falls in the tile. It writes one
     partial LSE and one partial target logit per (split, token); a [splits, M] torch
-    merge gives lse [M] fp32 and logp = min(target - lse, 0). Splitting the vocab keeps
-    the GPU busy when M is small (few row blocks).
-Backward (:func:`_logprobs_bwd_kernel`), grid (row blocks, vocab tiles):
+    merge gives lse [M] fp32 and logp = min(target - lse, 0). A tile that is entirely
+    -inf (a -inf bias) leaves the running state unchanged instead of producing NaN.
+Backward (:func:`_logprobs_bwd_kernel`), 1-D grid over (row block, vocab tile) pairs:
     each program recomputes its logits tile, forms
-    d_logits = g * (onehot - exp(logits - lse)) in fp32 (cast to the input dtype for
-    the tensor-core dots, as the same-dtype PyTorch autograd path does), then over H in
-    BLOCK_K chunks adds d_logits @ W_tile into d_hidden and d_logits^T @ h_tile into
-    d_weight with relaxed fp32 atomics (pure accumulation, no ordering needed), and the
-    column sums into d_bias. No [M, V] buffer
+    d_logits = g * (onehot - exp(logits - lse)) in fp32 (cast to the compute dtype for
+    the tensor-core dots, as the same-dtype PyTorch autograd path does), adds its column
+    sums into d_bias, then, unless the tile is filtered (below), loops over H twice in
+    BLOCK_K chunks, adding (W_chunk^T @ d_logits^T)^T into d_hidden and
+    (h_chunk^T @ d_logits)^T into d_weight with relaxed fp32 atomics. Both products are
+    computed transposed so that d_logits, cast and stored in shared memory once per tile,
+    is the shared-memory operand of every gradient dot and the streamed W / h chunk
+    (pipelined copies) the other: no per-step transpose or register shuffle. No [M, V] buffer
     exists; the extra memory is the fp32 accumulators dH [M, H], dW [V, H], db [V]
-    (cast to the input dtypes at the end) and O(M * splits) forward statistics.
+    (cast to the output dtypes at the end) and O(M * splits) forward statistics.
     Atomic accumulation makes d_hidden / d_weight non-deterministic in the last bits.
+    Padded rows load lse = +inf, so they contribute exactly 0 whatever the bias.
+
+Program order: both grids are walked in groups of GROUP_M row blocks (as in the Triton
+matmul tutorial), so the ~one program per SM that are resident at a time share a few
+row blocks and a few vocab tiles in L2: in the backward they add into the same d_hidden
+rows and few d_weight slices instead of sweeping all of d_hidden per vocab tile.
+
+Gradient filtering (backward, as Cut Cross-Entropy does): a tile whose entries all have
+|softmax - onehot| < filter_eps (rows with g = 0 ignored) skips its two gradient loops.
+The test is on |softmax - onehot|, not on |g| times it, so that the scale of the upstream
+gradient (e.g. 1 / number of tokens) cannot silently zero the whole gradient. A skipped
+entry is a non-target token whose probability is below filter_eps (or a target whose
+probability is above 1 - filter_eps); with e_ij = |p_ij - onehot_ij| over the skipped
+entries, the error this adds is at most sum_j |g_i| e_ij |W_j| in d_hidden[i] and
+sum_i |g_i| e_ij |h_i| in d_weight[j] (elementwise). :func:`default_filter_eps`: ``finfo(dtype).eps / 32`` for 16-bit compute dtypes
+(2**-12 for bf16, 2**-15 for fp16: a skipped entry is under 1/32 of the 16-bit spacing at
+1.0, the size of the target entry of its row, in the rounded d_logits operand of the dots),
+0 (off) for fp32, whose users ask for fp32 accuracy.
+
+Precision: 16-bit hidden with an fp32 weight computes in the 16-bit dtype (the weight
+tile is cast on load, as autocast casts the weight), so the dots run on tensor cores
+(wgmma on sm_90). fp32 inputs use TF32 dots when PyTorch allows TF32 matmuls
+(``torch.get_float32_matmul_precision() != "highest"`` or
+``torch.backends.cuda.matmul.allow_tf32``) and exact fp32 products otherwise. (On sm_90 the
+TF32 backward's gradient dots run as mma.sync: wgmma takes their MN-major operands only for
+16-bit types.)
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) bf16 ``tl.dot`` is broken in the Triton 3.9
 interpreter (it multiplies the raw uint16 bit patterns), so there, and only there, bf16
 operands are upcast to fp32 before each dot (``UPCAST_DOT``); bf16 x bf16 products are exact
 in fp32, so this matches the tensor-core bf16 dot with fp32 accumulation that runs on GPUs.
+The interpreter does not emulate TF32 rounding.
 
-Block configurations per dtype are in :data:`CONFIGS`; :func:`aot_specs` lists
-exactly the variants :func:`logprobs_forward` / :func:`logprobs_backward` launch.
+Block configurations per compute dtype are in :data:`CONFIGS`; :func:`aot_specs` lists the
+variants :func:`logprobs_forward` / :func:`logprobs_backward` launch (every dtype with and
+without bias, 16-bit hidden with an fp32 weight, TF32, a frozen weight). The launchers
+never synchronise with the host (no ``.item()``, no data-dependent shapes).
 """
 from __future__ import annotations
 
@@ -41,22 +73,62 @@ class KernelConfig(NamedTuple):
     block_m: int
     block_n: int
     block_k: int
+    group_m: int
     num_warps: int
     num_stages: int
 
 
-#: dtype -> (forward config, backward config): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
-#: Chosen with `python -m drdo_kernels.aot`: every kernel compiles without register spills
-#: for both sm_90 and sm_80, with 12-36 KiB of shared memory (far below 163 / 227 KiB).
-#: H is looped over in BLOCK_K chunks, so any H fits (no H-sized register tile).
+#: compute dtype -> (forward config, backward config). Chosen with `python -m drdo_kernels.aot`:
+#: every launched variant compiles without register spills for sm_90 and sm_80, within the
+#: shared memory limits. H is looped over in BLOCK_K chunks, so any H fits.
 CONFIGS = {
-    torch.bfloat16: (KernelConfig(128, 128, 32, 8, 3), KernelConfig(64, 128, 32, 8, 2)),
-    torch.float16: (KernelConfig(128, 128, 32, 8, 3), KernelConfig(64, 128, 32, 8, 2)),
-    torch.float32: (KernelConfig(64, 64, 32, 8, 2), KernelConfig(32, 64, 32, 4, 2)),
+    torch.bfloat16: (KernelConfig(128, 128, 64, 8, 8, 3), KernelConfig(128, 128, 64, 8, 8, 3)),
+    torch.float16: (KernelConfig(128, 128, 64, 8, 8, 3), KernelConfig(128, 128, 64, 8, 8, 3)),
+    torch.float32: (KernelConfig(64, 128, 32, 8, 8, 3), KernelConfig(64, 64, 32, 8, 8, 2)),
 }
-#: fp32 inputs use exact fp32 products (no TF32 rounding); 16-bit inputs use tensor cores.
-DOT_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "ieee"}
+#: fp32 inputs with TF32 dots (tensor cores, so 128-row blocks as for 16-bit dtypes; K step 32
+#: keeps three stages of fp32 tiles within sm_80's shared memory).
+TF32_CONFIGS = (KernelConfig(128, 128, 32, 8, 8, 3), KernelConfig(128, 128, 32, 8, 8, 3))
+#: Most vocab tiles one forward program walks; more splits give grouped programs to share L2.
+MAX_TILES_PER_SPLIT = 16
 _TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def compute_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the dot operands: 16-bit hidden with an fp32 weight -> the 16-bit dtype
+    (autocast's rule for the LM head); otherwise both dtypes must be equal."""
+    if hidden_dtype == weight_dtype or (hidden_dtype in (torch.bfloat16, torch.float16)
+                                        and weight_dtype == torch.float32):
+        if hidden_dtype not in CONFIGS:
+            raise TypeError(f"Triton log-prob kernels support {list(CONFIGS)}, got {hidden_dtype}")
+        return hidden_dtype
+    raise TypeError(f"Triton log-prob kernels need weight dtype == hidden dtype, or a 16-bit hidden with an "
+                    f"fp32 weight; got hidden {hidden_dtype}, weight {weight_dtype}")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """"ieee" for fp32 unless PyTorch allows TF32 matmuls, then "tf32"; 16-bit dots ignore it."""
+    if dtype != torch.float32:
+        return "tf32"
+    tf32 = torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if tf32 else "ieee"
+
+
+def default_filter_eps(dtype: torch.dtype) -> float:
+    """Gradient-filter threshold on |softmax - onehot|: finfo(dtype).eps / 32 for 16-bit
+    compute dtypes (bf16 2**-12, fp16 2**-15), 0.0 (no filtering) for fp32."""
+    return 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps / 32
+
+
+@triton.jit
+def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n), GROUP_M row blocks fastest, then columns, then groups."""
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -73,7 +145,8 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, row0, col0, M, V, H,
                  BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """[BLOCK_M, BLOCK_N] fp32 tile of hidden[row0:] @ weight[col0:].T (+ bias), K-loop over H.
 
-    Row/column bases are 64-bit scalars (V * H may exceed 2**31); in-tile offsets are 32-bit.
+    Weight tiles are cast to hidden's dtype on load. Row/column bases are 64-bit scalars
+    (V * H may exceed 2**31); in-tile offsets are 32-bit.
     """
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -86,7 +159,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, row0, col0, M, V, H,
     for k0 in range(0, H, BLOCK_K):
         k_mask = offs_k < H - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0).to(h_ptr.dtype.element_ty)
         acc = _dot(a, tl.trans(b), acc, DOT_PRECISION, UPCAST_DOT)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
@@ -97,12 +170,12 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, row0, col0, M, V, H,
 
 @triton.jit
 def _logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_lse_ptr, part_tgt_ptr,
-                         M, V, H, TILES_PER_SPLIT,
+                         M, V, H, TILES_PER_SPLIT, N_SPLITS,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         UPCAST_DOT: tl.constexpr):
     """Partial LSE / target logit of BLOCK_M tokens over one vocab split -> [splits, M]."""
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_m, pid_s = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), N_SPLITS, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     labels = tl.load(lab_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
@@ -113,12 +186,12 @@ def _logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_lse_ptr, part_tgt_pt
     tile_stop = tl.minimum(tile_start + TILES_PER_SPLIT, tl.cdiv(V, BLOCK_N))
     for tile in range(tile_start, tile_stop):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < V
         logits = _logits_tile(h_ptr, w_ptr, b_ptr, pid_m * BLOCK_M, tile * BLOCK_N, M, V, H,
                               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-        logits = tl.where(col_mask[None, :], logits, float("-inf"))
+        logits = tl.where((cols < V)[None, :], logits, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp(-inf - 0) = 0
+        s_i = s_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
         m_i = m_new
         t_i += tl.sum(tl.where(cols[None, :] == labels[:, None], logits, 0.0), axis=1)
     out = pid_s * M + rows
@@ -127,59 +200,99 @@ def _logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_lse_ptr, part_tgt_pt
 
 
 @triton.jit
+def _grad_hidden(d_in_t, w_ptr, dh_ptr, row0, col0, M, V, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """dH[row0:, :] += (W[col0:, k:k+BLOCK_K]^T @ d_in_t)^T, d_in_t = d_logits^T [BLOCK_N, BLOCK_M].
+
+    Computed transposed ([BLOCK_K, BLOCK_M] per step) so that d_logits is the shared-memory
+    operand of every dot, stored once per tile, and the streamed weight tile the other one.
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_mask = offs_m < M - row0
+    col_mask = offs_n < V - col0
+    w_ptrs = w_ptr + tl.cast(col0, tl.int64) * H + (offs_k[:, None] + offs_n[None, :] * H)    # [BLOCK_K, BLOCK_N]
+    dh_ptrs = dh_ptr + tl.cast(row0, tl.int64) * H + (offs_k[:, None] + offs_m[None, :] * H)  # [BLOCK_K, BLOCK_M]
+    for k0 in range(0, H, BLOCK_K):
+        k_mask = offs_k < H - k0
+        w_t = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(d_in_t.dtype)
+        tl.atomic_add(dh_ptrs, _dot(w_t, d_in_t, None, DOT_PRECISION, UPCAST_DOT),
+                      mask=k_mask[:, None] & row_mask[None, :], sem="relaxed")
+        w_ptrs += BLOCK_K
+        dh_ptrs += BLOCK_K
+
+
+@triton.jit
+def _grad_weight(d_in, h_ptr, dw_ptr, row0, col0, M, V, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """dW[col0:, :] += (hidden[row0:, k:k+BLOCK_K]^T @ d_in)^T, d_in = d_logits [BLOCK_M, BLOCK_N]."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_mask = offs_m < M - row0
+    col_mask = offs_n < V - col0
+    h_ptrs = h_ptr + tl.cast(row0, tl.int64) * H + (offs_k[:, None] + offs_m[None, :] * H)    # [BLOCK_K, BLOCK_M]
+    dw_ptrs = dw_ptr + tl.cast(col0, tl.int64) * H + (offs_k[:, None] + offs_n[None, :] * H)  # [BLOCK_K, BLOCK_N]
+    for k0 in range(0, H, BLOCK_K):
+        k_mask = offs_k < H - k0
+        h_t = tl.load(h_ptrs, mask=k_mask[:, None] & row_mask[None, :], other=0.0)
+        tl.atomic_add(dw_ptrs, _dot(h_t, d_in, None, DOT_PRECISION, UPCAST_DOT),
+                      mask=k_mask[:, None] & col_mask[None, :], sem="relaxed")
+        h_ptrs += BLOCK_K
+        dw_ptrs += BLOCK_K
+
+
+@triton.jit
 def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-                         M, V, H, COMPUTE_DW,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         UPCAST_DOT: tl.constexpr):
+                         M, V, H, filter_eps,
+                         HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                         COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Recompute one logits tile, add its d_hidden / d_weight / d_bias share (fp32 atomics)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
     logits = _logits_tile(h_ptr, w_ptr, b_ptr, row0, col0, M, V, H,
                           HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     row_mask = offs_m < M - row0
     col_mask = offs_n < V - col0
     labels = tl.load(lab_ptr + row0 + offs_m, mask=row_mask, other=-1).to(tl.int32)
-    lse = tl.load(lse_ptr + row0 + offs_m, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + row0 + offs_m, mask=row_mask, other=float("inf"))  # padded rows: p = 0
     g = tl.load(g_ptr + row0 + offs_m, mask=row_mask, other=0.0)
     onehot = tl.where((col0 + offs_n)[None, :] == labels[:, None], 1.0, 0.0)
-    d_logits = (onehot - tl.exp(logits - lse[:, None])) * g[:, None]
-    d_logits = tl.where(col_mask[None, :], d_logits, 0.0)
-    if HAS_BIAS:
+    diff = tl.where(row_mask[:, None] & col_mask[None, :], onehot - tl.exp(logits - lse[:, None]), 0.0)
+    d_logits = diff * g[:, None]
+    if COMPUTE_DB:
         tl.atomic_add(db_ptr + col0 + offs_n, tl.sum(d_logits, axis=0), mask=col_mask, sem="relaxed")
-    d_in = d_logits.to(h_ptr.dtype.element_ty)
-    h_off = tl.cast(row0, tl.int64) * H + (offs_m[:, None] * H + offs_k[None, :])  # [BLOCK_M, BLOCK_K]
-    w_off = tl.cast(col0, tl.int64) * H + (offs_n[:, None] * H + offs_k[None, :])  # [BLOCK_N, BLOCK_K]
-    for k0 in range(0, H, BLOCK_K):
-        k_mask = offs_k < H - k0
-        h_mask = row_mask[:, None] & k_mask[None, :]
-        w_mask = col_mask[:, None] & k_mask[None, :]
-        w_tile = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
-        tl.atomic_add(dh_ptr + h_off, _dot(d_in, w_tile, None, DOT_PRECISION, UPCAST_DOT), mask=h_mask,
-                      sem="relaxed")
-        if COMPUTE_DW != 0:  # runtime flag: 0 when the weight is frozen
-            h_tile = tl.load(h_ptr + h_off, mask=h_mask, other=0.0)
-            tl.atomic_add(dw_ptr + w_off, _dot(tl.trans(d_in), h_tile, None, DOT_PRECISION, UPCAST_DOT),
-                          mask=w_mask, sem="relaxed")
-        h_off += BLOCK_K
-        w_off += BLOCK_K
+    if FILTER:
+        keep = tl.max(tl.max(tl.where(g[:, None] != 0.0, tl.abs(diff), 0.0), axis=1), axis=0) >= filter_eps
+    else:
+        keep = True
+    if keep:
+        d_in = d_logits.to(h_ptr.dtype.element_ty)
+        if COMPUTE_DH:
+            _grad_hidden(tl.trans(d_in), w_ptr, dh_ptr, row0, col0, M, V, H, BLOCK_M, BLOCK_N, BLOCK_K,
+                         DOT_PRECISION, UPCAST_DOT)
+        if COMPUTE_DW:
+            _grad_weight(d_in, h_ptr, dw_ptr, row0, col0, M, V, H, BLOCK_M, BLOCK_N, BLOCK_K,
+                         DOT_PRECISION, UPCAST_DOT)
 
 
-def _config(dtype: torch.dtype) -> tuple[KernelConfig, KernelConfig]:
+def _config(dtype: torch.dtype, precision: str) -> tuple[KernelConfig, KernelConfig]:
+    """(forward, backward) configs of a compute dtype and DOT_PRECISION."""
     if dtype not in CONFIGS:
         raise TypeError(f"Triton log-prob kernels support {list(CONFIGS)}, got {dtype}")
-    return CONFIGS[dtype]
+    return TF32_CONFIGS if dtype == torch.float32 and precision == "tf32" else CONFIGS[dtype]
 
 
-def _upcast_dot(hidden: torch.Tensor) -> bool:
+def _upcast_dot(dtype: torch.dtype, device: torch.device) -> bool:
     """True only for bf16 under the Triton interpreter (see the module docstring)."""
     interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return hidden.dtype == torch.bfloat16 and (interpreting or hidden.device.type != "cuda")
+    return dtype == torch.bfloat16 and (interpreting or device.type != "cuda")
 
 
 def _target_programs(device: torch.device) -> int:
@@ -190,11 +303,12 @@ def _target_programs(device: torch.device) -> int:
 
 
 def _vocab_splits(n_rows: int, n_vocab: int, cfg: KernelConfig, device: torch.device) -> tuple[int, int]:
-    """(splits, tiles_per_split): split the vocab loop when there are few row blocks."""
+    """(splits, tiles_per_split): enough splits to fill the device, and at most
+    MAX_TILES_PER_SPLIT tiles per program so that grouped programs share weight tiles."""
     n_tiles = triton.cdiv(n_vocab, cfg.block_n)
     row_blocks = triton.cdiv(n_rows, cfg.block_m)
     splits = min(n_tiles, max(1, triton.cdiv(_target_programs(device), row_blocks)))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
+    tiles_per_split = min(triton.cdiv(n_tiles, splits), MAX_TILES_PER_SPLIT)
     return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
 
 
@@ -204,9 +318,12 @@ def _bias_arg(bias: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
 
 
 def logprobs_forward(hidden, weight, bias, labels):
-    """hidden: [M, H] bf16/fp16/fp32 contiguous; weight: [V, H] same dtype; bias: [V] | None;
-    labels: [M] int64 in [0, V). Returns (logp [M] fp32 <= 0, lse [M] fp32)."""
-    fwd, _ = _config(hidden.dtype)
+    """hidden: [M, H] bf16/fp16/fp32 contiguous; weight: [V, H] contiguous, hidden's dtype or fp32
+    (16-bit hidden: computed in hidden's dtype); bias: [V] | None; labels: [M] int64 in [0, V).
+    Returns (logp [M] fp32 <= 0, lse [M] fp32)."""
+    dtype = compute_dtype(hidden.dtype, weight.dtype)
+    precision = dot_precision(dtype)
+    fwd, _ = _config(dtype, precision)
     (m, h), v = hidden.shape, weight.shape[0]
     if m == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
@@ -214,68 +331,110 @@ def logprobs_forward(hidden, weight, bias, labels):
     splits, tiles_per_split = _vocab_splits(m, v, fwd, hidden.device)
     part_lse = torch.empty((splits, m), dtype=torch.float32, device=hidden.device)
     part_tgt = torch.empty((splits, m), dtype=torch.float32, device=hidden.device)
-    grid = (triton.cdiv(m, fwd.block_m), splits)
+    grid = (triton.cdiv(m, fwd.block_m) * splits,)
     _logprobs_fwd_kernel[grid](
-        hidden, weight, _bias_arg(bias, part_lse), labels, part_lse, part_tgt, m, v, h, tiles_per_split,
+        hidden, weight, _bias_arg(bias, part_lse), labels, part_lse, part_tgt, m, v, h, tiles_per_split, splits,
         HAS_BIAS=bias is not None, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k,
-        DOT_PRECISION=DOT_PRECISION[hidden.dtype], UPCAST_DOT=_upcast_dot(hidden), num_warps=fwd.num_warps, num_stages=fwd.num_stages,
+        GROUP_M=fwd.group_m, DOT_PRECISION=precision, UPCAST_DOT=_upcast_dot(dtype, hidden.device),
+        num_warps=fwd.num_warps, num_stages=fwd.num_stages,
     )
     lse = torch.logsumexp(part_lse, dim=0)
     logp = (part_tgt.sum(0) - lse).clamp_max(0.0)
     return logp, lse
 
 
-def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=True):
+def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=True, *,
+                      need_hidden_grad=True, need_bias_grad=True, filter_eps=None):
     """grad: [M] upstream gradient; other args as saved by :func:`logprobs_forward`.
 
-    Returns (d_hidden [M, H] hidden.dtype, d_weight [V, H] weight.dtype | None, d_bias [V] | None).
+    filter_eps: skip the gradient dots of tiles whose |softmax - onehot| are all below it
+    (None: :func:`default_filter_eps` of the compute dtype; 0: exact).
+    Returns (d_hidden [M, H] hidden.dtype | None, d_weight [V, H] weight.dtype | None,
+    d_bias [V] bias.dtype | None); a gradient that is not needed is not computed.
     """
-    _, bwd = _config(hidden.dtype)
+    dtype = compute_dtype(hidden.dtype, weight.dtype)
+    precision = dot_precision(dtype)
+    _, bwd = _config(dtype, precision)
+    eps = default_filter_eps(dtype) if filter_eps is None else float(filter_eps)
+    if not eps >= 0.0:
+        raise ValueError(f"filter_eps must be >= 0 or None, got {filter_eps!r}")
+    need_bias_grad = need_bias_grad and bias is not None
     (m, h), v = hidden.shape, weight.shape[0]
-    d_hidden = torch.zeros((m, h), dtype=torch.float32, device=hidden.device)
-    d_weight = torch.zeros((v, h), dtype=torch.float32, device=hidden.device) if need_weight_grad else d_hidden
-    d_bias = torch.zeros(v, dtype=torch.float32, device=hidden.device) if bias is not None else d_hidden
-    grid = (triton.cdiv(m, bwd.block_m), triton.cdiv(v, bwd.block_n))
-    _logprobs_bwd_kernel[grid](
-        hidden, weight, _bias_arg(bias, lse), labels, lse, grad.float().contiguous(),
-        d_hidden, d_weight, d_bias, m, v, h, int(need_weight_grad),
-        HAS_BIAS=bias is not None, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
-        BLOCK_K=bwd.block_k, DOT_PRECISION=DOT_PRECISION[hidden.dtype], UPCAST_DOT=_upcast_dot(hidden),
-        num_warps=bwd.num_warps, num_stages=bwd.num_stages,
-    )
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.zeros((m, h), **f32) if need_hidden_grad else lse
+    d_weight = torch.zeros((v, h), **f32) if need_weight_grad else lse
+    d_bias = torch.zeros(v, **f32) if need_bias_grad else lse
+    grid = (triton.cdiv(m, bwd.block_m) * triton.cdiv(v, bwd.block_n),)
+    if m > 0 and (need_hidden_grad or need_weight_grad or need_bias_grad):
+        _logprobs_bwd_kernel[grid](
+            hidden, weight, _bias_arg(bias, lse), labels, lse, grad.float().contiguous(),
+            d_hidden, d_weight, d_bias, m, v, h, eps,
+            HAS_BIAS=bias is not None, COMPUTE_DH=need_hidden_grad, COMPUTE_DW=need_weight_grad,
+            COMPUTE_DB=need_bias_grad, FILTER=eps > 0.0, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
+            BLOCK_K=bwd.block_k, GROUP_M=bwd.group_m, DOT_PRECISION=precision,
+            UPCAST_DOT=_upcast_dot(dtype, hidden.device), num_warps=bwd.num_warps, num_stages=bwd.num_stages,
+        )
     return (
-        d_hidden.to(hidden.dtype),
+        d_hidden.to(hidden.dtype) if need_hidden_grad else None,
         d_weight.to(weight.dtype) if need_weight_grad else None,
-        d_bias.to(bias.dtype) if bias is not None else None,
+        d_bias.to(bias.dtype) if need_bias_grad else None,
     )
 
 
-def _fwd_signature(dt: str) -> dict:
-    return {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": "*fp32", "lab_ptr": "*i64",
+def _fwd_signature(dt: str, wt: str) -> dict:
+    return {"h_ptr": f"*{dt}", "w_ptr": f"*{wt}", "b_ptr": "*fp32", "lab_ptr": "*i64",
             "part_lse_ptr": "*fp32", "part_tgt_ptr": "*fp32",
-            "M": "i32", "V": "i32", "H": "i32", "TILES_PER_SPLIT": "i32"}
+            "M": "i32", "V": "i32", "H": "i32", "TILES_PER_SPLIT": "i32", "N_SPLITS": "i32"}
 
 
-def _bwd_signature(dt: str) -> dict:
-    return {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": "*fp32", "lab_ptr": "*i64", "lse_ptr": "*fp32",
+def _bwd_signature(dt: str, wt: str) -> dict:
+    return {"h_ptr": f"*{dt}", "w_ptr": f"*{wt}", "b_ptr": "*fp32", "lab_ptr": "*i64", "lse_ptr": "*fp32",
             "g_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
-            "M": "i32", "V": "i32", "H": "i32", "COMPUTE_DW": "i32"}
+            "M": "i32", "V": "i32", "H": "i32", "filter_eps": "fp32"}
+
+
+#: Integer arguments that are multiples of 16 at LM-head shapes (H = 4096, V = 128256), which
+#: the JIT then specialises on, as it does for 16-byte-aligned pointers.
+ALIGNED_INTS = ("V", "H")
+
+
+def _variants():
+    """(tag, compute dtype, weight dtype, dot precision, has_bias, bwd flag overrides) launched by default
+    settings: same-dtype inputs with and without bias, 16-bit hidden + fp32 weight, TF32, a frozen weight."""
+    out = []
+    for dtype in CONFIGS:
+        for has_bias in (False, True):
+            out.append((f"{_TL_DTYPE[dtype]}_bias{int(has_bias)}", dtype, dtype, dot_precision_for(dtype, False),
+                        has_bias, {}))
+    out.append(("bf16_w32_bias0", torch.bfloat16, torch.float32, "tf32", False, {}))
+    out.append(("fp32_tf32_bias0", torch.float32, torch.float32, "tf32", False, {}))
+    out.append(("bf16_frozenw_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, {"COMPUTE_DW": False}))
+    return out
+
+
+def dot_precision_for(dtype: torch.dtype, tf32: bool) -> str:
+    """The DOT_PRECISION constexpr for `dtype` when TF32 is (not) allowed."""
+    return "tf32" if dtype != torch.float32 or tf32 else "ieee"
 
 
 def aot_specs() -> list[tuple]:
-    """Every variant the launchers above can launch, for ``python -m drdo_kernels.aot``.
-
-    Returns a list of (name, jit_fn, signature, constexprs, num_warps, num_stages).
+    """The variants :func:`logprobs_forward` / :func:`logprobs_backward` launch, for
+    ``python -m drdo_kernels.aot``: [(name, jit_fn, signature, constexprs, num_warps, num_stages,
+    aligned_ints)] (forward of a frozen-weight variant is the plain forward, so it is listed once).
     """
     specs = []
-    for dtype, (fwd, bwd) in CONFIGS.items():
-        dt, prec = _TL_DTYPE[dtype], DOT_PRECISION[dtype]
-        for has_bias in (False, True):
-            tag = f"{dt}_bias{int(has_bias)}"
-            specs.append((f"logprobs_fwd_{tag}", _logprobs_fwd_kernel, _fwd_signature(dt),
-                          dict(HAS_BIAS=has_bias, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n,
-                               BLOCK_K=fwd.block_k, DOT_PRECISION=prec, UPCAST_DOT=False), fwd.num_warps, fwd.num_stages))
-            specs.append((f"logprobs_bwd_{tag}", _logprobs_bwd_kernel, _bwd_signature(dt),
-                          dict(HAS_BIAS=has_bias, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
-                               BLOCK_K=bwd.block_k, DOT_PRECISION=prec, UPCAST_DOT=False), bwd.num_warps, bwd.num_stages))
+    for tag, dtype, wdtype, prec, has_bias, overrides in _variants():
+        fwd, bwd = _config(dtype, prec)
+        dt, wt = _TL_DTYPE[dtype], _TL_DTYPE[wdtype]
+        if not overrides:
+            specs.append((f"logprobs_fwd_{tag}", _logprobs_fwd_kernel, _fwd_signature(dt, wt),
+                          dict(HAS_BIAS=has_bias, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k,
+                               GROUP_M=fwd.group_m, DOT_PRECISION=prec, UPCAST_DOT=False),
+                          fwd.num_warps, fwd.num_stages, ALIGNED_INTS))
+        flags = dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=has_bias, FILTER=default_filter_eps(dtype) > 0)
+        flags.update(overrides)
+        specs.append((f"logprobs_bwd_{tag}", _logprobs_bwd_kernel, _bwd_signature(dt, wt),
+                      dict(HAS_BIAS=has_bias, **flags, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
+                           BLOCK_K=bwd.block_k, GROUP_M=bwd.group_m, DOT_PRECISION=prec, UPCAST_DOT=False),
+                      bwd.num_warps, bwd.num_stages, ALIGNED_INTS))
     return specs

@@ -36,9 +36,10 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from drdo.losses import _REDUCTIONS, _UNLIKELIHOOD_SIGN, LOGP_CLAMP_MAX, _check_pair_shapes, log1mexp
+from drdo.losses import REDUCTIONS, UNLIKELIHOOD_SIGN, LOGP_CLAMP_MAX, check_pair_shapes, log1mexp
 
 from .logprobs import resolve_backend
+from .runtime import triton_available
 
 try:  # Triton is optional: without it only backend="torch" exists.
     import triton
@@ -295,30 +296,30 @@ class _DRDOPairLossFn(torch.autograd.Function):
 
 
 def _check_inputs(inputs: dict, unlikelihood: str, gamma: float, reduction: str) -> None:
-    if unlikelihood not in _UNLIKELIHOOD_SIGN:
-        raise ValueError(f"unlikelihood must be one of {tuple(_UNLIKELIHOOD_SIGN)}, got {unlikelihood!r}")
+    if unlikelihood not in UNLIKELIHOOD_SIGN:
+        raise ValueError(f"unlikelihood must be one of {tuple(UNLIKELIHOOD_SIGN)}, got {unlikelihood!r}")
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     for name, t in inputs.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
-    _check_pair_shapes(**inputs)
+    check_pair_shapes(**inputs)
     devices = {t.device for t in inputs.values()}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
 def _resolve_backend(backend: str, tensors) -> str:
-    """"auto" -> "triton" for CUDA inputs that are not float64 (when triton imports), else "torch".
-
-    "triton" on CPU tensors needs TRITON_INTERPRET=1; it refuses float64 inputs.
-    """
+    """The pair loss has a Triton kernel and a torch closed form. "auto" (and "chunked", whose pair
+    losses use this kernel too) take the kernel for CUDA inputs that are not float64 when Triton
+    imports, else torch. "triton" on CPU tensors needs TRITON_INTERPRET=1; it refuses float64."""
     has_fp64 = any(t.dtype == torch.float64 for t in tensors)
-    resolved = resolve_backend(backend, tensors[0].device)
-    if backend == "auto" and has_fp64:
-        return "torch"
+    device = tensors[0].device
+    resolved = resolve_backend(backend, device)
+    if backend in ("auto", "chunked"):
+        return "triton" if device.type == "cuda" and triton_available() and not has_fp64 else "torch"
     if resolved == "triton" and has_fp64:
         raise ValueError('the Triton pair-loss kernel computes in float32; use backend="torch" for float64 inputs')
     return resolved
@@ -363,7 +364,7 @@ def drdo_pair_loss(
     tensors = list(inputs.values())
     backend = _resolve_backend(backend, tensors)
     loss, sums = _DRDOPairLossFn.apply(
-        *tensors, float(alpha), float(gamma), _UNLIKELIHOOD_SIGN[unlikelihood], reduction, backend
+        *tensors, float(alpha), float(gamma), UNLIKELIHOOD_SIGN[unlikelihood], reduction, backend
     )
     means = sums / tensors[0].shape[0]
     metrics = {name: means[i] for i, name in enumerate(METRIC_NAMES)}
