@@ -207,7 +207,9 @@ def _fmt(v):
 
 def interpret_mode() -> bool:
     """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    from drdo_kernels.runtime import triton_interpreting
+
+    return triton_interpreting()
 
 
 def set_threads(n: int | None) -> None:

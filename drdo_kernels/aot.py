@@ -34,9 +34,11 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from drdo_kernels.runtime import triton_interpreting
+
 #: Maximum dynamic shared memory per block (bytes) by compute capability.
 SHARED_LIMITS = {90: 227 * 1024, 80: 163 * 1024}
-SPEC_MODULES = ("drdo_kernels.logprobs_triton", "drdo_kernels.pair_loss")
+SPEC_MODULES = ("drdo_kernels.logprobs_triton", "drdo_kernels.pair_loss", "drdo_kernels.softmax_fold")
 
 
 def parse_arch(arch: str) -> int:
@@ -209,7 +211,7 @@ def main(argv=None) -> int:
     variants = tuple(v for v in args.variants.split(",") if v)
     if not variants or any(v not in VARIANTS for v in variants):
         parser.error(f"--variants must be a comma-separated subset of {VARIANTS}, got {args.variants!r}")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_interpreting():
         print("TRITON_INTERPRET is set: unset it, the interpreter cannot compile kernels", file=sys.stderr)
         return 2
     return run(args.arch, jobs=args.jobs, variants=variants)

@@ -61,12 +61,13 @@ never synchronise with the host (no ``.item()``, no data-dependent shapes).
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .runtime import triton_interpreting
 
 
 class KernelConfig(NamedTuple):
@@ -291,8 +292,7 @@ def _config(dtype: torch.dtype, precision: str) -> tuple[KernelConfig, KernelCon
 
 def _upcast_dot(dtype: torch.dtype, device: torch.device) -> bool:
     """True only for bf16 under the Triton interpreter (see the module docstring)."""
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return dtype == torch.bfloat16 and (interpreting or device.type != "cuda")
+    return dtype == torch.bfloat16 and (triton_interpreting() or device.type != "cuda")
 
 
 def _target_programs(device: torch.device) -> int:
