@@ -6,7 +6,10 @@ materialise the [tokens, vocab] logits.
 * ``drdo_pair_loss`` -> the DRDO loss and its per-pair gradients in one Triton kernel.
 * ``FusedLinear*Loss`` -> the losses of ``drdo.losses`` computed straight from the last
   hidden state and ``lm_head.weight``.
+* ``align_labels`` / ``gather_lm_head`` -> inputs from HF/TRL trainers (unshifted labels,
+  ``completion_mask``) and FSDP2 (a sharded DTensor LM head).
 """
+from .inputs import align_labels, gather_lm_head
 from .logprobs import fused_linear_logprobs
 from .pair_loss import drdo_pair_loss
 from .fused_losses import (
@@ -33,4 +36,6 @@ __all__ = [
     "fused_linear_edpo_loss",
     "fused_linear_oracle_loss",
     "row_logprobs",
+    "align_labels",
+    "gather_lm_head",
 ]

@@ -16,6 +16,7 @@ import os
 import torch
 
 from . import logprobs_torch
+from .inputs import gather_lm_head
 
 __all__ = ["fused_linear_logprobs", "resolve_backend", "BACKENDS"]
 
@@ -153,6 +154,7 @@ def fused_linear_logprobs(
         logp: labels.shape, float32 (float64 for float64 inputs), <= 0, 0.0 at ignored
         positions; differentiable w.r.t. hidden, weight and bias.
     """
+    weight, bias = gather_lm_head(weight, bias)  # an FSDP2-sharded (DTensor) head is all-gathered
     _check_inputs(hidden, weight, labels, bias)
     backend = resolve_backend(backend, hidden.device)
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
