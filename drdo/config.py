@@ -95,6 +95,8 @@ class TrainConfig:
     max_prompt_length: int = option(512, "max prompt tokens (left-truncated)")
     shuffle: bool = option(True, "shuffle the data each epoch")
     skip_invalid: bool = option(False, "drop invalid rows instead of failing")
+    padding_free: bool = option(False, "pack each micro-batch's sequences into one row without padding "
+                                "(flash-attn varlen on CUDA, a block-diagonal causal mask elsewhere)")
     # losses
     alpha: float = option(0.1, "DRDO weight of the focal preference term", stages=("drdo",))
     gamma: float = option(2.0, "DRDO focal exponent", stages=("drdo",))

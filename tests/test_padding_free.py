@@ -70,3 +70,24 @@ def test_packed_forward_rejects_padded_layout(items):
     padded = PreferenceCollator(tokenizer.pad_token_id)(batch_items)
     with pytest.raises(ValueError, match="packed input"):
         policy(padded["input_ids"], padded["attention_mask"], cu_seqlens=torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("stage", ["drdo", "sft"])
+def test_train_padding_free_first_step_equals_padded(tmp_path, stage):
+    import json
+
+    from test_train import KERNEL, write_rows
+
+    from drdo.training.loop import TrainConfig, train
+
+    data = write_rows(tmp_path / "scored.jsonl", make_rows(8, seed=1))
+    losses = {}
+    for padding_free in (False, True):
+        out = tmp_path / f"pf{padding_free}"
+        train(TrainConfig(stage=stage, model="tiny", data=data, output_dir=str(out), max_steps=2, batch_size=4,
+                          micro_batch_size=2, lr=1e-3, max_length=48, max_prompt_length=24, kernel=KERNEL,
+                          padding_free=padding_free, progress=False, plot=False, seed=0))
+        with open(out / "metrics.jsonl") as f:
+            losses[padding_free] = [json.loads(line)["loss"] for line in f]
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5, abs=1e-7)
+    assert losses[True][1] == pytest.approx(losses[False][1], rel=1e-4, abs=1e-6)

@@ -19,7 +19,10 @@ import torch
 
 from drdo.losses import IGNORE_INDEX
 
-__all__ = ["pack_sequences", "segment_sum", "last_token_index", "packed_attention_supported"]
+__all__ = [
+    "pack_sequences", "segment_sum", "last_token_index", "packed_attention_supported",
+    "PackedPreferenceCollator", "PackedSFTCollator",
+]
 
 
 def pack_sequences(input_ids: list[list[int]], labels: list[list[int]], ignore_index: int = IGNORE_INDEX) -> dict:
@@ -99,4 +102,19 @@ class PackedPreferenceCollator:
             scores = _stack_scores(items, fields)
             if scores is not None:
                 batch[key] = scores
+        return batch
+
+
+class PackedSFTCollator:
+    """The padding-free twin of :class:`drdo.data.SFTCollator`: the B chosen sequences in one row."""
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX):
+        self.ignore_index = ignore_index
+
+    def __call__(self, items: list[dict]) -> dict:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        batch = pack_sequences([it["chosen_input_ids"] for it in items], [it["chosen_labels"] for it in items],
+                               self.ignore_index)
+        batch["rows"] = torch.tensor([it["row"] for it in items], dtype=torch.long)
         return batch

@@ -99,6 +99,10 @@ def _load_data(config: TrainConfig, tokenizer):
 def _collator(config: TrainConfig, tokenizer):
     from drdo.data import PreferenceCollator, SFTCollator
 
+    if config.padding_free:
+        from drdo.data.packing import PackedPreferenceCollator, PackedSFTCollator
+
+        return PackedSFTCollator() if config.stage == "sft" else PackedPreferenceCollator()
     cls = SFTCollator if config.stage == "sft" else PreferenceCollator
     return cls(tokenizer.pad_token_id)
 
@@ -270,8 +274,9 @@ class Trainer:
             if c.stage == "sft":
                 count = float((batch["labels"] != -100).sum())
             else:
-                count = float(batch["input_ids"].shape[0] // 2)
-            out.append((batch, count, float(batch["attention_mask"].sum())))
+                count = float(_n_rows(batch) // 2)
+            tokens = batch["input_ids"].numel() if "cu_seqlens" in batch else batch["attention_mask"].sum()
+            out.append((batch, count, float(tokens)))
         return out
 
     def _reduce_device(self) -> torch.device:
@@ -407,6 +412,11 @@ class Trainer:
 
         plot_training_curves(self.metrics.path, os.path.join(self.out, PLOT_FILE),
                              title=f"{self.config.stage} ({self.config.model})")
+
+
+def _n_rows(batch: dict) -> int:
+    """Sequences in a collated batch: its rows, or the packed sequences of a padding-free batch."""
+    return batch["cu_seqlens"].numel() - 1 if "cu_seqlens" in batch else batch["input_ids"].shape[0]
 
 
 def _progress(enabled: bool, total: int, start: int, stage: str):

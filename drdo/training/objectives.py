@@ -91,17 +91,22 @@ class StageObjective(nn.Module):
             return dk.FusedLinearEDPOLoss(beta=c["beta"], pessimistic=c["pessimistic"], **common)
         return None  # sft uses fused_linear_logprobs directly
 
-    def forward(self, input_ids, attention_mask, labels, oracle_rewards=None, ref_logps=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, oracle_rewards=None, ref_logps=None,
+                position_ids=None, cu_seqlens=None, seq_idx=None):
         reference = self.kernel_mode == "reference"
-        out = self.policy(input_ids, attention_mask, return_logits=reference)
+        out = self.policy(input_ids, attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                          return_logits=reference)
         if self.stage == "sft":
             return self._sft(out, labels, reference)
-        if reference:
+        if cu_seqlens is not None:  # padding-free: per-sequence sums of the packed row, then the pair loss
+            logps, n_tokens = self._packed_logps(out, labels, cu_seqlens, reference)
+            loss, metrics = self._reference_pair_loss(logps, n_tokens, out.rewards, oracle_rewards, ref_logps)
+        elif reference:
             logps, n_tokens = ref_losses.sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)
             loss, metrics = self._reference_pair_loss(logps, n_tokens, out.rewards, oracle_rewards, ref_logps)
         else:
             loss, metrics = self._fused_pair_loss(out, labels, oracle_rewards, ref_logps)
-        n_pairs = input_ids.shape[0] // 2
+        n_pairs = (input_ids.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1) // 2
         metrics = {k: v for k, v in metrics.items() if k != "loss"}
         for key in _SUMMED_METRICS.get(self.stage, ()):  # reduction="sum" made these sums over the micro-batch
             if key in metrics:
@@ -128,6 +133,25 @@ class StageObjective(nn.Module):
         return nll_sum, {"nll": (nll_sum / n_tokens.clamp(min=1)).detach()}
 
     # ---- preference stages -----------------------------------------------------------------------------------
+    def _packed_logps(self, out, labels, cu_seqlens, reference):
+        """Packed row -> (summed response log-probs [R] fp32, response tokens [R]) per sequence."""
+        from drdo.data.packing import segment_sum
+
+        if reference:
+            logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+            mask = labels[0] != IGNORE_INDEX
+            token_logp = logp.gather(-1, labels[0].clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        else:
+            import drdo_kernels as dk
+
+            w, b = _head_params(self.policy.lm_head, out.hidden_states.dtype)
+            token_logp = dk.fused_linear_logprobs(out.hidden_states[0], w, labels[0], bias=b,
+                                                  ignore_index=IGNORE_INDEX, backend=self.kernel_mode)
+        n_tokens = segment_sum((labels[0] != IGNORE_INDEX).long(), cu_seqlens)
+        if bool((n_tokens == 0).any()):
+            raise ValueError("a packed sequence has no response token; a sequence log-prob needs at least one")
+        return segment_sum(token_logp, cu_seqlens), n_tokens
+
     def _fused_pair_loss(self, out, labels, oracle_rewards, ref_logps):
         h = out.hidden_states
         w, b = _head_params(self.policy.lm_head, h.dtype)
