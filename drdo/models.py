@@ -42,6 +42,7 @@ __all__ = [
     "build_tiny_causal_lm",
     "load_causal_lm",
     "default_attn_implementation",
+    "training_attn_implementation",
     "new_reward_head",
     "sequence_rewards",
     "last_token_indices",
@@ -135,9 +136,24 @@ def default_attn_implementation(device: torch.device | str | int | None, dtype: 
     dtype = _resolve_dtype(dtype)
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
         return "sdpa"
-    if _is_cuda(device) and importlib.util.find_spec("flash_attn") is not None:
+    if _is_cuda(device) and flash_attn_available():
         return "flash_attention_2"
     return "sdpa"
+
+
+def flash_attn_available() -> bool:
+    """Whether the flash_attn package is importable (the optional ``[flash]`` extra)."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def training_attn_implementation(
+    requested: str | None, device: torch.device | str | int | None, compute_dtype: torch.dtype | str | None
+) -> str:
+    """Attention for training: ``requested`` when given, else :func:`default_attn_implementation` for
+    the device and the COMPUTE dtype (bf16 under autocast or FSDP2 mixed precision, even though the
+    master weights stay float32): "flash_attention_2" on CUDA in 16 bits when flash-attn is
+    importable, otherwise "sdpa"."""
+    return requested or default_attn_implementation(device, compute_dtype)
 
 
 def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:

@@ -127,11 +127,12 @@ def head_was_trained(model_dir: str) -> bool | None:
     return saved.get("stage") == "oracle" or (saved.get("stage") == "drdo" and saved.get("reward") == "head")
 
 
-def _build_policy(config: TrainConfig, device: torch.device):
+def _build_policy(config: TrainConfig, device: torch.device, bf16: bool = False):
     """The policy in fp32. A head saved by a stage that never trained it (e.g. the SFT output) is
     replaced by a fresh one seeded by ``config.seed``, so that Oracles trained with different seeds
-    from the same SFT model start from different heads (the e-DPO ensemble)."""
-    from drdo.models import PolicyWithRewardHead, new_reward_head
+    from the same SFT model start from different heads (the e-DPO ensemble). Attention: see
+    :func:`drdo.models.training_attn_implementation` (flash-attn with bf16 compute on CUDA)."""
+    from drdo.models import PolicyWithRewardHead, _set_attn_implementation, new_reward_head, training_attn_implementation
 
     policy = PolicyWithRewardHead.from_pretrained(
         config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code,
@@ -141,7 +142,11 @@ def _build_policy(config: TrainConfig, device: torch.device):
         policy.reward_head = new_reward_head(policy.hidden_size, seed=config.seed)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    return policy.to(device).train()
+    policy = policy.to(device)
+    attn = training_attn_implementation(config.attn_implementation, device, torch.bfloat16 if bf16 else torch.float32)
+    if attn == "flash_attention_2" and policy.config._attn_implementation != attn:  # else: as loaded
+        _set_attn_implementation(policy.lm, attn)
+    return policy.train()
 
 
 def _optimizer(config: TrainConfig, root: torch.nn.Module) -> torch.optim.AdamW:
@@ -204,7 +209,7 @@ class Trainer:
         self.kernel_mode, kernels = resolve_kernel(config.kernel)
         self.bf16 = _use_bf16(config, self.device)
         torch.manual_seed(config.seed)
-        policy = _build_policy(config, self.device)
+        policy = _build_policy(config, self.device, self.bf16)
         self.root = StageObjective(policy, config, self.kernel_mode, kernels)
         if dist_state.distributed:
             dist_utils.wrap_fsdp(self.root, dist_state, bf16=self.bf16)
