@@ -125,6 +125,8 @@ class TrainConfig:
         nargs="?", const=True, metavar="CHECKPOINT_DIR")
     progress: bool = option(True, "show a progress bar")
     plot: bool = option(True, "write training_curves.png at the end")
+    report_to: str = option("none", "also send each step's metrics to tensorboard (<output-dir>/tensorboard) or "
+                            "wandb, beside metrics.jsonl", choices=("none", "tensorboard", "wandb"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -38,6 +38,7 @@ from drdo.training import checkpoint as ckpt
 from drdo.training import distributed as dist_utils
 from drdo.config import TrainConfig, accumulation_steps, resolve, save_yaml, total_steps, warmup_steps_for
 from drdo.training.metrics import MetricsLog, peak_memory_mb
+from drdo.training.reporting import make_reporter
 from drdo.training.objectives import StageObjective, resolve_kernel
 from drdo.training.schedule import lr_at, set_lr
 
@@ -215,6 +216,7 @@ class Trainer:
             dist_utils.wrap_fsdp(self.root, dist_state, bf16=self.bf16)
         self.optimizer = _optimizer(config, self.root)
         self.metrics = MetricsLog(os.path.join(self.out, METRICS_FILE), enabled=dist_state.is_main)
+        self.reporter = make_reporter(config.report_to, self.out, config.to_dict(), enabled=dist_state.is_main)
         self.start_step = 0
         self.last_good: str | None = None
 
@@ -387,6 +389,7 @@ class Trainer:
                         bar.close()
                     raise
                 self.metrics.write(row)
+                self.reporter.log(row, step + 1)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
@@ -404,6 +407,7 @@ class Trainer:
                     break
         if bar is not None:
             bar.close()
+        self.reporter.close()
         if status == "completed":
             self.export_final()
             self._plot()
