@@ -50,6 +50,7 @@ run 150 benchmarks/bench_logprobs.py --sweep N,V --N 4096,8192,16384,32768 --V 3
   --methods ours_triton,ours_torch,naive,liger_flce,cce,torch_lce
 run 120 benchmarks/bench_train.py --dtype bf16 --V 128256 --H 1024 --layers 2 --heads 8 --T 1024 --B 8 \
   --mem-budget-mb 16384 --max-batch 64 --methods ours_triton,ours_torch,full_logits,cce,liger_dpo
+run 90 benchmarks/bench_padding_free.py
 python3 -m benchmarks.report "$work" || true
 stamp "done"
 if [[ "$work" != "$dest" ]]; then

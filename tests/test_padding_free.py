@@ -91,3 +91,17 @@ def test_train_padding_free_first_step_equals_padded(tmp_path, stage):
             losses[padding_free] = [json.loads(line)["loss"] for line in f]
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5, abs=1e-7)
     assert losses[True][1] == pytest.approx(losses[False][1], rel=1e-4, abs=1e-6)
+
+
+def test_bench_padding_free_runs(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_padding_free import main
+
+    result = main(["--device", "cpu", "--quick", "--steps", "1", "--output", str(tmp_path)])
+    saved = json.loads((tmp_path / "padding_free.json").read_text())
+    assert saved["packed"]["slots"] == saved["real_tokens"] < saved["padded"]["slots"]
+    assert result["packed"]["tokens_per_s"] > 0 and result["padded"]["tokens_per_s"] > 0
