@@ -143,3 +143,32 @@ def test_import_drdo_does_not_import_trl():
     code = "import sys, drdo, drdo.models, drdo.data, drdo.training.loop; print('trl' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("length_normalize", [False, True])
+def test_drdo_forward_packed_equals_padded_and_normalizes(tmp_path, length_normalize):
+    """The loss of one batch: padded and packed layouts agree; length_normalize divides z by the token count."""
+    from drdo.integrations.trl import REWARD_HEAD_ATTR, DRDODataCollator, drdo_forward
+    from drdo.models import new_reward_head
+
+    tokenizer = get_tokenizer("tiny")
+    args = _config(tmp_path, length_normalize=length_normalize, alpha=1.0)
+    model = build_tiny_causal_lm()
+    model.add_module(REWARD_HEAD_ATTR, new_reward_head(64, seed=1))
+    examples = []
+    for r in make_rows(3):
+        prompt = tokenizer(r["prompt"])["input_ids"]
+        examples.append({"prompt_ids": prompt, "chosen_ids": tokenizer(r["chosen"])["input_ids"],
+                         "rejected_ids": tokenizer(r["rejected"])["input_ids"],
+                         "oracle_chosen": r["oracle_chosen"], "oracle_rejected": r["oracle_rejected"]})
+    padded = DRDODataCollator(tokenizer.pad_token_id)(examples)
+    packed = DRDODataCollator(tokenizer.pad_token_id, padding_free=True)(examples)
+    with torch.no_grad():
+        a, b = drdo_forward(model, padded, args), drdo_forward(model, packed, args)
+        logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+        labels = padded["input_ids"].masked_fill(padded["completion_mask"] == 0, -100)
+        z, n = sequence_logprobs(logits[:, :-1], labels[:, 1:])
+    expected_z = z / n if length_normalize else z
+    assert torch.allclose(a["metrics"]["logps_chosen"], expected_z[:3].mean(), rtol=1e-5)
+    assert torch.allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(a["chosen_rewards"], b["chosen_rewards"], rtol=1e-5, atol=1e-6)
