@@ -158,3 +158,17 @@ def test_dtensor_lm_head_outside_forward_equals_one_process(tmp_path):
         scale = p.grad.abs().max().clamp(min=1e-8)
         assert ((got - p.grad).abs().max() / scale) < 1e-4, name
     assert dist_out["grads"]["lm.lm_head.weight"].abs().sum() > 0
+
+
+def test_gather_lm_head_failure_says_what_to_do():
+    from unittest import mock
+
+    import drdo_kernels.inputs as inputs
+
+    weight = mock.MagicMock()
+    weight.device_mesh.ndim = 1
+    weight.placements = ("Shard(dim=0)",)
+    weight.redistribute.side_effect = RuntimeError("Default process group has not been initialized")
+    with mock.patch.object(inputs, "is_dtensor", return_value=True):
+        with pytest.raises(RuntimeError, match="inside the forward of the module that owns the LM head"):
+            gather_lm_head(weight)
