@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import sys
 
 import pytest
@@ -102,10 +103,13 @@ def test_conversational_rows_and_implicit_reward(tmp_path):
             for r in make_rows(4)]
     trainer = DRDOTrainer(model=build_tiny_causal_lm(), args=_config(tmp_path, reward="implicit", max_steps=1,
                                                                      per_device_train_batch_size=4),
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+                          train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer)
     assert trainer.reward_head is None and trainer.ref_model is None
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"]) and "eval_drdo/distill" in metrics
 
 
 def test_reward_grad_head_keeps_the_backbone_out_of_distillation(tmp_path):
