@@ -24,7 +24,10 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn"],
-        "dev": ["pytest>=7", "pytest-timeout"],
+        "trl": ["trl>=1.16"],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        "dev": ["pytest>=7", "pytest-timeout", "trl>=1.16", "tensorboard"],
         "bench": ["liger-kernel", "cut-cross-entropy", "trl>=1.16", "matplotlib"],
     },
     entry_points={"console_scripts": ["drdo=drdo.cli:main"]},

@@ -100,6 +100,8 @@ class TrainConfig:
     max_prompt_length: int = option(512, "max prompt tokens (left-truncated)")
     shuffle: bool = option(True, "shuffle the data each epoch")
     skip_invalid: bool = option(False, "drop invalid rows instead of failing")
+    padding_free: bool = option(False, "pack each micro-batch's sequences into one row without padding "
+                                "(flash-attn varlen on CUDA, a block-diagonal causal mask elsewhere)")
     # losses
     alpha: float = option(0.1, "DRDO weight of the focal preference term", stages=("drdo",))
     gamma: float = option(2.0, "DRDO focal exponent", stages=("drdo",))
@@ -133,6 +135,8 @@ class TrainConfig:
     allow_config_change: bool = option(False, "--resume a checkpoint written with other settings (by default "
                                        "the differing fields are named and the run refused)")
     threads: int | None = threads_option()
+    report_to: str = option("none", "also send each step's metrics to tensorboard (<output-dir>/tensorboard) or "
+                            "wandb, beside metrics.jsonl", choices=("none", "tensorboard", "wandb"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

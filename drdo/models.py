@@ -43,6 +43,7 @@ __all__ = [
     "build_tiny_causal_lm",
     "load_causal_lm",
     "default_attn_implementation",
+    "training_attn_implementation",
     "new_reward_head",
     "sequence_rewards",
     "last_token_indices",
@@ -138,9 +139,24 @@ def default_attn_implementation(device: torch.device | str | int | None, dtype: 
     dtype = _resolve_dtype(dtype)
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
         return "sdpa"
-    if _is_cuda(device) and importlib.util.find_spec("flash_attn") is not None:
+    if _is_cuda(device) and flash_attn_available():
         return "flash_attention_2"
     return "sdpa"
+
+
+def flash_attn_available() -> bool:
+    """Whether the flash_attn package is importable (the optional ``[flash]`` extra)."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def training_attn_implementation(
+    requested: str | None, device: torch.device | str | int | None, compute_dtype: torch.dtype | str | None
+) -> str:
+    """Attention for training: ``requested`` when given, else :func:`default_attn_implementation` for
+    the device and the COMPUTE dtype (bf16 under autocast or FSDP2 mixed precision, even though the
+    master weights stay float32): "flash_attention_2" on CUDA in 16 bits when flash-attn is
+    importable, otherwise "sdpa"."""
+    return requested or default_attn_implementation(device, compute_dtype)
 
 
 def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
@@ -527,6 +543,7 @@ class PolicyWithRewardHead(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         return_logits: bool = False,
     ) -> PolicyOutput:
         """input_ids [B, T] int64, attention_mask [B, T] (1 = token, 0 = padding; None = all tokens).
@@ -536,7 +553,14 @@ class PolicyWithRewardHead(nn.Module):
         unspecified. ``position_ids`` None: positions count the row's tokens (cumsum of the mask
         minus 1, like HF generation), so a left-padded row gives the same hidden states and reward
         as the same row right-padded; for right padding this equals the default 0..T-1.
+
+        Packed (padding-free) input: ``cu_seqlens`` [R + 1] int (sequence r spans
+        ``[cu_seqlens[r], cu_seqlens[r + 1])`` of the single row input_ids [1, L]), ``position_ids``
+        [1, L] restarting at 0 per sequence, no attention_mask (see :mod:`drdo.data.packing`);
+        rewards [R] are read at each sequence's last token.
         """
+        if cu_seqlens is not None:
+            return self._packed_forward(input_ids, attention_mask, position_ids, cu_seqlens, return_logits)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
@@ -552,6 +576,25 @@ class PolicyWithRewardHead(nn.Module):
         )
         hidden = out[0]
         rewards = sequence_rewards(hidden, attention_mask, self.reward_head)
+        logits = self.lm_head(hidden) if return_logits else None
+        return PolicyOutput(hidden_states=hidden, rewards=rewards, logits=logits)
+
+    def _packed_forward(self, input_ids, attention_mask, position_ids, cu_seqlens, return_logits) -> PolicyOutput:
+        from drdo.data.packing import last_token_index, packed_attention_supported
+
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1 or attention_mask is not None or position_ids is None:
+            raise ValueError("packed input is input_ids [1, L] with position_ids [1, L], cu_seqlens [R + 1] and no "
+                             f"attention_mask; got input_ids {tuple(input_ids.shape)}, attention_mask "
+                             f"{attention_mask is not None}, position_ids {position_ids is not None}")
+        impl = getattr(self.config, "_attn_implementation", None)
+        if impl != "flash_attention_2" and not packed_attention_supported():
+            raise RuntimeError(f"packed sequences with {impl} attention need transformers >= 4.54 "
+                               "(block-diagonal masks from position_ids), or flash_attention_2")
+        out = self.backbone(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False)
+        hidden = out[0]
+        h_last = hidden[0, last_token_index(cu_seqlens).to(hidden.device)].float()  # [R, H]
+        head = self.reward_head
+        rewards = F.linear(h_last, head.weight.float(), None if head.bias is None else head.bias.float()).squeeze(-1)
         logits = self.lm_head(hidden) if return_logits else None
         return PolicyOutput(hidden_states=hidden, rewards=rewards, logits=logits)
 

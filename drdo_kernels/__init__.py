@@ -10,8 +10,11 @@ materialise the [tokens, vocab] logits.
 * ``FusedLinear*Loss`` -> the losses of ``drdo.losses`` computed straight from the last
   hidden state and ``lm_head.weight`` (on the chunked backends, DRDO / DPO / Oracle
   compute their gradients in the forward on chunks of whole pairs).
+* ``align_labels`` / ``gather_lm_head`` -> inputs from HF/TRL trainers (unshifted labels,
+  ``completion_mask``) and FSDP2 (a sharded DTensor LM head).
 * ``runtime.triton_interpreting()`` -> whether Triton runs in its CPU interpreter.
 """
+from .inputs import align_labels, gather_lm_head
 from .logprobs import auto_backend, fused_linear_logprobs
 from .pair_loss import drdo_pair_loss
 from .fused_losses import (
@@ -39,4 +42,6 @@ __all__ = [
     "fused_linear_edpo_loss",
     "fused_linear_oracle_loss",
     "row_logprobs",
+    "align_labels",
+    "gather_lm_head",
 ]

@@ -22,6 +22,7 @@ import torch
 
 from . import logprobs_chunked as chunked
 from .runtime import triton_available, triton_interpreting, triton_runs_on
+from .inputs import gather_lm_head
 
 __all__ = ["fused_linear_logprobs", "resolve_backend", "auto_backend", "AUTO_RULES", "BACKENDS"]
 
@@ -248,6 +249,7 @@ def fused_linear_logprobs(
         logp: labels.shape, float32 (float64 for float64 inputs), <= 0, 0.0 at ignored
         positions; differentiable w.r.t. hidden, weight and bias.
     """
+    weight, bias = gather_lm_head(weight, bias)  # an FSDP2-sharded (DTensor) head is all-gathered
     check_inputs(hidden, weight, labels, bias)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")

@@ -18,7 +18,7 @@ LAYERS = (
     ("drdo_kernels", "drdo.models", "drdo.data"),
     ("drdo.logprobs",),
     ("drdo.config",),
-    ("drdo.training", "drdo.pipeline"),
+    ("drdo.training", "drdo.pipeline", "drdo.integrations"),
     ("drdo.demo",),
     ("drdo.cli",),
     ("drdo.__main__",),

@@ -16,3 +16,7 @@ def test_readme_python_examples_run():
     grad = namespace["policy"].lm_head.weight.grad
     assert grad is not None and bool(torch.isfinite(grad).all()) and bool(grad.abs().sum() > 0)
     assert float(namespace["token_logps"].detach().max()) <= 0.0
+    if "hf_trainer" in namespace:  # the HF Trainer recipe's checkpoint holds the trained head and LM
+        trained, loaded = namespace["hf_trainer"].model, namespace["student"]
+        assert torch.allclose(trained.reward_head.weight.detach().cpu(), loaded.reward_head.weight)
+        assert torch.allclose(trained.lm_head.weight.detach().cpu(), loaded.lm_head.weight)

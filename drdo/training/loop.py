@@ -45,6 +45,7 @@ from drdo.losses import IGNORE_INDEX
 from drdo.runtime import quiet_libraries, torch_threads
 from drdo.config import TrainConfig, accumulation_steps, resolve, total_steps, warmup_steps_for
 from drdo.training.metrics import MetricsLog, peak_memory_mb
+from drdo.training.reporting import make_reporter
 from drdo.training.objectives import StageObjective
 from drdo.training.schedule import lr_at, set_lr
 
@@ -105,6 +106,10 @@ def _load_data(config: TrainConfig, tokenizer):
 def _collator(config: TrainConfig, tokenizer):
     from drdo.data import PreferenceCollator, SFTCollator
 
+    if config.padding_free:
+        from drdo.data.packing import PackedPreferenceCollator, PackedSFTCollator
+
+        return PackedSFTCollator() if config.stage == "sft" else PackedPreferenceCollator()
     cls = SFTCollator if config.stage == "sft" else PreferenceCollator
     return cls(tokenizer.pad_token_id)
 
@@ -117,12 +122,13 @@ def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
     return config.precision == "auto" and device.type == "cuda"
 
 
-def _build_policy(config: TrainConfig, device: torch.device):
+def _build_policy(config: TrainConfig, device: torch.device, bf16: bool = False):
     """The policy in fp32. A head saved by a stage that never trained it (e.g. the SFT output) is
     replaced by a fresh one seeded by ``config.seed``, so that Oracles trained with different seeds
     from the same SFT model start from different heads (the e-DPO ensemble). A stage that trains
-    the head marks it trained (``reward_head.json`` says so when the run saves it)."""
-    from drdo.models import PolicyWithRewardHead, new_reward_head
+    the head marks it trained (``reward_head.json`` says so when the run saves it). Attention: see
+    :func:`drdo.models.training_attn_implementation` (flash-attn with bf16 compute on CUDA)."""
+    from drdo.models import PolicyWithRewardHead, _set_attn_implementation, new_reward_head, training_attn_implementation
 
     policy = PolicyWithRewardHead.from_pretrained(
         config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code,
@@ -134,7 +140,11 @@ def _build_policy(config: TrainConfig, device: torch.device):
         policy.head_trained = True
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    return policy.to(device).train()
+    policy = policy.to(device)
+    attn = training_attn_implementation(config.attn_implementation, device, torch.bfloat16 if bf16 else torch.float32)
+    if attn == "flash_attention_2" and policy.config._attn_implementation != attn:  # else: as loaded
+        _set_attn_implementation(policy.lm, attn)
+    return policy.train()
 
 
 def _optimizer(config: TrainConfig, root: torch.nn.Module) -> torch.optim.AdamW:
@@ -197,12 +207,13 @@ class Trainer:
         self.warmup = warmup_steps_for(config, self.total)
         self.bf16 = _use_bf16(config, self.device)
         torch.manual_seed(config.seed)
-        policy = _build_policy(config, self.device)
+        policy = _build_policy(config, self.device, self.bf16)
         self.root = StageObjective(policy, config)
         if dist_state.distributed:
             dist_utils.wrap_fsdp(self.root, dist_state, bf16=self.bf16)
         self.optimizer = _optimizer(config, self.root)
         self.metrics = MetricsLog(os.path.join(self.out, METRICS_FILE), enabled=dist_state.is_main)
+        self.reporter = make_reporter(config.report_to, self.out, config.to_dict(), enabled=dist_state.is_main)
         self.start_step = 0
         self.last_good: str | None = None
 
@@ -249,8 +260,9 @@ class Trainer:
             if c.stage == "sft":
                 count = float((batch["labels"] != IGNORE_INDEX).sum())
             else:
-                count = float(batch["input_ids"].shape[0] // 2)
-            out.append((batch, count, float(batch["attention_mask"].sum())))
+                count = float(_n_rows(batch) // 2)
+            tokens = batch["input_ids"].numel() if "cu_seqlens" in batch else batch["attention_mask"].sum()
+            out.append((batch, count, float(tokens)))
         return out
 
     def _reduce_device(self) -> torch.device:
@@ -387,6 +399,7 @@ class Trainer:
                         bar.close()
                     raise
                 self.metrics.write(row)
+                self.reporter.log(row, step + 1)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
@@ -404,6 +417,7 @@ class Trainer:
                     break
         if bar is not None:
             bar.close()
+        self.reporter.close()
         if status == "completed":
             self.export_final(row)
             self._plot()
@@ -417,6 +431,11 @@ class Trainer:
 
         plot_training_curves(self.metrics.path, os.path.join(self.out, PLOT_FILE),
                              title=f"{self.config.stage} ({self.config.model})")
+
+
+def _n_rows(batch: dict) -> int:
+    """Sequences in a collated batch: its rows, or the packed sequences of a padding-free batch."""
+    return batch["cu_seqlens"].numel() - 1 if "cu_seqlens" in batch else batch["input_ids"].shape[0]
 
 
 def _progress(enabled: bool, total: int, start: int, stage: str):

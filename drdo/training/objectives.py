@@ -65,7 +65,10 @@ class StageObjective(nn.Module):
             return dk.FusedLinearEDPOLoss(beta=c["beta"], pessimistic=c["pessimistic"], **common)
         return None  # sft uses fused_linear_logprobs directly
 
-    def forward(self, input_ids, attention_mask, labels, oracle_rewards=None, ref_logps=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, oracle_rewards=None, ref_logps=None,
+                position_ids=None, cu_seqlens=None, seq_idx=None):
+        if cu_seqlens is not None:  # padding-free: one packed row, sequences delimited by cu_seqlens
+            return self._packed(input_ids, labels, oracle_rewards, ref_logps, position_ids, cu_seqlens)
         if self.stage == "sft":
             return self._sft(input_ids, attention_mask, labels)
         if self.kernel_mode == "reference":
@@ -75,7 +78,9 @@ class StageObjective(nn.Module):
         else:
             out = self.policy(input_ids, attention_mask)
             loss, metrics = self._fused_pair_loss(out, labels, oracle_rewards, ref_logps)
-        n_pairs = input_ids.shape[0] // 2
+        return self._per_pair(loss, metrics, input_ids.shape[0] // 2)
+
+    def _per_pair(self, loss, metrics, n_pairs):
         metrics = {k: v for k, v in metrics.items() if k != "loss"}
         for key in _SUMMED_METRICS.get(self.stage, ()):  # reduction="sum" made these sums over the micro-batch
             if key in metrics:
@@ -88,6 +93,38 @@ class StageObjective(nn.Module):
                                                       kernel=self.kernel_mode)
         nll_sum = -logps.sum().float()
         return nll_sum, {"nll": (nll_sum / n_tokens.sum().clamp(min=1)).detach()}
+
+    # ---- padding-free ----------------------------------------------------------------------------------------
+    def _packed(self, input_ids, labels, oracle_rewards, ref_logps, position_ids, cu_seqlens):
+        """input_ids / labels / position_ids: [1, L] (sequences back to back), cu_seqlens: [S + 1] int.
+        Per-sequence sums of the packed row, then the same losses as the padded batch."""
+        reference = self.kernel_mode == "reference"
+        out = self.policy(input_ids, None, position_ids=position_ids, cu_seqlens=cu_seqlens, return_logits=reference)
+        logps, n_tokens = self._packed_logps(out, labels, cu_seqlens, reference)
+        if self.stage == "sft":
+            nll_sum = -logps.sum().float()
+            return nll_sum, {"nll": (nll_sum / n_tokens.sum().clamp(min=1)).detach()}
+        loss, metrics = self._reference_pair_loss(logps, n_tokens, out.rewards, oracle_rewards, ref_logps)
+        return self._per_pair(loss, metrics, (cu_seqlens.numel() - 1) // 2)
+
+    def _packed_logps(self, out, labels, cu_seqlens, reference):
+        """Packed row -> (summed response log-probs [S] fp32, response tokens [S]) per sequence."""
+        from drdo.data.packing import segment_sum
+
+        if reference:
+            logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+            mask = labels[0] != IGNORE_INDEX
+            token_logp = logp.gather(-1, labels[0].clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        else:
+            import drdo_kernels as dk
+
+            w, b = head_params(self.policy.lm_head, out.hidden_states.dtype)
+            token_logp = dk.fused_linear_logprobs(out.hidden_states[0], w, labels[0], bias=b,
+                                                  ignore_index=IGNORE_INDEX, backend=self.kernel_mode)
+        n_tokens = segment_sum((labels[0] != IGNORE_INDEX).long(), cu_seqlens)
+        if bool((n_tokens == 0).any()):
+            raise ValueError("a packed sequence has no response token; a sequence log-prob needs at least one")
+        return segment_sum(token_logp, cu_seqlens), n_tokens
 
     # ---- preference stages -----------------------------------------------------------------------------------
     def _fused_pair_loss(self, out, labels, oracle_rewards, ref_logps):

@@ -1,0 +1,321 @@
+"""DRDO as a TRL trainer: :class:`DRDOConfig` and :class:`DRDOTrainer`, used as ``DPOConfig`` /
+``DPOTrainer`` are::
+
+    trainer = DRDOTrainer(model="sft_dir", args=DRDOConfig(output_dir="drdo_out"),
+                          train_dataset=scored, processing_class=tokenizer)
+    trainer.train()
+
+What differs from DPO:
+
+* the rows need ``oracle_chosen`` / ``oracle_rejected`` (a float, or K floats whose mean is
+  distilled), written by ``drdo oracle score``; TRL's plain and conversational formats both work;
+* no reference model is created or used (``trainer.ref_model is None``);
+* ``reward="head"`` attaches a float32 reward head (``model.drdo_reward_head``, nn.Linear(H, 1))
+  that trains with the model; :meth:`DRDOTrainer.save_model` writes it beside the HF weights as
+  ``reward_head.safetensors``, so ``drdo.models.PolicyWithRewardHead.from_pretrained(output_dir)``
+  loads the result (and ``AutoModelForCausalLM`` loads the LM alone);
+* the loss runs inside the model's forward (as TRL's own fused head does): the backbone's last
+  hidden state goes to :func:`drdo_kernels.fused_linear_logprobs` with ``lm_head.weight`` (the
+  [tokens, vocab] logits are never built), then :func:`drdo_kernels.drdo_pair_loss`;
+* ``padding_free=True`` packs each batch into one row (:mod:`drdo.data.packing`).
+
+DRDO's metrics go through TRL's own logging (``logps/chosen``, ``rewards/accuracies``,
+``drdo/distill``, ...), to every ``report_to`` backend.
+"""
+from __future__ import annotations
+
+import types
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from drdo.data.packing import last_token_index, pack_sequences, segment_sum
+from drdo.data.preferences import ORACLE_FIELDS
+from drdo.losses import IGNORE_INDEX
+from drdo.models import HEAD_WEIGHTS_NAME, _save_head, last_token_indices, new_reward_head
+
+__all__ = ["DRDOConfig", "DRDOTrainer", "DRDODataCollator", "REWARD_HEAD_ATTR"]
+
+#: Name of the reward-head submodule attached to the trained model.
+REWARD_HEAD_ATTR = "drdo_reward_head"
+
+_CHOICES = {
+    "reward": ("head", "implicit"),
+    "unlikelihood": ("welleck", "paper"),
+    "reward_grad": ("backbone", "head"),
+    "kernel_backend": ("auto", "triton", "torch"),
+}
+_METRIC_NAMES = {
+    "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected",
+    "reward_acc": "rewards/accuracies", "reward_margin": "rewards/margins",
+}
+
+
+@dataclass
+class DRDOConfig(DPOConfig):
+    """TRL's ``DPOConfig`` plus DRDO's settings (paper defaults). ``beta`` is the scale of the
+    implicit reward (``reward="implicit"``: rhat = beta * log pi(y|x)); unused with a head. The
+    DPO-only fields (``loss_type``, reference-model settings, ...) are ignored."""
+
+    alpha: float = field(default=0.1, metadata={"help": "Weight of DRDO's focal preference term."})
+    gamma: float = field(default=2.0, metadata={"help": "Focal exponent (>= 0)."})
+    reward: str = field(default="head", metadata={
+        "help": "Student reward: a linear 'head' on the last hidden state, or the 'implicit' beta * log pi.",
+        "choices": list(_CHOICES["reward"])})
+    unlikelihood: str = field(default="welleck", metadata={
+        "help": "'welleck' (lowers pi(y_l)) or 'paper' (the sign as printed).", "choices": list(_CHOICES["unlikelihood"])})
+    reward_grad: str = field(default="backbone", metadata={
+        "help": "Where the distillation gradient goes: 'backbone' (head and shared layers) or 'head' (the hidden "
+                "state fed to the reward head is detached).", "choices": list(_CHOICES["reward_grad"])})
+    length_normalize: bool = field(default=False, metadata={
+        "help": "Use the mean response log-prob per token instead of the sum."})
+    kernel_backend: str = field(default="auto", metadata={
+        "help": "Fused log-prob kernel: 'auto' (Triton on CUDA, chunked PyTorch elsewhere), 'triton' or 'torch'.",
+        "choices": list(_CHOICES["kernel_backend"])})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if not self.gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        if self.reward == "implicit" and self.reward_grad == "head":
+            raise ValueError('reward_grad="head" needs reward="head": the implicit reward has no head to detach')
+
+
+def _mean_score(value) -> float:
+    """An Oracle score: a float, or a list of K floats (an ensemble), whose mean DRDO distils."""
+    if isinstance(value, (list, tuple)):
+        return float(sum(value)) / len(value)
+    return float(value)
+
+
+def _oracle_rewards(examples: list[dict]) -> torch.Tensor:
+    """[2B] float32: Oracle scores of the chosen rows, then of the rejected rows."""
+    chosen = [_mean_score(ex[ORACLE_FIELDS[0]]) for ex in examples]
+    rejected = [_mean_score(ex[ORACLE_FIELDS[1]]) for ex in examples]
+    return torch.tensor(chosen + rejected, dtype=torch.float32)
+
+
+@dataclass
+class DRDODataCollator:
+    """TRL's ``DataCollatorForPreference`` plus ``oracle_rewards`` [2B] float32; with
+    ``padding_free`` the 2B sequences are packed into one row instead (input_ids, position_ids,
+    aligned labels [1, L]; cu_seqlens [2B + 1]; see :mod:`drdo.data.packing`)."""
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+    padding_free: bool = False
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if self.padding_free:
+            batch = self._packed(examples)
+        else:
+            batch = DataCollatorForPreference(
+                pad_token_id=self.pad_token_id, max_length=self.max_length,
+                truncation_mode=self.truncation_mode, pad_to_multiple_of=self.pad_to_multiple_of,
+            )(examples)
+        batch["oracle_rewards"] = _oracle_rewards(examples)
+        return batch
+
+    def _packed(self, examples: list[dict]) -> dict:
+        ids, labels = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for ex in examples:
+                seq = list(ex["prompt_ids"]) + list(ex[key])
+                lab = [IGNORE_INDEX] * len(ex["prompt_ids"]) + list(ex[key])
+                if self.max_length is not None:
+                    cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+                    seq, lab = seq[cut], lab[cut]
+                ids.append(seq)
+                labels.append(lab)
+        return pack_sequences(ids, labels)
+
+
+def _check_oracle_columns(dataset, name: str) -> None:
+    if dataset is None:
+        return
+    datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
+    for ds in datasets:
+        columns = getattr(ds, "column_names", None)
+        if columns is None:  # an IterableDataset without known features: look at the first row
+            columns = list(next(iter(ds)).keys())
+        missing = [f for f in ORACLE_FIELDS if f not in columns]
+        if missing:
+            raise ValueError(
+                f"DRDOTrainer: the {name} dataset has no {' / '.join(missing)} column(s): DRDO distils an Oracle's "
+                "scores of each pair. Score the pairs first: `drdo oracle score --reward-model ORACLE_DIR "
+                "--data prefs.jsonl --output scored.jsonl`, then load scored.jsonl."
+            )
+
+
+class DRDOTrainer(DPOTrainer):
+    """TRL's ``DPOTrainer`` with the DRDO loss (see the module docstring). Same arguments, except
+    that ``args`` must be a :class:`DRDOConfig` and ``ref_model`` must be None."""
+
+    _tag_names = ["trl", "drdo"]
+    _name = "DRDO"
+
+    def __init__(self, model, ref_model=None, args: DRDOConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
+        if ref_model is not None:
+            raise ValueError("DRDOTrainer uses no reference model: pass ref_model=None")
+        if args is None:
+            args = DRDOConfig(output_dir="drdo-output")
+        if not isinstance(args, DRDOConfig):
+            raise TypeError(f"args must be a DRDOConfig, got {type(args).__name__}")
+        _check_oracle_columns(train_dataset, "train")
+        _check_oracle_columns(eval_dataset, "eval")
+        # DPOTrainer builds no reference model when told that reference log-probs are precomputed; our
+        # _precompute_ref_logps computes nothing. It also disables padding_free, which we honour ourselves.
+        saved = args.precompute_ref_log_probs, args.padding_free
+        args.precompute_ref_log_probs, args.padding_free = True, False
+        try:
+            super().__init__(model, None, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+        finally:
+            args.precompute_ref_log_probs, args.padding_free = saved
+        self.precompute_ref_logps = False
+        self.ref_model = None
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if data_collator is None:
+            self.data_collator = DRDODataCollator(
+                self._tokenizer.pad_token_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of,
+                padding_free=args.padding_free,
+            )
+        self._attach_reward_head()
+        _patch_forward(self._base_model(), self)
+
+    # ---- model
+    def _base_model(self) -> nn.Module:
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _attach_reward_head(self) -> None:
+        base = self._base_model()
+        if self.args.reward != "head" or hasattr(base, REWARD_HEAD_ATTR):
+            return
+        hidden_size = base.get_output_embeddings().weight.shape[1]
+        device = base.get_output_embeddings().weight.device
+        base.add_module(REWARD_HEAD_ATTR, new_reward_head(hidden_size, seed=self.args.seed, device=device))
+
+    @property
+    def reward_head(self) -> nn.Linear | None:
+        """The trained reward head (reward="head"), else None."""
+        return getattr(self._base_model(), REWARD_HEAD_ATTR, None)
+
+    # ---- TRL hooks
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        return dataset  # DRDO has no reference model
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(self._signature_columns) + [f for f in ORACLE_FIELDS
+                                                                   if f not in self._signature_columns]
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        out = model(drdo_batch=inputs)
+        gather = self.accelerator.gather_for_metrics
+        for key, value in out["metrics"].items():
+            self._metrics[mode][_METRIC_NAMES.get(key, f"drdo/{key}")].append(gather(value.detach()).float().mean().item())
+        for key, value in (("rewards/chosen", out["chosen_rewards"]), ("rewards/rejected", out["rejected_rewards"])):
+            self._metrics[mode][key].append(gather(value.detach()).float().mean().item())
+        if mode == "train":
+            n_tokens = inputs["input_ids"].numel() if "cu_seqlens" in inputs else inputs["attention_mask"].sum()
+            self._total_train_tokens += int(gather(torch.as_tensor(n_tokens, device=self.accelerator.device)).sum())
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ---- saving
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """The HF model without the head's tensors, then reward_head.safetensors (main process)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        head_state = {k.rsplit(".", 1)[-1]: v for k, v in state_dict.items() if f"{REWARD_HEAD_ATTR}." in k}
+        lm_state = {k: v for k, v in state_dict.items() if f"{REWARD_HEAD_ATTR}." not in k}
+        super()._save(output_dir, state_dict=lm_state)
+        if head_state:
+            head = nn.Linear(head_state["weight"].shape[1], 1, bias="bias" in head_state)
+            head.load_state_dict({k: v.float().cpu() for k, v in head_state.items()})
+            _save_head(head, output_dir)
+
+
+# --------------------------------------------------------------------------- the loss, inside the forward
+
+
+def _patch_forward(model: nn.Module, trainer: DRDOTrainer) -> None:
+    """``model(drdo_batch=batch)`` returns the DRDO loss; any other call is the model's own forward.
+    Running the loss inside the forward keeps FSDP/DeepSpeed wrappers' hooks in charge of the LM head."""
+    original_forward = model.forward
+
+    def forward(self, *args, drdo_batch=None, **kwargs):
+        if drdo_batch is None:
+            return original_forward(*args, **kwargs)
+        return drdo_forward(self, drdo_batch, trainer.args)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def drdo_forward(model: nn.Module, batch: dict, args: DRDOConfig) -> dict:
+    """The DRDO loss of one collated batch (padded TRL layout or packed).
+
+    Returns dict(loss: scalar float32, metrics: drdo_loss's metrics, chosen_rewards / rejected_rewards [B]).
+    """
+    import drdo_kernels as dk
+
+    packed = "cu_seqlens" in batch
+    backbone = getattr(model, model.base_model_prefix)
+    input_ids = batch["input_ids"]
+    if packed:
+        out = backbone(input_ids=input_ids, position_ids=batch["position_ids"], attention_mask=None, use_cache=False)
+        labels = batch["labels"]
+    else:
+        out = backbone(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False)
+        labels = dk.align_labels(input_ids, completion_mask=batch["completion_mask"])
+    hidden = out.last_hidden_state  # [R, T, H] (packed: [1, L, H])
+    lm_head = model.get_output_embeddings()
+    token_logps = dk.fused_linear_logprobs(hidden, lm_head.weight, labels, bias=lm_head.bias,
+                                           ignore_index=IGNORE_INDEX, backend=args.kernel_backend)
+    scored = (labels != IGNORE_INDEX).to(token_logps.dtype)
+    if packed:
+        z, n_tokens = segment_sum(token_logps, batch["cu_seqlens"]), segment_sum(scored, batch["cu_seqlens"])
+    else:
+        z, n_tokens = token_logps.sum(-1), scored.sum(-1)
+    if bool((n_tokens == 0).any()):
+        raise ValueError("a response has no token left after truncation; raise max_length")
+    if args.length_normalize:
+        z = z / n_tokens
+    if args.reward == "head":
+        if packed:
+            h_last = hidden[0, last_token_index(batch["cu_seqlens"]).to(hidden.device)]
+        else:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            h_last = hidden[rows, last_token_indices(batch["attention_mask"]).to(hidden.device)]
+        if args.reward_grad == "head":
+            h_last = h_last.detach()
+        with torch.autocast(hidden.device.type, enabled=False):
+            rewards = getattr(model, REWARD_HEAD_ATTR)(h_last.float()).squeeze(-1)
+    else:
+        rewards = args.beta * z
+    n = z.shape[0] // 2
+    oracle = batch["oracle_rewards"].to(z.device)
+    loss, metrics = dk.drdo_pair_loss(
+        z[:n], z[n:], rewards[:n], rewards[n:], oracle[:n], oracle[n:], alpha=args.alpha, gamma=args.gamma,
+        unlikelihood=args.unlikelihood, reduction="mean", backend=args.kernel_backend,
+    )
+    metrics = {k: v for k, v in metrics.items() if k != "loss"}
+    return {"loss": loss, "metrics": metrics, "chosen_rewards": rewards[:n], "rejected_rewards": rewards[n:]}
