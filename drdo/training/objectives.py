@@ -16,6 +16,7 @@ the max of the full-batch sums.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -23,6 +24,8 @@ from torch import nn
 
 from drdo import losses as ref_losses
 from drdo.losses import IGNORE_INDEX
+from drdo.models import sequence_rewards
+from drdo.training import diagnostics
 
 #: Metrics that the losses report as sums (not means) over the micro-batch under reduction="sum".
 _SUMMED_METRICS = {"edpo": ("distill_min", "distill_max")}
@@ -73,7 +76,10 @@ class StageObjective(nn.Module):
         self.cfg = dict(
             alpha=config.alpha, gamma=config.gamma, beta=config.beta, reward=config.reward,
             unlikelihood=config.unlikelihood, oracle_alpha=config.oracle_alpha, pessimistic=config.pessimistic,
+            reward_grad=config.reward_grad, length_normalize=config.length_normalize,
+            diagnostics_every=config.diagnostics_every,
         )
+        self.diagnostic_step = None  # the trainer sets the 0-based step; DRDO logs diagnostics every N steps
         self.fused = None if kernels is None else self._make_fused(kernels)
 
     def _make_fused(self, dk):
@@ -81,7 +87,8 @@ class StageObjective(nn.Module):
         common = dict(ignore_index=IGNORE_INDEX, backend=backend, reduction="sum")
         if self.stage == "drdo":
             return dk.FusedLinearDRDOLoss(
-                c["alpha"], c["gamma"], reward=c["reward"], beta=c["beta"], unlikelihood=c["unlikelihood"], **common
+                c["alpha"], c["gamma"], reward=c["reward"], beta=c["beta"], unlikelihood=c["unlikelihood"],
+                length_normalize=c["length_normalize"], **common
             )
         if self.stage == "oracle":
             return dk.FusedLinearOracleLoss(alpha=c["oracle_alpha"], nll_reduction="mean", **common)
@@ -96,6 +103,9 @@ class StageObjective(nn.Module):
         out = self.policy(input_ids, attention_mask, return_logits=reference)
         if self.stage == "sft":
             return self._sft(out, labels, reference)
+        if self.stage == "drdo" and self.cfg["reward_grad"] == "head":  # distillation stops at the head's input
+            out = dataclasses.replace(out, rewards=sequence_rewards(
+                out.hidden_states.detach(), attention_mask, self.policy.reward_head))
         if reference:
             logps, n_tokens = ref_losses.sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)
             loss, metrics = self._reference_pair_loss(logps, n_tokens, out.rewards, oracle_rewards, ref_logps)
@@ -103,6 +113,8 @@ class StageObjective(nn.Module):
             loss, metrics = self._fused_pair_loss(out, labels, oracle_rewards, ref_logps)
         n_pairs = input_ids.shape[0] // 2
         metrics = {k: v for k, v in metrics.items() if k != "loss"}
+        if self.stage == "drdo" and diagnostics.is_diagnostic_step(self.cfg["diagnostics_every"], self.diagnostic_step):
+            metrics.update(self._diagnostics(out, labels, oracle_rewards))
         for key in _SUMMED_METRICS.get(self.stage, ()):  # reduction="sum" made these sums over the micro-batch
             if key in metrics:
                 metrics[key] = metrics[key] / n_pairs
@@ -144,6 +156,8 @@ class StageObjective(nn.Module):
     def _reference_pair_loss(self, logps, n_tokens, rewards, oracle_rewards, ref_logps):
         c = self.cfg
         n = logps.shape[0] // 2
+        if self.stage == "drdo" and c["length_normalize"]:
+            logps = logps / n_tokens.to(logps.dtype)
         z_w, z_l = logps[:n], logps[n:]
         if self.stage == "drdo":
             oracle = _single_oracle(oracle_rewards)
@@ -166,6 +180,34 @@ class StageObjective(nn.Module):
             z_w, z_l, ref_logps[:n], ref_logps[n:], oracle[:, :n], oracle[:, n:],
             beta=c["beta"], pessimistic=c["pessimistic"], reduction="sum",
         )
+
+
+    # ---- DRDO diagnostics (drdo.training.diagnostics) ---------------------------------------------------------
+    def _diagnostics(self, out, labels, oracle_rewards) -> dict:
+        """Focal, length and gradient-split readings of this micro-batch (recomputes z with its graph)."""
+        c = self.cfg
+        n_tokens = (labels != IGNORE_INDEX).sum(-1)
+        if self.kernel_mode == "reference":
+            logps, _ = ref_losses.sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)
+        else:
+            import drdo_kernels as dk
+
+            w, b = _head_params(self.policy.lm_head, out.hidden_states.dtype)
+            logps = dk.fused_linear_logprobs(out.hidden_states, w, labels, bias=b, ignore_index=IGNORE_INDEX,
+                                             backend=self.kernel_mode).sum(-1)
+        z = logps / n_tokens.to(logps.dtype) if c["length_normalize"] else logps
+        rhat = out.rewards if c["reward"] == "head" else c["beta"] * z
+        oracle = _single_oracle(oracle_rewards)
+        n = z.shape[0] // 2
+        result = diagnostics.pair_diagnostics(z[:n], z[n:], n_tokens[:n], n_tokens[n:], gamma=c["gamma"])
+        if torch.is_grad_enabled() and not self.policy.is_gradient_checkpointing \
+                and not torch.distributed.is_initialized():
+            params = [p for name, p in self.policy.named_parameters()
+                      if p.requires_grad and not name.startswith("reward_head.")]
+            result.update(diagnostics.gradient_split(
+                z[:n], z[n:], rhat[:n], rhat[n:], oracle[:n], oracle[n:], params,
+                alpha=c["alpha"], gamma=c["gamma"], unlikelihood=c["unlikelihood"]))
+        return result
 
 
 def _head_params(head: nn.Module, dtype: torch.dtype):
