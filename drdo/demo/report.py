@@ -203,6 +203,18 @@ def _verdict(report: dict, key: str, method: str = "drdo") -> str | None:
     return "; ".join(parts) + "." if parts else None
 
 
+def _closest_text(report: dict, key: str, drdo_like: list[str]) -> str | None:
+    """Which DRDO student comes closest to DPO (else e-DPO) at one noise level, when there are several."""
+    comp = report["comparisons"][key]
+    other = next((b for b in ("dpo", "edpo") if any(f"{m}_minus_{b}" in comp for m in drdo_like)), None)
+    if other is None or len(drdo_like) < 2:
+        return None
+    best = max(drdo_like, key=lambda m: comp[f"{m}_minus_{other}"]["mean"])
+    return (f"Of the {len(drdo_like)} DRDO students, {label(report, best)} comes closest to {LABELS[other]} "
+            f"(difference {_interval(comp[f'{best}_minus_{other}'])}); every student's differences are in the "
+            f"paired-differences table below.")
+
+
 def _main_table(report: dict, order: list[str]) -> list[str]:
     lines = [
         "| noise (flip rate) | method | true reward (95% CI) | win rate vs SFT (true) | Oracle-judged reward | "
@@ -300,10 +312,12 @@ def write_report_md(report: dict, path: str, *, plot_name: str | None = None) ->
     for n in report["noise_levels"]:
         key = noise_key(n)
         diag = report["diagnostics"][key]
-        verdicts = [v for v in (_verdict(report, key, m) for m in drdo_like) if v]
+        verdict = _verdict(report, key, drdo_like[0]) if drdo_like else None
+        closest = _closest_text(report, key, drdo_like)
         lines.append(f"- **noise {n:g}** (labels agree with r_true on {diag['label_agreement_with_r_true']:.1%} "
                      f"of training pairs; Oracle 1 vs r_true correlation over the test samples: "
-                     f"{diag['oracle_true_correlation']:.2f}): " + (" ".join(verdicts) or "no DRDO vs DPO pair ran."))
+                     f"{diag['oracle_true_correlation']:.2f}): " + " ".join(
+                         t for t in (verdict or "no DRDO vs DPO pair ran.", closest) if t))
     if "drdo" in names:
         lines += ["", _drdo_vs_sft_text(report)]
     lines += ["", _inflation_text(report)]
@@ -359,9 +373,20 @@ def _drdo_vs_sft_text(report: dict) -> str:
         f"DRDO vs its SFT start (true reward difference): {'; '.join(still + moved)}. Where the interval includes "
         f"0, DRDO's policy did not improve on SFT. By construction of Eq. 6 the policy's token probabilities "
         f"are trained only by the alpha-weighted focal term (alpha {report['settings'].get('alpha', 0.1):g}); "
-        f"the distillation term trains the reward head (and the shared backbone). `drdo demo --alpha 1` runs "
-        f"the paper's other alpha."
+        f"the distillation term trains the reward head (and the shared backbone){_share_text(report)}. "
+        f"`drdo demo --alpha 1` runs the paper's other alpha."
     )
+
+
+def _share_text(report: dict) -> str:
+    """'; here it made up 91% / 82% of ...' from the default DRDO's gradient readings, if logged."""
+    shares = [report["methods"]["drdo"][noise_key(n)].get("training", {}).get("diag_distill_share")
+              for n in report["noise_levels"]]
+    if any(v is None for v in shares):
+        return ""
+    return (f"; here the distillation term made up {' / '.join(f'{v:.0%}' for v in shares)} (noise "
+            f"{' / '.join(f'{n:g}' for n in report['noise_levels'])}) of the gradient norm on the LM parameters, "
+            f"before clipping")
 
 
 def _sweep_table(report: dict) -> list[str]:
