@@ -444,11 +444,12 @@ def plot_report(report: dict, path: str) -> str:
     names = order[1:]
     span = (max(noise) - min(noise)) or 1.0
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11 + 0.6 * max(0, len(names) - 3), 4))
+    cmap = plt.get_cmap("tab10" if len(order) <= 10 else "tab20")  # one colour per method in both panels
     for i, m in enumerate(order):
         stats = [report["methods"][m][k] for k in keys]
         xs = [n + (i - (len(order) - 1) / 2) * 0.012 * span for n in noise]
         ax1.errorbar(xs, [s["true_reward_mean"] for s in stats], yerr=[s["ci95"] for s in stats], marker="o",
-                     capsize=4, label=label(report, m).replace("DRDO variant ", "").replace("`", ""), color=f"C{i}")
+                     capsize=4, label=label(report, m).replace("DRDO variant ", "").replace("`", ""), color=cmap(i))
     ax1.set_xlabel("label noise (flip rate)")
     ax1.set_ylabel("true reward r_true of samples")
     ax1.set_title("true reward vs noise (95% CI)")
@@ -457,7 +458,7 @@ def plot_report(report: dict, path: str) -> str:
     ax1.legend(fontsize=7)
     width = 0.8 / (2 * len(names))
     for j, m in enumerate(names):
-        color = f"C{j + 1}"  # the colour of the method in the left panel
+        color = cmap(j + 1)  # the colour of the method in the left panel
         true_w = [report["methods"][m][k]["win_rate_vs_sft"] for k in keys]
         orc_w = [report["methods"][m][k]["oracle_win_rate_vs_sft"] for k in keys]
         base = [i + (2 * j - len(names) + 0.5) * width for i in range(len(keys))]
