@@ -21,7 +21,8 @@ The split is exact and reuses the reference :func:`drdo.losses.drdo_loss`: the p
 term depends on z only, the distillation term on rhat (for ``reward="implicit"``, rhat =
 beta * z is an input of its own here), so the gradient of the loss with rhat detached is the
 preference gradient and the gradient with z detached the distillation gradient. That costs
-two extra backward passes (``torch.autograd.grad``, graph retained) on a diagnostic step.
+two extra backward passes (``torch.autograd.grad``, graph retained) and two extra copies of the
+LM parameters' gradients on a diagnostic step (``--diagnostics-every 0`` turns them off).
 The gradient readings are skipped (only the cheap ones are logged) under gradient
 checkpointing, which does not support ``autograd.grad``.
 """
@@ -66,9 +67,25 @@ def pair_diagnostics(z_w: torch.Tensor, z_l: torch.Tensor, n_w: torch.Tensor, n_
     }
 
 
-def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double() for p, g in zip(params, grads)])
+def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """d loss / d params (None where a parameter is not reached); the graph is kept."""
+    if not loss.requires_grad:
+        return [None] * len(params)
+    return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+
+
+def _norms_and_dot(a: list, b: list) -> tuple[float, float, float]:
+    """|a|, |b| and a.b over lists of per-parameter gradients (None = 0), accumulated in float64
+    one tensor at a time (no flattened copy of all gradients)."""
+    sq_a = sq_b = dot = 0.0  # become float64 tensors on the gradients' device: one host sync at the end
+    for x, y in zip(a, b):
+        if x is not None:
+            sq_a = sq_a + x.double().square().sum()
+        if y is not None:
+            sq_b = sq_b + y.double().square().sum()
+        if x is not None and y is not None:
+            dot = dot + (x.double() * y.double()).sum()
+    return float(sq_a) ** 0.5, float(sq_b) ** 0.5, float(dot)
 
 
 def gradient_split(z_w, z_l, rhat_w, rhat_l, r_w, r_l, params: list[torch.Tensor], *, alpha: float, gamma: float,
@@ -81,15 +98,10 @@ def gradient_split(z_w, z_l, rhat_w, rhat_l, r_w, r_l, params: list[torch.Tensor
     kw = dict(alpha=alpha, gamma=gamma, unlikelihood=unlikelihood, reduction="mean")
     pref, _ = drdo_loss(z_w, z_l, rhat_w.detach(), rhat_l.detach(), r_w, r_l, **kw)
     distill, _ = drdo_loss(z_w.detach(), z_l.detach(), rhat_w, rhat_l, r_w, r_l, **kw)
-    zeros = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=z_w.device)
-    g_pref = _flat_grad(pref, params) if pref.requires_grad else zeros
-    g_dist = _flat_grad(distill, params) if distill.requires_grad else zeros
-    n_pref, n_dist = g_pref.norm(), g_dist.norm()
+    n_pref, n_dist, dot = _norms_and_dot(_grads(pref, params), _grads(distill, params))
     total = n_pref + n_dist
-    cos = (g_pref @ g_dist) / (n_pref * n_dist) if n_pref > 0 and n_dist > 0 else torch.zeros((), dtype=torch.float64)
-    return {
-        "diag_gnorm_distill": n_dist,
-        "diag_gnorm_pref": n_pref,
-        "diag_distill_share": n_dist / total if total > 0 else torch.zeros((), dtype=torch.float64),
-        "diag_grad_cos": cos,
-    }
+    share = n_dist / total if total > 0 else 0.0
+    cos = dot / (n_pref * n_dist) if n_pref > 0 and n_dist > 0 else 0.0
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in (
+        ("diag_gnorm_distill", n_dist), ("diag_gnorm_pref", n_pref), ("diag_distill_share", share),
+        ("diag_grad_cos", cos))}
