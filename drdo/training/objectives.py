@@ -66,6 +66,12 @@ class StageObjective(nn.Module):
       -> (loss_sum: scalar float32, metrics: dict of detached scalar means over the micro-batch)
     R = 2B rows (chosen then rejected) for every stage but SFT (R = B chosen rows). The sum runs
     over the B pairs (SFT: over the response tokens).
+
+    DRDO options: ``reward_grad="head"`` feeds the reward head a detached hidden state (the
+    distillation term then trains the head only); ``length_normalize`` uses token-mean log-probs
+    as z; on steps where ``diagnostic_step`` (set by the trainer) is a multiple of
+    ``diagnostics_every`` the metrics also hold the ``diag_*`` readings of
+    :mod:`drdo.training.diagnostics` (single process only).
     """
 
     def __init__(self, policy: nn.Module, config, kernel_mode: str, kernels=None):
