@@ -29,6 +29,7 @@ from drdo.models import is_tiny_model
 STAGES = ("sft", "oracle", "drdo", "dpo", "edpo")
 REWARDS = ("head", "implicit")
 UNLIKELIHOODS = ("welleck", "paper")
+REWARD_GRADS = ("backbone", "head")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 #: Stage defaults for fields left at None.
@@ -38,7 +39,7 @@ _STUDENT_LR = 5e-6
 #: loss 5.57 -> 5.56 in 30 steps of 8 pairs at 5e-6; 1.64 at 3e-3), so ``--model tiny`` gets its own.
 _TINY_LR = {"sft": 5e-3, "oracle": 1e-3, "drdo": 1e-3, "dpo": 1e-3, "edpo": 1e-3}
 _DEFAULT_MAX_STEPS = {"drdo": 1000, "dpo": 1000, "edpo": 1000}  # sft / oracle: num_epochs
-_DEFAULT_BETA = {"dpo": 0.1, "edpo": 0.1, "drdo": 1.0}  # drdo: only used by reward="implicit"
+_DEFAULT_BETA = {"dpo": 0.1, "edpo": 0.1, "drdo": 0.1}  # drdo: only used by reward="implicit"
 
 
 STUDENT_STAGES = ("drdo", "dpo", "edpo")
@@ -105,12 +106,22 @@ class TrainConfig:
     # losses
     alpha: float = option(0.1, "DRDO weight of the focal preference term", stages=("drdo",))
     gamma: float = option(2.0, "DRDO focal exponent", stages=("drdo",))
-    beta: float | None = option(None, "DPO/e-DPO beta (default 0.1); DRDO --reward implicit scale (default 1.0)",
+    beta: float | None = option(None, "DPO/e-DPO beta (default 0.1); DRDO --reward implicit scale (default 0.1)",
                                 stages=STUDENT_STAGES, type=float)
     reward: str = option("head", "DRDO student reward: a linear 'head' or the 'implicit' beta*log pi",
                          stages=("drdo",), choices=REWARDS)
     unlikelihood: str = option("welleck", "DRDO unlikelihood term: 'welleck' (lowers pi(y_l)) or 'paper' "
                                "(the sign as printed)", stages=("drdo",), choices=UNLIKELIHOODS)
+    reward_grad: str = option(
+        "backbone", "DRDO --reward head: 'backbone' (the paper: the distillation gradient reaches the shared "
+        "layers) or 'head' (the head reads a detached hidden state: distillation trains the head only)",
+        stages=("drdo",), choices=REWARD_GRADS)
+    length_normalize: bool = option(
+        False, "DRDO: z = token-MEAN response log-prob instead of the sum (a departure from the paper)",
+        stages=("drdo",))
+    diagnostics_every: int = option(
+        20, "DRDO: every N steps log focal-gate, length and gradient-share diagnostics to metrics.jsonl "
+            "(two extra backward passes on those steps; 0: off)", stages=("drdo",))
     oracle_alpha: float = option(0.01, "Oracle LM-regulariser weight alpha_O", stages=("oracle",))
     pessimistic: bool = option(True, "e-DPO: max over ensemble members (else mean); with gradient accumulation "
                                "the max is taken per micro-batch", stages=("edpo",))
@@ -282,6 +293,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _check_choice("kernel", c.kernel, KERNELS)
     _check_choice("reward", c.reward, REWARDS)
     _check_choice("unlikelihood", c.unlikelihood, UNLIKELIHOODS)
+    _check_choice("reward_grad", c.reward_grad, REWARD_GRADS)
+    if c.reward_grad == "head" and c.reward != "head":
+        raise ConfigError("--reward-grad head stops the distillation gradient at the reward head's input; "
+                          "it needs --reward head (the implicit reward has no head)")
+    if c.diagnostics_every < 0:
+        raise ConfigError(f"diagnostics_every must be >= 0, got {c.diagnostics_every}")
     _check_choice("precision", c.precision, PRECISIONS)
     if c.lr is None:
         c.lr = _TINY_LR[c.stage] if is_tiny_model(c.model) else _DEFAULT_LR.get(c.stage, _STUDENT_LR)

@@ -147,8 +147,9 @@ def fused_linear_drdo_loss(
     alpha: float = 0.1,
     gamma: float = 2.0,
     reward: str = "head",
-    beta: float = 1.0,
+    beta: float = 0.1,
     unlikelihood: str = "welleck",
+    length_normalize: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
     reduction: str = "mean",
@@ -160,7 +161,9 @@ def fused_linear_drdo_loss(
         oracle_rewards: [2B] r* of each row (one Oracle; average an ensemble first);
         policy_rewards: [2B] the student's reward-head outputs, required for
             reward="head", ignored for reward="implicit" (rhat = beta * z);
-        bias: [V] or None.
+        bias: [V] or None;
+        length_normalize: z = token-mean response log-prob (summed log-prob / token count)
+            instead of the sum; a departure from the paper.
     Returns: (loss, metrics) as drdo.losses.drdo_loss.
     """
     if reward not in _REWARD_MODES:
@@ -178,12 +181,14 @@ def fused_linear_drdo_loss(
                              'or use reward="implicit"')
         rhat_w, rhat_l = _split_rows("policy_rewards", policy_rewards, n_pairs)
     kind = _chunked(backend, hidden, lm_head_weight)
-    if kind is not None:
+    if kind is not None and not length_normalize:  # token-mean z: the two-pass path below
         spec = _drdo_spec(alpha=alpha, gamma=gamma, reward=reward, beta=beta, unlikelihood=unlikelihood)
         scores = [oracle_rewards] + ([policy_rewards] if reward == "head" else [])
         return chunked_pair_loss(spec, lm_head_weight, hidden, labels, scores, bias,
                                  ignore_index=ignore_index, backend=kind, reduction=reduction)
-    logps, _ = row_logprobs(lm_head_weight, hidden, labels, bias, ignore_index=ignore_index, backend=backend)
+    logps, n_tokens = row_logprobs(lm_head_weight, hidden, labels, bias, ignore_index=ignore_index, backend=backend)
+    if length_normalize:
+        logps = logps / n_tokens.to(logps.dtype)
     z_w, z_l = logps[:n_pairs], logps[n_pairs:]
     if reward == "implicit":
         rhat_w, rhat_l = beta * z_w, beta * z_l
@@ -328,8 +333,9 @@ class FusedLinearDRDOLoss(nn.Module):
         gamma: float = 2.0,
         *,
         reward: str = "head",
-        beta: float = 1.0,
+        beta: float = 0.1,
         unlikelihood: str = "welleck",
+        length_normalize: bool = False,
         ignore_index: int = -100,
         backend: str = "auto",
         reduction: str = "mean",
@@ -343,18 +349,20 @@ class FusedLinearDRDOLoss(nn.Module):
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.alpha, self.gamma, self.reward, self.beta = alpha, gamma, reward, beta
         self.unlikelihood, self.ignore_index, self.backend, self.reduction = unlikelihood, ignore_index, backend, reduction
+        self.length_normalize = length_normalize
 
     def forward(self, lm_head_weight, hidden, labels, oracle_rewards, policy_rewards=None, bias=None):
         return fused_linear_drdo_loss(
             lm_head_weight, hidden, labels, oracle_rewards, policy_rewards, bias,
             alpha=self.alpha, gamma=self.gamma, reward=self.reward, beta=self.beta,
-            unlikelihood=self.unlikelihood, ignore_index=self.ignore_index,
+            unlikelihood=self.unlikelihood, length_normalize=self.length_normalize, ignore_index=self.ignore_index,
             backend=self.backend, reduction=self.reduction,
         )
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, gamma={self.gamma}, reward={self.reward!r}, beta={self.beta}, "
-                f"unlikelihood={self.unlikelihood!r}, backend={self.backend!r}, reduction={self.reduction!r}")
+                f"unlikelihood={self.unlikelihood!r}, length_normalize={self.length_normalize}, "
+                f"backend={self.backend!r}, reduction={self.reduction!r}")
 
 
 class FusedLinearDPOLoss(nn.Module):

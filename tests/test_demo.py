@@ -70,3 +70,100 @@ def test_demo_quick_end_to_end(tmp_path):
     gens = (out / "work" / "seed0" / "noise0" / "test_generations.jsonl").read_text().splitlines()
     assert len(gens) == QUICK["test_prompts"] and set(json.loads(gens[0])) == {"prompt", *METHODS}
     assert os.path.isdir(out / "work" / "seed0" / "noise0" / "oracle3")  # K = 3 Oracles for e-DPO
+
+
+# ------------------------------------------------------------------------------------------ variants and grids
+
+
+def _variants_file(tmp_path, text):
+    path = tmp_path / "variants.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_lr_grids_scale_with_steps_and_methods_choose_the_students(tmp_path):
+    from drdo.demo.run import lr_grid, students
+
+    s = _parse("--steps", "300", "--dpo-lrs", "1e-4", "3e-4", "--methods", "dpo,edpo")
+    assert lr_grid(s, "drdo") == pytest.approx([1e-4, 1e-3 / 3])  # the default grid at 100 steps, x 100/300
+    assert lr_grid(s, "dpo") == pytest.approx([1e-4 / 3, 1e-4])
+    assert [name for name, _, _ in students(s)] == ["dpo", "edpo"]
+    assert lr_grid(_parse(), "edpo") == pytest.approx(DemoSettings().lrs)  # 100 steps: the grid as given
+    assert lr_grid(_parse("--quick"), "drdo") == pytest.approx([1e-3])
+    v = _variants_file(tmp_path, "- name: a\n  alpha: 1\n- name: b\n  reward: implicit\n  beta: 0.1\n")
+    got = students(_parse("--variants", v))
+    assert got == [("drdo", "drdo", {}), ("a", "drdo", {"alpha": 1.0}),
+                   ("b", "drdo", {"reward": "implicit", "beta": 0.1}), ("dpo", "dpo", {}), ("edpo", "edpo", {})]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("- name: a\n  alpah: 1\n", "variant 'a': unknown key 'alpah'"),
+    ("- name: a\n  alpha: -1\n", "variant 'a', key 'alpha': must be >= 0"),
+    ("- name: a\n  reward_grad: shared\n", "variant 'a', key 'reward_grad': must be one of backbone, head"),
+    ("- name: a\n  length_normalize: 1\n", "variant 'a', key 'length_normalize': must be true or false"),
+    ("- name: a\n  beta: 0.1\n", "variant 'a', key 'beta': beta scales the implicit reward only"),
+    ("- name: a\n  reward: implicit\n  reward_grad: head\n", "variant 'a', key 'reward_grad'"),
+    ("- name: a\n  reward: implicit\n  beta: 0\n", "variant 'a', key 'beta': must be > 0"),
+    ("- name: dpo\n  alpha: 1\n", "variant 'dpo': the name is taken"),
+    ("- name: a\n- name: a\n", "variant 'a': the name appears twice"),
+    ("- alpha: 1\n", "needs a 'name'"),
+    ("name: a\n", "must hold a YAML list"),
+    ("- [unclosed\n", "not valid YAML"),
+])
+def test_bad_variants_raise_one_clear_error(tmp_path, text, match):
+    from drdo.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match.replace("(", r"\(")):
+        _parse("--variants", _variants_file(tmp_path, text))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (("--methods", "dpo,ipo"), "--methods"),
+    (("--methods", "dpo,dpo"), "--methods"),
+    (("--drdo-lrs", "0"), "--drdo-lrs"),
+    (("--diagnostics-every", "-1"), "--diagnostics-every"),
+])
+def test_bad_method_and_grid_flags_raise(argv, match):
+    with pytest.raises(ValueError, match=match):
+        _parse(*argv)
+
+
+def test_demo_with_two_variants_reports_them_beside_the_baselines(tmp_path):
+    """A test-sized run (one noise level, a few steps): both variants beside SFT/DPO/e-DPO, paired
+    differences per seed with intervals, the diagnostics summary, the chosen lr per cell."""
+    from drdo.cli import main
+
+    v = _variants_file(tmp_path, "- name: head-only\n  reward_grad: head\n"
+                                 "- name: token-mean\n  length_normalize: true\n  alpha: 1\n")
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--noise", "0.1", "--steps", "3", "--sft-steps", "6", "--oracle-steps", "3",
+            "--train-pairs", "32", "--batch-size", "16", "--val-prompts", "4", "--test-prompts", "8",
+            "--max-new-tokens", "6", "--methods", "dpo,edpo", "--variants", v, "--diagnostics-every", "2",
+            "--lrs", "1e-4", "3e-4", "--workers", "1", "--output-dir", str(out), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    names = ("sft", "head-only", "token-mean", "dpo", "edpo")
+    assert list(report["methods"]) == list(names)
+    for name in names:
+        stats = report["methods"][name]["0.1"]
+        assert 0.0 <= stats["true_reward_mean"] <= 1.0 and stats["ci95"] >= 0.0
+    comp = report["comparisons"]["0.1"]
+    for name in ("head-only", "token-mean"):
+        for other in ("dpo", "edpo", "sft"):
+            d = comp[f"{name}_minus_{other}"]
+            mine, theirs = report["methods"][name]["0.1"], report["methods"][other]["0.1"]
+            assert d["per_seed"] == pytest.approx([mine["true_reward_per_seed"][0] - theirs["true_reward_per_seed"][0]])
+            assert d["ci95"] >= 0.0
+        chosen = report["methods"][name]["0.1"]["selected_lr_per_seed"][0]
+        assert any(chosen == pytest.approx(lr * 100 / 3) for lr in (1e-4, 3e-4))
+        training = report["methods"][name]["0.1"]["training"]
+        assert 0.0 <= training["diag_focal_active"] <= 1.0 and 0.0 <= training["clipped_share"] <= 1.0
+    assert "drdo_minus_dpo" not in comp and "drdo" not in report["methods"]  # --methods left DRDO out
+    assert report["methods"]["head-only"]["0.1"]["training"]["diag_gnorm_distill"] == 0.0
+    assert report["methods"]["token-mean"]["0.1"]["training"]["diag_gnorm_distill"] > 0.0
+    assert "diag_focal_median" not in report["methods"]["dpo"]["0.1"]["training"]
+    assert [v["name"] for v in report["settings"]["variant_specs"]] == ["head-only", "token-mean"]
+    md = (out / "report.md").read_text()
+    assert "`head-only`" in md and "`token-mean`: alpha=1, length_normalize=True" in md
+    assert "## Paired differences" in md and "## Why DRDO moves" in md
+    assert (out / "report.png").stat().st_size > 1000

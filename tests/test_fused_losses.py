@@ -385,3 +385,41 @@ def test_all_tokens_ignored_raises(backend):
     for module in (FusedLinearDPOLoss(backend=backend),):
         with pytest.raises(ValueError, match="no response token"):
             module(b["weight"], b["hidden"], labels, b["ref_logps"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("reward", ["head", "implicit"])
+def test_drdo_length_normalize_is_the_reference_on_token_means(backend, reward):
+    """length_normalize=True: z = summed log-prob / token count, then drdo_loss as usual."""
+    batch = _batch(seed=4)
+    kw = dict(alpha=0.5, gamma=2.0, unlikelihood="welleck")
+    module = FusedLinearDRDOLoss(reward=reward, beta=0.5, length_normalize=True, backend=backend, **kw)
+
+    def fused(b):
+        return module(b["weight"], b["hidden"], b["labels"], b["oracle"],
+                      b["policy_rewards"] if reward == "head" else None, b["bias"])
+
+    def ref(b):
+        z_sum, n = _ref_logps(b)
+        z = z_sum / n.to(z_sum.dtype)
+        rhat = b["policy_rewards"] if reward == "head" else 0.5 * z
+        o = b["oracle"]
+        return drdo_loss(z[:N_PAIRS], z[N_PAIRS:], rhat[:N_PAIRS], rhat[N_PAIRS:], o[:N_PAIRS], o[N_PAIRS:], **kw)
+
+    _assert_matches(fused, ref, batch, torch.float32)
+    assert "length_normalize=True" in repr(module)
+
+
+def test_drdo_implicit_beta_defaults_to_0_1():
+    """The implicit reward's default scale is beta = 0.1 (the paper's DPO beta), in both forms."""
+    assert FusedLinearDRDOLoss().beta == 0.1
+    batch = _batch(seed=5)
+
+    def fused(b):
+        return fused_linear_drdo_loss(b["weight"], b["hidden"], b["labels"], b["oracle"], bias=b["bias"],
+                                      reward="implicit", backend="torch")
+
+    def ref(b):
+        z, _ = _ref_logps(b)
+        o = b["oracle"]
+        return drdo_loss(z[:N_PAIRS], z[N_PAIRS:], 0.1 * z[:N_PAIRS], 0.1 * z[N_PAIRS:], o[:N_PAIRS], o[N_PAIRS:])
+
+    _assert_matches(fused, ref, batch, torch.float32)

@@ -158,7 +158,7 @@ def test_ctrl_c_saves_and_resume_is_bit_exact(tmp_path, data_file):
     import yaml
 
     saved = yaml.safe_load(open(full / "config.yaml"))
-    assert saved["stage"] == "drdo" and saved["max_steps"] == 4 and saved["beta"] == 1.0
+    assert saved["stage"] == "drdo" and saved["max_steps"] == 4 and saved["beta"] == 0.1
     assert (full / "training_curves.png").stat().st_size > 1000
     from drdo.models import PolicyWithRewardHead
 

@@ -10,12 +10,22 @@ For every seed and every label-noise level (flip rate):
    SFT model with a fresh reward head; K = 3 Oracles that differ in the head seed
    (and data order) score every pair offline; Oracle 1 is the one DRDO distils;
 4. reference log-probs of the SFT model (for DPO / e-DPO);
-5. students from the same SFT start, same steps and batch, same lr sweep:
-   DRDO (Eq. 6), DPO, e-DPO (pessimistic, K = 3); per method the lr with the
-   best mean r_true of samples on validation prompts is kept;
+5. students from the same SFT start, same steps and batch: DRDO (Eq. 6), DPO,
+   e-DPO (pessimistic, K = 3) (``--methods`` picks which), and any named DRDO
+   variants of ``--variants FILE.yaml`` (:mod:`drdo.demo.variants`); per student
+   the lr of its method's grid with the best mean r_true of samples on
+   validation prompts is kept. DRDO students log the diagnostics of
+   :mod:`drdo.training.diagnostics` every ``--diagnostics-every`` steps;
+   the report summarises them;
 6. one sample per held-out test prompt from SFT and each selected student,
    judged by r_true (the truth) and, beside it, by Oracle 1 (to show how an
    Oracle-judged evaluation differs).
+
+Learning rates: each method has a grid (``--lrs``, or ``--drdo-lrs`` / ``--dpo-lrs`` /
+``--edpo-lrs``) given for ``--lr-ref-steps`` = 100 optimizer steps; a run of S steps uses
+every rate times 100 / S (default grid {3e-4, 1e-3} at 100 steps: {1e-4, 3.3e-4} at 300
+steps), so a longer run keeps the product of rate and steps and does not handicap a method
+whose best rate falls as it trains longer. The rate chosen per cell is in the report.
 
 Writes under ``--output-dir``: report.md, report.json, report.png and work/
 (data, checkpoints, generations). Everything is deterministic given the seeds
@@ -41,6 +51,11 @@ METHODS = ("drdo", "dpo", "edpo")
 K_ORACLES = 3
 
 
+def _comma_list(text: str) -> list[str]:
+    """'dpo,edpo' -> ['dpo', 'edpo'] (the --methods flag)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 _PER_SEED = "per seed and noise level"
 
 
@@ -63,7 +78,18 @@ class DemoSettings:
     sft_steps: int = option(400, "SFT steps")
     oracle_steps: int = option(100, "steps of each Oracle")
     batch_size: int = option(32, "pairs per optimizer step (every stage)")
-    lrs: list = option([3e-4, 1e-3], "learning-rate sweep, the same for every method", type=float, nargs="+")
+    lrs: list = option([3e-4, 1e-3], "learning-rate grid of every method, given at --lr-ref-steps steps (a run of "
+                                     "S steps uses lr x lr_ref_steps / S)", type=float, nargs="+")
+    drdo_lrs: list | None = option(None, "DRDO's grid (its variants' too), as --lrs (default: --lrs)", type=float,
+                                   nargs="+")
+    dpo_lrs: list | None = option(None, "DPO's grid, as --lrs (default: --lrs)", type=float, nargs="+")
+    edpo_lrs: list | None = option(None, "e-DPO's grid, as --lrs (default: --lrs)", type=float, nargs="+")
+    lr_ref_steps: int = option(100, "step count at which the lr grids are given")
+    methods: list = option(list(METHODS), "the demo's own students to run: drdo (the default DRDO), dpo, edpo",
+                           type=_comma_list, metavar="M1,M2")
+    variants: str | None = option(None, "YAML list of named DRDO variants trained beside the methods "
+                                        "(drdo/demo/variants.py)", type=str, metavar="FILE.yaml")
+    diagnostics_every: int = option(10, "DRDO students log Eq. 6 diagnostics every N steps (0: off)")
     sft_lr: float = option(5e-3, "SFT learning rate")
     oracle_lr: float = option(1e-3, "Oracle learning rate")
     alpha: float = option(0.1, "DRDO alpha (paper: 0.1; its sweep also tried 1)")
@@ -85,8 +111,8 @@ class DemoSettings:
     quick: bool = option(False, "a fast smoke run: 1 seed, fewer steps, one lr", action="store_true")
 
 
-#: --quick: one seed, fewer steps, one lr, fewer prompts (both noise levels kept).
-QUICK = dict(seeds=[0], steps=40, sft_steps=150, oracle_steps=40, lrs=[1e-3], train_pairs=512, val_prompts=32,
+#: --quick: one seed, fewer steps, one lr (4e-4 at 100 steps = 1e-3 at 40), fewer prompts (both noise levels kept).
+QUICK = dict(seeds=[0], steps=40, sft_steps=150, oracle_steps=40, lrs=[4e-4], train_pairs=512, val_prompts=32,
              test_prompts=96)
 
 
@@ -125,17 +151,44 @@ def _validate(s: DemoSettings) -> None:
         if not 0.0 <= n <= 0.5:
             raise ConfigError(f"--noise levels are flip rates in [0, 0.5], got {n}")
     for name in ("steps", "sft_steps", "oracle_steps", "batch_size", "train_pairs", "test_prompts", "val_prompts",
-                 "max_new_tokens", "threads", "workers"):
+                 "max_new_tokens", "threads", "workers", "lr_ref_steps"):
         if getattr(s, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    if not s.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in s.lrs):
-        raise ConfigError(f"--lrs must be positive numbers, got {s.lrs}")
+    for name in ("lrs", "drdo_lrs", "dpo_lrs", "edpo_lrs"):
+        grid = getattr(s, name)
+        if (grid is not None or name == "lrs") and (not grid or any(not (lr > 0 and math.isfinite(lr)) for lr in grid)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive numbers, got {grid}")
+    methods = [s.methods] if isinstance(s.methods, str) else list(s.methods)
+    s.methods = [m for part in methods for m in _comma_list(str(part))]
+    bad = [m for m in s.methods if m not in METHODS]
+    if bad or len(set(s.methods)) != len(s.methods):
+        raise ConfigError(f"--methods takes distinct names among {', '.join(METHODS)} (comma-separated), "
+                          f"got {','.join(s.methods)}")
+    if s.diagnostics_every < 0:
+        raise ConfigError(f"--diagnostics-every must be >= 0, got {s.diagnostics_every}")
+    if not students(s):
+        raise ConfigError("nothing to train: --methods is empty and --variants gives no variant")
     if s.train_pairs < s.batch_size:
         raise ConfigError(f"--train-pairs ({s.train_pairs}) must be >= --batch-size ({s.batch_size})")
     if s.alpha < 0 or s.gamma < 0 or s.beta <= 0:
         raise ConfigError(f"need --alpha >= 0, --gamma >= 0 and --beta > 0, got {s.alpha}, {s.gamma}, {s.beta}")
     if s.bt_temperature < 0:
         raise ConfigError(f"--bt-temperature must be >= 0, got {s.bt_temperature}")
+
+
+def students(s: DemoSettings) -> list[tuple[str, str, dict]]:
+    """(name, stage, DRDO overrides) of every student, in report order: DRDO, the variants, DPO, e-DPO."""
+    from drdo.demo.variants import load_variants
+
+    out = [("drdo", "drdo", {})] if "drdo" in s.methods else []
+    out += [(v["name"], "drdo", {k: x for k, x in v.items() if k != "name"}) for v in load_variants(s.variants)]
+    return out + [(m, m, {}) for m in ("dpo", "edpo") if m in s.methods]
+
+
+def lr_grid(s: DemoSettings, stage: str) -> list[float]:
+    """The learning rates a ``stage`` student tries: its grid (or --lrs) x lr_ref_steps / steps."""
+    base = getattr(s, f"{stage}_lrs") or s.lrs
+    return [lr * s.lr_ref_steps / s.steps for lr in base]
 
 
 # ----------------------------------------------------------------------------- data
@@ -177,12 +230,16 @@ def _single_oracle_file(scored: str, path: str) -> str:
 # ----------------------------------------------------------------------------- stages
 
 
-def _train(s: DemoSettings, stage: str, data: str, out: str, *, model: str, steps: int, lr: float, seed: int) -> str:
+def _train(s: DemoSettings, stage: str, data: str, out: str, *, model: str, steps: int, lr: float, seed: int,
+           drdo: dict | None = None) -> str:
+    """Train one stage; ``drdo``: overrides of a DRDO variant (see :mod:`drdo.demo.variants`)."""
     from drdo.config import TrainConfig, fields_for
     from drdo.training.loop import train
 
     losses = dict(alpha=s.alpha, gamma=s.gamma, beta=s.beta if stage in ("dpo", "edpo") else None,
-                  oracle_alpha=s.oracle_alpha)
+                  oracle_alpha=s.oracle_alpha, diagnostics_every=s.diagnostics_every)
+    if stage == "drdo":
+        losses.update(drdo or {})
     stage_fields = {f.name for f in fields_for(TrainConfig, (stage,))}
     cfg = TrainConfig(
         stage=stage, model=model, data=data, output_dir=out,
@@ -217,7 +274,7 @@ def _pearson(a: list[float], b: list[float]) -> float:
 
 def _stages_per_cell(s: DemoSettings) -> int:
     """Ticks of the outer progress bar per cell (see :func:`run_cell`)."""
-    return 1 + 1 + K_ORACLES + 1 + len(METHODS) * len(s.lrs) + 1
+    return 1 + 1 + K_ORACLES + 1 + sum(len(lr_grid(s, stage)) for _, stage, _ in students(s)) + 1
 
 
 class _Stages:
@@ -259,25 +316,42 @@ def _oracle_data(s: DemoSettings, work: str, sft: str, oracles: list[str], pairs
     return {"drdo": single, "dpo": with_ref, "edpo": with_ref}
 
 
-def _sweep(s: DemoSettings, method: str, data: str, start: str, work: str, seed: int, val_prompts: list[str],
+def _sweep(s: DemoSettings, student: tuple, data: str, start: str, work: str, seed: int, val_prompts: list[str],
            stages: "_Stages", tag: str) -> tuple[str, dict]:
-    """Train ``method`` once per lr of the sweep; keep the lr whose samples on the validation prompts
-    have the highest mean r_true. Returns (selected policy dir, {"selected_lr", "sweep": {lr: value}})."""
+    """Train a student (name, stage, overrides) once per lr of its grid; keep the lr whose samples on the
+    validation prompts have the highest mean r_true. Returns (selected policy dir,
+    {"selected_lr", "sweep": {lr: value}, "training": summary of its metrics.jsonl})."""
     from drdo.demo.synthetic import true_rewards
 
+    name, stage, overrides = student
+    lrs = lr_grid(s, stage)
     sweep, best = {}, None
-    for lr in s.lrs:
-        stages.step(f"{tag}: {method} lr {lr:g}")
-        out = _train(s, method, data, os.path.join(work, f"{method}_lr{lr:g}"), model=start, steps=s.steps, lr=lr,
-                     seed=seed)
+    for lr in lrs:
+        stages.step(f"{tag}: {name} lr {lr:g}")
+        out = _train(s, stage, data, os.path.join(work, f"{name}_lr{lr:g}"), model=start, steps=s.steps, lr=lr,
+                     seed=seed, drdo=overrides)
         val = 0.0
-        if len(s.lrs) > 1:  # a sweep of one needs no validation
+        if len(lrs) > 1:  # a sweep of one needs no validation
             val = _mean(true_rewards(val_prompts, _generate(s, out, val_prompts, seed=seed + 7)))
             sweep[f"{lr:g}"] = val
         if best is None or val > best[0]:
             best = (val, lr, out)
         stages.done()
-    return best[2], {"selected_lr": best[1], "sweep": sweep}
+    return best[2], {"selected_lr": best[1], "sweep": sweep, "training": training_summary(best[2])}
+
+
+def training_summary(run_dir: str, max_grad_norm: float = 1.0) -> dict:
+    """From a run's metrics.jsonl: mean total grad norm (before clipping), the share of steps clipped
+    (norm > ``max_grad_norm``, the training default) and the mean of every ``diag_*`` reading over
+    the steps that logged it (DRDO; see :mod:`drdo.training.diagnostics`)."""
+    from drdo.training.metrics import read_metrics
+
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    norms = [r["grad_norm"] for r in rows]
+    out = {"grad_norm_mean": _mean(norms), "clipped_share": _mean([float(n > max_grad_norm) for n in norms])}
+    for key in sorted({k for r in rows for k in r if k.startswith("diag_")}):
+        out[key] = _mean([r[key] for r in rows if key in r])
+    return out
 
 
 def _judge_test(s: DemoSettings, policies: dict[str, str], oracle: str, prompts: list[str], seed: int,
@@ -332,9 +406,9 @@ def run_cell(s: DemoSettings, seed: int, noise: float, work: str, stages: _Stage
     stages.done()
 
     policies, results = {"sft": sft}, {"sft": {"selected_lr": None, "sweep": {}}}
-    for method in METHODS:
-        policies[method], results[method] = _sweep(s, method, data[method], sft, work, seed, val_prompts, stages,
-                                                   tag)
+    for student in students(s):
+        name, stage, _ = student
+        policies[name], results[name] = _sweep(s, student, data[stage], sft, work, seed, val_prompts, stages, tag)
 
     stages.step(f"{tag}: test generations")
     corr = _judge_test(s, policies, oracles[0], test_prompts, seed, work, results)
@@ -421,6 +495,9 @@ def run_demo(args: argparse.Namespace) -> int:
         for enable in restore_bars:
             enable()
     settings = asdict(s)
+    settings["students"] = [[name, stage] for name, stage, _ in students(s)]
+    settings["variant_specs"] = [{"name": name, **o} for name, stage, o in students(s) if o or name != stage]
+    settings["lr_grids"] = {stage: lr_grid(s, stage) for stage in METHODS}
     settings["elapsed_s"] = time.perf_counter() - start
     settings["cpu_count"] = os.cpu_count()
     report = summarize(cells, settings)

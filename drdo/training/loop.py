@@ -288,6 +288,7 @@ class Trainer:
         lr = lr_at(step, base_lr=c.lr, total_steps=self.total, warmup_steps=self.warmup, min_lr_ratio=c.min_lr_ratio)
         set_lr(self.optimizer, lr)
         batches = self._micro_batches(step)
+        self.root.diagnostic_step = step  # DRDO logs drdo.training.diagnostics every --diagnostics-every steps
         normaliser, tokens = self._all_reduce([sum(b[1] for b in batches), sum(b[2] for b in batches)])
         loss_total, sums = None, {}
         for i, (batch, count, _) in enumerate(batches):

@@ -16,12 +16,16 @@ the max of the full-batch sums.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from drdo import losses as ref_losses
 from drdo.logprobs import head_params, policy_sequence_logprobs
 from drdo.losses import IGNORE_INDEX
+from drdo.models import sequence_rewards
+from drdo.training import diagnostics
 
 #: Metrics that the losses report as sums (not means) over the micro-batch under reduction="sum".
 _SUMMED_METRICS = {"edpo": ("distill_min", "distill_max")}
@@ -35,6 +39,12 @@ class StageObjective(nn.Module):
       -> (loss_sum: scalar float32, metrics: dict of detached scalar means over the micro-batch)
     R = 2B rows (chosen then rejected) for every stage but SFT (R = B chosen rows). The sum runs
     over the B pairs (SFT: over the response tokens).
+
+    DRDO options: ``reward_grad="head"`` feeds the reward head a detached hidden state (the
+    distillation term then trains the head only); ``length_normalize`` uses token-mean log-probs
+    as z; on steps where ``diagnostic_step`` (set by the trainer) is a multiple of
+    ``diagnostics_every`` the metrics also hold the ``diag_*`` readings of
+    :mod:`drdo.training.diagnostics` (single process only).
     """
 
     def __init__(self, policy: nn.Module, config):
@@ -45,7 +55,10 @@ class StageObjective(nn.Module):
         self.cfg = dict(
             alpha=config.alpha, gamma=config.gamma, beta=config.beta, reward=config.reward,
             unlikelihood=config.unlikelihood, oracle_alpha=config.oracle_alpha, pessimistic=config.pessimistic,
+            reward_grad=config.reward_grad, length_normalize=config.length_normalize,
+            diagnostics_every=config.diagnostics_every,
         )
+        self.diagnostic_step = None  # the trainer sets the 0-based step; DRDO logs diagnostics every N steps
         self.fused = None if self.kernel_mode == "reference" else self._make_fused()
 
     def _make_fused(self):
@@ -55,7 +68,8 @@ class StageObjective(nn.Module):
         common = dict(ignore_index=IGNORE_INDEX, backend=backend, reduction="sum")
         if self.stage == "drdo":
             return dk.FusedLinearDRDOLoss(
-                c["alpha"], c["gamma"], reward=c["reward"], beta=c["beta"], unlikelihood=c["unlikelihood"], **common
+                c["alpha"], c["gamma"], reward=c["reward"], beta=c["beta"], unlikelihood=c["unlikelihood"],
+                length_normalize=c["length_normalize"], **common
             )
         if self.stage == "oracle":
             return dk.FusedLinearOracleLoss(alpha=c["oracle_alpha"], nll_reduction="mean", **common)
@@ -71,13 +85,18 @@ class StageObjective(nn.Module):
             return self._packed(input_ids, labels, oracle_rewards, ref_logps, position_ids, cu_seqlens)
         if self.stage == "sft":
             return self._sft(input_ids, attention_mask, labels)
-        if self.kernel_mode == "reference":
-            logps, n_tokens, out = policy_sequence_logprobs(self.policy, input_ids, attention_mask, labels,
-                                                            kernel="reference")
+        reference = self.kernel_mode == "reference"
+        out = self.policy(input_ids, attention_mask, return_logits=reference)
+        if self.stage == "drdo" and self.cfg["reward_grad"] == "head":  # distillation stops at the head's input
+            out = dataclasses.replace(out, rewards=sequence_rewards(
+                out.hidden_states.detach(), attention_mask, self.policy.reward_head))
+        if reference:
+            logps, n_tokens = ref_losses.sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)
             loss, metrics = self._reference_pair_loss(logps, n_tokens, out.rewards, oracle_rewards, ref_logps)
         else:
-            out = self.policy(input_ids, attention_mask)
             loss, metrics = self._fused_pair_loss(out, labels, oracle_rewards, ref_logps)
+        if self.stage == "drdo" and diagnostics.is_diagnostic_step(self.cfg["diagnostics_every"], self.diagnostic_step):
+            metrics.update(self._diagnostics(out, labels, oracle_rewards))
         return self._per_pair(loss, metrics, input_ids.shape[0] // 2)
 
     def _per_pair(self, loss, metrics, n_pairs):
@@ -100,6 +119,13 @@ class StageObjective(nn.Module):
         Per-sequence sums of the packed row, then the same losses as the padded batch."""
         reference = self.kernel_mode == "reference"
         out = self.policy(input_ids, None, position_ids=position_ids, cu_seqlens=cu_seqlens, return_logits=reference)
+        if self.stage == "drdo" and self.cfg["reward_grad"] == "head":  # distillation stops at the head's input
+            from drdo.data.packing import last_token_index
+
+            head = self.policy.reward_head
+            h_last = out.hidden_states[0, last_token_index(cu_seqlens).to(out.hidden_states.device)].detach().float()
+            out = dataclasses.replace(out, rewards=torch.nn.functional.linear(
+                h_last, head.weight.float(), None if head.bias is None else head.bias.float()).squeeze(-1))
         logps, n_tokens = self._packed_logps(out, labels, cu_seqlens, reference)
         if self.stage == "sft":
             nll_sum = -logps.sum().float()
@@ -143,6 +169,8 @@ class StageObjective(nn.Module):
     def _reference_pair_loss(self, logps, n_tokens, rewards, oracle_rewards, ref_logps):
         c = self.cfg
         n = logps.shape[0] // 2
+        if self.stage == "drdo" and c["length_normalize"]:
+            logps = logps / n_tokens.to(logps.dtype)
         z_w, z_l = logps[:n], logps[n:]
         if self.stage == "drdo":
             oracle = _single_oracle(oracle_rewards)
@@ -165,6 +193,34 @@ class StageObjective(nn.Module):
             z_w, z_l, ref_logps[:n], ref_logps[n:], oracle[:, :n], oracle[:, n:],
             beta=c["beta"], pessimistic=c["pessimistic"], reduction="sum",
         )
+
+
+    # ---- DRDO diagnostics (drdo.training.diagnostics) ---------------------------------------------------------
+    def _diagnostics(self, out, labels, oracle_rewards) -> dict:
+        """Focal, length and gradient-split readings of this micro-batch (recomputes z with its graph)."""
+        c = self.cfg
+        n_tokens = (labels != IGNORE_INDEX).sum(-1)
+        if self.kernel_mode == "reference":
+            logps, _ = ref_losses.sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)
+        else:
+            import drdo_kernels as dk
+
+            w, b = head_params(self.policy.lm_head, out.hidden_states.dtype)
+            logps = dk.fused_linear_logprobs(out.hidden_states, w, labels, bias=b, ignore_index=IGNORE_INDEX,
+                                             backend=self.kernel_mode).sum(-1)
+        z = logps / n_tokens.to(logps.dtype) if c["length_normalize"] else logps
+        rhat = out.rewards if c["reward"] == "head" else c["beta"] * z
+        oracle = _single_oracle(oracle_rewards)
+        n = z.shape[0] // 2
+        result = diagnostics.pair_diagnostics(z[:n], z[n:], n_tokens[:n], n_tokens[n:], gamma=c["gamma"])
+        if torch.is_grad_enabled() and not self.policy.is_gradient_checkpointing \
+                and not torch.distributed.is_initialized():
+            params = [p for name, p in self.policy.named_parameters()
+                      if p.requires_grad and not name.startswith("reward_head.")]
+            result.update(diagnostics.gradient_split(
+                z[:n], z[n:], rhat[:n], rhat[n:], oracle[:n], oracle[n:], params,
+                alpha=c["alpha"], gamma=c["gamma"], unlikelihood=c["unlikelihood"]))
+        return result
 
 
 def _single_oracle(oracle_rewards: torch.Tensor) -> torch.Tensor:
