@@ -31,6 +31,7 @@ from torch import nn
 from drdo.losses import dpo_loss, drdo_loss, edpo_loss, oracle_loss
 
 from . import logprobs_chunked as chunked
+from .inputs import gather_lm_head
 from .logprobs import check_inputs, plan_tokens, resolve_backend, valid_logprobs
 from .pair_chunked import PairLossSpec, chunked_pair_loss
 from .pair_loss import drdo_pair_loss
@@ -70,6 +71,7 @@ def row_logprobs(
         n_tokens: [N] int64, response tokens per row.
     Raises ValueError when a row has no response token.
     """
+    lm_head_weight, bias = gather_lm_head(lm_head_weight, bias)  # an FSDP2-sharded (DTensor) head is all-gathered
     if hidden.dim() != 3 or labels.dim() != 2 or tuple(hidden.shape[:2]) != tuple(labels.shape):
         raise ValueError(
             f"expected hidden [N, T, H] and labels [N, T], got {tuple(hidden.shape)} and {tuple(labels.shape)}"

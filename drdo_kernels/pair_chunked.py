@@ -24,6 +24,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import logprobs_chunked as chunked
+from .inputs import gather_lm_head
 from .logprobs import plan_tokens, uses_triton_fold
 from .softmax_fold import row_stats, softmax_grad
 
@@ -160,6 +161,7 @@ def chunked_pair_loss(spec: PairLossSpec, lm_head_weight, hidden, labels, scores
     """
     from .logprobs import check_inputs
 
+    lm_head_weight, bias = gather_lm_head(lm_head_weight, bias)  # an FSDP2-sharded (DTensor) head is all-gathered
     check_inputs(hidden, lm_head_weight, labels, bias)
     n_rows, n_pos = labels.shape
     sides = spec.rows_per_group

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from drdo_kernels import aot, logprobs_triton, pair_loss
+from drdo_kernels import aot, logprobs_triton, pair_loss, softmax_fold
 
 
 def _env_without_interpreter():

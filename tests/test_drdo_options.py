@@ -14,7 +14,7 @@ from drdo.losses import drdo_loss, sequence_logprobs
 from drdo.models import PolicyWithRewardHead
 from drdo.tokenizer import get_tokenizer
 from drdo.training import diagnostics
-from drdo.training.objectives import StageObjective, resolve_kernel
+from drdo.training.objectives import StageObjective
 
 KERNELS = ["reference", "torch"]
 ROWS = [  # responses of different lengths, so token means differ from sums
@@ -33,10 +33,9 @@ def batch():
 def _objective(kernel, **kw):
     config = TrainConfig(stage="drdo", data="unused", output_dir="unused", kernel=kernel, **kw)
     config = resolve(config)
-    mode, kernels = resolve_kernel(kernel)
     torch.manual_seed(0)
     policy = PolicyWithRewardHead.from_pretrained("tiny", seed=0)
-    return StageObjective(policy, config, mode, kernels)
+    return StageObjective(policy, config)
 
 
 def _run(objective, batch):

@@ -15,7 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = (
     ("drdo.losses", "drdo.tokenizer", "drdo.jsonl", "drdo.progress", "drdo.runtime", "drdo.errors"),
     ("drdo.hub",),
-    ("drdo_kernels", "drdo.models", "drdo.data"),
+    ("drdo_kernels", "drdo.data"),
+    ("drdo.models",),
     ("drdo.logprobs",),
     ("drdo.config",),
     ("drdo.training", "drdo.pipeline", "drdo.integrations"),

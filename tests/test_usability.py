@@ -30,7 +30,8 @@ def test_tiny_model_trains_at_its_default_lr_quietly_and_says_where_it_saved(tmp
 
     data = write_rows(tmp_path / "raw.jsonl", make_rows(16, oracle=False))
     out = str(tmp_path / "sft")
-    assert hf_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # the caller's bars are on (an earlier test may have turned them off)
+    datasets.enable_progress_bars()
     assert main(["sft", "--model", "tiny", "--data", data, "--output-dir", out, "--max-steps", "12",
                  "--no-progress", "--threads", "1", *TINY_RUN]) == 0
     captured = capsys.readouterr()
