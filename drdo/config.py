@@ -252,17 +252,23 @@ def unused_settings(config: TrainConfig) -> list[str]:
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML mapping of config keys (safe_load; a missing file raises ConfigError)."""
+def read_yaml(path: str, what: str = "config file") -> Any:
+    """The parsed content of a YAML file (safe_load); a missing or invalid file raises ConfigError
+    naming ``what`` (e.g. "--variants file")."""
     import yaml
 
     try:
         with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML mapping of config keys (a missing or invalid file raises ConfigError)."""
+    values = read_yaml(path)
     if values is None:
         return {}
     if not isinstance(values, dict):

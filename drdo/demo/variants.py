@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 
-from drdo.config import REWARD_GRADS, REWARDS, UNLIKELIHOODS, ConfigError
+from drdo.config import REWARD_GRADS, REWARDS, UNLIKELIHOODS, ConfigError, read_yaml
 
 __all__ = ["VARIANT_KEYS", "RESERVED_NAMES", "load_variants", "validate_variants", "describe"]
 
@@ -99,16 +99,7 @@ def load_variants(path: str | None) -> list[dict]:
     """Read and validate a variants YAML file (None: no variants)."""
     if not path:
         return []
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            entries = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"--variants file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--variants file {path} is not valid YAML: {e}") from None
-    return validate_variants(entries, source=f"--variants {path}")
+    return validate_variants(read_yaml(path, "--variants file"), source=f"--variants {path}")
 
 
 def describe(spec: dict) -> str:
