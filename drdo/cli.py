@@ -45,8 +45,8 @@ from drdo.hub import require_model_source
 from drdo.runtime import quiet_libraries, torch_threads
 
 #: How long ``drdo demo`` takes; the README says the same (tests/test_readme_table.py checks it). Measured
-#: on 2 CPU cores: the default run 3 min 56 s (idle machine); --quick 81 s and 100 s (cores shared, load 5-8).
-DEMO_TIME = "about 4 min on 2 CPU cores, no download; `drdo demo --quick` (a smoke run): about 1.5 min"
+#: on 2 idle CPU cores (AMD EPYC, 2026-11-28): the default run 2 min 35 s, --quick 25 s.
+DEMO_TIME = "about 2.5 min on 2 CPU cores, no download; `drdo demo --quick` (a smoke run): under 30 s"
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
