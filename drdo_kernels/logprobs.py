@@ -32,9 +32,10 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 #: What ``backend="auto"`` runs, first matching row wins:
 #: (device type or None for any, compute dtypes or None for any, min valid tokens, backend).
-#: On an H100 (torch 2.11), DRDO loss fwd+bwd at N=16384, H=4096, V=128256 bf16 took
-#: 593 ms with the tiled Triton kernels, while cuBLAS runs the chunked path's GEMMs at
-#: ~98% of the measured 705 TFLOP/s peak (6·N·H·V FLOPs: ~75 ms): "chunked" on CUDA.
+#: Measured on an H200 (torch 2.11, one run, benchmarks/results/2026-11-28-gpu-h200/): the DRDO
+#: loss fwd+bwd at N=16384, H=4096, V=128256 bf16 took 83.0 ms on "chunked", 135.6 ms on
+#: "triton" (92.6 ms for full logits): "chunked" on CUDA. In one training step at H=1024 "triton"
+#: was faster (21.9 vs 32.3 ms): a row by hidden size awaits a measurement of the loss alone there.
 #: On the CPU the chunked path with its PyTorch fold. Edit the table from measurements.
 AUTO_RULES: tuple[tuple[str | None, tuple | None, int, str], ...] = (
     ("cuda", None, 0, "chunked"),
