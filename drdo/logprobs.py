@@ -5,7 +5,7 @@ z(y) = sum over the response tokens t of log pi(y_t | x, y_<t) (``docs/math.md``
 * ``kernel="reference"``: the full [R, T, V] logits and :func:`drdo.losses.sequence_logprobs`;
 * any :mod:`drdo_kernels` backend (``"auto"``, ``"chunked"``, ``"triton"``, ``"torch"``): the last hidden state and
   the LM-head weight go through :func:`drdo_kernels.fused_linear_logprobs`, which never builds the
-  logits. Only the labelled tokens are sent to the kernel.
+  logits and drops the unlabelled tokens itself.
 """
 from __future__ import annotations
 
@@ -47,13 +47,10 @@ def hidden_sequence_logprobs(hidden: torch.Tensor, head: nn.Module, labels: torc
     if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
         raise ValueError(f"expected hidden [R, T, H] and labels [R, T], got {tuple(hidden.shape)} "
                          f"and {tuple(labels.shape)}")
-    mask = labels != IGNORE_INDEX
     weight, bias = head_params(head, hidden.dtype)
-    token_logps = drdo_kernels.fused_linear_logprobs(hidden[mask], weight, labels[mask], bias=bias,
+    token_logps = drdo_kernels.fused_linear_logprobs(hidden, weight, labels, bias=bias,  # [R, T], 0 where ignored
                                                      ignore_index=IGNORE_INDEX, backend=backend)
-    rows = mask.nonzero()[:, 0]
-    logps = token_logps.new_zeros(labels.shape[0]).index_add(0, rows, token_logps)
-    return logps, mask.sum(-1)
+    return token_logps.sum(-1), (labels != IGNORE_INDEX).sum(-1)
 
 
 def policy_sequence_logprobs(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
