@@ -8,6 +8,8 @@ import resource
 
 import torch
 
+from drdo.jsonl import write_jsonl
+
 
 class MetricsLog:
     """Append-only JSONL log. ``truncate_after(step)`` drops lines of later steps (used on resume)."""
@@ -33,11 +35,7 @@ class MetricsLog:
                 if not isinstance(row, dict) or not isinstance(row.get("step"), int) or row["step"] > step:
                     break
                 kept.append(row)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in kept:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, self.path)
+        write_jsonl(kept, self.path)
 
     def reset(self) -> None:
         if self.enabled and os.path.exists(self.path):
