@@ -43,7 +43,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from drdo.config import KERNELS, ConfigError, add_config_flags, option
-from drdo.runtime import disable_library_progress_bars
+from drdo.runtime import disable_library_progress_bars, quiet_libraries, torch_threads
 
 __all__ = ["add_arguments", "run_demo", "DemoSettings", "settings_from_args"]
 
@@ -466,8 +466,6 @@ def _run_parallel(s: DemoSettings, jobs: list, bar) -> list[dict]:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo from parsed ``drdo demo`` flags; writes the report; returns 0."""
-    import torch
-
     from drdo.demo.report import plot_report, summarize, write_report_json, write_report_md
 
     s = settings_from_args(args)
@@ -480,20 +478,15 @@ def run_demo(args: argparse.Namespace) -> int:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=_stages_per_cell(s) * len(jobs), desc="drdo demo", dynamic_ncols=True)
-    restore_bars = disable_library_progress_bars()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(s.threads)
     try:
-        if s.workers > 1 and len(jobs) > 1:
-            cells = _run_parallel(s, jobs, bar)
-        else:
-            cells = _run_serial(s, jobs, bar)
+        with torch_threads(s.threads), quiet_libraries():
+            if s.workers > 1 and len(jobs) > 1:
+                cells = _run_parallel(s, jobs, bar)
+            else:
+                cells = _run_serial(s, jobs, bar)
     finally:
         if bar is not None:
             bar.close()
-        torch.set_num_threads(threads)
-        for enable in restore_bars:
-            enable()
     settings = asdict(s)
     settings["students"] = [[name, stage] for name, stage, _ in students(s)]
     settings["variant_specs"] = [{"name": name, **o} for name, stage, o in students(s) if o or name != stage]
