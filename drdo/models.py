@@ -373,9 +373,23 @@ def sequence_rewards(hidden: torch.Tensor, attention_mask: torch.Tensor, head: n
         )
     last = last_token_indices(attention_mask)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    h_last = hidden[rows, last.to(hidden.device)].float()  # [B, H]
+    return head_rewards(hidden[rows, last.to(hidden.device)], head)
+
+
+def packed_sequence_rewards(hidden: torch.Tensor, cu_seqlens: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    """Reward of each packed sequence: ``head`` at its last token.
+
+    hidden: [1, L, H] any float dtype (sequences back to back); cu_seqlens: [R + 1] int boundaries.
+    Returns [R] float32."""
+    from drdo.data.packing import last_token_index
+
+    return head_rewards(hidden[0, last_token_index(cu_seqlens).to(hidden.device)], head)
+
+
+def head_rewards(h_last: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    """h_last: [R, H] any float dtype -> head(h_last) [R] float32 (the head runs in float32)."""
     bias = head.bias.float() if head.bias is not None else None
-    return F.linear(h_last, head.weight.float(), bias).squeeze(-1)
+    return F.linear(h_last.float(), head.weight.float(), bias).squeeze(-1)
 
 
 def _head_hidden_size(lm: nn.Module) -> int:
@@ -580,7 +594,7 @@ class PolicyWithRewardHead(nn.Module):
         return PolicyOutput(hidden_states=hidden, rewards=rewards, logits=logits)
 
     def _packed_forward(self, input_ids, attention_mask, position_ids, cu_seqlens, return_logits) -> PolicyOutput:
-        from drdo.data.packing import last_token_index, packed_attention_supported
+        from drdo.data.packing import packed_attention_supported
 
         if input_ids.dim() != 2 or input_ids.shape[0] != 1 or attention_mask is not None or position_ids is None:
             raise ValueError("packed input is input_ids [1, L] with position_ids [1, L], cu_seqlens [R + 1] and no "
@@ -592,9 +606,7 @@ class PolicyWithRewardHead(nn.Module):
                                "(block-diagonal masks from position_ids), or flash_attention_2")
         out = self.backbone(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False)
         hidden = out[0]
-        h_last = hidden[0, last_token_index(cu_seqlens).to(hidden.device)].float()  # [R, H]
-        head = self.reward_head
-        rewards = F.linear(h_last, head.weight.float(), None if head.bias is None else head.bias.float()).squeeze(-1)
+        rewards = packed_sequence_rewards(hidden, cu_seqlens, self.reward_head)
         logits = self.lm_head(hidden) if return_logits else None
         return PolicyOutput(hidden_states=hidden, rewards=rewards, logits=logits)
 

@@ -24,7 +24,7 @@ from torch import nn
 from drdo import losses as ref_losses
 from drdo.logprobs import head_params, policy_sequence_logprobs
 from drdo.losses import IGNORE_INDEX
-from drdo.models import sequence_rewards
+from drdo.models import packed_sequence_rewards, sequence_rewards
 from drdo.training import diagnostics
 
 #: Metrics that the losses report as sums (not means) over the micro-batch under reduction="sum".
@@ -120,12 +120,8 @@ class StageObjective(nn.Module):
         reference = self.kernel_mode == "reference"
         out = self.policy(input_ids, None, position_ids=position_ids, cu_seqlens=cu_seqlens, return_logits=reference)
         if self.stage == "drdo" and self.cfg["reward_grad"] == "head":  # distillation stops at the head's input
-            from drdo.data.packing import last_token_index
-
-            head = self.policy.reward_head
-            h_last = out.hidden_states[0, last_token_index(cu_seqlens).to(out.hidden_states.device)].detach().float()
-            out = dataclasses.replace(out, rewards=torch.nn.functional.linear(
-                h_last, head.weight.float(), None if head.bias is None else head.bias.float()).squeeze(-1))
+            out = dataclasses.replace(out, rewards=packed_sequence_rewards(
+                out.hidden_states.detach(), cu_seqlens, self.policy.reward_head))
         logps, n_tokens = self._packed_logps(out, labels, cu_seqlens, reference)
         if self.stage == "sft":
             nll_sum = -logps.sum().float()
