@@ -32,7 +32,7 @@ from drdo.losses import dpo_loss, drdo_loss, edpo_loss, oracle_loss
 
 from . import logprobs_chunked as chunked
 from .inputs import gather_lm_head
-from .logprobs import check_inputs, plan_tokens, resolve_backend, valid_logprobs
+from .logprobs import check_inputs, check_rows_scored, plan_tokens, resolve_backend, valid_logprobs
 from .pair_chunked import PairLossSpec, chunked_pair_loss
 from .pair_loss import drdo_pair_loss
 
@@ -79,12 +79,7 @@ def row_logprobs(
     check_inputs(hidden, lm_head_weight, labels, bias)
     n_rows, n_pos, n_hidden = hidden.shape
     plan = plan_tokens(labels, lm_head_weight.shape[0], ignore_index)
-    empty = [r for r, n in enumerate(plan.row_counts) if n == 0]
-    if empty:
-        raise ValueError(
-            f"rows {empty[:8]} have no response token (every label is ignore_index={ignore_index}); "
-            "a sequence log-prob needs at least one token"
-        )
+    check_rows_scored(plan, ignore_index)
     backend = _resolve(backend, hidden, lm_head_weight, plan.n_valid)
     logp = valid_logprobs(hidden.reshape(-1, n_hidden).index_select(0, plan.index), lm_head_weight,
                           labels.reshape(-1).index_select(0, plan.index).long(), bias, backend)

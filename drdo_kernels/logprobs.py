@@ -149,6 +149,14 @@ def plan_tokens(labels: torch.Tensor, n_vocab: int, ignore_index: int, order: to
     return TokenPlan(row_counts, n_valid, index, counts)
 
 
+def check_rows_scored(plan: TokenPlan, ignore_index: int) -> None:
+    """ValueError naming the rows of ``plan`` with no valid token: a sequence log-prob needs one."""
+    empty = [r for r, n in enumerate(plan.row_counts) if n == 0]
+    if empty:
+        raise ValueError(f"rows {empty[:8]} have no response token (every label is ignore_index={ignore_index}); "
+                         "a sequence log-prob needs at least one token")
+
+
 class _TritonLogprobs(torch.autograd.Function):
     """hidden [M, H], weight [V, H], bias [V] | None, labels [M] int64 (all valid) -> logp [M] fp32."""
 

@@ -159,7 +159,7 @@ def chunked_pair_loss(spec: PairLossSpec, lm_head_weight, hidden, labels, scores
     Returns (loss, metrics) as the reference loss. Raises ValueError when a row has no
     response token. One host synchronisation (the token counts).
     """
-    from .logprobs import check_inputs
+    from .logprobs import check_inputs, check_rows_scored
 
     lm_head_weight, bias = gather_lm_head(lm_head_weight, bias)  # an FSDP2-sharded (DTensor) head is all-gathered
     check_inputs(hidden, lm_head_weight, labels, bias)
@@ -167,10 +167,7 @@ def chunked_pair_loss(spec: PairLossSpec, lm_head_weight, hidden, labels, scores
     sides = spec.rows_per_group
     order = torch.arange(n_rows * n_pos, device=labels.device).view(sides, -1, n_pos).transpose(0, 1).reshape(-1)
     plan = plan_tokens(labels, lm_head_weight.shape[0], ignore_index, order=order)
-    empty = [r for r, n in enumerate(plan.row_counts) if n == 0]
-    if empty:
-        raise ValueError(f"rows {empty[:8]} have no response token (every label is ignore_index={ignore_index}); "
-                         "a sequence log-prob needs at least one token")
+    check_rows_scored(plan, ignore_index)
     dtype = chunked.compute_dtype(hidden.dtype, lm_head_weight.dtype)
     rows = chunked.chunk_rows(lm_head_weight.shape[0], dtype, hidden.device)
     use_triton = uses_triton_fold(backend, hidden.device, dtype)
