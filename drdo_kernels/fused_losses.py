@@ -32,8 +32,9 @@ from drdo.losses import dpo_loss, drdo_loss, edpo_loss, oracle_loss
 
 from . import logprobs_chunked as chunked
 from .inputs import gather_lm_head
-from .logprobs import check_inputs, check_rows_scored, plan_tokens, resolve_backend, valid_logprobs
-from .pair_chunked import PairLossSpec, chunked_pair_loss
+from .logprobs import (TokenPlan, check_chunk_tokens, check_inputs, check_rows_scored, plan_tokens, resolve_backend,
+                       valid_logprobs)
+from .pair_chunked import PairLossSpec, chunked_pair_loss, group_order
 from .pair_loss import drdo_pair_loss
 
 __all__ = [
@@ -59,45 +60,64 @@ def row_logprobs(
     *,
     ignore_index: int = -100,
     backend: str = "auto",
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of each row, via the fused LM-head kernel.
 
     Args:
         lm_head_weight: [V, H]; hidden: [N, T, H] (any float dtype); labels: [N, T] int,
-            aligned with hidden; bias: [V] or None.
+            aligned with hidden; bias: [V] or None; chunk_tokens: as :func:`fused_linear_logprobs`.
     Returns:
         logps: [N] float32 (float64 for float64 inputs), differentiable w.r.t.
             hidden, weight and bias;
         n_tokens: [N] int64, response tokens per row.
     Raises ValueError when a row has no response token.
     """
-    lm_head_weight, bias = gather_lm_head(lm_head_weight, bias)  # an FSDP2-sharded (DTensor) head is all-gathered
     if hidden.dim() != 3 or labels.dim() != 2 or tuple(hidden.shape[:2]) != tuple(labels.shape):
         raise ValueError(
             f"expected hidden [N, T, H] and labels [N, T], got {tuple(hidden.shape)} and {tuple(labels.shape)}"
         )
-    check_inputs(hidden, lm_head_weight, labels, bias)
+    weight, bias, plan, backend = _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index, backend,
+                                             chunk_tokens, rows_per_group=1)
+    return _planned_row_logprobs(weight, hidden, labels, bias, plan, backend, chunk_tokens), plan.counts
+
+
+def _planned_row_logprobs(weight, hidden, labels, bias, plan: TokenPlan, backend: str, chunk_tokens) -> torch.Tensor:
+    """[N] summed log-probs of the rows of hidden [N, T, H] over the valid tokens of ``plan``."""
     n_rows, n_pos, n_hidden = hidden.shape
-    plan = plan_tokens(labels, lm_head_weight.shape[0], ignore_index)
-    check_rows_scored(plan, ignore_index)
-    backend = _resolve(backend, hidden, lm_head_weight, plan.n_valid)
-    logp = valid_logprobs(hidden.reshape(-1, n_hidden).index_select(0, plan.index), lm_head_weight,
-                          labels.reshape(-1).index_select(0, plan.index).long(), bias, backend)
+    logp = valid_logprobs(hidden.reshape(-1, n_hidden).index_select(0, plan.index), weight,
+                          labels.reshape(-1).index_select(0, plan.index).long(), bias, backend, chunk_tokens)
     token_logps = logp.new_zeros(n_rows * n_pos).index_copy(0, plan.index, logp).view(n_rows, n_pos)
-    return token_logps.sum(-1), plan.counts
+    return token_logps.sum(-1)
 
 
-def _resolve(backend: str, hidden: torch.Tensor, weight: torch.Tensor, n_tokens: int = 0) -> str:
-    """resolve_backend for these inputs (device, GEMM dtype, valid tokens)."""
-    return resolve_backend(backend, hidden.device, chunked.compute_dtype(hidden.dtype, weight.dtype), n_tokens)
+def _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index: int, backend: str, chunk_tokens,
+               rows_per_group: int):
+    """Gather an FSDP2-sharded head, check the inputs, find the valid tokens (one host sync) and
+    resolve the backend for them. Returns (weight, bias, plan, backend); the plan's tokens run
+    group by group (:func:`drdo_kernels.pair_chunked.group_order`), every row holding one."""
+    weight, bias = gather_lm_head(lm_head_weight, bias)  # an FSDP2-sharded (DTensor) head is all-gathered
+    check_inputs(hidden, weight, labels, bias)
+    check_chunk_tokens(chunk_tokens)
+    order = group_order(labels.shape[0], labels.shape[1], rows_per_group, labels.device)
+    plan = plan_tokens(labels, weight.shape[0], ignore_index, order=order)
+    check_rows_scored(plan, ignore_index)
+    resolved = resolve_backend(backend, hidden.device, chunked.compute_dtype(hidden.dtype, weight.dtype), plan.n_valid)
+    return weight, bias, plan, resolved
 
 
-def _chunked(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> str | None:
-    """The resolved backend when it is a chunked one ("chunked" | "torch"), else None."""
-    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        return None
-    resolved = _resolve(backend, hidden, weight, hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else 0)
-    return resolved if resolved in ("chunked", "torch") else None
+def _fused_pair_loss(spec: PairLossSpec, lm_head_weight, hidden, labels, scores, bias, *, ignore_index: int,
+                     backend: str, reduction: str, chunk_tokens):
+    """(loss, metrics) of ``spec`` from hidden states: on the chunked backends with every gradient
+    computed in the forward; on "triton" as ``spec.triton_loss`` (or ``spec.loss``) of the rows'
+    summed log-probs."""
+    weight, bias, plan, resolved = _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index, backend,
+                                              chunk_tokens, spec.rows_per_group)
+    if resolved in ("chunked", "torch"):
+        return chunked_pair_loss(spec, weight, hidden, labels, scores, bias, plan, backend=resolved,
+                                 reduction=reduction, chunk_tokens=chunk_tokens)
+    z = _planned_row_logprobs(weight, hidden, labels, bias, plan, resolved, chunk_tokens)
+    return (spec.triton_loss or spec.loss)(z, plan.counts, scores, reduction)
 
 
 def _n_pairs(hidden: torch.Tensor, labels: torch.Tensor) -> int:
@@ -150,6 +170,7 @@ def fused_linear_drdo_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     reduction: str = "mean",
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DRDO loss (:func:`drdo.losses.drdo_loss`) from hidden states.
 
@@ -161,6 +182,9 @@ def fused_linear_drdo_loss(
         bias: [V] or None;
         length_normalize: z = token-mean response log-prob (summed log-prob / token count)
             instead of the sum; a departure from the paper.
+        chunk_tokens: chunked backends: at most this many tokens per chunk (None: from
+            ``drdo_kernels.logprobs_chunked.CHUNK_BUDGET_BYTES``); chunks hold whole pairs,
+            and a longer pair is split into chunks of this size and takes two passes.
     Returns: (loss, metrics) as drdo.losses.drdo_loss.
     """
     if reward not in _REWARD_MODES:
@@ -171,28 +195,18 @@ def fused_linear_drdo_loss(
             f"oracle_rewards has shape {tuple(oracle_rewards.shape)}: DRDO distils ONE Oracle score per row [2B]; "
             "reduce an ensemble [K, 2B] first (e.g. .mean(0))"
         )
-    oracle_w, oracle_l = _split_rows("oracle_rewards", oracle_rewards, n_pairs)
+    _split_rows("oracle_rewards", oracle_rewards, n_pairs)
+    scores = [oracle_rewards]
     if reward == "head":
         if policy_rewards is None:
             raise ValueError('reward="head" needs policy_rewards [2B] (the reward head\'s outputs); '
                              'or use reward="implicit"')
-        rhat_w, rhat_l = _split_rows("policy_rewards", policy_rewards, n_pairs)
-    kind = _chunked(backend, hidden, lm_head_weight)
-    if kind is not None and not length_normalize:  # token-mean z: the two-pass path below
-        spec = _drdo_spec(alpha=alpha, gamma=gamma, reward=reward, beta=beta, unlikelihood=unlikelihood)
-        scores = [oracle_rewards] + ([policy_rewards] if reward == "head" else [])
-        return chunked_pair_loss(spec, lm_head_weight, hidden, labels, scores, bias,
-                                 ignore_index=ignore_index, backend=kind, reduction=reduction)
-    logps, n_tokens = row_logprobs(lm_head_weight, hidden, labels, bias, ignore_index=ignore_index, backend=backend)
-    if length_normalize:
-        logps = logps / n_tokens.to(logps.dtype)
-    z_w, z_l = logps[:n_pairs], logps[n_pairs:]
-    if reward == "implicit":
-        rhat_w, rhat_l = beta * z_w, beta * z_l
-    return drdo_pair_loss(
-        z_w, z_l, rhat_w, rhat_l, oracle_w, oracle_l,
-        alpha=alpha, gamma=gamma, unlikelihood=unlikelihood, reduction=reduction, backend="triton",
-    )
+        _split_rows("policy_rewards", policy_rewards, n_pairs)
+        scores.append(policy_rewards)
+    spec = _drdo_spec(alpha=alpha, gamma=gamma, reward=reward, beta=beta, unlikelihood=unlikelihood,
+                      length_normalize=length_normalize)
+    return _fused_pair_loss(spec, lm_head_weight, hidden, labels, scores, bias, ignore_index=ignore_index,
+                            backend=backend, reduction=reduction, chunk_tokens=chunk_tokens)
 
 
 def fused_linear_dpo_loss(
@@ -206,16 +220,15 @@ def fused_linear_dpo_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     reduction: str = "mean",
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DPO (:func:`drdo.losses.dpo_loss`) from hidden states; ref_logps: [2B] reference z of each row."""
+    """DPO (:func:`drdo.losses.dpo_loss`) from hidden states; ref_logps: [2B] reference z of each
+    row; chunk_tokens: as :func:`fused_linear_drdo_loss`."""
     n_pairs = _n_pairs(hidden, labels)
-    ref_w, ref_l = _split_rows("ref_logps", ref_logps, n_pairs)
-    kind = _chunked(backend, hidden, lm_head_weight)
-    if kind is not None:
-        return chunked_pair_loss(_dpo_spec(beta), lm_head_weight, hidden, labels, [ref_logps], bias,
-                                 ignore_index=ignore_index, backend=kind, reduction=reduction)
-    logps, _ = row_logprobs(lm_head_weight, hidden, labels, bias, ignore_index=ignore_index, backend=backend)
-    return dpo_loss(logps[:n_pairs], logps[n_pairs:], ref_w, ref_l, beta=beta, reduction=reduction)
+    _split_rows("ref_logps", ref_logps, n_pairs)
+    return _fused_pair_loss(_dpo_spec(beta), lm_head_weight, hidden, labels, [ref_logps], bias,
+                            ignore_index=ignore_index, backend=backend, reduction=reduction,
+                            chunk_tokens=chunk_tokens)
 
 
 def fused_linear_edpo_loss(
@@ -231,15 +244,19 @@ def fused_linear_edpo_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     reduction: str = "mean",
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """e-DPO (:func:`drdo.losses.edpo_loss`) from hidden states.
 
-    ref_logps: [2B]; oracle_rewards: [K, 2B] ensemble scores ([2B] is K = 1).
+    ref_logps: [2B]; oracle_rewards: [K, 2B] ensemble scores ([2B] is K = 1). e-DPO is a max
+    over ensemble members of batch means, not a sum over pairs: it takes the two passes of
+    :func:`fused_linear_logprobs` (chunk_tokens: tokens per chunk there).
     """
     n_pairs = _n_pairs(hidden, labels)
     ref_w, ref_l = _split_rows("ref_logps", ref_logps, n_pairs)
     oracle_w, oracle_l = _split_ensemble("oracle_rewards", oracle_rewards, n_pairs)
-    logps, _ = row_logprobs(lm_head_weight, hidden, labels, bias, ignore_index=ignore_index, backend=backend)
+    logps, _ = row_logprobs(lm_head_weight, hidden, labels, bias, ignore_index=ignore_index, backend=backend,
+                            chunk_tokens=chunk_tokens)
     return edpo_loss(
         logps[:n_pairs], logps[n_pairs:], ref_w, ref_l, oracle_w, oracle_l,
         beta=beta, pessimistic=pessimistic, reduction=reduction,
@@ -258,41 +275,44 @@ def fused_linear_oracle_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     reduction: str = "mean",
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Oracle loss (:func:`drdo.losses.oracle_loss`) from hidden states.
 
     rewards: [2B] reward-head outputs of each row. The LM term is the NLL of the
     chosen rows only (token-mean per row for nll_reduction="mean", else the sum), so
-    only hidden[:B] goes through the LM head.
+    only hidden[:B] goes through the LM head. chunk_tokens: as :func:`fused_linear_drdo_loss`.
     """
     n_pairs = _n_pairs(hidden, labels)
-    r_w, r_l = _split_rows("rewards", rewards, n_pairs)
+    _split_rows("rewards", rewards, n_pairs)
     if nll_reduction not in ("mean", "sum"):
         raise ValueError(f'nll_reduction must be "mean" or "sum", got {nll_reduction!r}')
-    kind = _chunked(backend, hidden, lm_head_weight)
-    if kind is not None:
-        spec = _oracle_spec(alpha, nll_reduction)
-        return chunked_pair_loss(spec, lm_head_weight, hidden[:n_pairs], labels[:n_pairs], [rewards], bias,
-                                 ignore_index=ignore_index, backend=kind, reduction=reduction)
-    logps, n_tokens = row_logprobs(
-        lm_head_weight, hidden[:n_pairs], labels[:n_pairs], bias, ignore_index=ignore_index, backend=backend
-    )
-    return oracle_loss(
-        r_w, r_l, -logps, alpha=alpha, chosen_n_tokens=n_tokens, nll_reduction=nll_reduction, reduction=reduction
-    )
+    return _fused_pair_loss(_oracle_spec(alpha, nll_reduction), lm_head_weight, hidden[:n_pairs],
+                            labels[:n_pairs], [rewards], bias, ignore_index=ignore_index, backend=backend,
+                            reduction=reduction, chunk_tokens=chunk_tokens)
 
 
-def _drdo_spec(**kw) -> PairLossSpec:
-    """drdo_loss over pairs; scores = [oracle [2B]] (+ [policy rewards [2B]] for reward="head")."""
-    reward, beta = kw.pop("reward"), kw.pop("beta")
+def _drdo_spec(*, alpha, gamma, reward, beta, unlikelihood, length_normalize) -> PairLossSpec:
+    """drdo_loss over pairs; scores = [oracle [2B]] (+ [policy rewards [2B]] for reward="head").
+    On the triton backend the loss is the pair-loss kernel :func:`drdo_pair_loss`."""
 
-    def loss(z, n_tokens, scores, reduction):
+    def pair_inputs(z, n_tokens, scores):
+        if length_normalize:
+            z = z / n_tokens.to(z.dtype)
         z_w, z_l = z.chunk(2)
         o_w, o_l = scores[0].chunk(2)
         r_w, r_l = scores[1].chunk(2) if reward == "head" else (beta * z_w, beta * z_l)
-        return drdo_loss(z_w, z_l, r_w, r_l, o_w, o_l, reduction=reduction, **kw)
+        return z_w, z_l, r_w, r_l, o_w, o_l
 
-    return PairLossSpec(loss, rows_per_group=2)
+    def loss(z, n_tokens, scores, reduction):
+        return drdo_loss(*pair_inputs(z, n_tokens, scores), alpha=alpha, gamma=gamma, unlikelihood=unlikelihood,
+                         reduction=reduction)
+
+    def triton_loss(z, n_tokens, scores, reduction):
+        return drdo_pair_loss(*pair_inputs(z, n_tokens, scores), alpha=alpha, gamma=gamma,
+                              unlikelihood=unlikelihood, reduction=reduction, backend="triton")
+
+    return PairLossSpec(loss, rows_per_group=2, triton_loss=triton_loss)
 
 
 def _dpo_spec(beta: float) -> PairLossSpec:
@@ -336,6 +356,7 @@ class FusedLinearDRDOLoss(nn.Module):
         ignore_index: int = -100,
         backend: str = "auto",
         reduction: str = "mean",
+        chunk_tokens: int | None = None,
     ):
         super().__init__()
         if reward not in _REWARD_MODES:
@@ -344,22 +365,23 @@ class FusedLinearDRDOLoss(nn.Module):
             raise ValueError(f'unlikelihood must be "welleck" or "paper", got {unlikelihood!r}')
         if not gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
+        check_chunk_tokens(chunk_tokens)
         self.alpha, self.gamma, self.reward, self.beta = alpha, gamma, reward, beta
         self.unlikelihood, self.ignore_index, self.backend, self.reduction = unlikelihood, ignore_index, backend, reduction
-        self.length_normalize = length_normalize
+        self.length_normalize, self.chunk_tokens = length_normalize, chunk_tokens
 
     def forward(self, lm_head_weight, hidden, labels, oracle_rewards, policy_rewards=None, bias=None):
         return fused_linear_drdo_loss(
             lm_head_weight, hidden, labels, oracle_rewards, policy_rewards, bias,
             alpha=self.alpha, gamma=self.gamma, reward=self.reward, beta=self.beta,
             unlikelihood=self.unlikelihood, length_normalize=self.length_normalize, ignore_index=self.ignore_index,
-            backend=self.backend, reduction=self.reduction,
+            backend=self.backend, reduction=self.reduction, chunk_tokens=self.chunk_tokens,
         )
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, gamma={self.gamma}, reward={self.reward!r}, beta={self.beta}, "
                 f"unlikelihood={self.unlikelihood!r}, length_normalize={self.length_normalize}, "
-                f"backend={self.backend!r}, reduction={self.reduction!r}")
+                f"backend={self.backend!r}, reduction={self.reduction!r}, chunk_tokens={self.chunk_tokens}")
 
 
 class FusedLinearDPOLoss(nn.Module):
@@ -369,14 +391,17 @@ class FusedLinearDPOLoss(nn.Module):
             bias [V] | None = None) -> (loss, metrics)
     """
 
-    def __init__(self, beta: float = 0.1, *, ignore_index: int = -100, backend: str = "auto", reduction: str = "mean"):
+    def __init__(self, beta: float = 0.1, *, ignore_index: int = -100, backend: str = "auto", reduction: str = "mean",
+                 chunk_tokens: int | None = None):
         super().__init__()
+        check_chunk_tokens(chunk_tokens)
         self.beta, self.ignore_index, self.backend, self.reduction = beta, ignore_index, backend, reduction
+        self.chunk_tokens = chunk_tokens
 
     def forward(self, lm_head_weight, hidden, labels, ref_logps, bias=None):
         return fused_linear_dpo_loss(
-            lm_head_weight, hidden, labels, ref_logps, bias,
-            beta=self.beta, ignore_index=self.ignore_index, backend=self.backend, reduction=self.reduction,
+            lm_head_weight, hidden, labels, ref_logps, bias, beta=self.beta, ignore_index=self.ignore_index,
+            backend=self.backend, reduction=self.reduction, chunk_tokens=self.chunk_tokens,
         )
 
 
@@ -395,16 +420,19 @@ class FusedLinearEDPOLoss(nn.Module):
         ignore_index: int = -100,
         backend: str = "auto",
         reduction: str = "mean",
+        chunk_tokens: int | None = None,
     ):
         super().__init__()
+        check_chunk_tokens(chunk_tokens)
         self.beta, self.pessimistic = beta, pessimistic
         self.ignore_index, self.backend, self.reduction = ignore_index, backend, reduction
+        self.chunk_tokens = chunk_tokens
 
     def forward(self, lm_head_weight, hidden, labels, ref_logps, oracle_rewards, bias=None):
         return fused_linear_edpo_loss(
             lm_head_weight, hidden, labels, ref_logps, oracle_rewards, bias,
             beta=self.beta, pessimistic=self.pessimistic, ignore_index=self.ignore_index,
-            backend=self.backend, reduction=self.reduction,
+            backend=self.backend, reduction=self.reduction, chunk_tokens=self.chunk_tokens,
         )
 
 
@@ -423,16 +451,19 @@ class FusedLinearOracleLoss(nn.Module):
         ignore_index: int = -100,
         backend: str = "auto",
         reduction: str = "mean",
+        chunk_tokens: int | None = None,
     ):
         super().__init__()
         if nll_reduction not in ("mean", "sum"):
             raise ValueError(f'nll_reduction must be "mean" or "sum", got {nll_reduction!r}')
+        check_chunk_tokens(chunk_tokens)
         self.alpha, self.nll_reduction = alpha, nll_reduction
         self.ignore_index, self.backend, self.reduction = ignore_index, backend, reduction
+        self.chunk_tokens = chunk_tokens
 
     def forward(self, lm_head_weight, hidden, labels, rewards, bias=None):
         return fused_linear_oracle_loss(
             lm_head_weight, hidden, labels, rewards, bias,
             alpha=self.alpha, nll_reduction=self.nll_reduction, ignore_index=self.ignore_index,
-            backend=self.backend, reduction=self.reduction,
+            backend=self.backend, reduction=self.reduction, chunk_tokens=self.chunk_tokens,
         )

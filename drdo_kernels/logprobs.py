@@ -16,6 +16,7 @@ log-sum-exp per token, and whose backward recomputes the logits. Backends:
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -82,6 +83,13 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 def uses_triton_fold(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """The chunked backend folds with Triton where Triton runs and the buffer is float32."""
     return backend == "chunked" and chunked.accumulate_dtype(dtype) == torch.float32 and triton_runs_on(device)
+
+
+def check_chunk_tokens(chunk_tokens) -> None:
+    """``chunk_tokens`` must be None (from the memory budget) or a positive int."""
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive int or None (from the memory budget), got {chunk_tokens!r}")
 
 
 def check_inputs(hidden, weight, labels, bias) -> None:
@@ -210,7 +218,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
 
 def valid_logprobs(hidden, weight, labels, bias, backend: str, rows: int | None = None,
-                   filter_eps: float | None = None) -> torch.Tensor:
+                   filter_eps: float = 0.0) -> torch.Tensor:
     """The log-probs of compacted tokens: hidden [M, H] (any float), labels [M] int64 all
     valid, backend already resolved -> [M] float32 (float64), differentiable."""
     dtype = chunked.compute_dtype(hidden.dtype, weight.dtype)
@@ -234,8 +242,9 @@ def fused_linear_logprobs(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    chunk_tokens: int | None = None,
+    filter_eps: float = 0.0,
     chunk_size: int | None = None,
-    filter_eps: float | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of the LM head, never materialising the [N, V] logits.
 
@@ -248,22 +257,27 @@ def fused_linear_logprobs(
             each entry in [0, V) or ``ignore_index``.
         bias: optional [V].
         backend: "auto" (:func:`auto_backend`), "chunked", "torch" or "triton".
-        chunk_size: chunked/torch backends: tokens per chunk (default: from
-            ``drdo_kernels.logprobs_chunked.CHUNK_BUDGET_BYTES``).
-        filter_eps: triton backend only: skip the backward's gradient dots for vocab tiles whose
-            |softmax - onehot| entries are all below it (None: 2**-12 for bf16, 2**-15 for
-            fp16, 0 for fp32; 0: exact). See :mod:`drdo_kernels.logprobs_triton`.
+        chunk_tokens: chunked/torch backends: tokens per chunk, i.e. the [chunk_tokens, V]
+            float32 buffer (None: from ``drdo_kernels.logprobs_chunked.CHUNK_BUDGET_BYTES``).
+        filter_eps: triton backend only, opt-in: skip the backward's gradient dots for vocab
+            tiles whose |softmax - onehot| entries are all below it (0, the default: exact;
+            ``logprobs_triton.default_filter_eps(dtype)`` is a sensible value). The bound on
+            the error it adds is in :mod:`drdo_kernels.logprobs_triton`.
+        chunk_size: deprecated spelling of ``chunk_tokens``.
 
     Returns:
         logp: labels.shape, float32 (float64 for float64 inputs), <= 0, 0.0 at ignored
         positions; differentiable w.r.t. hidden, weight and bias.
     """
+    if chunk_size is not None:
+        warnings.warn("fused_linear_logprobs(chunk_size=...) is deprecated; use chunk_tokens=...",
+                      FutureWarning, stacklevel=2)
+        chunk_tokens = chunk_tokens or chunk_size
     weight, bias = gather_lm_head(weight, bias)  # an FSDP2-sharded (DTensor) head is all-gathered
     check_inputs(hidden, weight, labels, bias)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if filter_eps is not None and not (isinstance(filter_eps, (int, float)) and filter_eps >= 0):
-        raise ValueError(f"filter_eps must be a float >= 0 or None, got {filter_eps!r}")
+    check_chunk_tokens(chunk_tokens)
+    if not (isinstance(filter_eps, (int, float)) and filter_eps >= 0):
+        raise ValueError(f"filter_eps must be a float >= 0, got {filter_eps!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     n_vocab, n_hidden = weight.shape
@@ -272,7 +286,7 @@ def fused_linear_logprobs(
     flat_labels = labels.reshape(-1)
     logp_valid = valid_logprobs(
         hidden.reshape(-1, n_hidden).index_select(0, plan.index), weight,
-        flat_labels.index_select(0, plan.index).long(), bias, backend, chunk_size, filter_eps,
+        flat_labels.index_select(0, plan.index).long(), bias, backend, chunk_tokens, filter_eps,
     )
     out = logp_valid.new_zeros(flat_labels.shape[0]).index_copy(0, plan.index, logp_valid)
     return out.reshape(labels.shape)

@@ -33,7 +33,7 @@ import torch
 from .softmax_fold import row_stats, softmax_grad
 
 __all__ = ["CHUNK_BUDGET_BYTES", "chunk_rows", "compute_dtype", "LMHeadGemms", "logprobs_forward",
-           "logprobs_backward"]
+           "logprobs_backward", "backward_into", "accumulate_chunk"]
 
 #: Bytes the per-chunk buffers may take, by device type (other devices use "cpu"): the
 #: [rows, V] float32 logits plus, for 16-bit inputs, the 16-bit gradient copy. Assign a
@@ -149,28 +149,36 @@ def logprobs_forward(hidden, labels, gemms: LMHeadGemms, bias, rows: int, use_tr
 
 def logprobs_backward(grad, hidden, labels, lse, gemms: LMHeadGemms, bias, rows: int, use_triton: bool,
                       need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True):
-    """Recompute each chunk's logits and accumulate the gradients of sum(grad * logp).
+    """Recompute each chunk's logits and return the gradients of sum(grad * logp).
 
     grad, lse: [M]; other args as :func:`logprobs_forward`. Returns float32 (float64)
     (d_hidden [M, H] | None, d_weight [V, H] | None, d_bias [V] | None).
-    The clamp at 0 is treated as the identity (it only removes rounding).
     """
     m, n_hidden = hidden.shape
     acc = gemms.acc
-    grad = grad.to(acc)
-    b = _bias_acc(bias, acc)
     d_hidden = hidden.new_empty((m, n_hidden), dtype=acc) if need_hidden else None
     d_weight = torch.zeros(gemms.weight.shape, dtype=acc, device=hidden.device) if need_weight else None
     d_bias = torch.zeros(gemms.weight.shape[0], dtype=acc, device=hidden.device) if need_bias else None
-    for lo in range(0, m, rows):
-        hi = min(m, lo + rows)
+    backward_into(grad, hidden, labels, lse, gemms, bias, rows, use_triton, d_hidden, d_weight, d_bias)
+    return d_hidden, d_weight, d_bias
+
+
+def backward_into(grad, hidden, labels, lse, gemms: LMHeadGemms, bias, rows: int, use_triton: bool,
+                  d_hidden, d_weight, d_bias) -> None:
+    """The recomputing backward of :func:`logprobs_backward`, into given buffers: writes
+    d_hidden [M, H] (a view is fine), adds into d_weight [V, H] and d_bias [V] (float32 /
+    float64; None ones skipped). The clamp at 0 of the forward is treated as the identity
+    (it only removes rounding)."""
+    grad = grad.to(gemms.acc)
+    b = _bias_acc(bias, gemms.acc)
+    for lo in range(0, hidden.shape[0], rows):
+        hi = min(hidden.shape[0], lo + rows)
         x = gemms.logits(hidden[lo:hi])
         if b is not None:
             x.add_(b)
         d = softmax_grad(x, labels[lo:hi], lse[lo:hi], grad[lo:hi], gemms.dtype, use_triton)
         accumulate_chunk(gemms, d, hidden[lo:hi], d_hidden, lo, d_weight, d_bias)
         del x, d
-    return d_hidden, d_weight, d_bias
 
 
 def accumulate_chunk(gemms: LMHeadGemms, d, h, d_hidden, lo, d_weight, d_bias) -> None:

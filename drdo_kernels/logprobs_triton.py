@@ -28,17 +28,21 @@ matmul tutorial), so the ~one program per SM that are resident at a time share a
 row blocks and a few vocab tiles in L2: in the backward they add into the same d_hidden
 rows and few d_weight slices instead of sweeping all of d_hidden per vocab tile.
 
-Gradient filtering (backward, as Cut Cross-Entropy does): a tile whose entries all have
+Gradient filtering (backward, as Cut Cross-Entropy does; OFF by default, ``filter_eps > 0``
+turns it on): a tile whose entries all have
 |softmax - onehot| < filter_eps (rows with g = 0 ignored) skips its two gradient loops.
 The test is on |softmax - onehot|, not on |g| times it, so that the scale of the upstream
 gradient (e.g. 1 / number of tokens) cannot silently zero the whole gradient. A skipped
 entry is a non-target token whose probability is below filter_eps (or a target whose
 probability is above 1 - filter_eps); with e_ij = |p_ij - onehot_ij| over the skipped
 entries, the error this adds is at most sum_j |g_i| e_ij |W_j| in d_hidden[i] and
-sum_i |g_i| e_ij |h_i| in d_weight[j] (elementwise). :func:`default_filter_eps`: ``finfo(dtype).eps / 32`` for 16-bit compute dtypes
-(2**-12 for bf16, 2**-15 for fp16: a skipped entry is under 1/32 of the 16-bit spacing at
-1.0, the size of the target entry of its row, in the rounded d_logits operand of the dots),
-0 (off) for fp32, whose users ask for fp32 accuracy.
+sum_i |g_i| e_ij |h_i| in d_weight[j] (elementwise). The bound is relative to nothing: a
+gradient whose exact value is small (e.g. when adding one vector to every LM-head row leaves
+the log-probs unchanged and the d_hidden contributions cancel) can be far off in relative
+terms, which is why an exact reference does not filter unless asked. A sensible value,
+:func:`default_filter_eps`: ``finfo(dtype).eps / 32`` for 16-bit compute dtypes (2**-12 for
+bf16, 2**-15 for fp16: a skipped entry is under 1/32 of the 16-bit spacing at 1.0, the size
+of the target entry of its row, in the rounded d_logits operand of the dots), 0 for fp32.
 
 Precision: 16-bit hidden with an fp32 weight computes in the 16-bit dtype (the weight
 tile is cast on load, as autocast casts the weight), so the dots run on tensor cores
@@ -52,6 +56,8 @@ Under ``TRITON_INTERPRET=1`` (CPU tests) bf16 ``tl.dot`` is broken in the Triton
 interpreter (it multiplies the raw uint16 bit patterns), so there, and only there, bf16
 operands are upcast to fp32 before each dot (``UPCAST_DOT``); bf16 x bf16 products are exact
 in fp32, so this matches the tensor-core bf16 dot with fp32 accumulation that runs on GPUs.
+The same flag rounds the kernels' casts to bf16 to nearest even by hand
+(:func:`drdo_kernels.rounding.to_16bit`): the interpreter truncates where the GPU rounds.
 The interpreter does not emulate TF32 rounding.
 
 Block configurations per compute dtype are in :data:`CONFIGS`; :func:`aot_specs` lists the
@@ -67,6 +73,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .rounding import to_16bit
 from .runtime import triton_interpreting
 
 
@@ -116,8 +123,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def default_filter_eps(dtype: torch.dtype) -> float:
-    """Gradient-filter threshold on |softmax - onehot|: finfo(dtype).eps / 32 for 16-bit
-    compute dtypes (bf16 2**-12, fp16 2**-15), 0.0 (no filtering) for fp32."""
+    """A sensible opt-in gradient-filter threshold on |softmax - onehot| (filtering is off by
+    default): finfo(dtype).eps / 32 for 16-bit compute dtypes (bf16 2**-12, fp16 2**-15), 0.0
+    (no filtering) for fp32."""
     return 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps / 32
 
 
@@ -160,7 +168,8 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, row0, col0, M, V, H,
     for k0 in range(0, H, BLOCK_K):
         k_mask = offs_k < H - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0).to(h_ptr.dtype.element_ty)
+        b = to_16bit(tl.load(b_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0), h_ptr.dtype.element_ty,
+                     UPCAST_DOT)
         acc = _dot(a, tl.trans(b), acc, DOT_PRECISION, UPCAST_DOT)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
@@ -217,7 +226,7 @@ def _grad_hidden(d_in_t, w_ptr, dh_ptr, row0, col0, M, V, H, BLOCK_M: tl.constex
     dh_ptrs = dh_ptr + tl.cast(row0, tl.int64) * H + (offs_k[:, None] + offs_m[None, :] * H)  # [BLOCK_K, BLOCK_M]
     for k0 in range(0, H, BLOCK_K):
         k_mask = offs_k < H - k0
-        w_t = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(d_in_t.dtype)
+        w_t = to_16bit(tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0), d_in_t.dtype, UPCAST_DOT)
         tl.atomic_add(dh_ptrs, _dot(w_t, d_in_t, None, DOT_PRECISION, UPCAST_DOT),
                       mask=k_mask[:, None] & row_mask[None, :], sem="relaxed")
         w_ptrs += BLOCK_K
@@ -274,7 +283,7 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, d
     else:
         keep = True
     if keep:
-        d_in = d_logits.to(h_ptr.dtype.element_ty)
+        d_in = to_16bit(d_logits, h_ptr.dtype.element_ty, UPCAST_DOT)
         if COMPUTE_DH:
             _grad_hidden(tl.trans(d_in), w_ptr, dh_ptr, row0, col0, M, V, H, BLOCK_M, BLOCK_N, BLOCK_K,
                          DOT_PRECISION, UPCAST_DOT)
@@ -344,20 +353,20 @@ def logprobs_forward(hidden, weight, bias, labels):
 
 
 def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=True, *,
-                      need_hidden_grad=True, need_bias_grad=True, filter_eps=None):
+                      need_hidden_grad=True, need_bias_grad=True, filter_eps=0.0):
     """grad: [M] upstream gradient; other args as saved by :func:`logprobs_forward`.
 
     filter_eps: skip the gradient dots of tiles whose |softmax - onehot| are all below it
-    (None: :func:`default_filter_eps` of the compute dtype; 0: exact).
+    (0, the default: exact; see :func:`default_filter_eps`).
     Returns (d_hidden [M, H] hidden.dtype | None, d_weight [V, H] weight.dtype | None,
     d_bias [V] bias.dtype | None); a gradient that is not needed is not computed.
     """
     dtype = compute_dtype(hidden.dtype, weight.dtype)
     precision = dot_precision(dtype)
     _, bwd = _config(dtype, precision)
-    eps = default_filter_eps(dtype) if filter_eps is None else float(filter_eps)
+    eps = float(filter_eps)
     if not eps >= 0.0:
-        raise ValueError(f"filter_eps must be >= 0 or None, got {filter_eps!r}")
+        raise ValueError(f"filter_eps must be >= 0, got {filter_eps!r}")
     need_bias_grad = need_bias_grad and bias is not None
     (m, h), v = hidden.shape, weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -400,7 +409,8 @@ ALIGNED_INTS = ("V", "H")
 
 def _variants():
     """(tag, compute dtype, weight dtype, dot precision, has_bias, bwd flag overrides) launched by default
-    settings: same-dtype inputs with and without bias, 16-bit hidden + fp32 weight, TF32, a frozen weight."""
+    settings: same-dtype inputs with and without bias, 16-bit hidden + fp32 weight, TF32, a frozen weight;
+    and the opt-in gradient filter (bf16)."""
     out = []
     for dtype in CONFIGS:
         for has_bias in (False, True):
@@ -409,6 +419,7 @@ def _variants():
     out.append(("bf16_w32_bias0", torch.bfloat16, torch.float32, "tf32", False, {}))
     out.append(("fp32_tf32_bias0", torch.float32, torch.float32, "tf32", False, {}))
     out.append(("bf16_frozenw_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, {"COMPUTE_DW": False}))
+    out.append(("bf16_filter_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, {"FILTER": True}))
     return out
 
 
@@ -431,7 +442,7 @@ def aot_specs() -> list[tuple]:
                           dict(HAS_BIAS=has_bias, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k,
                                GROUP_M=fwd.group_m, DOT_PRECISION=prec, UPCAST_DOT=False),
                           fwd.num_warps, fwd.num_stages, ALIGNED_INTS))
-        flags = dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=has_bias, FILTER=default_filter_eps(dtype) > 0)
+        flags = dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=has_bias, FILTER=False)
         flags.update(overrides)
         specs.append((f"logprobs_bwd_{tag}", _logprobs_bwd_kernel, _bwd_signature(dt, wt),
                       dict(HAS_BIAS=has_bias, **flags, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,

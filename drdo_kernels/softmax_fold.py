@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .rounding import emulate_rounding, to_16bit
 from .runtime import triton_available
 
 if triton_available():
@@ -69,8 +70,9 @@ if triton is not None:
 
     @triton.jit
     def _softmax_grad_kernel(x_ptr, out_ptr, lab_ptr, lse_ptr, g_ptr, V, x_stride, out_stride,
-                             IN_PLACE: tl.constexpr, BLOCK: tl.constexpr):
-        """One row: out = g * (onehot(label) - exp(x - lse)), into x itself or into out."""
+                             IN_PLACE: tl.constexpr, BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
+        """One row: out = g * (onehot(label) - exp(x - lse)), into x itself or into out
+        (ROUND_BY_HAND: bf16 under the interpreter, see :mod:`drdo_kernels.rounding`)."""
         row = tl.program_id(0)
         x_row = x_ptr + row.to(tl.int64) * x_stride
         out_row = out_ptr + row.to(tl.int64) * out_stride
@@ -87,7 +89,7 @@ if triton is not None:
             if IN_PLACE:
                 tl.store(x_row + offs, d, mask=mask)
             else:
-                tl.store(out_row + offs, d.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(out_row + offs, to_16bit(d, out_ptr.dtype.element_ty, ROUND_BY_HAND), mask=mask)
 
 
 def _torch_row_stats(x, bias, labels):
@@ -134,7 +136,7 @@ def softmax_grad(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: to
     out = x if in_place else torch.empty(x.shape, dtype=out_dtype, device=x.device)
     _softmax_grad_kernel[(rows,)](x, out, labels, lse, g.to(torch.float32).contiguous(), n_vocab,
                                   x.stride(0), out.stride(0), IN_PLACE=in_place, BLOCK=BLOCK,
-                                  num_warps=NUM_WARPS)
+                                  ROUND_BY_HAND=emulate_rounding(out_dtype, x.device), num_warps=NUM_WARPS)
     return out
 
 
@@ -153,5 +155,5 @@ def aot_specs() -> list[tuple]:
         grad_sig = {"x_ptr": "*fp32", "out_ptr": f"*{dt}", "lab_ptr": "*i64", "lse_ptr": "*fp32",
                     "g_ptr": "*fp32", "V": "i32", "x_stride": "i32", "out_stride": "i32"}
         specs.append((f"fold_softmax_grad_{dt}", _softmax_grad_kernel, grad_sig,
-                      dict(IN_PLACE=dtype == torch.float32, BLOCK=BLOCK), NUM_WARPS, 1))
+                      dict(IN_PLACE=dtype == torch.float32, BLOCK=BLOCK, ROUND_BY_HAND=False), NUM_WARPS, 1))
     return specs

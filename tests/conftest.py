@@ -1,9 +1,24 @@
-"""Test setup: Triton runs in its CPU interpreter (must be set before triton is imported),
-nothing reaches a model hub, and the datasets cache lives in a throwaway folder."""
+"""Test setup: nothing reaches a model hub, the datasets cache lives in a throwaway folder, and
+the Triton interpreter is NOT switched on: the default run is the path users run.
+
+Two markers split the suite by what a test exercises:
+
+* ``triton``: Triton kernels (a ``backend`` parameter equal to "triton", a ``use_triton``
+  parameter that is True, or a module that sets ``pytestmark = pytest.mark.triton``). They run
+  where Triton runs: on a CUDA GPU, or on the CPU in Triton's interpreter, which must be
+  switched on before triton is imported, i.e. in its own process:
+  ``TRITON_INTERPRET=1 python -m pytest -q -m "triton or chunked" tests``.
+  Elsewhere they are deselected.
+* ``chunked``: the chunked backend (a ``backend`` parameter equal to "chunked"). In the default
+  run on a CPU it folds each chunk with PyTorch, as users' CPUs do; the interpreter run above
+  repeats it with the Triton fold.
+"""
 import os
 import tempfile
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -11,6 +26,50 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="drdo-tests-datasets-"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+INTERPRETER_COMMAND = 'TRITON_INTERPRET=1 python -m pytest -q -m "triton or chunked" tests'
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "aot: ahead-of-time Triton compile for sm_90/sm_80 (runs in a subprocess)")
+    config.addinivalue_line("markers", f"triton: runs Triton kernels (a CUDA GPU, or `{INTERPRETER_COMMAND}`)")
+    config.addinivalue_line("markers", "chunked: the chunked backend (PyTorch fold on a CPU, Triton fold where Triton runs)")
+
+
+def _param_marks(item) -> list[str]:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    marks = []
+    if params.get("backend") == "triton" or params.get("use_triton") is True:
+        marks.append("triton")
+    if params.get("backend") == "chunked":
+        marks.append("chunked")
+    return marks
+
+
+def _triton_runs() -> bool:
+    from drdo_kernels.runtime import triton_runs_on
+
+    return triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in _param_marks(item):
+            item.add_marker(getattr(pytest.mark, name))
+    if _triton_runs():
+        return
+    kept = [item for item in items if item.get_closest_marker("triton") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("triton")])
+        items[:] = kept
+
+
+def pytest_report_header(config):
+    if _triton_runs():
+        return "Triton kernels: run (CUDA or TRITON_INTERPRET=1)"
+    return f"Triton kernels: deselected (no GPU, no interpreter); run them with `{INTERPRETER_COMMAND}`"
+
+
+def pytest_terminal_summary(terminalreporter):
+    harness = __import__("sys").modules.get("gradient_cases")
+    if harness is not None and harness.WORST.cases:
+        terminalreporter.write_line(harness.WORST.summary())

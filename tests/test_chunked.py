@@ -58,9 +58,9 @@ def test_fold_matches_float64_over_several_blocks(use_triton, out_dtype):
     assert (d.double() - d_ref).abs().max().item() <= tol * (1 + d_ref.abs().max().item())
 
 
-def _logprobs_run(backend, hidden, weight, bias, labels, upstream, chunk_size=None):
+def _logprobs_run(backend, hidden, weight, bias, labels, upstream, chunk_tokens=None):
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
-    out = fused_linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], backend=backend, chunk_size=chunk_size)
+    out = fused_linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], backend=backend, chunk_tokens=chunk_tokens)
     (out * upstream.to(out.dtype)).sum().backward()
     return [out.detach()] + [t.grad for t in leaves]
 
@@ -69,7 +69,6 @@ def _logprobs_run(backend, hidden, weight, bias, labels, upstream, chunk_size=No
 def test_minus_inf_bias_blocks_are_finite_and_exact(backend):
     """A -inf bias over a whole vocab block (whole chunks of -inf logits), and over every
     column but the labels: results are finite and equal float64's."""
-    _skip_without_interpreter(backend == "chunked")
     n_vocab, n_hidden = 2 * softmax_fold.BLOCK + 37, 8
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(9, n_hidden, generator=g)
@@ -83,8 +82,8 @@ def test_minus_inf_bias_blocks_are_finite_and_exact(backend):
     only_labels[labels[labels != IGNORE]] = 0.0
     for bias in (block_bias, only_labels):
         ref = _logprobs_run("torch", hidden.double(), weight.double(), bias.double(), labels, upstream.double())
-        for chunk_size in (None, 2):
-            got = _logprobs_run(backend, hidden, weight, bias, labels, upstream, chunk_size)
+        for chunk_tokens in (None, 2):
+            got = _logprobs_run(backend, hidden, weight, bias, labels, upstream, chunk_tokens)
             for name, a, r in zip(("logp", "d_hidden", "d_weight", "d_bias"), got, ref):
                 assert bool(torch.isfinite(a).all()), name
                 torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5, msg=name)
@@ -117,7 +116,7 @@ def test_autocast_mixed_precision_logprobs(backend):
         (out * upstream.to(out.dtype)).sum().backward()
         return [out.detach()] + [t.grad for t in leaves]
 
-    ours = run(lambda h, w, b, lab: fused_linear_logprobs(h, w, lab, bias=b, backend=backend, chunk_size=7),
+    ours = run(lambda h, w, b, lab: fused_linear_logprobs(h, w, lab, bias=b, backend=backend, chunk_tokens=7),
                (torch.bfloat16, torch.float32, torch.float32))
     assert [t.dtype for t in ours] == [torch.float32, torch.bfloat16, torch.float32, torch.float32]
     base = run(naive, (torch.bfloat16, torch.float32, torch.float32))
@@ -145,12 +144,12 @@ def test_skipped_gradients_do_no_gemm(backend, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(logprobs_chunked.LMHeadGemms, "d_hidden", forbidden)
         w = weight.clone().requires_grad_()
-        fused_linear_logprobs(hidden, w, labels, backend=backend, chunk_size=5).sum().backward()
+        fused_linear_logprobs(hidden, w, labels, backend=backend, chunk_tokens=5).sum().backward()
         torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-6)
     with monkeypatch.context() as m:
         m.setattr(logprobs_chunked.LMHeadGemms, "add_d_weight", forbidden)
         h = hidden.clone().requires_grad_()
-        fused_linear_logprobs(h, weight, labels, backend=backend, chunk_size=5).sum().backward()
+        fused_linear_logprobs(h, weight, labels, backend=backend, chunk_tokens=5).sum().backward()
         torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-6)
 
 
@@ -190,7 +189,7 @@ def test_chunked_paths_are_deterministic(backend, monkeypatch):
         w, h = weight.clone().requires_grad_(), hidden.clone().requires_grad_()
         loss, _ = FusedLinearDPOLoss(backend=backend)(w, h, labels, ref_logps)
         loss.backward()
-        logp = fused_linear_logprobs(h.detach(), w, labels, backend=backend, chunk_size=4)
+        logp = fused_linear_logprobs(h.detach(), w, labels, backend=backend, chunk_tokens=4)
         return [loss.detach(), w.grad, h.grad, logp.detach()]
 
     for a, b in zip(run(), run()):
@@ -210,7 +209,7 @@ def test_one_host_sync_per_call(backend, monkeypatch):
                             lambda self, *a, _o=original, _n=name: calls.append(_n) or _o(self, *a))
     loss, _ = FusedLinearDPOLoss(backend=backend)(w, h, labels, ref_logps)
     loss.backward()
-    fused_linear_logprobs(h, w, labels, backend=backend, chunk_size=4).sum().backward()
+    fused_linear_logprobs(h, w, labels, backend=backend, chunk_tokens=4).sum().backward()
     monkeypatch.undo()
     assert calls == ["tolist", "tolist"], calls
 
@@ -239,12 +238,12 @@ def test_auto_backend_table(monkeypatch):
     assert auto_backend(cuda, torch.bfloat16, 8192) == "chunked"  # never a backend that cannot run
 
 
-def test_group_chunks_keep_pairs_whole():
-    from drdo_kernels.pair_chunked import _group_chunks
+def testgroup_chunks_keep_pairs_whole():
+    from drdo_kernels.pair_chunked import group_chunks
 
-    assert _group_chunks([3, 4, 2, 9, 1], 6) == [(0, 1, 0, 3), (1, 3, 3, 9), (3, 4, 9, 18), (4, 5, 18, 19)]
-    assert _group_chunks([3, 4], 100) == [(0, 2, 0, 7)]
-    assert _group_chunks([], 5) == []
+    assert group_chunks([3, 4, 2, 9, 1], 6) == [(0, 1, 0, 3), (1, 3, 3, 9), (3, 4, 9, 18), (4, 5, 18, 19)]
+    assert group_chunks([3, 4], 100) == [(0, 2, 0, 7)]
+    assert group_chunks([], 5) == []
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -58,12 +58,12 @@ def _errors(results, ref):
     return [(r - e).abs().max().item() for r, e in zip(results, ref)]
 
 
-def _check_against_naive(backend, shape, n_hidden, n_vocab, dtype, bias, ignored, chunk_size=None):
+def _check_against_naive(backend, shape, n_hidden, n_vocab, dtype, bias, ignored, chunk_tokens=None):
     hidden, weight, b, labels, upstream = _inputs(shape, n_hidden, n_vocab, dtype, bias, ignored)
     ref = _run(_reference, hidden, weight, b, labels, upstream, torch.float64)
     naive = _run(_reference, hidden, weight, b, labels, upstream, dtype)
     fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(h, w, lab, bias=bb, backend=backend,
-                                                             chunk_size=chunk_size),
+                                                             chunk_tokens=chunk_tokens),
                  hidden, weight, b, labels, upstream, dtype)
     assert fused[0].dtype == torch.float64 and fused[0].shape == labels.shape
     assert bool((fused[0] <= 0).all())
@@ -78,6 +78,7 @@ def _check_against_naive(backend, shape, n_hidden, n_vocab, dtype, bias, ignored
     return fused, ref
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("ignored", ["none", "half", "row"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -85,16 +86,19 @@ def test_triton_matches_reference(dtype, bias, ignored):
     _check_against_naive("triton", (3, 8), 40, 300, dtype, bias, ignored)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_odd_shape(dtype):
     _check_against_naive("triton", (37,), 33, 257, dtype, True, "half")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_single_token_h96(dtype):
     _check_against_naive("triton", (1,), 96, 129, dtype, False, "none")
 
 
+@pytest.mark.triton
 def test_triton_single_vocab_split(monkeypatch):
     """All vocab tiles looped inside one program (TILES_PER_SPLIT > 1)."""
     monkeypatch.setattr(logprobs_triton, "_target_programs", lambda device: 1)
@@ -110,8 +114,8 @@ def test_triton_single_vocab_split(monkeypatch):
 @pytest.mark.parametrize("backend", ["chunked", "torch"])
 def test_chunked_backends_match_reference(backend, dtype, bias, ignored):
     """Several chunks (5 tokens each: chunk boundaries inside sequences) and one chunk."""
-    _check_against_naive(backend, (3, 8), 40, 300, dtype, bias, ignored, chunk_size=5)
-    _check_against_naive(backend, (37,), 33, 257, dtype, bias, ignored, chunk_size=5)
+    _check_against_naive(backend, (3, 8), 40, 300, dtype, bias, ignored, chunk_tokens=5)
+    _check_against_naive(backend, (37,), 33, 257, dtype, bias, ignored, chunk_tokens=5)
     _check_against_naive(backend, (37,), 33, 257, dtype, bias, ignored)
 
 
@@ -122,16 +126,16 @@ def test_torch_backend_gpt2_vocab_single_token():
 
 def test_torch_backend_chunking_is_invisible():
     hidden, weight, b, labels, _ = _inputs((30,), 16, 50, torch.float32, True, "half")
-    whole = fused_linear_logprobs(hidden, weight, labels, bias=b, backend="torch", chunk_size=1000)
+    whole = fused_linear_logprobs(hidden, weight, labels, bias=b, backend="torch", chunk_tokens=1000)
     for chunk in (1, 7):
         torch.testing.assert_close(fused_linear_logprobs(hidden, weight, labels, bias=b, backend="torch",
-                                                         chunk_size=chunk), whole, rtol=0, atol=1e-6)
+                                                         chunk_tokens=chunk), whole, rtol=0, atol=1e-6)
 
 
 def test_torch_backend_gradcheck_float64():
     hidden, weight, b, labels, _ = _inputs((6,), 5, 11, torch.float64, True, "half")
     args = tuple(t.clone().requires_grad_() for t in (hidden, weight, b))
-    fn = lambda h, w, bb: fused_linear_logprobs(h, w, labels, bias=bb, backend="torch", chunk_size=2)
+    fn = lambda h, w, bb: fused_linear_logprobs(h, w, labels, bias=bb, backend="torch", chunk_tokens=2)
     assert torch.autograd.gradcheck(fn, args)
 
 
@@ -159,6 +163,7 @@ def test_empty_and_all_ignored_give_zeros(backend, n_tokens):
         assert t.grad is not None and bool((t.grad == 0).all())
 
 
+@pytest.mark.triton
 def test_frozen_weight_triton():
     """weight without grad: d_hidden still right, no weight gradient computed."""
     hidden, weight, _, labels, upstream = _inputs((12,), 24, 70, torch.float32, False, "half")
@@ -196,12 +201,18 @@ def test_bad_inputs_raise(monkeypatch):
         fused_linear_logprobs(hidden, weight, labels.float())
     with pytest.raises(ValueError, match="bias shape"):
         fused_linear_logprobs(hidden, weight, labels, bias=torch.randn(9))
-    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
-        fused_linear_logprobs(hidden.double(), weight.double(), labels, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         fused_linear_logprobs(hidden, weight, labels, backend="triton")
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.triton
+@pytest.mark.triton
+def test_triton_refuses_float64():
+    hidden, weight, labels = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 3, IGNORE])
+    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+        fused_linear_logprobs(hidden.double(), weight.double(), labels, backend="triton")
 
 
 _ON_GPU = torch.cuda.is_available() and not triton_interpreting()
@@ -219,7 +230,7 @@ def test_cuda_kernels_match_reference(dtype, bias, backend):
     hidden, weight, b, labels, upstream = cuda
     ref = _run(_reference, hidden, weight, b, labels, upstream, torch.float64)
     naive = _run(_reference, hidden, weight, b, labels, upstream, dtype)
-    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(h, w, lab, bias=bb, backend=backend, chunk_size=100),
+    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(h, w, lab, bias=bb, backend=backend, chunk_tokens=100),
                  hidden, weight, b, labels, upstream, dtype)
     assert bool((fused[0] <= 0).all())
     for e_fused, e_naive, r in zip(_errors(fused, ref), _errors(naive, ref), ref):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from drdo_kernels import fused_linear_logprobs, logprobs_triton
 
+pytestmark = pytest.mark.triton
 RATIO = 3.0
 
 
