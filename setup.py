@@ -27,7 +27,7 @@ setup(
         "trl": ["trl>=1.16"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
-        "dev": ["pytest>=7", "pytest-timeout", "trl>=1.16", "tensorboard"],
+        "dev": ["pytest>=7", "pytest-timeout", "hypothesis>=6.100", "ruff", "trl>=1.16", "tensorboard"],
         "bench": ["liger-kernel", "cut-cross-entropy", "trl>=1.16", "matplotlib"],
     },
     entry_points={"console_scripts": ["drdo=drdo.cli:main"]},

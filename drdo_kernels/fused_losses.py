@@ -294,7 +294,8 @@ def fused_linear_oracle_loss(
 
 def _drdo_spec(*, alpha, gamma, reward, beta, unlikelihood, length_normalize) -> PairLossSpec:
     """drdo_loss over pairs; scores = [oracle [2B]] (+ [policy rewards [2B]] for reward="head").
-    On the triton backend the loss is the pair-loss kernel :func:`drdo_pair_loss`."""
+    On the triton backend the loss is the pair-loss kernel :func:`drdo_pair_loss` (integer
+    scores as float32; float64 ones keep the float64 reference, as on the other backends)."""
 
     def pair_inputs(z, n_tokens, scores):
         if length_normalize:
@@ -309,8 +310,11 @@ def _drdo_spec(*, alpha, gamma, reward, beta, unlikelihood, length_normalize) ->
                          reduction=reduction)
 
     def triton_loss(z, n_tokens, scores, reduction):
-        return drdo_pair_loss(*pair_inputs(z, n_tokens, scores), alpha=alpha, gamma=gamma,
-                              unlikelihood=unlikelihood, reduction=reduction, backend="triton")
+        inputs = pair_inputs(z, n_tokens, [s if s.is_floating_point() else s.float() for s in scores])
+        if any(t.dtype == torch.float64 for t in inputs):  # the kernel computes in float32: keep float64 math
+            return loss(z, n_tokens, scores, reduction)
+        return drdo_pair_loss(*inputs, alpha=alpha, gamma=gamma, unlikelihood=unlikelihood, reduction=reduction,
+                              backend="triton")
 
     return PairLossSpec(loss, rows_per_group=2, triton_loss=triton_loss)
 

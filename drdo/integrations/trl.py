@@ -36,6 +36,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from drdo.data.packing import last_token_index, pack_sequences, segment_sum
 from drdo.data.preferences import ORACLE_FIELDS
 from drdo.losses import IGNORE_INDEX
+from drdo_kernels.logprobs import BACKENDS
 from drdo.models import HEAD_WEIGHTS_NAME, _save_head, last_token_indices, new_reward_head
 
 __all__ = ["DRDOConfig", "DRDOTrainer", "DRDODataCollator", "REWARD_HEAD_ATTR"]
@@ -47,7 +48,7 @@ _CHOICES = {
     "reward": ("head", "implicit"),
     "unlikelihood": ("welleck", "paper"),
     "reward_grad": ("backbone", "head"),
-    "kernel_backend": ("auto", "triton", "torch"),
+    "kernel_backend": BACKENDS,
 }
 _METRIC_NAMES = {
     "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected",
@@ -74,7 +75,8 @@ class DRDOConfig(DPOConfig):
     length_normalize: bool = field(default=False, metadata={
         "help": "Use the mean response log-prob per token instead of the sum."})
     kernel_backend: str = field(default="auto", metadata={
-        "help": "Fused log-prob kernel: 'auto' (Triton on CUDA, chunked PyTorch elsewhere), 'triton' or 'torch'.",
+        "help": "Fused LM-head backend: 'auto' (by device, dtype and size: drdo_kernels.logprobs.AUTO_RULES), 'chunked' "
+                "(cuBLAS chunks, a Triton fold on CUDA), 'triton' (tiled Triton kernels) or 'torch' (chunks, PyTorch fold).",
         "choices": list(_CHOICES["kernel_backend"])})
 
     def __post_init__(self):
