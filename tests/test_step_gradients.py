@@ -86,9 +86,10 @@ def test_fused_step_equals_full_logits(tmp_path, model_dir, data, stage, padding
     assert errors[worst] <= TOL, f"{stage}: {worst} relative error {errors[worst]:.2e}"
 
 
-@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding_free"])
-def test_drdo_trainer_step_equals_full_logits(tmp_path, padding_free):
-    """DRDOTrainer's loss (fused, kernel_backend="auto") on one batch, backward, against
+@pytest.mark.parametrize("padding_free,backend", [(False, "auto"), (True, "auto"), (False, "chunked")],
+                         ids=["padded", "padding_free", "padded_chunked"])
+def test_drdo_trainer_step_equals_full_logits(tmp_path, padding_free, backend):
+    """DRDOTrainer's loss (fused, kernel_backend=backend) on one batch, backward, against
     drdo.losses.drdo_loss on full logits of the same model, reward head and batch."""
     pytest.importorskip("trl")
     from datasets import Dataset
@@ -97,7 +98,7 @@ def test_drdo_trainer_step_equals_full_logits(tmp_path, padding_free):
 
     args = DRDOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=12, max_steps=1,
                       report_to="none", use_cpu=True, seed=0, max_length=128, alpha=0.5, bf16=False,
-                      padding_free=padding_free)
+                      padding_free=padding_free, kernel_backend=backend)
     trainer = DRDOTrainer(model=build_tiny_causal_lm(vocab_size=VOCAB, seed=3), args=args,
                           train_dataset=Dataset.from_list(long_rows(12)), processing_class=get_tokenizer("tiny"))
     model = trainer._base_model()

@@ -50,6 +50,8 @@ _CHOICES = {
     "reward_grad": ("backbone", "head"),
     "kernel_backend": BACKENDS,
 }
+#: The pair-loss kernel's backend for each log-prob backend ("chunked" and "auto": its own auto rule).
+_PAIR_LOSS_BACKEND = {"triton": "triton", "torch": "torch"}
 _METRIC_NAMES = {
     "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected",
     "reward_acc": "rewards/accuracies", "reward_margin": "rewards/margins",
@@ -317,7 +319,7 @@ def drdo_forward(model: nn.Module, batch: dict, args: DRDOConfig) -> dict:
     oracle = batch["oracle_rewards"].to(z.device)
     loss, metrics = dk.drdo_pair_loss(
         z[:n], z[n:], rewards[:n], rewards[n:], oracle[:n], oracle[n:], alpha=args.alpha, gamma=args.gamma,
-        unlikelihood=args.unlikelihood, reduction="mean", backend=args.kernel_backend,
+        unlikelihood=args.unlikelihood, reduction="mean", backend=_PAIR_LOSS_BACKEND.get(args.kernel_backend, "auto"),
     )
     metrics = {k: v for k, v in metrics.items() if k != "loss"}
     return {"loss": loss, "metrics": metrics, "chosen_rewards": rewards[:n], "rejected_rewards": rewards[n:]}
