@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from drdo.atomic import write_text
+
 __all__ = [
     "TINY_MODEL_NAME",
     "HEAD_WEIGHTS_NAME",
@@ -412,8 +414,7 @@ def _save_head(head: nn.Linear, directory: str, *, trained: bool | None = None) 
     meta = {"format": _HEAD_FORMAT, "version": _HEAD_VERSION, "hidden_size": int(head.in_features), "dtype": "float32"}
     if trained is not None:
         meta["trained"] = bool(trained)
-    with open(os.path.join(directory, HEAD_CONFIG_NAME), "w") as f:
-        json.dump(meta, f, indent=2)
+    write_text(os.path.join(directory, HEAD_CONFIG_NAME), json.dumps(meta, indent=2))
 
 
 def head_is_trained(directory: str | os.PathLike) -> bool | None:

@@ -42,6 +42,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
+from drdo.atomic import write_text
 from drdo.config import KERNELS, ConfigError, add_config_flags, option
 from drdo.runtime import disable_library_progress_bars, quiet_libraries, torch_threads
 
@@ -360,8 +361,9 @@ def _judge_test(s: DemoSettings, policies: dict[str, str], oracle: str, prompts:
 
     Fills results[name]["true" | "oracle"] (per-prompt scores), writes test_generations.jsonl
     and returns the Pearson correlation of Oracle and true scores over all samples."""
-    from drdo.pipeline.evaluate import load_judge
     from drdo.demo.synthetic import true_rewards
+    from drdo.jsonl import write_jsonl
+    from drdo.pipeline.evaluate import load_judge
 
     judge = load_judge(oracle, device="auto")
     generations = {}
@@ -369,11 +371,9 @@ def _judge_test(s: DemoSettings, policies: dict[str, str], oracle: str, prompts:
         generations[name] = _generate(s, path, prompts, seed=seed + 11)
         results[name]["true"] = true_rewards(prompts, generations[name])
         results[name]["oracle"] = [float(v) for v in judge(prompts, generations[name])]
-    with open(os.path.join(work, "test_generations.jsonl"), "w", encoding="utf-8") as f:
-        for i, p in enumerate(prompts):
-            row = {m: {"response": generations[m][i], "true": results[m]["true"][i], "oracle": results[m]["oracle"][i]}
-                   for m in policies}
-            f.write(json.dumps({"prompt": p, **row}) + "\n")
+    write_jsonl(({"prompt": p, **{m: {"response": generations[m][i], "true": results[m]["true"][i],
+                                      "oracle": results[m]["oracle"][i]} for m in policies}}
+                 for i, p in enumerate(prompts)), os.path.join(work, "test_generations.jsonl"))
     return _pearson([v for m in policies for v in results[m]["true"]],
                     [v for m in policies for v in results[m]["oracle"]])
 
@@ -494,8 +494,7 @@ def run_demo(args: argparse.Namespace) -> int:
     settings["elapsed_s"] = time.perf_counter() - start
     settings["cpu_count"] = os.cpu_count()
     report = summarize(cells, settings)
-    with open(os.path.join(s.output_dir, "cells.json"), "w", encoding="utf-8") as f:
-        json.dump(cells, f)
+    write_text(os.path.join(s.output_dir, "cells.json"), json.dumps(cells))
     write_report_json(report, os.path.join(s.output_dir, "report.json"))
     plot_report(report, os.path.join(s.output_dir, "report.png"))
     md = write_report_md(report, os.path.join(s.output_dir, "report.md"), plot_name="report.png")
