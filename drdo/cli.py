@@ -12,7 +12,8 @@ Every subcommand takes ``--config file.yaml`` (keys = flag names with '_' or '-'
 flags given on the command line override the file, the file overrides the defaults.
 Multi-GPU: ``torchrun --nproc_per_node N -m drdo.cli train ...``.
 
-Exit status: 0 done, 2 a usage error or a known failure (bad data, unusable output directory,
+Exit status: 0 done (or, for training, already done: the output directory holds the same run,
+complete), 2 a usage error or a known failure (bad data, unusable output directory,
 corrupt checkpoint, divergence, disk full, ...: one ``drdo: error:`` line on stderr; ``drdo --debug
 COMMAND ...`` shows the traceback instead), 130 interrupted; anything else is a bug and shows
 its traceback.
@@ -148,6 +149,10 @@ def _run_train(args) -> int:
     if result.get("status") == "interrupted":
         print(f"interrupted: checkpoint saved to {result.get('checkpoint')}; continue with --resume", file=sys.stderr)
         return 130
+    if result.get("status") == "finished":
+        print(f"{result['output_dir']} already holds this run, complete: nothing to train (pass --overwrite to "
+              "train it again)")
+        return 0
     print(f"saved to {result['output_dir']}")
     return 0
 

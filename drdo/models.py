@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from drdo.atomic import write_text
+from drdo.run_record import model_problem
 
 __all__ = [
     "TINY_MODEL_NAME",
@@ -260,9 +261,13 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 def _check_model_dir(path: str) -> None:
-    """A local directory must hold config.json and safetensors weights; raises a clear error."""
+    """A local directory must hold config.json and safetensors weights, and be no unfinished drdo run
+    (:func:`drdo.run_record.model_problem`); raises a clear error."""
     if not os.path.isdir(path):
         return
+    problem = model_problem(path)
+    if problem is not None:
+        raise ModelFormatError(f"{path} {problem}")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelFormatError(f"{path} is not a Hugging Face model directory: config.json is missing")
     names = os.listdir(path)

@@ -6,12 +6,35 @@ Tiny model, 1-4 steps (helpers from tests/test_faults.py).
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
+from test_faults import CLI, cfg, data, interrupt_at, metric_steps, one_error, recorder, rows, write_jsonl  # noqa: F401
+
 from drdo.atomic import atomic_writes
+from drdo.cli import main
 from drdo.jsonl import write_jsonl as drdo_write_jsonl
+from drdo.models import ModelFormatError, PolicyWithRewardHead
+from drdo.training import checkpoint as ckpt
+from drdo.training.loop import train
+from drdo.training.rundir import LOCK_FILE, RUN_FILE, OutputDirError
+
+
+def _train_cli(data, out, *flags):
+    return ["train", "--model", "tiny", "--data", data, "--output-dir", out, *CLI, *flags]
+
+
+def _snapshot(directory):
+    """{relative path: bytes} of every file under ``directory`` but the lock (a refused run leaves it)."""
+    found = {}
+    for root, _, names in os.walk(directory):
+        for name in set(names) - {LOCK_FILE}:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, directory)] = f.read()
+    return found
 
 
 # ----------------------------------------------------------------------------- files written whole, never through a planted link
@@ -39,3 +62,138 @@ def test_a_failed_write_of_several_files_leaves_all_as_they_were(tmp_path):
             raise RuntimeError("disk gone")
     assert (a.read_text(), b.read_text()) == ("old a", "old b")
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt"]
+
+
+# ----------------------------------------------------------------------------- ownership of the directory
+
+
+def test_resume_of_a_checkpoint_of_another_directory_passes_the_checks_of_a_fresh_start(tmp_path, data, capsys):
+    fa, fb, foreign, empty = (tmp_path / n for n in ("fa", "fb", "foreign", "empty"))
+    train(cfg(data, fa, save_every=1), on_step=interrupt_at(2))
+    other = write_jsonl(tmp_path / "other.jsonl", rows(6))
+    train(cfg(other, fb, max_steps=2, lr=5e-4, save_every=0))
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    resume = ["--max-steps", "4", "--warmup-steps", "0", "--resume", ckpt.step_dir(str(fa), 2)]  # fa's own config
+    for target, needle in ((fb, "another config"), (foreign, "no drdo run")):
+        before = _snapshot(target)
+        one_error(capsys, _train_cli(data, target, *resume), needle, "--overwrite")
+        assert _snapshot(target) == before
+    # into an empty directory it starts a new run there, whose records begin after the checkpoint
+    assert main([str(a) for a in _train_cli(data, empty, *resume)]) == 0
+    assert metric_steps(empty) == [3, 4]
+    assert json.loads((empty / RUN_FILE).read_text())["parent"] == os.path.abspath(resume[-1])
+
+
+def test_a_run_never_follows_a_link_planted_in_its_directory(tmp_path, data, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (RUN_FILE, RUN_FILE + ".tmp", "config.yaml.tmp", "config.yaml"):
+        os.symlink(victim, run / name)
+    with pytest.raises(OutputDirError, match="unreadable"):  # a planted run.json is not a drdo run
+        train(cfg(data, run, max_steps=1))
+    assert main([str(a) for a in _train_cli(data, run, "--max-steps", "1", "--overwrite")]) == 0
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.symlink(victim, locked / LOCK_FILE)
+    one_error(capsys, _train_cli(data, locked), "--output-dir")
+    assert victim.read_text() == "precious"
+
+
+# ----------------------------------------------------------------------------- one fact: a complete model
+
+
+def _readers(directory, data):
+    """The commands that load a model from ``directory``, each with the flag that names it."""
+    return [
+        (["train", "--model", directory, "--data", data, "--output-dir", directory.parent / "student", *CLI], "--model"),
+        (["oracle", "score", "--reward-model", directory, "--data", data, "--output", directory.parent / "s.jsonl"],
+         "--reward-model"),
+        (["reflogps", "--model", directory, "--data", data, "--output", directory.parent / "r.jsonl"], "--model"),
+        (["eval", "--policy", f"p={directory}", "--prompts", data, "--judge", "len_judge:score"], str(directory)),
+    ]
+
+
+def test_a_killed_overwrite_run_leaves_a_directory_no_reader_loads(tmp_path, data, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert main([str(a) for a in _train_cli(data, out)]) == 0  # a finished run
+    real_replace, renamed = os.replace, []
+
+    def crash_mid_export(src, dst):  # the new run dies after two files of its export were moved in
+        if os.sep + ckpt.EXPORT_TMP_PREFIX in str(src):
+            if len(renamed) == 2:
+                raise OSError(5, "Input/output error")
+            renamed.append(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_mid_export)
+    one_error(capsys, _train_cli(data, out, "--overwrite", "--lr", "5e-4"), "final model")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert len(renamed) == 2
+    (tmp_path / "len_judge.py").write_text("def score(prompts, responses):\n    return [0.0 for _ in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    for argv, flag in _readers(out, data):
+        one_error(capsys, argv, flag, "has not finished", "--resume")
+    with pytest.raises(ModelFormatError, match="has not finished"):
+        PolicyWithRewardHead.from_pretrained(out)
+    # the run's last checkpoint is kept: --resume finishes the export, and the model is readable again
+    assert main([str(a) for a in _train_cli(data, out, "--lr", "5e-4", "--resume")]) == 0
+    assert json.loads((out / RUN_FILE).read_text())["complete"] is True
+    PolicyWithRewardHead.from_pretrained(out)
+
+
+def test_an_empty_directory_or_a_killed_fresh_run_is_no_model(tmp_path, data, capsys):
+    empty, killed = tmp_path / "empty", tmp_path / "killed"
+    empty.mkdir()
+    train(cfg(data, killed), on_step=interrupt_at(1))  # stopped before its final export
+    for directory, needle in ((empty, "empty directory"), (killed, "has not finished")):
+        for argv, flag in _readers(directory, data)[:2]:
+            one_error(capsys, argv, flag, needle)
+
+
+# ----------------------------------------------------------------------------- re-runs and resume
+
+
+def test_an_identical_run_into_its_finished_directory_trains_nothing(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    assert main([str(a) for a in _train_cli(data, out)]) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main([str(a) for a in _train_cli(data, out)]) == 0
+    assert "already holds this run, complete" in capsys.readouterr().out
+    assert main([str(a) for a in _train_cli(data, out, "--resume")]) == 0
+    assert _snapshot(out) == before
+
+
+def test_resume_of_a_finished_run_does_not_retrain_its_last_steps(tmp_path, data):
+    out = tmp_path / "out"
+    train(cfg(data, out, save_limit=2))
+    seen = recorder()
+    result = train(cfg(data, out, save_limit=2, resume=True), on_step=seen)
+    assert result["status"] == "finished" and seen.seen == [] and metric_steps(out) == [1, 2, 3, 4]
+
+
+def test_data_is_compared_by_resolved_path_and_content(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "x.jsonl", rows())
+    out = tmp_path / "out"
+    train(cfg("x.jsonl", out), on_step=interrupt_at(2))
+    assert train(cfg("./x.jsonl", out, resume=True))["status"] == "completed"
+    assert train(cfg(str(tmp_path / "x.jsonl"), out))["status"] == "finished"
+    write_jsonl(tmp_path / "x.jsonl", rows(6))  # the same path, other content: another run
+    with pytest.raises(OutputDirError, match="content of x.jsonl changed"):
+        train(cfg("x.jsonl", out))
+
+
+def test_half_written_checkpoints_of_a_killed_run_are_removed_on_the_next_start(tmp_path, data):
+    out = tmp_path / "out"
+    train(cfg(data, out, max_steps=2), on_step=interrupt_at(1))
+    stale = out / "checkpoints" / ".tmp-step-0000007-abc123"  # a SIGKILL came while writing step 7
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    export = out / ".tmp-export-xyz789"
+    export.mkdir()
+    train(cfg(data, out, max_steps=2, resume=True))
+    assert not stale.exists() and not export.exists()

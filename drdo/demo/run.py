@@ -233,7 +233,8 @@ def _single_oracle_file(scored: str, path: str) -> str:
 
 def _train(s: DemoSettings, stage: str, data: str, out: str, *, model: str, steps: int, lr: float, seed: int,
            drdo: dict | None = None) -> str:
-    """Train one stage; ``drdo``: overrides of a DRDO variant (see :mod:`drdo.demo.variants`)."""
+    """Train one stage (a run already complete in ``out`` is kept); ``drdo``: overrides of a DRDO variant
+    (see :mod:`drdo.demo.variants`)."""
     from drdo.config import TrainConfig, fields_for
     from drdo.training.loop import train
 
@@ -249,7 +250,7 @@ def _train(s: DemoSettings, stage: str, data: str, out: str, *, model: str, step
         **{k: v for k, v in losses.items() if k in stage_fields},
     )
     result = train(cfg)
-    if result.get("status") != "completed":
+    if result.get("status") not in ("completed", "finished"):
         raise RuntimeError(f"{stage} training in {out} did not complete: {result.get('status')}")
     return out
 

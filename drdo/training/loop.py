@@ -19,9 +19,12 @@ Failure behaviour: a non-finite loss or gradient norm stops the run before the
 optimizer step (:class:`TrainingDiverged`), and so do weights that are not finite after
 it (they are never saved), leaving the last good checkpoint in place. The run owns its
 output directory (:mod:`drdo.training.rundir`: lock, run id, config checks); the final
-model is exported atomically after a checkpoint of the last step was written, and that
-checkpoint is removed only once the export succeeded. SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns
-``{"status": "interrupted", ...}`` (a second Ctrl-C aborts at once).
+model is exported after a checkpoint of the last step was written, recorded as complete in
+run.json (:func:`rundir.mark_complete`), and only then is that checkpoint removed. SIGINT (Ctrl-C)
+finishes the current step, saves a checkpoint and returns ``{"status": "interrupted", ...}``
+(a second Ctrl-C aborts at once).
+A run of the same config into a directory that already holds it, complete, trains nothing and
+returns ``{"status": "finished", ...}``.
 """
 from __future__ import annotations
 
@@ -235,14 +238,16 @@ class Trainer:
 
     # -- resume
     def maybe_resume(self) -> None:
-        """Load the checkpoint chosen (and verified) by :func:`rundir.plan_run`; cut metrics.jsonl back to it."""
+        """Load the checkpoint chosen (and verified) by :func:`rundir.plan_run`; cut metrics.jsonl back to it
+        when it is one of this directory's."""
         directory = self.plan.resume_dir
         if directory is None:
             return
         state = ckpt.load_checkpoint(directory, root=self.root, optimizer=self.optimizer, dist_state=self.dist)
         self.start_step = state["step"]
         self.last_good = directory
-        self.metrics.truncate_after(self.start_step)
+        if self.plan.continues:
+            self.metrics.truncate_after(self.start_step)
         if self.dist.is_main:
             logger.info("resumed from %s at step %d", directory, self.start_step)
 
@@ -357,8 +362,8 @@ class Trainer:
         return directory
 
     def export_final(self, row: dict | None) -> None:
-        """Checkpoint the last step (unless it is the checkpoint just resumed), export atomically, then
-        drop that checkpoint. A full disk while checkpointing still tries the smaller export."""
+        """Checkpoint the last step (unless it is the checkpoint just resumed), export, record the export
+        as complete, then drop that checkpoint. A full disk while checkpointing still tries the smaller export."""
         final_ckpt = ckpt.step_dir(self.out, self.total)
         if not (self.last_good and os.path.abspath(self.last_good) == os.path.abspath(final_ckpt)):
             try:
@@ -370,6 +375,7 @@ class Trainer:
         full = ckpt.gather_model_state(self.root) if self.dist.distributed else None
         if self.dist.is_main:
             ckpt.export_final(self.root.policy, full, self.out, self.tokenizer, kept=self.last_good)
+            rundir.mark_complete(self.out, self.total)
             if self.last_good and os.path.abspath(self.last_good) == os.path.abspath(final_ckpt) \
                     and ckpt.checkpoint_run_id(final_ckpt) == self.plan.run_id:
                 shutil.rmtree(final_ckpt, ignore_errors=True)
@@ -384,7 +390,7 @@ class Trainer:
         c = self.config
         self.maybe_resume()
         if self.dist.is_main:  # every check passed: this run now owns the directory
-            if self.plan.resume_dir is None:
+            if not self.plan.continues:
                 self.metrics.reset()
             rundir.commit_run(c, self.plan)
         bar = _progress(c.progress and self.dist.is_main, self.total, self.start_step, c.stage)
@@ -455,8 +461,9 @@ def _outermost_missing(path: str) -> str | None:
     return missing
 
 
-def _start(config: TrainConfig, state, on_step, lock: rundir.RunLock) -> "Trainer":
-    """Take the output directory (rank 0: lock, check, plan the run; the plan is broadcast) and build the trainer."""
+def _start(config: TrainConfig, state, on_step, lock: rundir.RunLock) -> "Trainer | None":
+    """Take the output directory (rank 0: lock, check, plan the run; the plan is broadcast) and build the
+    trainer; None when the directory already holds this run, finished."""
     plan, error = None, None
     if state.is_main:
         try:
@@ -469,12 +476,19 @@ def _start(config: TrainConfig, state, on_step, lock: rundir.RunLock) -> "Traine
         raise error
     if plan is None:
         raise rundir.OutputDirError("rank 0 could not use the output directory (see its error)")
-    return Trainer(config, state, on_step, plan)
+    return None if plan.finished else Trainer(config, state, on_step, plan)
+
+
+def _finished_result(config: TrainConfig) -> dict:
+    """The result of a run that found itself already complete in its directory."""
+    run = rundir.read_run(config.output_dir) or {}
+    return dict(status="finished", output_dir=config.output_dir, checkpoint=None, total_steps=run.get("total_steps"))
 
 
 def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run one training stage (see the module docstring); returns the last step's metrics plus
-    ``status`` ("completed" | "interrupted"), ``output_dir``, ``checkpoint``, ``total_steps``.
+    ``status`` ("completed" | "interrupted" | "finished": already complete, nothing trained),
+    ``output_dir``, ``checkpoint``, ``total_steps``.
 
     on_step(step, metrics) is called on every rank after each optimizer step (1-based step).
     Raises ConfigError, MissingFieldError (data lacks Oracle scores / reference log-probs),
@@ -497,7 +511,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
                 shutil.rmtree(created, ignore_errors=True)
             raise
         try:
-            result = trainer.run()
+            result = trainer.run() if trainer is not None else _finished_result(config)
         finally:
             lock.release()
     dist_utils.teardown(state)  # on an error the ranks do not wait for each other
