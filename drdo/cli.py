@@ -15,8 +15,8 @@ Multi-GPU: ``torchrun --nproc_per_node N -m drdo.cli train ...``.
 Exit status: 0 done (or, for training, already done: the output directory holds the same run,
 complete), 2 a usage error or a known failure (bad data, unusable output directory,
 corrupt checkpoint, divergence, disk full, ...: one ``drdo: error:`` line on stderr; ``drdo --debug
-COMMAND ...`` shows the traceback instead), 130 interrupted; anything else is a bug and shows
-its traceback.
+COMMAND ...`` shows the traceback instead), 130 interrupted by Ctrl-C and 143 by SIGTERM (training
+saves a checkpoint first); anything else is a bug and shows its traceback.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import errno
 import logging
 import json
 import os
+import signal
 import sys
 import time
 
@@ -148,7 +149,7 @@ def _run_train(args) -> int:
     result = train(train_config_from_args(args))
     if result.get("status") == "interrupted":
         print(f"interrupted: checkpoint saved to {result.get('checkpoint')}; continue with --resume", file=sys.stderr)
-        return 130
+        return 128 + result.get("signal", signal.SIGINT)
     if result.get("status") == "finished":
         print(f"{result['output_dir']} already holds this run, complete: nothing to train (pass --overwrite to "
               "train it again)")

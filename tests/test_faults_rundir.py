@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -20,6 +24,9 @@ from drdo.models import ModelFormatError, PolicyWithRewardHead
 from drdo.training import checkpoint as ckpt
 from drdo.training.loop import train
 from drdo.training.rundir import LOCK_FILE, RUN_FILE, OutputDirError
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _train_cli(data, out, *flags):
@@ -197,3 +204,27 @@ def test_half_written_checkpoints_of_a_killed_run_are_removed_on_the_next_start(
     export.mkdir()
     train(cfg(data, out, max_steps=2, resume=True))
     assert not stale.exists() and not export.exists()
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, data):
+    out = tmp_path / "out"
+    argv = [str(a) for a in _train_cli(data, out, "--max-steps", "100000", "--save-every", "0")]
+    proc = subprocess.Popen([sys.executable, "-m", "drdo", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never started a step"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "checkpoint saved" in err and "Traceback" not in err
+    saved = ckpt.latest_checkpoint(str(out))
+    ckpt.verify_checkpoint(saved)
+    assert ckpt.read_trainer_state(saved)["step"] == metric_steps(out)[-1]

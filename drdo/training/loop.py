@@ -21,8 +21,8 @@ it (they are never saved), leaving the last good checkpoint in place. The run ow
 output directory (:mod:`drdo.training.rundir`: lock, run id, config checks); the final
 model is exported after a checkpoint of the last step was written, recorded as complete in
 run.json (:func:`rundir.mark_complete`), and only then is that checkpoint removed. SIGINT (Ctrl-C)
-finishes the current step, saves a checkpoint and returns ``{"status": "interrupted", ...}``
-(a second Ctrl-C aborts at once).
+and SIGTERM (``timeout``, schedulers, ``docker stop``) finish the current step, save a checkpoint
+and return ``{"status": "interrupted", "signal": <its number>, ...}`` (a second signal aborts at once).
 A run of the same config into a directory that already holds it, complete, trains nothing and
 returns ``{"status": "finished", ...}``.
 """
@@ -161,26 +161,34 @@ def _optimizer(config: TrainConfig, root: torch.nn.Module) -> torch.optim.AdamW:
 
 
 class _StopFlag:
-    """SIGINT handler: the first Ctrl-C asks for a clean stop, the second raises KeyboardInterrupt."""
+    """SIGINT and SIGTERM handler: the first signal asks for a clean stop (``signum`` records which),
+    the second raises KeyboardInterrupt."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("Ctrl-C: finishing this step, saving a checkpoint and exiting (Ctrl-C again to abort)")
+        self.signum = signum
+        logger.warning("%s: finishing this step, saving a checkpoint and exiting (send it again to abort)",
+                       signal.Signals(signum).name)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
         return False
 
 
@@ -395,7 +403,7 @@ class Trainer:
             rundir.commit_run(c, self.plan)
         bar = _progress(c.progress and self.dist.is_main, self.total, self.start_step, c.stage)
         row: dict | None = None
-        status = "completed"
+        status, signum = "completed", None
         self.root.train()
         with _StopFlag() as flag:
             for step in range(self.start_step, self.total):
@@ -418,7 +426,7 @@ class Trainer:
                     self.save(done, row)
                     saved = True
                 if self._stop_requested(flag):
-                    status = "interrupted"
+                    status, signum = "interrupted", flag.signum
                     if not saved:
                         self.save(done, row)
                     break
@@ -428,8 +436,9 @@ class Trainer:
         if status == "completed":
             self.export_final(row)
             self._plot()
-        return dict(row or {}, status=status, output_dir=self.out, checkpoint=self.last_good,
-                    total_steps=self.total)
+        result = dict(row or {}, status=status, output_dir=self.out, checkpoint=self.last_good,
+                      total_steps=self.total)
+        return result if signum is None else dict(result, signal=signum)
 
     def _plot(self) -> None:
         if not (self.config.plot and self.dist.is_main and os.path.exists(self.metrics.path)):
@@ -488,7 +497,7 @@ def _finished_result(config: TrainConfig) -> dict:
 def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run one training stage (see the module docstring); returns the last step's metrics plus
     ``status`` ("completed" | "interrupted" | "finished": already complete, nothing trained),
-    ``output_dir``, ``checkpoint``, ``total_steps``.
+    ``output_dir``, ``checkpoint``, ``total_steps`` (and ``signal`` when interrupted).
 
     on_step(step, metrics) is called on every rank after each optimizer step (1-based step).
     Raises ConfigError, MissingFieldError (data lacks Oracle scores / reference log-probs),
