@@ -192,13 +192,16 @@ def _run_eval(args) -> int:
     from drdo.pipeline.evaluate import evaluate, generations_path, parse_policies
 
     _require(args, "policies", "--policy", "prompts", "--prompts", "judge", "--judge")
+    policies = parse_policies(args.policies)
+    for path in policies.values():
+        require_model_source(path, "--policy")
     if ":" not in args.judge or os.path.exists(args.judge):
         require_model_source(args.judge, "--judge")
     output = args.output or default_eval_output()
     prompts = load_prompts(args.prompts, split=args.split)
     if args.num_prompts is not None:
         prompts = prompts[: args.num_prompts]
-    report = evaluate(parse_policies(args.policies), prompts, args.judge, max_new_tokens=args.max_new_tokens,
+    report = evaluate(policies, prompts, args.judge, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                       max_prompt_length=args.max_prompt_length, trust_remote_code=args.trust_remote_code,
                       device=args.device, progress=args.progress, output=output)

@@ -119,7 +119,7 @@ def _readers(directory, data):
         (["oracle", "score", "--reward-model", directory, "--data", data, "--output", directory.parent / "s.jsonl"],
          "--reward-model"),
         (["reflogps", "--model", directory, "--data", data, "--output", directory.parent / "r.jsonl"], "--model"),
-        (["eval", "--policy", f"p={directory}", "--prompts", data, "--judge", "len_judge:score"], str(directory)),
+        (["eval", "--policy", f"p={directory}", "--prompts", data, "--judge", "len_judge:score"], "--policy"),
     ]
 
 
@@ -228,3 +228,52 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, data):
     saved = ckpt.latest_checkpoint(str(out))
     ckpt.verify_checkpoint(saved)
     assert ckpt.read_trainer_state(saved)["step"] == metric_steps(out)[-1]
+
+
+# ----------------------------------------------------------------------------- drdo eval
+
+
+@pytest.fixture
+def judge_dir(tmp_path, monkeypatch):
+    (tmp_path / "len_judge.py").write_text("def score(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+EVAL = ["--judge", "len_judge:score", "--max-new-tokens", "2", "--num-prompts", "2", "--no-progress", "--device", "cpu"]
+
+
+def test_eval_refuses_reserved_and_duplicate_policy_names(judge_dir, data, capsys):
+    one_error(capsys, ["eval", "--policy", "prompt=tiny", "--prompts", data, *EVAL], "prompt", "reserved")
+    one_error(capsys, ["eval", "--policy", "a=tiny", "--policy", "a=tiny", "--prompts", data, *EVAL], "'a'")
+    assert not (judge_dir / "runs").exists()
+
+
+def test_eval_win_rates_are_keyed_by_both_names(judge_dir, data):
+    from drdo.pipeline.evaluate import evaluate
+
+    names = ("a", "b_vs_c", "a_vs_b", "c")
+    report = evaluate({n: "tiny" for n in names}, ["Q1:", "Q2:"], "len_judge:score", max_new_tokens=2,
+                      progress=False, device="cpu")
+    assert sorted(report["win_rate"]) == sorted(names)
+    assert all(sorted(report["win_rate"][a]) == sorted(set(names) - {a}) for a in names)
+
+
+def test_eval_writes_report_and_generations_together(judge_dir, data, capsys):
+    report = judge_dir / "report.json"
+    report.write_text("old report")
+    (judge_dir / "report.json.generations.jsonl").mkdir()  # the generations cannot be written
+    one_error(capsys, ["eval", "--policy", "p=tiny", "--prompts", data, "--output", report, *EVAL], "generations")
+    assert report.read_text() == "old report"
+    assert not [name for name in os.listdir(judge_dir) if name.endswith(".tmp")]
+
+
+def test_eval_policy_that_is_neither_a_directory_nor_reachable_fails_at_once(judge_dir, data, capsys, monkeypatch):
+    import drdo.pipeline.evaluate as evaluate_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before every --policy was checked")
+
+    monkeypatch.setattr(evaluate_module, "load_judge", no_loading)
+    one_error(capsys, ["eval", "--policy", "drdo=drdo_ou", "--prompts", data, *EVAL], "--policy", "drdo_ou")
+    one_error(capsys, ["eval", "--policy", "./no/such/dir", "--prompts", data, *EVAL], "--policy", "no such")
