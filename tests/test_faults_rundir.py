@@ -25,7 +25,6 @@ from drdo.training import checkpoint as ckpt
 from drdo.training.loop import train
 from drdo.training.rundir import LOCK_FILE, RUN_FILE, OutputDirError
 
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -277,3 +276,45 @@ def test_eval_policy_that_is_neither_a_directory_nor_reachable_fails_at_once(jud
     monkeypatch.setattr(evaluate_module, "load_judge", no_loading)
     one_error(capsys, ["eval", "--policy", "drdo=drdo_ou", "--prompts", data, *EVAL], "--policy", "drdo_ou")
     one_error(capsys, ["eval", "--policy", "./no/such/dir", "--prompts", data, *EVAL], "--policy", "no such")
+
+
+# ----------------------------------------------------------------------------- drdo demo
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    import drdo.training.loop as loop
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(loop, "train", refuse)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--lrs", "50"], "lr"), (["--alpha", "nan"], "alpha"), (["--oracle-lr", "nan"], "oracle"),
+    (["--bt-temperature", "nan"], "bt-temperature"), (["--temperature", "inf"], "temperature"),
+    (["--max-new-tokens", "100000"], "max-new-tokens"), (["--sft-lr", "2"], "SFT"),
+])
+def test_demo_checks_every_value_before_it_writes_or_trains(tmp_path, capsys, no_training, flags, needle):
+    out = tmp_path / "demo"
+    one_error(capsys, ["demo", "--quick", "--no-progress", "--workers", "1", "--output-dir", out, *flags], needle)
+    assert not out.exists()
+
+
+def test_demo_and_its_quick_variants_run_have_their_own_directories(tmp_path, capsys, no_training, monkeypatch):
+    from test_demo import _parse
+
+    assert _parse().output_dir != _parse("--quick").output_dir
+    out = tmp_path / "demo"
+    with pytest.raises(AssertionError, match="training started"):  # a full demo claims the directory ...
+        main(["demo", "--no-progress", "--workers", "1", "--output-dir", str(out)])
+    before = _snapshot(out)
+    variants = os.path.join(REPO, "docs", "demo", "variants.yaml")
+    one_error(capsys, ["demo", "--quick", "--variants", variants, "--no-progress", "--workers", "1", "--output-dir", out],
+              "other settings", "--overwrite")
+    assert _snapshot(out) == before  # ... and another demo is refused before it writes anything
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    one_error(capsys, ["demo", "--quick", "--no-progress", "--workers", "1", "--output-dir", tmp_path / "foreign"],
+              "no drdo demo")
