@@ -25,6 +25,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from drdo.atomic import write_text  # noqa: E402
 from drdo.config import TrainConfig  # noqa: E402
 from drdo.data import PreferenceCollator  # noqa: E402
 from drdo.data.packing import PackedPreferenceCollator  # noqa: E402
@@ -125,7 +126,7 @@ def main(argv=None) -> dict:
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "padding_free.json").write_text(json.dumps(result, indent=2))
+        write_text(out / "padding_free.json", json.dumps(result, indent=2))
     return result
 
 

@@ -31,6 +31,7 @@ from benchmarks import peers, report, trl_train  # noqa: E402
 from benchmarks.common import default_output, interpret_mode, resolve_device, set_threads, torch_dtype, write_csv  # noqa: E402
 from benchmarks.heads import IGNORE_INDEX  # noqa: E402
 from benchmarks.measure import PeakMemory, bench_times, run_isolated, sync  # noqa: E402
+from drdo.atomic import write_text  # noqa: E402
 
 NAME = "train"
 METHODS = ["ours_triton", "ours_chunked", "ours_torch", "full_logits", "cce", "liger_dpo", *trl_train.METHODS]
@@ -326,7 +327,7 @@ def _append_train_md(out_dir: Path, rows: list[dict], batch_rows: list[dict]) ->
         lines.append(f"| {r['method']} | {r['mem_budget_mb']:.0f} | {r.get('max_batch_pairs', '')} | {peak} | "
                      f"{r['status']} | {str(r.get('note', ''))[:160]} |")
     path = out_dir / f"{NAME}.md"
-    path.write_text(path.read_text(encoding="utf-8") + "\n".join(lines) + "\n", encoding="utf-8")
+    write_text(path, path.read_text(encoding="utf-8") + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from drdo.atomic import atomic_write
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # scripts run as `python benchmarks/x.py` from anywhere
     sys.path.insert(0, str(ROOT))
@@ -186,7 +188,7 @@ def write_csv(rows: list[dict], path: Path, columns: list[str] = CSV_COLUMNS) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = [k for r in rows for k in r if k not in columns]
     header = columns + list(dict.fromkeys(extra))
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
         writer.writeheader()
         for r in rows:

@@ -21,6 +21,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import default_output, parse_shape, resolve_device, set_threads, write_csv  # noqa: E402
 from benchmarks.measure import _backward, _one_line, _quantile, _zero_grads, sync  # noqa: E402
+from drdo.atomic import write_text  # noqa: E402
 
 COLUMNS = ["bench", "ours", "peer", "device", "dtype", "N", "H", "V", "mode", "rounds",
            "ratio_median", "ratio_p20", "ratio_p80", "ours_ms_median", "peer_ms_median", "note"]
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> Path:
                          else r["note"]), flush=True)
     out_dir = Path(args.output) if args.output else default_output(device)
     path = write_csv(rows, out_dir / f"paired_{args.bench}.csv", COLUMNS)
-    (out_dir / f"paired_{args.bench}.md").write_text(_markdown(rows, args.bench, sys.argv), encoding="utf-8")
+    write_text(out_dir / f"paired_{args.bench}.md", _markdown(rows, args.bench, sys.argv))
     print(f"wrote {path}")
     return path
 

@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from benchmarks.common import read_csv, write_csv
+from drdo.atomic import save_figure, write_text
 
 RATIO_COLUMNS = ["bench", "ours", "peer", "device", "dtype", "N", "H", "V", "mode",
                  "time_ratio", "mem_ratio", "time_ratio_p20", "ours_ms", "peer_ms", "ours_mb", "peer_mb"]
@@ -169,7 +170,7 @@ def plot_vs_n(rows: list[dict], out_dir: Path, name: str) -> list[Path]:
         fig.suptitle(f"{name}: {dtype} {mode}, H={h}, V={v} ({rows[0]['device']})")
         fig.tight_layout()
         path = out_dir / f"{name}_{dtype}_{mode.replace('+', '-')}_H{h}_V{v}.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -182,8 +183,8 @@ def write_bench(rows: list[dict], out_dir: Path, name: str, meta: dict, *, plots
     write_csv(rows, out_dir / f"{name}.csv")
     ratio_rows = ratios(rows)
     write_csv(ratio_rows, out_dir / f"{name}_ratios.csv", RATIO_COLUMNS)
-    (out_dir / f"{name}.md").write_text(markdown(rows, ratio_rows, name, meta), encoding="utf-8")
-    (out_dir / f"{name}_meta.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    write_text(out_dir / f"{name}.md", markdown(rows, ratio_rows, name, meta))
+    write_text(out_dir / f"{name}_meta.json", json.dumps(meta, indent=2, default=str))
     if plots:
         try:
             plot_vs_n(rows, out_dir, name)
@@ -258,7 +259,7 @@ def write_results_md(out_dir: Path) -> Path:
 
         lines.append(model.markdown())
     path = out_dir / "results.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_text(path, "\n".join(lines))
     return path
 
 

@@ -12,10 +12,11 @@ Every subcommand takes ``--config file.yaml`` (keys = flag names with '_' or '-'
 flags given on the command line override the file, the file overrides the defaults.
 Multi-GPU: ``torchrun --nproc_per_node N -m drdo.cli train ...``.
 
-Exit status: 0 done, 2 a usage error or a known failure (bad data, unusable output directory,
+Exit status: 0 done (or, for training, already done: the output directory holds the same run,
+complete), 2 a usage error or a known failure (bad data, unusable output directory,
 corrupt checkpoint, divergence, disk full, ...: one ``drdo: error:`` line on stderr; ``drdo --debug
-COMMAND ...`` shows the traceback instead), 130 interrupted; anything else is a bug and shows
-its traceback.
+COMMAND ...`` shows the traceback instead), 130 interrupted by Ctrl-C and 143 by SIGTERM (training
+saves a checkpoint first); anything else is a bug and shows its traceback.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import errno
 import logging
 import json
 import os
+import signal
 import sys
 import time
 
@@ -147,7 +149,11 @@ def _run_train(args) -> int:
     result = train(train_config_from_args(args))
     if result.get("status") == "interrupted":
         print(f"interrupted: checkpoint saved to {result.get('checkpoint')}; continue with --resume", file=sys.stderr)
-        return 130
+        return 128 + result.get("signal", signal.SIGINT)
+    if result.get("status") == "finished":
+        print(f"{result['output_dir']} already holds this run, complete: nothing to train (pass --overwrite to "
+              "train it again)")
+        return 0
     print(f"saved to {result['output_dir']}")
     return 0
 
@@ -186,13 +192,16 @@ def _run_eval(args) -> int:
     from drdo.pipeline.evaluate import evaluate, generations_path, parse_policies
 
     _require(args, "policies", "--policy", "prompts", "--prompts", "judge", "--judge")
+    policies = parse_policies(args.policies)
+    for path in policies.values():
+        require_model_source(path, "--policy")
     if ":" not in args.judge or os.path.exists(args.judge):
         require_model_source(args.judge, "--judge")
     output = args.output or default_eval_output()
     prompts = load_prompts(args.prompts, split=args.split)
     if args.num_prompts is not None:
         prompts = prompts[: args.num_prompts]
-    report = evaluate(parse_policies(args.policies), prompts, args.judge, max_new_tokens=args.max_new_tokens,
+    report = evaluate(policies, prompts, args.judge, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                       max_prompt_length=args.max_prompt_length, trust_remote_code=args.trust_remote_code,
                       device=args.device, progress=args.progress, output=output)

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from drdo.atomic import atomic_write
 from drdo.errors import ConfigError
 from drdo.logprobs import KERNELS
 from drdo.models import is_tiny_model
@@ -277,10 +278,10 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 
 def save_yaml(config: TrainConfig, path: str) -> None:
-    """Write the resolved config as YAML (keys in field order)."""
+    """Write the resolved config as YAML (keys in field order), atomically."""
     import yaml
 
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
 
 

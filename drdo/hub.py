@@ -13,6 +13,7 @@ import socket
 from urllib.parse import urlparse
 
 from drdo.errors import ConfigError
+from drdo.run_record import model_problem
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -55,13 +56,17 @@ def _cached(name: str) -> bool:
 
 
 def require_model_source(name: str | None, flag: str = "--model") -> None:
-    """ConfigError unless ``name`` is "tiny", an existing directory, a cached hub id, or a hub id
+    """ConfigError unless ``name`` is "tiny", an existing directory that may hold a model (not empty,
+    not an unfinished drdo run: :func:`drdo.run_record.model_problem`), a cached hub id, or a hub id
     while the hub is reachable (a path that does not exist is never sent to the hub)."""
     if name is None or name == "tiny":
         return
     name = str(name)
     path = os.path.expanduser(name)
     if os.path.isdir(path):
+        problem = model_problem(path)
+        if problem is not None:
+            raise ConfigError(f"{flag} {name} {problem}")
         return
     if os.path.exists(path):
         raise ConfigError(f"{flag} {name} is a file; expected a model directory, a hub id or 'tiny'")

@@ -2,21 +2,24 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Iterable
 
-__all__ = ["write_jsonl", "read_jsonl"]
+from drdo.atomic import atomic_write
+
+__all__ = ["write_jsonl", "write_rows", "read_jsonl"]
 
 
 def write_jsonl(rows: Iterable[dict], path: str) -> str:
-    """Write dict rows as JSONL atomically (temporary file + rename; parent folders created); returns path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Write dict rows as JSONL atomically (:mod:`drdo.atomic`; parent folders created); returns path."""
+    with atomic_write(path) as f:
+        write_rows(f, rows)
     return path
+
+
+def write_rows(f, rows: Iterable[dict]) -> None:
+    """Write dict rows as JSON lines to the open text file ``f``."""
+    for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -33,6 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from drdo.atomic import write_text
+from drdo.run_record import model_problem
+
 __all__ = [
     "TINY_MODEL_NAME",
     "HEAD_WEIGHTS_NAME",
@@ -258,9 +261,13 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 def _check_model_dir(path: str) -> None:
-    """A local directory must hold config.json and safetensors weights; raises a clear error."""
+    """A local directory must hold config.json and safetensors weights, and be no unfinished drdo run
+    (:func:`drdo.run_record.model_problem`); raises a clear error."""
     if not os.path.isdir(path):
         return
+    problem = model_problem(path)
+    if problem is not None:
+        raise ModelFormatError(f"{path} {problem}")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelFormatError(f"{path} is not a Hugging Face model directory: config.json is missing")
     names = os.listdir(path)
@@ -412,8 +419,7 @@ def _save_head(head: nn.Linear, directory: str, *, trained: bool | None = None) 
     meta = {"format": _HEAD_FORMAT, "version": _HEAD_VERSION, "hidden_size": int(head.in_features), "dtype": "float32"}
     if trained is not None:
         meta["trained"] = bool(trained)
-    with open(os.path.join(directory, HEAD_CONFIG_NAME), "w") as f:
-        json.dump(meta, f, indent=2)
+    write_text(os.path.join(directory, HEAD_CONFIG_NAME), json.dumps(meta, indent=2))
 
 
 def head_is_trained(directory: str | os.PathLike) -> bool | None:

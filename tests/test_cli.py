@@ -174,11 +174,13 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     gens = _read(report_path + ".generations.jsonl")
     assert report["num_prompts"] == 5 and len(gens) == 5
     assert report["reward"]["drdo"]["mean"] == pytest.approx(sum(len(g["drdo"]) for g in gens) / 5)
-    assert report["win_rate"]["sft_vs_drdo"] + report["win_rate"]["drdo_vs_sft"] == pytest.approx(1.0)
+    assert report["win_rate"]["sft"]["drdo"] + report["win_rate"]["drdo"]["sft"] == pytest.approx(1.0)
     capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # without --output the report goes to runs/eval-<date>-<time>/ under the cwd
     assert main(["eval", "--policy", f"sft={sft}", "--judge", oracle, *common]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["num_prompts"] == 5 and math.isfinite(printed["reward"]["sft"]["mean"])
+    assert len(list((tmp_path / "runs").glob("eval-*/report.json"))) == 1
 
 
 def test_generation_is_seeded():

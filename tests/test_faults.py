@@ -160,7 +160,7 @@ def test_run_of_another_config_is_refused(tmp_path, data):
 def test_second_run_keeps_its_checkpoints_and_resumes_them(tmp_path, data):
     out = tmp_path / "out"
     train(cfg(data, out, save_limit=2))  # an earlier run: checkpoints step-2, step-3
-    result = train(cfg(data, out, save_limit=2), on_step=interrupt_at(1))  # a new run, no --resume
+    result = train(cfg(data, out, save_limit=2, overwrite=True), on_step=interrupt_at(1))  # a new run, no --resume
     assert result["status"] == "interrupted" and os.path.isdir(result["checkpoint"])
     assert result["checkpoint"].endswith("step-0000001")
     resumed = recorder()

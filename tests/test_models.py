@@ -371,6 +371,9 @@ def test_corrupt_or_inconsistent_files_raise_clear_errors(saved_dir, tmp_path):
         load_causal_lm("no-such-org/no-such-model")
     empty = tmp_path / "empty"
     empty.mkdir()
+    with pytest.raises(ModelFormatError, match="empty directory"):
+        PolicyWithRewardHead.from_pretrained(empty)
+    (empty / "notes.txt").write_text("not a model")
     with pytest.raises(ModelFormatError, match="config.json is missing"):
         PolicyWithRewardHead.from_pretrained(empty)
 

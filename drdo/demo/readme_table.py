@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 
+from drdo.atomic import atomic_write, write_text
 from drdo.demo.report import LABELS, METHODS, _inflation_text, noise_key
 
 __all__ = ["START", "END", "COMMITTED_REPORT", "COMMITTED_PLOT", "readme_block", "current_block",
@@ -77,16 +78,21 @@ def update(readme: str, report_path: str) -> str:
     target = os.path.join(root, *COMMITTED_REPORT.split("/"))
     os.makedirs(os.path.dirname(target), exist_ok=True)
     if os.path.abspath(report_path) != target:
-        shutil.copyfile(report_path, target)
+        _copy(report_path, target)
     plot = os.path.join(os.path.dirname(os.path.abspath(report_path)), "report.png")
     if os.path.isfile(plot):
-        shutil.copyfile(plot, os.path.join(root, *COMMITTED_PLOT.split("/")))
+        _copy(plot, os.path.join(root, *COMMITTED_PLOT.split("/")))
     block = readme_block(report)
     with open(readme, encoding="utf-8") as f:
         text = f.read()
-    with open(readme, "w", encoding="utf-8") as f:
-        f.write(replace_block(text, block))
+    write_text(readme, replace_block(text, block))
     return block
+
+
+def _copy(source: str, target: str) -> None:
+    """Copy a file's bytes over ``target`` atomically."""
+    with open(source, "rb") as src, atomic_write(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
 
 
 def main(argv: list[str] | None = None) -> int:

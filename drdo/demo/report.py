@@ -32,6 +32,8 @@ from __future__ import annotations
 import json
 import math
 
+from drdo.atomic import save_figure, write_text
+
 __all__ = ["METHODS", "ci95_halfwidth", "summarize", "write_report_json", "write_report_md", "plot_report",
            "noise_key", "students", "label"]
 
@@ -169,9 +171,7 @@ def _pairs(settings: dict) -> list[tuple[str, str]]:
 
 
 def write_report_json(report: dict, path: str) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    return path
+    return write_text(path, json.dumps(report, indent=2))
 
 
 def _fmt_lr(lrs: list) -> str:
@@ -355,9 +355,7 @@ def write_report_md(report: dict, path: str, *, plot_name: str | None = None) ->
     ]
     if plot_name:
         lines += ["", f"![true reward vs noise]({plot_name})"]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
+    return write_text(path, "\n".join(lines) + "\n")
 
 
 def _drdo_vs_sft_text(report: dict) -> str:
@@ -474,6 +472,6 @@ def plot_report(report: dict, path: str) -> str:
     ax2.set_title("true vs Oracle-judged win rate")
     ax2.legend(fontsize=6, ncol=3, loc="upper center")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path

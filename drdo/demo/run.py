@@ -27,9 +27,13 @@ every rate times 100 / S (default grid {3e-4, 1e-3} at 100 steps: {1e-4, 3.3e-4}
 steps), so a longer run keeps the product of rate and steps and does not handicap a method
 whose best rate falls as it trains longer. The rate chosen per cell is in the report.
 
-Writes under ``--output-dir``: report.md, report.json, report.png and work/
-(data, checkpoints, generations). Everything is deterministic given the seeds
-(up to floating-point non-determinism of multi-threaded CPU kernels).
+Writes under ``--output-dir`` (default ``runs/demo``, with ``--quick`` ``runs/demo-quick``):
+settings.json first, then work/ (data, checkpoints, generations), report.md, report.json and
+report.png. Every value, and the config of every training run, is checked before anything is
+written; a directory holding other files, or a demo of other settings, is refused unless
+``--overwrite``. A re-run with the same settings skips the training runs that finished.
+Everything is deterministic given the seeds (up to floating-point non-determinism of
+multi-threaded CPU kernels).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
+from drdo.atomic import write_text
 from drdo.config import KERNELS, ConfigError, add_config_flags, option
 from drdo.runtime import disable_library_progress_bars, quiet_libraries, torch_threads
 
@@ -49,6 +54,13 @@ __all__ = ["add_arguments", "run_demo", "DemoSettings", "settings_from_args"]
 
 METHODS = ("drdo", "dpo", "edpo")
 K_ORACLES = 3
+#: Token lengths of every stage: prompts of the letters task fit in 16 tokens, pairs in 64.
+MAX_PROMPT_LENGTH, MAX_LENGTH = 16, 64
+#: Largest --max-new-tokens: the students learn responses of at most MAX_LENGTH - MAX_PROMPT_LENGTH tokens.
+MAX_NEW_TOKENS = 256
+SETTINGS_FILE = "settings.json"
+#: Settings that do not change the demo's results: they may differ between runs into one directory.
+RUNTIME_ONLY = frozenset({"output_dir", "overwrite", "progress", "threads", "workers"})
 
 
 def _comma_list(text: str) -> list[str]:
@@ -99,21 +111,25 @@ class DemoSettings:
     train_pairs: int = option(1024, f"training pairs {_PER_SEED}")
     val_prompts: int = option(64, "validation prompts for the lr choice")
     test_prompts: int = option(256, "held-out test prompts")
-    max_new_tokens: int = option(24, "generation length")
+    max_new_tokens: int = option(24, f"generation length (at most {MAX_NEW_TOKENS})")
     temperature: float = option(1.0, "sampling temperature of the judged samples")
     kernel: str = option("auto", "loss/log-prob path", choices=KERNELS)
     threads: int = option(1, "torch CPU threads (the tiny model gains nothing from more, and loses much when "
                              "cores are shared)")
     workers: int = option(2, "cells (seed x noise level) run in this many processes at once (each with "
                              "--threads threads)")
-    output_dir: str = option("runs/demo", "where report.md / report.json / report.png and work/ go")
+    output_dir: str = option("runs/demo", "where settings.json, report.md / report.json / report.png and work/ go "
+                                          "(default: runs/demo; with --quick: runs/demo-quick)")
+    overwrite: bool = option(False, "use --output-dir even if it holds other files or a demo of other settings",
+                             action="store_true")
     progress: bool = option(True, "show progress bars")
     quick: bool = option(False, "a fast smoke run: 1 seed, fewer steps, one lr", action="store_true")
 
 
-#: --quick: one seed, fewer steps, one lr (4e-4 at 100 steps = 1e-3 at 40), fewer prompts (both noise levels kept).
+#: --quick: one seed, fewer steps, one lr (4e-4 at 100 steps = 1e-3 at 40), fewer prompts (both noise levels kept),
+#: its own directory.
 QUICK = dict(seeds=[0], steps=40, sft_steps=150, oracle_steps=40, lrs=[4e-4], train_pairs=512, val_prompts=32,
-             test_prompts=96)
+             test_prompts=96, output_dir="runs/demo-quick")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +160,12 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
 
 
 def _validate(s: DemoSettings) -> None:
-    """Raise ConfigError (a ValueError; `drdo` exits with status 2) on an unusable setting."""
+    """Raise ConfigError (a ValueError; `drdo` exits with status 2) on an unusable setting, before
+    anything is written: every value, then the config of every training run (:func:`_check_stages`)."""
+    for f in dataclasses.fields(s):
+        value = getattr(s, f.name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be finite, got {value}")
     if not s.seeds:
         raise ConfigError("--seeds must be >= 1")
     for n in s.noise:
@@ -174,6 +195,26 @@ def _validate(s: DemoSettings) -> None:
         raise ConfigError(f"need --alpha >= 0, --gamma >= 0 and --beta > 0, got {s.alpha}, {s.gamma}, {s.beta}")
     if s.bt_temperature < 0:
         raise ConfigError(f"--bt-temperature must be >= 0, got {s.bt_temperature}")
+    if s.max_new_tokens > MAX_NEW_TOKENS:
+        raise ConfigError(f"--max-new-tokens must be <= {MAX_NEW_TOKENS} (the students learn responses of at most "
+                          f"{MAX_LENGTH - MAX_PROMPT_LENGTH} tokens), got {s.max_new_tokens}")
+    _check_stages(s)
+
+
+def _check_stages(s: DemoSettings) -> None:
+    """Resolve the config of every training run of the demo (SFT, Oracle, each student at each lr of
+    its grid), so that a bad value is refused before the first run starts, naming the run."""
+    from drdo.config import resolve
+
+    runs = [("SFT", "sft", s.sft_lr, {}), ("the Oracles", "oracle", s.oracle_lr, {})]
+    runs += [(f"the {name} student at lr {lr:g} (its grid x --lr-ref-steps / --steps)", stage, lr, overrides)
+             for name, stage, overrides in students(s) for lr in lr_grid(s, stage)]
+    for what, stage, lr, overrides in runs:
+        try:
+            resolve(_stage_config(s, stage, "data.jsonl", s.output_dir, model=s.model, steps=s.steps, lr=lr, seed=0,
+                                  drdo=overrides))
+        except ConfigError as e:
+            raise ConfigError(f"{what}: {e}") from None
 
 
 def students(s: DemoSettings) -> list[tuple[str, str, dict]]:
@@ -230,25 +271,30 @@ def _single_oracle_file(scored: str, path: str) -> str:
 # ----------------------------------------------------------------------------- stages
 
 
-def _train(s: DemoSettings, stage: str, data: str, out: str, *, model: str, steps: int, lr: float, seed: int,
-           drdo: dict | None = None) -> str:
-    """Train one stage; ``drdo``: overrides of a DRDO variant (see :mod:`drdo.demo.variants`)."""
+def _stage_config(s: DemoSettings, stage: str, data: str, out: str, *, model: str, steps: int, lr: float, seed: int,
+                  drdo: dict | None = None):
+    """The TrainConfig of one stage; ``drdo``: overrides of a DRDO variant (see :mod:`drdo.demo.variants`)."""
     from drdo.config import TrainConfig, fields_for
-    from drdo.training.loop import train
 
     losses = dict(alpha=s.alpha, gamma=s.gamma, beta=s.beta if stage in ("dpo", "edpo") else None,
                   oracle_alpha=s.oracle_alpha, diagnostics_every=s.diagnostics_every)
     if stage == "drdo":
         losses.update(drdo or {})
     stage_fields = {f.name for f in fields_for(TrainConfig, (stage,))}
-    cfg = TrainConfig(
-        stage=stage, model=model, data=data, output_dir=out,
+    return TrainConfig(
+        stage=stage, model=model, data=data, output_dir=out, overwrite=s.overwrite,
         max_steps=steps, batch_size=s.batch_size, micro_batch_size=s.batch_size, lr=lr, warmup_ratio=0.1,
-        max_length=64, max_prompt_length=16, kernel=s.kernel, seed=seed, progress=s.progress, plot=False,
-        **{k: v for k, v in losses.items() if k in stage_fields},
+        max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, kernel=s.kernel, seed=seed, progress=s.progress,
+        plot=False, **{k: v for k, v in losses.items() if k in stage_fields},
     )
-    result = train(cfg)
-    if result.get("status") != "completed":
+
+
+def _train(s: DemoSettings, stage: str, data: str, out: str, **kwargs) -> str:
+    """Train one stage (:func:`_stage_config`); a run already complete in ``out`` is kept."""
+    from drdo.training.loop import train
+
+    result = train(_stage_config(s, stage, data, out, **kwargs))
+    if result.get("status") not in ("completed", "finished"):
         raise RuntimeError(f"{stage} training in {out} did not complete: {result.get('status')}")
     return out
 
@@ -257,7 +303,7 @@ def _generate(s: DemoSettings, policy: str, prompts: list[str], seed: int) -> li
     from drdo.pipeline.evaluate import generate
 
     return generate(policy, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed,
-                    batch_size=64, max_prompt_length=16, device="auto", progress=s.progress)
+                    batch_size=64, max_prompt_length=MAX_PROMPT_LENGTH, device="auto", progress=s.progress)
 
 
 def _mean(xs: list[float]) -> float:
@@ -308,7 +354,8 @@ def _oracle_data(s: DemoSettings, work: str, sft: str, oracles: list[str], pairs
     from drdo.pipeline.reflogps import compute_reference_logps
     from drdo.pipeline.scoring import score_dataset
 
-    common = dict(batch_size=128, max_length=64, max_prompt_length=16, device="auto", progress=s.progress)
+    common = dict(batch_size=128, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, device="auto",
+                  progress=s.progress)
     scored = score_dataset(oracles, pairs, os.path.join(work, "scored_k3.jsonl"), **common)
     with_ref = compute_reference_logps(sft, scored, os.path.join(work, "scored_k3_ref.jsonl"), kernel=s.kernel,
                                        **common)
@@ -360,8 +407,9 @@ def _judge_test(s: DemoSettings, policies: dict[str, str], oracle: str, prompts:
 
     Fills results[name]["true" | "oracle"] (per-prompt scores), writes test_generations.jsonl
     and returns the Pearson correlation of Oracle and true scores over all samples."""
-    from drdo.pipeline.evaluate import load_judge
     from drdo.demo.synthetic import true_rewards
+    from drdo.jsonl import write_jsonl
+    from drdo.pipeline.evaluate import load_judge
 
     judge = load_judge(oracle, device="auto")
     generations = {}
@@ -369,11 +417,9 @@ def _judge_test(s: DemoSettings, policies: dict[str, str], oracle: str, prompts:
         generations[name] = _generate(s, path, prompts, seed=seed + 11)
         results[name]["true"] = true_rewards(prompts, generations[name])
         results[name]["oracle"] = [float(v) for v in judge(prompts, generations[name])]
-    with open(os.path.join(work, "test_generations.jsonl"), "w", encoding="utf-8") as f:
-        for i, p in enumerate(prompts):
-            row = {m: {"response": generations[m][i], "true": results[m]["true"][i], "oracle": results[m]["oracle"][i]}
-                   for m in policies}
-            f.write(json.dumps({"prompt": p, **row}) + "\n")
+    write_jsonl(({"prompt": p, **{m: {"response": generations[m][i], "true": results[m]["true"][i],
+                                      "oracle": results[m]["oracle"][i]} for m in policies}}
+                 for i, p in enumerate(prompts)), os.path.join(work, "test_generations.jsonl"))
     return _pearson([v for m in policies for v in results[m]["true"]],
                     [v for m in policies for v in results[m]["oracle"]])
 
@@ -464,13 +510,47 @@ def _run_parallel(s: DemoSettings, jobs: list, bar) -> list[dict]:
             return [f.result() for f in futures]  # re-raises a worker's exception
 
 
+def _identity(s: DemoSettings) -> dict:
+    """The settings that decide the demo's results, as JSON values (the variants' contents included)."""
+    values = {k: v for k, v in asdict(s).items() if k not in RUNTIME_ONLY}
+    values["variant_specs"] = [[name, stage, overrides] for name, stage, overrides in students(s)]
+    return json.loads(json.dumps(values))
+
+
+def _read_settings(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _claim_output_dir(s: DemoSettings) -> None:
+    """Refuse an output directory that holds other files or a demo of other settings (unless
+    --overwrite) before anything is written; then record this demo's settings in it."""
+    out, identity = s.output_dir, _identity(s)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--output-dir {out} exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not s.overwrite:
+        saved = _read_settings(os.path.join(out, SETTINGS_FILE))
+        if saved is None:
+            raise ConfigError(f"--output-dir {out} is not empty and holds no drdo demo; choose another directory "
+                              "or pass --overwrite")
+        diffs = [k for k, v in identity.items() if saved.get(k) != v]
+        if diffs:
+            raise ConfigError(f"--output-dir {out} holds a demo of other settings (differing: {', '.join(diffs)}); "
+                              "choose another directory or pass --overwrite")
+    write_text(os.path.join(out, SETTINGS_FILE), json.dumps(identity, indent=2))
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo from parsed ``drdo demo`` flags; writes the report; returns 0."""
     from drdo.demo.report import plot_report, summarize, write_report_json, write_report_md
 
     s = settings_from_args(args)
     start = time.perf_counter()
-    os.makedirs(s.output_dir, exist_ok=True)
+    _claim_output_dir(s)
     jobs = [(seed, noise, os.path.join(s.output_dir, "work", f"seed{seed}", f"noise{noise:g}"))
             for seed in s.seeds for noise in s.noise]
     bar = None
@@ -494,8 +574,7 @@ def run_demo(args: argparse.Namespace) -> int:
     settings["elapsed_s"] = time.perf_counter() - start
     settings["cpu_count"] = os.cpu_count()
     report = summarize(cells, settings)
-    with open(os.path.join(s.output_dir, "cells.json"), "w", encoding="utf-8") as f:
-        json.dump(cells, f)
+    write_text(os.path.join(s.output_dir, "cells.json"), json.dumps(cells))
     write_report_json(report, os.path.join(s.output_dir, "report.json"))
     plot_report(report, os.path.join(s.output_dir, "report.png"))
     md = write_report_md(report, os.path.join(s.output_dir, "report.md"), plot_name="report.png")

@@ -8,7 +8,7 @@ as text, e.g. through the chat template).
 
 Report: for each policy the expected judge reward (mean, std error) and for each
 ordered pair of policies the win rate of the first over the second, prompt by
-prompt (a tie counts 1/2).
+prompt (a tie counts 1/2): ``report["win_rate"][a][b]``.
 """
 from __future__ import annotations
 
@@ -22,12 +22,15 @@ from typing import Callable
 
 import torch
 
+from drdo.atomic import atomic_writes
 from drdo.data import encode_prompt
-from drdo.jsonl import write_jsonl
+from drdo.errors import ConfigError
+from drdo.jsonl import write_rows
 from drdo.progress import batch_starts
 from drdo.pipeline.scoring import load_reward_model, pick_device
 
-__all__ = ["JudgeError", "generate", "evaluate", "load_judge", "win_rate", "parse_policies", "generations_path"]
+__all__ = ["JudgeError", "RESERVED_NAMES", "generate", "evaluate", "load_judge", "win_rate", "parse_policies",
+           "generations_path"]
 
 Judge = Callable[[list, list], list]
 
@@ -36,15 +39,25 @@ class JudgeError(ValueError):
     """The judge cannot be loaded, or returned something other than one finite score per response."""
 
 
+#: Names a policy cannot take: the other columns of a generations row.
+RESERVED_NAMES = frozenset({"prompt"})
+
+
 def parse_policies(specs: list[str]) -> dict[str, str]:
-    """["name=path", "path2"] -> {"name": "path", basename(path2): "path2"}; names must be unique."""
+    """["name=path", "path2"] -> {"name": "path", basename(path2): "path2"}; names must be unique,
+    non-empty and not in :data:`RESERVED_NAMES` (ConfigError)."""
     out: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = os.path.basename(os.path.normpath(spec)) or spec, spec
+        if not name or not path:
+            raise ConfigError(f"--policy {spec!r}: expected NAME=PATH or PATH")
+        if name in RESERVED_NAMES:
+            raise ConfigError(f"--policy {spec!r}: the name {name!r} is reserved (a column of the generations "
+                              "file); use NAME=PATH with another name")
         if name in out:
-            raise ValueError(f"two policies are named {name!r}; use NAME=PATH to tell them apart")
+            raise ConfigError(f"two policies are named {name!r}; use NAME=PATH to tell them apart")
         out[name] = path
     return out
 
@@ -194,12 +207,15 @@ def evaluate(policies: dict, prompts: list, judge, *, max_new_tokens: int = 64, 
     """Generate with every policy, score with the judge, report rewards and pairwise win rates.
 
     policies: {name: path or loaded model (with tokenizer as (model, tokenizer) tuple)}.
-    Returns {"num_prompts", "reward": {name: {"mean", "stderr"}}, "win_rate": {"a_vs_b": float},
+    Returns {"num_prompts", "reward": {name: {"mean", "stderr"}}, "win_rate": {a: {b: float}},
     "generations": {name: [str]}, "scores": {name: [float]}}. With ``output`` the report is
-    written as JSON and the generations as ``<output>.generations.jsonl``.
+    written as JSON and the generations as ``<output>.generations.jsonl``, together (:func:`write_outputs`).
     """
     if not policies:
         raise ValueError("evaluate needs at least one policy")
+    if RESERVED_NAMES & set(policies):
+        raise ConfigError(f"policy names {sorted(RESERVED_NAMES & set(policies))} are reserved (columns of the "
+                          "generations file)")
     if not prompts:
         raise ValueError("evaluate needs at least one prompt")
     judge_fn = load_judge(judge, device=device, trust_remote_code=trust_remote_code)
@@ -221,12 +237,19 @@ def evaluate(policies: dict, prompts: list, judge, *, max_new_tokens: int = 64, 
         var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
         report["reward"][name] = {"mean": mean, "stderr": math.sqrt(var / len(values))}
     for a, b in itertools.permutations(scores, 2):
-        report["win_rate"][f"{a}_vs_{b}"] = win_rate(scores[a], scores[b])
+        report["win_rate"].setdefault(a, {})[b] = win_rate(scores[a], scores[b])
     report["generations"], report["scores"] = generations, scores
     if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w", encoding="utf-8") as f:
-            json.dump({k: v for k, v in report.items() if k != "generations"}, f, indent=2)
-        rows = [{"prompt": p, **{name: generations[name][i] for name in generations}} for i, p in enumerate(prompts)]
-        write_jsonl(rows, generations_path(output))
+        write_outputs(report, prompts, output)
     return report
+
+
+def write_outputs(report: dict, prompts: list, output: str) -> None:
+    """The report (without the generations) as JSON at ``output`` and one row per prompt at
+    :func:`generations_path`: both temporaries are written before either file is replaced, so a
+    failed write leaves the old pair as it was."""
+    generations = report["generations"]
+    rows = ({"prompt": p, **{name: texts[i] for name, texts in generations.items()}} for i, p in enumerate(prompts))
+    with atomic_writes([generations_path(output), output]) as (gens_file, report_file):
+        write_rows(gens_file, rows)
+        json.dump({k: v for k, v in report.items() if k != "generations"}, report_file, indent=2)

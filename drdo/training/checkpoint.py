@@ -15,9 +15,10 @@ the checkpoints of one run (:mod:`drdo.training.rundir` decides which). A checkp
 already taken by another run's checkpoint is not overwritten: that one is renamed to
 ``step-...-run-<id>`` and can still be resumed by its path.
 
-A checkpoint is first written to ``checkpoints/.tmp-step-...`` and renamed into place
-with ``os.replace``, so a crash mid-write never leaves a half checkpoint under a
-``step-*`` name. Under FSDP2 the full model and optimizer state dicts are gathered to
+A checkpoint is first written to a fresh directory ``checkpoints/.tmp-step-...-<random>``
+(made by :func:`tempfile.mkdtemp`) and renamed into place with ``os.replace``, so a crash
+mid-write never leaves a half checkpoint under a ``step-*`` name; the next run into the
+directory removes what a killed one left (:func:`remove_stale_temporaries`). Under FSDP2 the full model and optimizer state dicts are gathered to
 rank 0 (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``); on load
 every rank reads the files and ``set_*_state_dict`` reshards them.
 """
@@ -33,12 +34,15 @@ import shutil
 import torch
 from torch import nn
 
-from drdo.training.distributed import DistState, barrier
+from drdo.atomic import fresh_directory
+from drdo.training.distributed import DistState, barrier, broadcast_object
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
 MANIFEST_FILE = "manifest.json"
+TMP_PREFIX = ".tmp-"
+EXPORT_TMP_PREFIX = ".tmp-export-"
 POLICY_PREFIX = "policy."
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -75,6 +79,21 @@ def list_checkpoints(output_dir: str, run_id: str | None = None) -> list[str]:
             if run_id is None or checkpoint_run_id(path) == run_id:
                 found.append((int(m.group(1)), path))
     return [path for _, path in sorted(found)]
+
+
+def remove_stale_temporaries(output_dir: str) -> list[str]:
+    """Remove the half-written checkpoints and exports a killed run left in ``output_dir`` (call it
+    with the directory's lock held); returns what was removed."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    found = [os.path.join(root, n) for n in (os.listdir(root) if os.path.isdir(root) else [])
+             if n.startswith(TMP_PREFIX + "step-")]
+    found += [os.path.join(output_dir, n) for n in os.listdir(output_dir) if n.startswith(EXPORT_TMP_PREFIX)]
+    for path in found:
+        if os.path.islink(path) or not os.path.isdir(path):
+            os.remove(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    return found
 
 
 def latest_checkpoint(output_dir: str, run_id: str | None = None) -> str | None:
@@ -155,18 +174,21 @@ def is_disk_full(err: BaseException) -> bool:
     return any(marker in text for marker in _DISK_FULL_MARKERS)
 
 
-def _write_guard(what: str, tmp: str, kept: str | None):
-    """Context manager: on a write failure remove ``tmp`` and raise one CheckpointError line."""
+def _write_guard(what: str, kept: str | None):
+    """Context manager yielding a list: on a write failure the directories put in it are removed and
+    one CheckpointError line is raised."""
     import contextlib
 
     @contextlib.contextmanager
     def guard():
+        made: list[str] = []
         try:
-            yield
+            yield made
         except Exception as e:  # OSError, torch's RuntimeError, safetensors' own error type
             if not isinstance(e, OSError) and not is_disk_full(e):
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
+            for tmp in made:
+                shutil.rmtree(tmp, ignore_errors=True)
             cause = "no space left on device" if is_disk_full(e) else f"{type(e).__name__}: {e}"
             where = f"the checkpoint {kept} is kept" if kept else "no earlier checkpoint exists"
             raise CheckpointError(f"{cause} while writing {what}; {where}; free space and resume with --resume") from e
@@ -251,13 +273,13 @@ def save_checkpoint(
     (disk full: one :class:`CheckpointError` line; the half-written directory is removed).
     """
     final = step_dir(output_dir, step)
-    tmp = os.path.join(os.path.dirname(final), ".tmp-" + os.path.basename(final))
     what = f"checkpoint {final}"
-    with _write_guard(what, tmp, kept):
+    with _write_guard(what, kept) as made:
+        tmp = None
         if dist_state.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        barrier(dist_state)
+            tmp = fresh_directory(os.path.dirname(final), f"{TMP_PREFIX}{os.path.basename(final)}-")
+            made.append(tmp)
+        tmp = broadcast_object(dist_state, tmp)
         full = gather_model_state(root) if dist_state.distributed else None
         optim_state = gather_optimizer_state(root, optimizer)
         if dist_state.is_main:
@@ -290,12 +312,13 @@ def _move_aside_or_remove(path: str, run_id: str | None) -> None:
 
 def export_final(policy: nn.Module, full_state: dict[str, torch.Tensor] | None, directory: str, tokenizer=None,
                  *, kept: str | None = None) -> str:
-    """The final export, atomically: every file is written to ``directory/.tmp-export`` first and
+    """The final export: every file is written to a fresh ``directory/.tmp-export-<random>`` first and
     renamed into ``directory`` only when all were written (a full disk leaves the old files and
-    ``kept`` in place and raises one :class:`CheckpointError` line)."""
-    tmp = os.path.join(directory, ".tmp-export")
-    with _write_guard(f"the final model to {directory}", tmp, kept):
-        shutil.rmtree(tmp, ignore_errors=True)
+    ``kept`` in place and raises one :class:`CheckpointError` line). The directory holds a complete
+    model only once :func:`drdo.training.rundir.mark_complete` has recorded it."""
+    with _write_guard(f"the final model to {directory}", kept) as made:
+        tmp = fresh_directory(directory, EXPORT_TMP_PREFIX)
+        made.append(tmp)
         export_policy(policy, full_state, tmp, tokenizer)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(directory, name))

@@ -19,9 +19,12 @@ Failure behaviour: a non-finite loss or gradient norm stops the run before the
 optimizer step (:class:`TrainingDiverged`), and so do weights that are not finite after
 it (they are never saved), leaving the last good checkpoint in place. The run owns its
 output directory (:mod:`drdo.training.rundir`: lock, run id, config checks); the final
-model is exported atomically after a checkpoint of the last step was written, and that
-checkpoint is removed only once the export succeeded. SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns
-``{"status": "interrupted", ...}`` (a second Ctrl-C aborts at once).
+model is exported after a checkpoint of the last step was written, recorded as complete in
+run.json (:func:`rundir.mark_complete`), and only then is that checkpoint removed. SIGINT (Ctrl-C)
+and SIGTERM (``timeout``, schedulers, ``docker stop``) finish the current step, save a checkpoint
+and return ``{"status": "interrupted", "signal": <its number>, ...}`` (a second signal aborts at once).
+A run of the same config into a directory that already holds it, complete, trains nothing and
+returns ``{"status": "finished", ...}``.
 """
 from __future__ import annotations
 
@@ -158,26 +161,34 @@ def _optimizer(config: TrainConfig, root: torch.nn.Module) -> torch.optim.AdamW:
 
 
 class _StopFlag:
-    """SIGINT handler: the first Ctrl-C asks for a clean stop, the second raises KeyboardInterrupt."""
+    """SIGINT and SIGTERM handler: the first signal asks for a clean stop (``signum`` records which),
+    the second raises KeyboardInterrupt."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("Ctrl-C: finishing this step, saving a checkpoint and exiting (Ctrl-C again to abort)")
+        self.signum = signum
+        logger.warning("%s: finishing this step, saving a checkpoint and exiting (send it again to abort)",
+                       signal.Signals(signum).name)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
         return False
 
 
@@ -235,14 +246,16 @@ class Trainer:
 
     # -- resume
     def maybe_resume(self) -> None:
-        """Load the checkpoint chosen (and verified) by :func:`rundir.plan_run`; cut metrics.jsonl back to it."""
+        """Load the checkpoint chosen (and verified) by :func:`rundir.plan_run`; cut metrics.jsonl back to it
+        when it is one of this directory's."""
         directory = self.plan.resume_dir
         if directory is None:
             return
         state = ckpt.load_checkpoint(directory, root=self.root, optimizer=self.optimizer, dist_state=self.dist)
         self.start_step = state["step"]
         self.last_good = directory
-        self.metrics.truncate_after(self.start_step)
+        if self.plan.continues:
+            self.metrics.truncate_after(self.start_step)
         if self.dist.is_main:
             logger.info("resumed from %s at step %d", directory, self.start_step)
 
@@ -357,8 +370,8 @@ class Trainer:
         return directory
 
     def export_final(self, row: dict | None) -> None:
-        """Checkpoint the last step (unless it is the checkpoint just resumed), export atomically, then
-        drop that checkpoint. A full disk while checkpointing still tries the smaller export."""
+        """Checkpoint the last step (unless it is the checkpoint just resumed), export, record the export
+        as complete, then drop that checkpoint. A full disk while checkpointing still tries the smaller export."""
         final_ckpt = ckpt.step_dir(self.out, self.total)
         if not (self.last_good and os.path.abspath(self.last_good) == os.path.abspath(final_ckpt)):
             try:
@@ -370,6 +383,7 @@ class Trainer:
         full = ckpt.gather_model_state(self.root) if self.dist.distributed else None
         if self.dist.is_main:
             ckpt.export_final(self.root.policy, full, self.out, self.tokenizer, kept=self.last_good)
+            rundir.mark_complete(self.out, self.total)
             if self.last_good and os.path.abspath(self.last_good) == os.path.abspath(final_ckpt) \
                     and ckpt.checkpoint_run_id(final_ckpt) == self.plan.run_id:
                 shutil.rmtree(final_ckpt, ignore_errors=True)
@@ -384,12 +398,12 @@ class Trainer:
         c = self.config
         self.maybe_resume()
         if self.dist.is_main:  # every check passed: this run now owns the directory
-            if self.plan.resume_dir is None:
+            if not self.plan.continues:
                 self.metrics.reset()
             rundir.commit_run(c, self.plan)
         bar = _progress(c.progress and self.dist.is_main, self.total, self.start_step, c.stage)
         row: dict | None = None
-        status = "completed"
+        status, signum = "completed", None
         self.root.train()
         with _StopFlag() as flag:
             for step in range(self.start_step, self.total):
@@ -412,7 +426,7 @@ class Trainer:
                     self.save(done, row)
                     saved = True
                 if self._stop_requested(flag):
-                    status = "interrupted"
+                    status, signum = "interrupted", flag.signum
                     if not saved:
                         self.save(done, row)
                     break
@@ -422,8 +436,9 @@ class Trainer:
         if status == "completed":
             self.export_final(row)
             self._plot()
-        return dict(row or {}, status=status, output_dir=self.out, checkpoint=self.last_good,
-                    total_steps=self.total)
+        result = dict(row or {}, status=status, output_dir=self.out, checkpoint=self.last_good,
+                      total_steps=self.total)
+        return result if signum is None else dict(result, signal=signum)
 
     def _plot(self) -> None:
         if not (self.config.plot and self.dist.is_main and os.path.exists(self.metrics.path)):
@@ -455,8 +470,9 @@ def _outermost_missing(path: str) -> str | None:
     return missing
 
 
-def _start(config: TrainConfig, state, on_step, lock: rundir.RunLock) -> "Trainer":
-    """Take the output directory (rank 0: lock, check, plan the run; the plan is broadcast) and build the trainer."""
+def _start(config: TrainConfig, state, on_step, lock: rundir.RunLock) -> "Trainer | None":
+    """Take the output directory (rank 0: lock, check, plan the run; the plan is broadcast) and build the
+    trainer; None when the directory already holds this run, finished."""
     plan, error = None, None
     if state.is_main:
         try:
@@ -469,12 +485,19 @@ def _start(config: TrainConfig, state, on_step, lock: rundir.RunLock) -> "Traine
         raise error
     if plan is None:
         raise rundir.OutputDirError("rank 0 could not use the output directory (see its error)")
-    return Trainer(config, state, on_step, plan)
+    return None if plan.finished else Trainer(config, state, on_step, plan)
+
+
+def _finished_result(config: TrainConfig) -> dict:
+    """The result of a run that found itself already complete in its directory."""
+    run = rundir.read_run(config.output_dir) or {}
+    return dict(status="finished", output_dir=config.output_dir, checkpoint=None, total_steps=run.get("total_steps"))
 
 
 def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run one training stage (see the module docstring); returns the last step's metrics plus
-    ``status`` ("completed" | "interrupted"), ``output_dir``, ``checkpoint``, ``total_steps``.
+    ``status`` ("completed" | "interrupted" | "finished": already complete, nothing trained),
+    ``output_dir``, ``checkpoint``, ``total_steps`` (and ``signal`` when interrupted).
 
     on_step(step, metrics) is called on every rank after each optimizer step (1-based step).
     Raises ConfigError, MissingFieldError (data lacks Oracle scores / reference log-probs),
@@ -497,7 +520,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
                 shutil.rmtree(created, ignore_errors=True)
             raise
         try:
-            result = trainer.run()
+            result = trainer.run() if trainer is not None else _finished_result(config)
         finally:
             lock.release()
     dist_utils.teardown(state)  # on an error the ranks do not wait for each other

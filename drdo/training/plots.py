@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from drdo.atomic import save_figure
 from drdo.training.metrics import read_metrics
 
 #: Panels drawn when present in the log, in this order.
@@ -34,7 +35,7 @@ def plot_training_curves(metrics_path: str, output_path: str, *, title: str | No
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(output_path, dpi=100)
+    save_figure(fig, output_path, dpi=100)
     plt.close(fig)
     return output_path
 

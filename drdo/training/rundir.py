@@ -7,11 +7,17 @@
   it was resumed from (``parent``). Checkpoints carry the id of the run that wrote them;
   ``--resume`` only uses, and pruning only deletes, checkpoints of the run being resumed.
 * A fresh run (no ``--resume``) refuses a non-empty directory that holds no drdo run, or a
-  run of another config, unless ``--overwrite``; files it did not write are never deleted.
+  run of another config, unless ``--overwrite``; files it did not write are never deleted. So
+  does ``--resume`` of a checkpoint of another directory: it starts a new run in this one.
 * ``--resume`` refuses a checkpoint written with another config (naming the fields), except
   for the settings in :data:`RUNTIME_ONLY` and a larger ``max_steps``, unless
-  ``--allow-config-change``.
-* ``run.json`` and ``config.yaml`` are written only after every check passed (:func:`commit_run`).
+  ``--allow-config-change``. Data is compared by content (sha256) where it is a local file,
+  so ``./x.jsonl`` and ``x.jsonl`` are the same data.
+* ``run.json`` and ``config.yaml`` are written only after every check passed (:func:`commit_run`),
+  with ``"complete": false``; :func:`mark_complete` sets it true once the final model is
+  exported. That flag is the one fact "this directory holds this run's complete model": every
+  loader refuses a run directory without it (:func:`drdo.run_record.model_problem`), and a run
+  (fresh or ``--resume``) of the same config into a directory whose run is complete trains nothing.
 
 Resuming from a checkpoint that is not the newest of its run (a roll-back) starts a new run
 id whose ``parent`` is that checkpoint: a later plain ``--resume`` continues the new branch,
@@ -22,20 +28,22 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
 
+from drdo.atomic import write_text
 from drdo.config import TrainConfig, save_yaml
+from drdo.run_record import LOCK_FILE, RUN_FILE, read_run_file
 from drdo.training import checkpoint as ckpt
 
 logger = logging.getLogger("drdo.training.rundir")
 
-LOCK_FILE = ".drdo.lock"
-RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 #: Settings that cannot change what a run computes: they may differ between a checkpoint and its resume.
 #: (The step's loss is normalised over the global batch, so micro_batch_size, like the world size,
@@ -51,12 +59,16 @@ class OutputDirError(RuntimeError):
 
 @dataclass
 class RunPlan:
-    """What :func:`plan_run` decided: the run's id, the checkpoint to resume (None: start at step 0)
-    and the checkpoint the run descends from (``parent``, recorded in run.json)."""
+    """What :func:`plan_run` decided: the run's id, the checkpoint to resume (None: start at step 0),
+    the checkpoint the run descends from (``parent``, recorded in run.json), whether that checkpoint
+    is one of this directory's (``continues``: metrics.jsonl is cut back to its step, else started
+    anew) and whether the directory already holds this run, complete (``finished``: nothing to train)."""
 
     run_id: str
     resume_dir: str | None = None
     parent: str | None = None
+    continues: bool = False
+    finished: bool = False
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -73,7 +85,7 @@ class RunLock:
         _make_directory(self.directory)
         path = os.path.join(self.directory, LOCK_FILE)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise OutputDirError(f"cannot write to --output-dir {self.directory}: {e.strerror or e}") from None
         try:
@@ -119,11 +131,10 @@ def _make_directory(directory: str) -> None:
 
 def _probe_writable(directory: str) -> None:
     """OutputDirError unless a file can be created in ``directory`` (read-only or immutable dirs)."""
-    probe = os.path.join(directory, f".drdo-write-test-{os.getpid()}")
     try:
-        with open(probe, "w") as f:
-            f.write("x")
-        os.remove(probe)
+        with tempfile.TemporaryFile(dir=directory) as f:
+            f.write(b"x")
+            f.flush()
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OutputDirError(f"--output-dir {directory}: no space left on device") from None
@@ -134,18 +145,14 @@ def _probe_writable(directory: str) -> None:
 
 
 def read_run(directory: str) -> dict | None:
-    """{"run_id", "config", "parent"} of the run that owns ``directory``; a directory written by an older
-    drdo (config.yaml only) gives run_id None; None when the directory holds no drdo run."""
+    """{"run_id", "config", "parent", "complete", ...} of the run that owns ``directory``; a directory
+    written by an older drdo (config.yaml only) gives run_id None; None when the directory holds no drdo run."""
     path = os.path.join(directory, RUN_FILE)
     if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                run = json.load(f)
-            if isinstance(run, dict) and isinstance(run.get("config"), dict):
-                return run
-        except (OSError, ValueError):
-            pass
-        raise OutputDirError(f"{path} is unreadable; pass --overwrite to start a new run in {directory}")
+        run = read_run_file(path)
+        if run is None:
+            raise OutputDirError(f"{path} is unreadable; pass --overwrite to start a new run in {directory}")
+        return run
     legacy = os.path.join(directory, CONFIG_FILE)
     if os.path.isfile(legacy):
         from drdo.config import ConfigError, load_yaml
@@ -157,23 +164,56 @@ def read_run(directory: str) -> dict | None:
     return None
 
 
-def data_digest(source) -> str | None:
-    """sha256 of a local data file (None for hub ids, directories and in-memory data)."""
-    if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(os.path.expanduser(str(source))):
-        return None
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of ``path``, computed once per (size, modification time)."""
     digest = hashlib.sha256()
-    with open(os.path.expanduser(str(source)), "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def config_differences(saved: dict, config: TrainConfig, *, resuming: bool) -> list[str]:
+def _local_file(source) -> str | None:
+    """The resolved path of a local data file (None for hub ids, directories and in-memory data)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = os.path.realpath(os.path.expanduser(os.fspath(source)))
+    return path if os.path.isfile(path) else None
+
+
+def data_digest(source) -> str | None:
+    """sha256 of a local data file (None for hub ids, directories and in-memory data)."""
+    path = _local_file(source)
+    if path is None:
+        return None
+    st = os.stat(path)
+    return _file_digest(path, st.st_size, st.st_mtime_ns)
+
+
+def _data_difference(old, new, old_digest: str | None) -> str | None:
+    """How the data ``new`` differs from ``old`` (whose sha256 was ``old_digest`` when recorded): by
+    content where both digests are known, else by resolved path; None when they are the same."""
+    new_digest = data_digest(new)
+    if old_digest and new_digest:
+        if old_digest == new_digest:
+            return None
+        if _local_file(old) == _local_file(new):
+            return f"data: the content of {new} changed since the run used it"
+        return f"data: {old!r} -> {new!r} (other content)"
+    if old == new or (_local_file(old) or old) == (_local_file(new) or new):
+        return None
+    return f"data: {old!r} -> {new!r}"
+
+
+def config_differences(saved: dict, config: TrainConfig, *, resuming: bool, data_sha256: str | None = None) -> list[str]:
     """Fields whose value in ``config`` differs from ``saved`` (a config dict), as "name: old -> new".
-    Settings in :data:`RUNTIME_ONLY` are ignored; when ``resuming``, so is a larger max_steps."""
-    out = []
+    Settings in :data:`RUNTIME_ONLY` are ignored; when ``resuming``, so is a larger max_steps. The data
+    is compared by :func:`_data_difference` (``data_sha256``: the digest recorded with ``saved``)."""
+    data = _data_difference(saved.get("data"), config.data, data_sha256)
+    out = [data] if data else []
     for f in dataclasses.fields(TrainConfig):
-        if f.name in RUNTIME_ONLY:
+        if f.name in RUNTIME_ONLY or f.name == "data":
             continue
         new = getattr(config, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -186,26 +226,34 @@ def config_differences(saved: dict, config: TrainConfig, *, resuming: bool) -> l
     return out
 
 
-def _check_fresh(directory: str, config: TrainConfig) -> None:
-    """A fresh run may use an empty directory, or one holding a drdo run of the same config."""
+def _check_fresh(directory: str, config: TrainConfig) -> dict | None:
+    """A new run may use an empty directory, or one holding a drdo run of the same config (returned;
+    None for an empty directory and with --overwrite)."""
     entries = sorted(set(os.listdir(directory)) - {LOCK_FILE})
     if not entries:
-        return
-    run = read_run(directory) if not config.overwrite else None
+        return None
     if config.overwrite:
         logger.warning("--overwrite: starting a new run in %s (files of other runs are kept unless overwritten)",
                        directory)
-        return
+        return None
+    run = read_run(directory)
     if run is None:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise OutputDirError(
             f"--output-dir {directory} is not empty ({shown}) and holds no drdo run; choose an empty directory "
             "or pass --overwrite")
-    diffs = config_differences(run["config"], config, resuming=False)
+    diffs = config_differences(run["config"], config, resuming=False, data_sha256=run.get("data_sha256"))
     if diffs:
         raise OutputDirError(
             f"--output-dir {directory} holds a drdo run with another config ({'; '.join(diffs)}); pass --resume to "
             "continue it, choose another directory, or pass --overwrite to start a new run there")
+    return run
+
+
+def _finished(run: dict | None, config: TrainConfig) -> bool:
+    """True when ``run`` is complete and has the config of ``config``: there is nothing to train."""
+    return run is not None and run.get("complete") is True and not config_differences(
+        run["config"], config, resuming=False, data_sha256=run.get("data_sha256"))
 
 
 def _new_id() -> str:
@@ -230,24 +278,42 @@ def _verified(directory: str, candidates: list[str]) -> str:
     raise ckpt.CheckpointError(f"checkpoint {directory} is corrupt: {problem}; {hint}")
 
 
+def _is_own(checkpoint: str, directory: str) -> bool:
+    """True when ``checkpoint`` lies in ``directory``'s checkpoints folder."""
+    parent = os.path.dirname(os.path.realpath(checkpoint))
+    return parent == os.path.realpath(os.path.join(directory, ckpt.CHECKPOINTS))
+
+
+def _plan_named_resume(directory: str, config: TrainConfig, run: dict | None) -> RunPlan:
+    """``--resume DIR``: the run's own newest checkpoint continues the run; an older one of this
+    directory rolls back (a new run id); one of another directory starts a new run here, after the
+    checks of a fresh start."""
+    chosen = config.resume
+    state = ckpt.read_trainer_state(chosen)
+    own = _is_own(chosen, directory)
+    if not own:
+        _check_fresh(directory, config)
+    run_id = state.get("run_id")
+    siblings = ckpt.list_checkpoints(directory, run_id) if run_id and own else []
+    newest = siblings[-1] if siblings else None
+    _compare(state, chosen, config)
+    _verified(chosen, siblings or [chosen])
+    if newest and os.path.samefile(newest, chosen) and run and run.get("run_id") == run_id:
+        return RunPlan(run_id, chosen, run.get("parent"), continues=True)
+    return RunPlan(_new_id(), chosen, parent=os.path.abspath(chosen), continues=own)
+
+
 def _plan_resume(directory: str, config: TrainConfig) -> RunPlan:
     run = read_run(directory)
     if isinstance(config.resume, str):
-        chosen = config.resume
-        state = ckpt.read_trainer_state(chosen)
-        run_id = state.get("run_id")
-        siblings = ckpt.list_checkpoints(directory, run_id) if run_id else []
-        newest = siblings[-1] if siblings else None
-        _compare(state, chosen, config)
-        _verified(chosen, siblings or [chosen])
-        if run_id and newest and os.path.samefile(newest, chosen) and run and run.get("run_id") == run_id:
-            return RunPlan(run_id, chosen, run.get("parent"))
-        return RunPlan(_new_id(), chosen, parent=os.path.abspath(chosen))  # a roll-back or a foreign checkpoint
+        return _plan_named_resume(directory, config, run)
     if run is None or not run.get("run_id"):
         where = os.path.join(directory, ckpt.CHECKPOINTS)
         raise ckpt.CheckpointError(
             f"--resume: no checkpoint of a drdo run under {where}; start without --resume (or pass --save-every N "
             "to write checkpoints), or name a checkpoint directory: --resume DIR")
+    if _finished(run, config):
+        return RunPlan(run["run_id"], finished=True)
     candidates = ckpt.list_checkpoints(directory, run["run_id"])
     parent = run.get("parent")
     if not candidates and parent and os.path.isdir(parent):
@@ -259,18 +325,15 @@ def _plan_resume(directory: str, config: TrainConfig) -> RunPlan:
     chosen = candidates[-1]
     _compare(ckpt.read_trainer_state(chosen), chosen, config)
     _verified(chosen, candidates + ([parent] if parent and os.path.isdir(parent) else []))
-    return RunPlan(run["run_id"], chosen, parent)
+    return RunPlan(run["run_id"], chosen, parent, continues=_is_own(chosen, directory))
 
 
 def _compare(state: dict, chosen: str, config: TrainConfig) -> None:
     saved = state.get("config") or {}
-    diffs = config_differences(saved, config, resuming=True)
+    diffs = config_differences(saved, config, resuming=True, data_sha256=state.get("data_sha256"))
     if isinstance(saved.get("max_steps"), int) and isinstance(config.max_steps, int) \
             and config.max_steps < state["step"]:
         diffs.append(f"max_steps {config.max_steps} is below the checkpoint's step {state['step']}")
-    digest = state.get("data_sha256")
-    if digest and config.data == saved.get("data") and data_digest(config.data) not in (None, digest):
-        diffs.append(f"data: the content of {config.data} changed since the checkpoint was written")
     if diffs and config.allow_config_change:
         logger.warning("--allow-config-change: resuming %s with %s", chosen, "; ".join(diffs))
         return
@@ -284,23 +347,28 @@ def plan_run(config: TrainConfig) -> RunPlan:
     """Check the (locked) output directory for this run and decide what to resume; writes nothing."""
     if config.resume:
         return _plan_resume(config.output_dir, config)
-    _check_fresh(config.output_dir, config)
+    run = _check_fresh(config.output_dir, config)
+    if _finished(run, config):
+        return RunPlan(run["run_id"], finished=True)
     return RunPlan(_new_id())
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _write_run(directory: str, run: dict) -> None:
+    write_text(os.path.join(directory, RUN_FILE), json.dumps(run, indent=2, default=str))
 
 
 def commit_run(config: TrainConfig, plan: RunPlan) -> None:
-    """Record the run as the owner of its directory: run.json, then config.yaml (both atomic)."""
+    """Record the run as the owner of its directory, its model not complete yet: run.json, then
+    config.yaml (both atomic); then remove what a killed run left half-written."""
     directory = config.output_dir
-    run = {"run_id": plan.run_id, "parent": plan.parent, "data_sha256": data_digest(config.data),
-           "config": config.to_dict()}
-    _atomic_write(os.path.join(directory, RUN_FILE), json.dumps(run, indent=2, default=str))
-    tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
-    save_yaml(config, tmp)
-    os.replace(tmp, os.path.join(directory, CONFIG_FILE))
+    _write_run(directory, {"run_id": plan.run_id, "parent": plan.parent, "data_sha256": data_digest(config.data),
+                           "complete": False, "config": config.to_dict()})
+    save_yaml(config, os.path.join(directory, CONFIG_FILE))
+    ckpt.remove_stale_temporaries(directory)
+
+
+def mark_complete(directory: str, total_steps: int) -> None:
+    """Record in run.json that ``directory`` holds the complete final model of its run (call it
+    after the export, before anything else is removed)."""
+    run = read_run(directory)
+    _write_run(directory, dict(run, complete=True, total_steps=total_steps))
