@@ -16,12 +16,21 @@ scalar tensors for logging.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "DRDOSpec",
+    "DPOSpec",
+    "EDPOSpec",
+    "OracleSpec",
+    "SFTSpec",
+    "LossSpec",
+    "objective_loss",
     "sequence_logprobs",
     "drdo_loss",
     "oracle_loss",
@@ -42,6 +51,155 @@ LOGP_CLAMP_MAX = -1e-6
 
 UNLIKELIHOOD_SIGN = {"welleck": 1.0, "paper": -1.0}
 REDUCTIONS = ("mean", "sum")
+REWARDS = ("head", "implicit")
+REWARD_GRADS = ("backbone", "head")
+NLL_REDUCTIONS = ("mean", "sum")
+
+
+# ------------------------------------------------------------------------------------------ loss specs
+#
+# One frozen dataclass per objective holds its hyperparameters: each default is declared here
+# once and each value is checked here once (__post_init__). Everything else (the reference
+# losses below, the fused kernels, the training objective, the CLI, the demo, the TRL config)
+# takes or builds one of these and passes it whole.
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {_short(value)}")
+    return float(value)
+
+
+def _short(value) -> str:
+    """repr of a value, cut to 200 characters (a message never carries an unbounded value)."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {_short(value)}")
+
+
+class LossSpec:
+    """Base of the loss specs: building one from options, and the checks they share."""
+
+    @classmethod
+    def build(cls, spec: "LossSpec | None" = None, **options):
+        """``spec`` with ``options`` applied (options left as None keep the spec's value), or a
+        new spec of this class from the options. A spec of another class is a TypeError."""
+        given = {k: v for k, v in options.items() if v is not None}
+        unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no option {unknown[0]!r}; its options: "
+                            f"{', '.join(f.name for f in dataclasses.fields(cls)) or 'none'}")
+        if spec is None:
+            return cls(**given)
+        if not isinstance(spec, cls):
+            raise TypeError(f"expected a {cls.__name__}, got {type(spec).__name__}")
+        return dataclasses.replace(spec, **given) if given else spec
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+
+    def _weight(self, name: str) -> None:
+        """A finite number >= 0 (a negative weight reverses its term)."""
+        value = _number(name, getattr(self, name))
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number >= 0, got {_short(getattr(self, name))}")
+        self._set(name, value)
+
+    def _positive(self, name: str) -> None:
+        """A finite number > 0."""
+        value = _number(name, getattr(self, name))
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number > 0, got {_short(getattr(self, name))}")
+        self._set(name, value)
+
+    def _flag(self, name: str) -> None:
+        if not isinstance(getattr(self, name), bool):
+            raise ValueError(f"{name} must be true or false, got {_short(getattr(self, name))}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DRDOSpec(LossSpec):
+    """DRDO (paper Eq. 6): ``(r*_w - r*_l - (rhat_w - rhat_l))^2 - alpha (1 - p_w)^gamma U(z_w, z_l)``.
+
+    alpha: weight of the focal preference term (>= 0). gamma: focal exponent (>= 0).
+    reward: the student's reward rhat, "head" (a linear reward head) or "implicit" (beta * z).
+    beta: the implicit reward's scale (> 0). unlikelihood: U = z_w + s log(1 - e^{z_l}), s = +1
+    ("welleck") or -1 ("paper", the sign as printed). reward_grad: "backbone" (the distillation
+    gradient reaches the layers the head shares with the policy) or "head" (it trains the head
+    only; needs reward="head"). length_normalize: z is the token-mean response log-prob instead
+    of the sum (a departure from the paper).
+    """
+
+    alpha: float = 0.1
+    gamma: float = 2.0
+    reward: str = "head"
+    beta: float = 0.1
+    unlikelihood: str = "welleck"
+    reward_grad: str = "backbone"
+    length_normalize: bool = False
+
+    def __post_init__(self):
+        self._weight("alpha")
+        self._weight("gamma")
+        self._positive("beta")
+        _choice("reward", self.reward, REWARDS)
+        _choice("unlikelihood", self.unlikelihood, tuple(UNLIKELIHOOD_SIGN))
+        _choice("reward_grad", self.reward_grad, REWARD_GRADS)
+        self._flag("length_normalize")
+        if self.reward_grad == "head" and self.reward != "head":
+            raise ValueError('reward_grad="head" needs reward="head" (an implicit reward has no head to stop at)')
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSpec(LossSpec):
+    """DPO: ``-log sigmoid(beta ((z_w - zref_w) - (z_l - zref_l)))``; beta > 0."""
+
+    beta: float = 0.1
+
+    def __post_init__(self):
+        self._positive("beta")
+
+
+@dataclasses.dataclass(frozen=True)
+class EDPOSpec(LossSpec):
+    """e-DPO: each ensemble member's squared distillation error, then the max over members
+    (pessimistic) or their mean; beta > 0 scales the implicit reward margin."""
+
+    beta: float = 0.1
+    pessimistic: bool = True
+
+    def __post_init__(self):
+        self._positive("beta")
+        self._flag("pessimistic")
+
+
+@dataclasses.dataclass(frozen=True)
+class OracleSpec(LossSpec):
+    """The Oracle (paper Eq. 5): ``-(1 - alpha) log sigmoid(r_w - r_l) + alpha nll(y_w)``.
+
+    alpha: weight of the LM regulariser, in [0, 1]. nll_reduction: the NLL of y_w as the
+    token-mean ("mean", the usual SFT loss) or the sum ("sum")."""
+
+    alpha: float = 0.01
+    nll_reduction: str = "mean"
+
+    def __post_init__(self):
+        self._weight("alpha")
+        if self.alpha > 1:
+            raise ValueError(f"alpha must be in [0, 1] (it weighs the Bradley-Terry term by 1 - alpha), got {self.alpha}")
+        _choice("nll_reduction", self.nll_reduction, NLL_REDUCTIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTSpec(LossSpec):
+    """SFT: the token-mean NLL of the chosen responses; no hyperparameters."""
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -128,10 +286,9 @@ def drdo_loss(
     oracle_chosen_rewards: torch.Tensor,
     oracle_rejected_rewards: torch.Tensor,
     *,
-    alpha: float = 0.1,
-    gamma: float = 2.0,
-    unlikelihood: str = "welleck",
+    spec: DRDOSpec | None = None,
     reduction: str = "mean",
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DRDO loss (paper Eq. 6), per pair:
 
@@ -147,18 +304,16 @@ def drdo_loss(
         policy_chosen_rewards, policy_rejected_rewards: rhat_w, rhat_l (for
             reward="implicit" pass beta * z).
         oracle_chosen_rewards, oracle_rejected_rewards: r*_w, r*_l.
+        spec / options: a :class:`DRDOSpec`, or its fields as keywords (alpha, gamma,
+            unlikelihood are read here; the others say how the caller forms z and rhat).
         reduction: "mean" (default) or "sum" over pairs.
     Returns:
         loss: scalar float32 (float64 for float64 inputs);
         metrics: distill, pref, p_w, reward_acc, focal, unlikelihood,
             reward_margin, oracle_margin, logps_chosen, logps_rejected (means).
     """
-    if unlikelihood not in UNLIKELIHOOD_SIGN:
-        raise ValueError(f"unlikelihood must be one of {tuple(UNLIKELIHOOD_SIGN)}, got {unlikelihood!r}")
-    if not gamma >= 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if not (alpha >= 0 and math.isfinite(alpha)):
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha} (a negative alpha reverses the preference term)")
+    spec = DRDOSpec.build(spec, **options)
+    alpha, gamma = spec.alpha, spec.gamma
     inputs = dict(
         policy_chosen_logps=policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,
@@ -178,7 +333,7 @@ def drdo_loss(
     delta = z_w - z_l
     p_w = torch.sigmoid(delta)
     focal = torch.exp(gamma * F.logsigmoid(-delta))  # (1 - p_w)^gamma, stable and differentiable
-    u = z_w + UNLIKELIHOOD_SIGN[unlikelihood] * log1mexp(z_l.clamp(max=LOGP_CLAMP_MAX))
+    u = z_w + UNLIKELIHOOD_SIGN[spec.unlikelihood] * log1mexp(z_l.clamp(max=LOGP_CLAMP_MAX))
     pref = -alpha * focal * u
 
     loss = _reduce(distill + pref, reduction)
@@ -203,10 +358,10 @@ def oracle_loss(
     rejected_rewards: torch.Tensor,
     chosen_nll: torch.Tensor,
     *,
-    alpha: float = 0.01,
     chosen_n_tokens: torch.Tensor | None = None,
-    nll_reduction: str = "mean",
+    spec: OracleSpec | None = None,
     reduction: str = "mean",
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Oracle reward-model loss (paper Eq. 5), per pair:
 
@@ -219,21 +374,22 @@ def oracle_loss(
         chosen_n_tokens: [B] response token counts of y_w; required for
             ``nll_reduction="mean"`` (the default: per-sequence token-mean NLL,
             the usual SFT loss), ignored for ``"sum"``.
+        spec / options: an :class:`OracleSpec`, or its fields (alpha, nll_reduction).
         reduction: "mean" or "sum" over pairs.
     Returns:
         loss, metrics: loss, bt (the Bradley-Terry term), nll, reward_acc,
         reward_margin, rewards_chosen, rewards_rejected.
     """
+    spec = OracleSpec.build(spec, **options)
+    alpha = spec.alpha
     check_pair_shapes(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, chosen_nll=chosen_nll)
     dtype = _compute_dtype(chosen_rewards, rejected_rewards, chosen_nll)
     r_w, r_l, nll = (_as_float(t, dtype) for t in (chosen_rewards, rejected_rewards, chosen_nll))
-    if nll_reduction == "mean":
+    if spec.nll_reduction == "mean":
         if chosen_n_tokens is None:
             raise ValueError('nll_reduction="mean" needs chosen_n_tokens (the token count of each chosen response)')
         check_pair_shapes(chosen_nll=chosen_nll, chosen_n_tokens=chosen_n_tokens)
         nll = nll / chosen_n_tokens.to(dtype).clamp(min=1)
-    elif nll_reduction != "sum":
-        raise ValueError(f'nll_reduction must be "mean" or "sum", got {nll_reduction!r}')
 
     margin = r_w - r_l
     bt = -F.logsigmoid(margin)
@@ -252,17 +408,10 @@ def oracle_loss(
 
 def _implicit_margin(pc, pr, rc, rr, beta, dtype):
     """beta * ((z_w - zref_w) - (z_l - zref_l)) and the two implicit rewards."""
-    _check_beta(beta)
     pc, pr, rc, rr = (_as_float(t, dtype) for t in (pc, pr, rc, rr))
     chosen = beta * (pc - rc)
     rejected = beta * (pr - rr)
     return chosen - rejected, chosen, rejected
-
-
-def _check_beta(beta: float) -> None:
-    """beta must be finite and > 0: with beta 0 the DPO loss is the constant log 2 and nothing is learned."""
-    if not (beta > 0 and math.isfinite(beta)):
-        raise ValueError(f"beta must be a finite number > 0, got {beta}")
 
 
 def dpo_loss(
@@ -271,12 +420,13 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     *,
-    beta: float = 0.1,
+    spec: DPOSpec | None = None,
     reduction: str = "mean",
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO (Rafailov et al. 2023), per pair: -log sigmoid(beta * ((z_w - zref_w) - (z_l - zref_l))).
 
-    Args: four [B] tensors of summed response log-probs.
+    Args: four [B] tensors of summed response log-probs; a :class:`DPOSpec` or its field (beta).
     Returns: loss, metrics: loss, rewards_chosen, rewards_rejected, reward_margin,
         reward_acc (implicit reward of y_w above that of y_l), logps_chosen, logps_rejected.
     """
@@ -286,9 +436,10 @@ def dpo_loss(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
     )
+    spec = DPOSpec.build(spec, **options)
     check_pair_shapes(**inputs)
     dtype = _compute_dtype(*inputs.values())
-    margin, chosen, rejected = _implicit_margin(*inputs.values(), beta, dtype)
+    margin, chosen, rejected = _implicit_margin(*inputs.values(), spec.beta, dtype)
     loss = _reduce(-F.logsigmoid(margin), reduction)
     metrics = _detached(
         loss=loss,
@@ -310,9 +461,9 @@ def edpo_loss(
     oracle_chosen_rewards: torch.Tensor,
     oracle_rejected_rewards: torch.Tensor,
     *,
-    beta: float = 0.1,
-    pessimistic: bool = True,
+    spec: EDPOSpec | None = None,
     reduction: str = "mean",
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Ensemble reward-model distillation (e-DPO; Fisch et al. 2024, paper Eq. 4).
 
@@ -324,6 +475,7 @@ def edpo_loss(
     Args:
         policy_*/ref_*: [B] summed response log-probs.
         oracle_chosen_rewards, oracle_rejected_rewards: [K, B] (a [B] tensor is K = 1).
+        spec / options: an :class:`EDPOSpec`, or its fields (beta, pessimistic).
     Returns: loss, metrics: loss, distill_min, distill_max, worst_member (index, float),
         reward_margin, oracle_margin, reward_acc.
     """
@@ -333,6 +485,7 @@ def edpo_loss(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
     )
+    spec = EDPOSpec.build(spec, **options)
     n_pairs = check_pair_shapes(**inputs)
     oracle_w = oracle_chosen_rewards if oracle_chosen_rewards.dim() == 2 else oracle_chosen_rewards.unsqueeze(0)
     oracle_l = oracle_rejected_rewards if oracle_rejected_rewards.dim() == 2 else oracle_rejected_rewards.unsqueeze(0)
@@ -342,10 +495,10 @@ def edpo_loss(
             f"got {tuple(oracle_chosen_rewards.shape)} and {tuple(oracle_rejected_rewards.shape)}"
         )
     dtype = _compute_dtype(*inputs.values(), oracle_w, oracle_l)
-    margin, _, _ = _implicit_margin(*inputs.values(), beta, dtype)
+    margin, _, _ = _implicit_margin(*inputs.values(), spec.beta, dtype)
     oracle_margin = _as_float(oracle_w, dtype) - _as_float(oracle_l, dtype)  # [K, B]
     per_member = torch.stack([_reduce((om - margin) ** 2, reduction) for om in oracle_margin])  # [K]
-    loss = per_member.max() if pessimistic else per_member.mean()
+    loss = per_member.max() if spec.pessimistic else per_member.mean()
     metrics = _detached(
         loss=loss,
         distill_min=per_member.min(),
@@ -356,3 +509,51 @@ def edpo_loss(
         reward_acc=(margin > 0).to(dtype).mean(),
     )
     return loss, metrics
+
+
+def objective_loss(
+    spec: LossSpec,
+    logps: torch.Tensor,
+    n_tokens: torch.Tensor,
+    *,
+    rewards: torch.Tensor | None = None,
+    oracle: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    reduction: str = "mean",
+    drdo_fn=None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of ``spec`` from sequence log-probs: how a spec's options turn z into its loss.
+
+    Args:
+        spec: a :class:`DRDOSpec`, :class:`DPOSpec`, :class:`EDPOSpec` or :class:`OracleSpec`.
+        logps: [2B] summed response log-probs (chosen rows, then rejected); for the Oracle [B]
+            (its LM term reads the chosen rows only) or [2B] (the first B are used).
+        n_tokens: the response token counts of the rows of ``logps``.
+        rewards: [2B] reward-head outputs (DRDO with reward="head"; the Oracle).
+        oracle: [2B] Oracle scores (DRDO; a [K, 2B] ensemble is averaged), or [K, 2B] (e-DPO).
+        ref_logps: [2B] reference log-probs (DPO, e-DPO).
+        drdo_fn: the pair loss DRDO uses (default :func:`drdo_loss`; the fused kernels pass
+            their Triton twin).
+    Returns (loss, metrics) of the objective's reference function.
+    """
+    if isinstance(spec, OracleSpec):
+        n = rewards.shape[0] // 2
+        return oracle_loss(rewards[:n], rewards[n:], -logps[:n], chosen_n_tokens=n_tokens[:n], spec=spec,
+                           reduction=reduction)
+    n = logps.shape[0] // 2
+    if isinstance(spec, DRDOSpec):
+        z = logps / n_tokens.to(logps.dtype) if spec.length_normalize else logps
+        rhat = rewards if spec.reward == "head" else spec.beta * z
+        if rhat is None:
+            raise ValueError('reward="head" needs the reward head\'s outputs (rewards [2B]); or use reward="implicit"')
+        if oracle.dim() == 2:
+            oracle = oracle.mean(0)
+        return (drdo_fn or drdo_loss)(z[:n], z[n:], rhat[:n], rhat[n:], oracle[:n], oracle[n:], spec=spec,
+                                      reduction=reduction)
+    if isinstance(spec, DPOSpec):
+        return dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], spec=spec, reduction=reduction)
+    if isinstance(spec, EDPOSpec):
+        ensemble = oracle if oracle.dim() == 2 else oracle.unsqueeze(0)
+        return edpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], ensemble[:, :n], ensemble[:, n:],
+                         spec=spec, reduction=reduction)
+    raise TypeError(f"objective_loss takes a DRDO, DPO, e-DPO or Oracle spec, got {type(spec).__name__}")

@@ -28,14 +28,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from drdo.losses import dpo_loss, drdo_loss, edpo_loss, oracle_loss
+from drdo.losses import DPOSpec, DRDOSpec, EDPOSpec, OracleSpec, drdo_loss, objective_loss
 
 from . import logprobs_chunked as chunked
 from .inputs import gather_lm_head
-from .logprobs import (TokenPlan, check_chunk_tokens, check_inputs, check_rows_scored, plan_tokens, resolve_backend,
-                       valid_logprobs)
-from .pair_chunked import PairLossSpec, chunked_pair_loss, group_order
+from .logprobs import (TokenPlan, check_backend, check_chunk_tokens, check_inputs, check_rows_scored, plan_tokens,
+                       resolve_backend, valid_logprobs)
+from .pair_chunked import chunked_pair_loss, group_order
 from .pair_loss import drdo_pair_loss
+from .pair_objectives import objective_for
 
 __all__ = [
     "row_logprobs",
@@ -48,9 +49,6 @@ __all__ = [
     "FusedLinearEDPOLoss",
     "FusedLinearOracleLoss",
 ]
-
-_REWARD_MODES = ("head", "implicit")
-
 
 def row_logprobs(
     lm_head_weight: torch.Tensor,
@@ -106,18 +104,29 @@ def _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index: int, backend:
     return weight, bias, plan, resolved
 
 
-def _fused_pair_loss(spec: PairLossSpec, lm_head_weight, hidden, labels, scores, bias, *, ignore_index: int,
-                     backend: str, reduction: str, chunk_tokens):
-    """(loss, metrics) of ``spec`` from hidden states: on the chunked backends with every gradient
-    computed in the forward; on "triton" as ``spec.triton_loss`` (or ``spec.loss``) of the rows'
-    summed log-probs."""
+def _fused_pair_loss(spec, lm_head_weight, hidden, labels, scores, bias, *, ignore_index: int, backend: str,
+                     reduction: str, chunk_tokens, **named_scores):
+    """(loss, metrics) of ``spec`` from hidden states: on the chunked backends in closed form with
+    every gradient computed in the forward (``scores``: the per-row tensors the objective reads);
+    on "triton" as :func:`drdo.losses.objective_loss` of the rows' summed log-probs
+    (``named_scores``), DRDO with the Triton pair-loss kernel."""
+    objective = objective_for(spec)
     weight, bias, plan, resolved = _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index, backend,
-                                              chunk_tokens, spec.rows_per_group)
+                                              chunk_tokens, objective.rows_per_group)
     if resolved in ("chunked", "torch"):
-        return chunked_pair_loss(spec, weight, hidden, labels, scores, bias, plan, backend=resolved,
+        return chunked_pair_loss(objective, weight, hidden, labels, scores, bias, plan, backend=resolved,
                                  reduction=reduction, chunk_tokens=chunk_tokens)
     z = _planned_row_logprobs(weight, hidden, labels, bias, plan, resolved, chunk_tokens)
-    return (spec.triton_loss or spec.loss)(z, plan.counts, scores, reduction)
+    return objective_loss(spec, z, plan.counts, reduction=reduction, drdo_fn=_triton_drdo, **named_scores)
+
+
+def _triton_drdo(*pair, spec, reduction):
+    """drdo_loss by the Triton pair kernel (integer scores as float32; float64 inputs keep the
+    float64 reference, as on the other backends)."""
+    pair = [t if t.is_floating_point() else t.float() for t in pair]
+    if any(t.dtype == torch.float64 for t in pair):
+        return drdo_loss(*pair, spec=spec, reduction=reduction)
+    return drdo_pair_loss(*pair, spec=spec, reduction=reduction, backend="triton")
 
 
 def _n_pairs(hidden: torch.Tensor, labels: torch.Tensor) -> int:
@@ -134,23 +143,28 @@ def _n_pairs(hidden: torch.Tensor, labels: torch.Tensor) -> int:
     return rows // 2
 
 
-def _split_rows(name: str, t: torch.Tensor | None, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A per-row tensor [2B] -> (chosen [B], rejected [B])."""
+def _check_rows(name: str, t: torch.Tensor | None, n_pairs: int) -> torch.Tensor:
+    """A per-row tensor [2B] (chosen, then rejected)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor [2B], got {type(t).__name__}")
     if tuple(t.shape) != (2 * n_pairs,):
         raise ValueError(f"{name} must have shape [2B] = ({2 * n_pairs},), got {tuple(t.shape)}")
-    return t[:n_pairs], t[n_pairs:]
+    return t
 
 
-def _split_ensemble(name: str, t: torch.Tensor, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ensemble scores [K, 2B] (or [2B] for K = 1) -> (chosen [K, B], rejected [K, B])."""
+def _check_ensemble(name: str, t: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """Ensemble scores [K, 2B] (or [2B] for K = 1)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor [K, 2B] or [2B], got {type(t).__name__}")
     scores = t.unsqueeze(0) if t.dim() == 1 else t
     if scores.dim() != 2 or scores.shape[0] == 0 or scores.shape[1] != 2 * n_pairs:
         raise ValueError(f"{name} must have shape [K, 2B] or [2B] with 2B = {2 * n_pairs}, got {tuple(t.shape)}")
-    return scores[:, :n_pairs], scores[:, n_pairs:]
+    return t
+
+
+_CHUNK_DOC = """chunk_tokens: chunked backends: at most this many tokens per chunk (None: from
+            ``drdo_kernels.logprobs_chunked.CHUNK_BUDGET_BYTES``); chunks hold whole pairs,
+            and a longer pair is split into chunks of this size and takes two passes."""
 
 
 def fused_linear_drdo_loss(
@@ -161,16 +175,12 @@ def fused_linear_drdo_loss(
     policy_rewards: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     *,
-    alpha: float = 0.1,
-    gamma: float = 2.0,
-    reward: str = "head",
-    beta: float = 0.1,
-    unlikelihood: str = "welleck",
-    length_normalize: bool = False,
+    spec: DRDOSpec | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
     reduction: str = "mean",
     chunk_tokens: int | None = None,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DRDO loss (:func:`drdo.losses.drdo_loss`) from hidden states.
 
@@ -180,33 +190,27 @@ def fused_linear_drdo_loss(
         policy_rewards: [2B] the student's reward-head outputs, required for
             reward="head", ignored for reward="implicit" (rhat = beta * z);
         bias: [V] or None;
-        length_normalize: z = token-mean response log-prob (summed log-prob / token count)
-            instead of the sum; a departure from the paper.
-        chunk_tokens: chunked backends: at most this many tokens per chunk (None: from
-            ``drdo_kernels.logprobs_chunked.CHUNK_BUDGET_BYTES``); chunks hold whole pairs,
-            and a longer pair is split into chunks of this size and takes two passes.
+        spec / options: a :class:`drdo.losses.DRDOSpec`, or its fields as keywords (alpha,
+            gamma, reward, beta, unlikelihood, length_normalize; reward_grad is the caller's);
+        {chunk}
     Returns: (loss, metrics) as drdo.losses.drdo_loss.
     """
-    if reward not in _REWARD_MODES:
-        raise ValueError(f"reward must be one of {_REWARD_MODES}, got {reward!r}")
+    spec = DRDOSpec.build(spec, **options)
     n_pairs = _n_pairs(hidden, labels)
     if isinstance(oracle_rewards, torch.Tensor) and oracle_rewards.dim() == 2:
         raise ValueError(
             f"oracle_rewards has shape {tuple(oracle_rewards.shape)}: DRDO distils ONE Oracle score per row [2B]; "
             "reduce an ensemble [K, 2B] first (e.g. .mean(0))"
         )
-    _split_rows("oracle_rewards", oracle_rewards, n_pairs)
-    scores = [oracle_rewards]
-    if reward == "head":
+    scores = [_check_rows("oracle_rewards", oracle_rewards, n_pairs)]
+    if spec.reward == "head":
         if policy_rewards is None:
             raise ValueError('reward="head" needs policy_rewards [2B] (the reward head\'s outputs); '
                              'or use reward="implicit"')
-        _split_rows("policy_rewards", policy_rewards, n_pairs)
-        scores.append(policy_rewards)
-    spec = _drdo_spec(alpha=alpha, gamma=gamma, reward=reward, beta=beta, unlikelihood=unlikelihood,
-                      length_normalize=length_normalize)
+        scores.append(_check_rows("policy_rewards", policy_rewards, n_pairs))
     return _fused_pair_loss(spec, lm_head_weight, hidden, labels, scores, bias, ignore_index=ignore_index,
-                            backend=backend, reduction=reduction, chunk_tokens=chunk_tokens)
+                            backend=backend, reduction=reduction, chunk_tokens=chunk_tokens,
+                            oracle=oracle_rewards, rewards=policy_rewards)
 
 
 def fused_linear_dpo_loss(
@@ -216,19 +220,21 @@ def fused_linear_dpo_loss(
     ref_logps: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    beta: float = 0.1,
+    spec: DPOSpec | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
     reduction: str = "mean",
     chunk_tokens: int | None = None,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO (:func:`drdo.losses.dpo_loss`) from hidden states; ref_logps: [2B] reference z of each
-    row; chunk_tokens: as :func:`fused_linear_drdo_loss`."""
+    row; spec / options: a :class:`drdo.losses.DPOSpec` or its field (beta); chunk_tokens: as
+    :func:`fused_linear_drdo_loss`."""
+    spec = DPOSpec.build(spec, **options)
     n_pairs = _n_pairs(hidden, labels)
-    _split_rows("ref_logps", ref_logps, n_pairs)
-    return _fused_pair_loss(_dpo_spec(beta), lm_head_weight, hidden, labels, [ref_logps], bias,
-                            ignore_index=ignore_index, backend=backend, reduction=reduction,
-                            chunk_tokens=chunk_tokens)
+    _check_rows("ref_logps", ref_logps, n_pairs)
+    return _fused_pair_loss(spec, lm_head_weight, hidden, labels, [ref_logps], bias, ignore_index=ignore_index,
+                            backend=backend, reduction=reduction, chunk_tokens=chunk_tokens, ref_logps=ref_logps)
 
 
 def fused_linear_edpo_loss(
@@ -239,28 +245,27 @@ def fused_linear_edpo_loss(
     oracle_rewards: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    beta: float = 0.1,
-    pessimistic: bool = True,
+    spec: EDPOSpec | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
     reduction: str = "mean",
     chunk_tokens: int | None = None,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """e-DPO (:func:`drdo.losses.edpo_loss`) from hidden states.
 
-    ref_logps: [2B]; oracle_rewards: [K, 2B] ensemble scores ([2B] is K = 1). e-DPO is a max
-    over ensemble members of batch means, not a sum over pairs: it takes the two passes of
+    ref_logps: [2B]; oracle_rewards: [K, 2B] ensemble scores ([2B] is K = 1); spec / options:
+    a :class:`drdo.losses.EDPOSpec` or its fields (beta, pessimistic). e-DPO is a max over
+    ensemble members of batch means, not a sum over pairs: it takes the two passes of
     :func:`fused_linear_logprobs` (chunk_tokens: tokens per chunk there).
     """
+    spec = EDPOSpec.build(spec, **options)
     n_pairs = _n_pairs(hidden, labels)
-    ref_w, ref_l = _split_rows("ref_logps", ref_logps, n_pairs)
-    oracle_w, oracle_l = _split_ensemble("oracle_rewards", oracle_rewards, n_pairs)
-    logps, _ = row_logprobs(lm_head_weight, hidden, labels, bias, ignore_index=ignore_index, backend=backend,
-                            chunk_tokens=chunk_tokens)
-    return edpo_loss(
-        logps[:n_pairs], logps[n_pairs:], ref_w, ref_l, oracle_w, oracle_l,
-        beta=beta, pessimistic=pessimistic, reduction=reduction,
-    )
+    _check_rows("ref_logps", ref_logps, n_pairs)
+    _check_ensemble("oracle_rewards", oracle_rewards, n_pairs)
+    logps, n_tokens = row_logprobs(lm_head_weight, hidden, labels, bias, ignore_index=ignore_index, backend=backend,
+                                   chunk_tokens=chunk_tokens)
+    return objective_loss(spec, logps, n_tokens, ref_logps=ref_logps, oracle=oracle_rewards, reduction=reduction)
 
 
 def fused_linear_oracle_loss(
@@ -270,204 +275,126 @@ def fused_linear_oracle_loss(
     rewards: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    alpha: float = 0.01,
-    nll_reduction: str = "mean",
+    spec: OracleSpec | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
     reduction: str = "mean",
     chunk_tokens: int | None = None,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Oracle loss (:func:`drdo.losses.oracle_loss`) from hidden states.
 
-    rewards: [2B] reward-head outputs of each row. The LM term is the NLL of the
-    chosen rows only (token-mean per row for nll_reduction="mean", else the sum), so
-    only hidden[:B] goes through the LM head. chunk_tokens: as :func:`fused_linear_drdo_loss`.
+    rewards: [2B] reward-head outputs of each row; spec / options: a
+    :class:`drdo.losses.OracleSpec` or its fields (alpha, nll_reduction). The LM term is the NLL
+    of the chosen rows only (token-mean per row for nll_reduction="mean", else the sum), so only
+    hidden[:B] goes through the LM head. chunk_tokens: as :func:`fused_linear_drdo_loss`.
     """
+    spec = OracleSpec.build(spec, **options)
     n_pairs = _n_pairs(hidden, labels)
-    _split_rows("rewards", rewards, n_pairs)
-    if nll_reduction not in ("mean", "sum"):
-        raise ValueError(f'nll_reduction must be "mean" or "sum", got {nll_reduction!r}')
-    return _fused_pair_loss(_oracle_spec(alpha, nll_reduction), lm_head_weight, hidden[:n_pairs],
-                            labels[:n_pairs], [rewards], bias, ignore_index=ignore_index, backend=backend,
-                            reduction=reduction, chunk_tokens=chunk_tokens)
+    _check_rows("rewards", rewards, n_pairs)
+    return _fused_pair_loss(spec, lm_head_weight, hidden[:n_pairs], labels[:n_pairs], [rewards], bias,
+                            ignore_index=ignore_index, backend=backend, reduction=reduction,
+                            chunk_tokens=chunk_tokens, rewards=rewards)
 
 
-def _drdo_spec(*, alpha, gamma, reward, beta, unlikelihood, length_normalize) -> PairLossSpec:
-    """drdo_loss over pairs; scores = [oracle [2B]] (+ [policy rewards [2B]] for reward="head").
-    On the triton backend the loss is the pair-loss kernel :func:`drdo_pair_loss` (integer
-    scores as float32; float64 ones keep the float64 reference, as on the other backends)."""
-
-    def pair_inputs(z, n_tokens, scores):
-        if length_normalize:
-            z = z / n_tokens.to(z.dtype)
-        z_w, z_l = z.chunk(2)
-        o_w, o_l = scores[0].chunk(2)
-        r_w, r_l = scores[1].chunk(2) if reward == "head" else (beta * z_w, beta * z_l)
-        return z_w, z_l, r_w, r_l, o_w, o_l
-
-    def loss(z, n_tokens, scores, reduction):
-        return drdo_loss(*pair_inputs(z, n_tokens, scores), alpha=alpha, gamma=gamma, unlikelihood=unlikelihood,
-                         reduction=reduction)
-
-    def triton_loss(z, n_tokens, scores, reduction):
-        inputs = pair_inputs(z, n_tokens, [s if s.is_floating_point() else s.float() for s in scores])
-        if any(t.dtype == torch.float64 for t in inputs):  # the kernel computes in float32: keep float64 math
-            return loss(z, n_tokens, scores, reduction)
-        return drdo_pair_loss(*inputs, alpha=alpha, gamma=gamma, unlikelihood=unlikelihood, reduction=reduction,
-                              backend="triton")
-
-    return PairLossSpec(loss, rows_per_group=2, triton_loss=triton_loss)
+fused_linear_drdo_loss.__doc__ = fused_linear_drdo_loss.__doc__.replace("{chunk}", _CHUNK_DOC)
 
 
-def _dpo_spec(beta: float) -> PairLossSpec:
-    """dpo_loss over pairs; scores = [reference log-probs [2B]]."""
+class _FusedLoss(nn.Module):
+    """The nn.Module form shared by the four losses: a spec plus the call options."""
 
-    def loss(z, n_tokens, scores, reduction):
-        z_w, z_l = z.chunk(2)
-        ref_w, ref_l = scores[0].chunk(2)
-        return dpo_loss(z_w, z_l, ref_w, ref_l, beta=beta, reduction=reduction)
+    spec_type = None
+    loss_fn = None
 
-    return PairLossSpec(loss, rows_per_group=2)
+    def __init__(self, spec=None, *, ignore_index: int = -100, backend: str = "auto", reduction: str = "mean",
+                 chunk_tokens: int | None = None, **options):
+        super().__init__()
+        check_chunk_tokens(chunk_tokens)
+        check_backend(backend)
+        self.spec = self.spec_type.build(spec, **options)
+        self.ignore_index, self.backend, self.reduction, self.chunk_tokens = ignore_index, backend, reduction, chunk_tokens
+
+    def __getattr__(self, name: str):
+        """The spec's fields read as attributes (``loss_fn.alpha``)."""
+        spec = self.__dict__.get("spec")
+        if spec is not None and name in spec.to_dict():
+            return getattr(spec, name)
+        return super().__getattr__(name)
+
+    def _call(self, *args):
+        return type(self).loss_fn(*args, spec=self.spec, ignore_index=self.ignore_index, backend=self.backend,
+                                  reduction=self.reduction, chunk_tokens=self.chunk_tokens)
+
+    def extra_repr(self) -> str:
+        return (f"{self.spec}, backend={self.backend!r}, reduction={self.reduction!r}, "
+                f"chunk_tokens={self.chunk_tokens}")
 
 
-def _oracle_spec(alpha: float, nll_reduction: str) -> PairLossSpec:
-    """oracle_loss over pairs: the LM rows are the chosen ones only; scores = [rewards [2B]]."""
-
-    def loss(z, n_tokens, scores, reduction):
-        r_w, r_l = scores[0].chunk(2)
-        return oracle_loss(r_w, r_l, -z, alpha=alpha, chosen_n_tokens=n_tokens, nll_reduction=nll_reduction,
-                           reduction=reduction)
-
-    return PairLossSpec(loss, rows_per_group=1)
-
-
-class FusedLinearDRDOLoss(nn.Module):
-    """nn.Module form of :func:`fused_linear_drdo_loss`.
+class FusedLinearDRDOLoss(_FusedLoss):
+    """nn.Module form of :func:`fused_linear_drdo_loss`: ``FusedLinearDRDOLoss(alpha, gamma, *,
+    spec=None, reward=..., ...)`` (the options of :class:`drdo.losses.DRDOSpec`).
 
     forward(lm_head_weight [V, H], hidden [2B, T, H], labels [2B, T], oracle_rewards [2B],
             policy_rewards [2B] | None = None, bias [V] | None = None) -> (loss, metrics)
     """
 
-    def __init__(
-        self,
-        alpha: float = 0.1,
-        gamma: float = 2.0,
-        *,
-        reward: str = "head",
-        beta: float = 0.1,
-        unlikelihood: str = "welleck",
-        length_normalize: bool = False,
-        ignore_index: int = -100,
-        backend: str = "auto",
-        reduction: str = "mean",
-        chunk_tokens: int | None = None,
-    ):
-        super().__init__()
-        if reward not in _REWARD_MODES:
-            raise ValueError(f"reward must be one of {_REWARD_MODES}, got {reward!r}")
-        if unlikelihood not in ("welleck", "paper"):
-            raise ValueError(f'unlikelihood must be "welleck" or "paper", got {unlikelihood!r}')
-        if not gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-        check_chunk_tokens(chunk_tokens)
-        self.alpha, self.gamma, self.reward, self.beta = alpha, gamma, reward, beta
-        self.unlikelihood, self.ignore_index, self.backend, self.reduction = unlikelihood, ignore_index, backend, reduction
-        self.length_normalize, self.chunk_tokens = length_normalize, chunk_tokens
+    spec_type = DRDOSpec
+    loss_fn = fused_linear_drdo_loss
+
+    def __init__(self, alpha: float | None = None, gamma: float | None = None, **kwargs):
+        super().__init__(alpha=alpha, gamma=gamma, **kwargs)
 
     def forward(self, lm_head_weight, hidden, labels, oracle_rewards, policy_rewards=None, bias=None):
-        return fused_linear_drdo_loss(
-            lm_head_weight, hidden, labels, oracle_rewards, policy_rewards, bias,
-            alpha=self.alpha, gamma=self.gamma, reward=self.reward, beta=self.beta,
-            unlikelihood=self.unlikelihood, length_normalize=self.length_normalize, ignore_index=self.ignore_index,
-            backend=self.backend, reduction=self.reduction, chunk_tokens=self.chunk_tokens,
-        )
-
-    def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, gamma={self.gamma}, reward={self.reward!r}, beta={self.beta}, "
-                f"unlikelihood={self.unlikelihood!r}, length_normalize={self.length_normalize}, "
-                f"backend={self.backend!r}, reduction={self.reduction!r}, chunk_tokens={self.chunk_tokens}")
+        return self._call(lm_head_weight, hidden, labels, oracle_rewards, policy_rewards, bias)
 
 
-class FusedLinearDPOLoss(nn.Module):
-    """nn.Module form of :func:`fused_linear_dpo_loss`.
+class FusedLinearDPOLoss(_FusedLoss):
+    """nn.Module form of :func:`fused_linear_dpo_loss`: ``FusedLinearDPOLoss(beta, *, spec=None, ...)``.
 
     forward(lm_head_weight [V, H], hidden [2B, T, H], labels [2B, T], ref_logps [2B],
             bias [V] | None = None) -> (loss, metrics)
     """
 
-    def __init__(self, beta: float = 0.1, *, ignore_index: int = -100, backend: str = "auto", reduction: str = "mean",
-                 chunk_tokens: int | None = None):
-        super().__init__()
-        check_chunk_tokens(chunk_tokens)
-        self.beta, self.ignore_index, self.backend, self.reduction = beta, ignore_index, backend, reduction
-        self.chunk_tokens = chunk_tokens
+    spec_type = DPOSpec
+    loss_fn = fused_linear_dpo_loss
+
+    def __init__(self, beta: float | None = None, **kwargs):
+        super().__init__(beta=beta, **kwargs)
 
     def forward(self, lm_head_weight, hidden, labels, ref_logps, bias=None):
-        return fused_linear_dpo_loss(
-            lm_head_weight, hidden, labels, ref_logps, bias, beta=self.beta, ignore_index=self.ignore_index,
-            backend=self.backend, reduction=self.reduction, chunk_tokens=self.chunk_tokens,
-        )
+        return self._call(lm_head_weight, hidden, labels, ref_logps, bias)
 
 
-class FusedLinearEDPOLoss(nn.Module):
-    """nn.Module form of :func:`fused_linear_edpo_loss`.
+class FusedLinearEDPOLoss(_FusedLoss):
+    """nn.Module form of :func:`fused_linear_edpo_loss`: ``FusedLinearEDPOLoss(beta, pessimistic, *, ...)``.
 
     forward(lm_head_weight [V, H], hidden [2B, T, H], labels [2B, T], ref_logps [2B],
             oracle_rewards [K, 2B], bias [V] | None = None) -> (loss, metrics)
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        pessimistic: bool = True,
-        *,
-        ignore_index: int = -100,
-        backend: str = "auto",
-        reduction: str = "mean",
-        chunk_tokens: int | None = None,
-    ):
-        super().__init__()
-        check_chunk_tokens(chunk_tokens)
-        self.beta, self.pessimistic = beta, pessimistic
-        self.ignore_index, self.backend, self.reduction = ignore_index, backend, reduction
-        self.chunk_tokens = chunk_tokens
+    spec_type = EDPOSpec
+    loss_fn = fused_linear_edpo_loss
+
+    def __init__(self, beta: float | None = None, pessimistic: bool | None = None, **kwargs):
+        super().__init__(beta=beta, pessimistic=pessimistic, **kwargs)
 
     def forward(self, lm_head_weight, hidden, labels, ref_logps, oracle_rewards, bias=None):
-        return fused_linear_edpo_loss(
-            lm_head_weight, hidden, labels, ref_logps, oracle_rewards, bias,
-            beta=self.beta, pessimistic=self.pessimistic, ignore_index=self.ignore_index,
-            backend=self.backend, reduction=self.reduction, chunk_tokens=self.chunk_tokens,
-        )
+        return self._call(lm_head_weight, hidden, labels, ref_logps, oracle_rewards, bias)
 
 
-class FusedLinearOracleLoss(nn.Module):
-    """nn.Module form of :func:`fused_linear_oracle_loss` (NLL of the chosen rows only).
+class FusedLinearOracleLoss(_FusedLoss):
+    """nn.Module form of :func:`fused_linear_oracle_loss` (NLL of the chosen rows only):
+    ``FusedLinearOracleLoss(alpha, nll_reduction, *, ...)``.
 
     forward(lm_head_weight [V, H], hidden [2B, T, H], labels [2B, T], rewards [2B],
             bias [V] | None = None) -> (loss, metrics)
     """
 
-    def __init__(
-        self,
-        alpha: float = 0.01,
-        nll_reduction: str = "mean",
-        *,
-        ignore_index: int = -100,
-        backend: str = "auto",
-        reduction: str = "mean",
-        chunk_tokens: int | None = None,
-    ):
-        super().__init__()
-        if nll_reduction not in ("mean", "sum"):
-            raise ValueError(f'nll_reduction must be "mean" or "sum", got {nll_reduction!r}')
-        check_chunk_tokens(chunk_tokens)
-        self.alpha, self.nll_reduction = alpha, nll_reduction
-        self.ignore_index, self.backend, self.reduction = ignore_index, backend, reduction
-        self.chunk_tokens = chunk_tokens
+    spec_type = OracleSpec
+    loss_fn = fused_linear_oracle_loss
+
+    def __init__(self, alpha: float | None = None, nll_reduction: str | None = None, **kwargs):
+        super().__init__(alpha=alpha, nll_reduction=nll_reduction, **kwargs)
 
     def forward(self, lm_head_weight, hidden, labels, rewards, bias=None):
-        return fused_linear_oracle_loss(
-            lm_head_weight, hidden, labels, rewards, bias,
-            alpha=self.alpha, nll_reduction=self.nll_reduction, ignore_index=self.ignore_index,
-            backend=self.backend, reduction=self.reduction, chunk_tokens=self.chunk_tokens,
-        )
+        return self._call(lm_head_weight, hidden, labels, rewards, bias)

@@ -59,14 +59,21 @@ def auto_backend(device: torch.device, dtype: torch.dtype | None = None, n_token
     return "torch"
 
 
+def check_backend(backend: str) -> str:
+    """``backend`` must be one of :data:`BACKENDS`; returns it."""
+    if backend not in BACKENDS:
+        text = repr(backend)
+        raise ValueError(f"backend must be one of {BACKENDS}, got {text if len(text) <= 200 else text[:197] + '...'}")
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None, n_tokens: int = 0) -> str:
     """Validate ``backend`` and resolve "auto" with :func:`auto_backend`.
 
     "triton" on CPU tensors needs TRITON_INTERPRET=1 (set before triton is imported);
     "chunked" and "torch" run anywhere.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend == "auto":
         return auto_backend(device, dtype, n_tokens)
     if backend == "triton":
@@ -278,8 +285,7 @@ def fused_linear_logprobs(
     check_chunk_tokens(chunk_tokens)
     if not (isinstance(filter_eps, (int, float)) and filter_eps >= 0):
         raise ValueError(f"filter_eps must be a float >= 0, got {filter_eps!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     n_vocab, n_hidden = weight.shape
     plan = plan_tokens(labels.reshape(-1), n_vocab, ignore_index)
     backend = resolve_backend(backend, hidden.device, chunked.compute_dtype(hidden.dtype, weight.dtype), plan.n_valid)

@@ -33,7 +33,7 @@ import torch
 from .softmax_fold import row_stats, softmax_grad
 
 __all__ = ["CHUNK_BUDGET_BYTES", "chunk_rows", "compute_dtype", "LMHeadGemms", "logprobs_forward",
-           "logprobs_backward", "backward_into", "accumulate_chunk"]
+           "logprobs_backward"]
 
 #: Bytes the per-chunk buffers may take, by device type (other devices use "cpu"): the
 #: [rows, V] float32 logits plus, for 16-bit inputs, the 16-bit gradient copy. Assign a
@@ -65,15 +65,17 @@ def chunk_rows(n_vocab: int, dtype: torch.dtype, device: torch.device, budget: i
 @functools.lru_cache(maxsize=None)
 def _native_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
     """True when ``torch.mm``/``torch.addmm`` take 16-bit inputs with ``out_dtype=float32``
-    (accumulating in place into an fp32 ``out``) on this device type; probed once."""
+    (writing, or accumulating in place, into an fp32 ``out``) on this device type; probed once."""
     if device_type != "cuda" or dtype not in _HALF:
         return False
     try:
         a = torch.ones(2, 3, dtype=dtype, device=device_type)
         acc = torch.ones(2, 2, dtype=torch.float32, device=device_type)
         torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+        out = torch.empty(2, 2, dtype=torch.float32, device=device_type)
+        torch.mm(a, a.t(), out_dtype=torch.float32, out=out)
         mm = torch.mm(a, a.t(), out_dtype=torch.float32)
-        return mm.dtype == torch.float32 and bool((acc == 4).all()) and bool((mm == 3).all())
+        return mm.dtype == torch.float32 and bool((acc == 4).all()) and bool((mm == 3).all()) and bool((out == 3).all())
     except (RuntimeError, TypeError):
         return False
 
@@ -81,12 +83,13 @@ def _native_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
 class LMHeadGemms:
     """The three GEMMs of a chunk with the weight [V, H] cast once to the compute dtype.
 
-    ``logits`` and ``d_hidden`` return float32 (float64) results; ``add_d_weight``
-    accumulates into a float32 (float64) [V, H] buffer in place. For 16-bit inputs,
-    ``mode`` says how fp32 results are obtained: "native" (``out_dtype=float32``, CUDA,
-    torch >= 2.9), "upcast" (CPU: exact fp32 copies of the 16-bit operands), or
-    "half_out" (CUDA without ``out_dtype``: 16-bit results of fp32-accumulating GEMMs,
-    upcast, so logits are rounded to 16 bits as in an unfused model).
+    ``logits`` returns float32 (float64) results; ``write_d_hidden`` writes them into a given
+    buffer; ``accumulate_d_weight`` writes (first chunk) or adds into a float32 (float64) [V, H]
+    buffer in place, so it needs no zero fill. For 16-bit inputs, ``mode`` says how fp32
+    results are obtained: "native" (``out_dtype=float32``, CUDA, torch >= 2.9), "upcast" (CPU:
+    exact fp32 copies of the 16-bit operands), or "half_out" (CUDA without ``out_dtype``:
+    16-bit results of fp32-accumulating GEMMs, upcast, so logits are rounded to 16 bits as in
+    an unfused model).
     """
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
@@ -100,24 +103,29 @@ class LMHeadGemms:
             self.mode = "half_out" if weight.device.type == "cuda" else "upcast"
         self.weight_acc = self.weight.to(self.acc) if self.mode == "upcast" else self.weight
 
-    def _mm(self, a, b):
+    def _mm(self, a, b, out=None):
         if self.mode == "native":
-            return torch.mm(a, b, out_dtype=self.acc)
+            return torch.mm(a, b, out_dtype=self.acc, out=out)
         if self.mode == "half_out":
-            return torch.mm(a, b).to(self.acc)
-        return torch.mm(a.to(self.acc), b.to(self.acc))
+            result = torch.mm(a, b)
+            return result.to(self.acc) if out is None else out.copy_(result)
+        return torch.mm(a.to(self.acc), b.to(self.acc), out=out)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [c, H] compute dtype -> [c, V] float32 (float64), contiguous."""
         return self._mm(h, self.weight_acc.t())
 
-    def d_hidden(self, d: torch.Tensor) -> torch.Tensor:
-        """d: [c, V] gradient of the logits (compute dtype) -> [c, H] float32 (float64)."""
-        return self._mm(d, self.weight_acc)
+    def write_d_hidden(self, d: torch.Tensor, out: torch.Tensor) -> None:
+        """out [c, H] float32 (float64, contiguous) = d @ W, d: [c, V] gradient of the logits
+        (compute dtype)."""
+        self._mm(d, self.weight_acc, out=out)
 
-    def add_d_weight(self, acc: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> None:
-        """acc [V, H] float32 (float64) += d.T @ h, in place."""
-        if self.mode == "native":
+    def accumulate_d_weight(self, acc: torch.Tensor, d: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+        """acc [V, H] float32 (float64) = d.T @ h when ``first`` (acc's contents are ignored),
+        else acc += d.T @ h; in place."""
+        if first:
+            self._mm(d.t(), h, out=acc)
+        elif self.mode == "native":
             torch.addmm(acc, d.t(), h, out_dtype=self.acc, out=acc)
         elif self.mode == "half_out":
             acc.add_(torch.mm(d.t(), h))
@@ -152,41 +160,30 @@ def logprobs_backward(grad, hidden, labels, lse, gemms: LMHeadGemms, bias, rows:
     """Recompute each chunk's logits and return the gradients of sum(grad * logp).
 
     grad, lse: [M]; other args as :func:`logprobs_forward`. Returns float32 (float64)
-    (d_hidden [M, H] | None, d_weight [V, H] | None, d_bias [V] | None).
+    (d_hidden [M, H] | None, d_weight [V, H] | None, d_bias [V] | None). The clamp at 0 of the
+    forward is treated as the identity (it only removes rounding).
     """
     m, n_hidden = hidden.shape
     acc = gemms.acc
+    grad = grad.to(acc)
+    b = _bias_acc(bias, acc)
     d_hidden = hidden.new_empty((m, n_hidden), dtype=acc) if need_hidden else None
-    d_weight = torch.zeros(gemms.weight.shape, dtype=acc, device=hidden.device) if need_weight else None
+    d_weight = torch.empty(gemms.weight.shape, dtype=acc, device=hidden.device) if need_weight else None
     d_bias = torch.zeros(gemms.weight.shape[0], dtype=acc, device=hidden.device) if need_bias else None
-    backward_into(grad, hidden, labels, lse, gemms, bias, rows, use_triton, d_hidden, d_weight, d_bias)
-    return d_hidden, d_weight, d_bias
-
-
-def backward_into(grad, hidden, labels, lse, gemms: LMHeadGemms, bias, rows: int, use_triton: bool,
-                  d_hidden, d_weight, d_bias) -> None:
-    """The recomputing backward of :func:`logprobs_backward`, into given buffers: writes
-    d_hidden [M, H] (a view is fine), adds into d_weight [V, H] and d_bias [V] (float32 /
-    float64; None ones skipped). The clamp at 0 of the forward is treated as the identity
-    (it only removes rounding)."""
-    grad = grad.to(gemms.acc)
-    b = _bias_acc(bias, gemms.acc)
-    for lo in range(0, hidden.shape[0], rows):
-        hi = min(hidden.shape[0], lo + rows)
+    for lo in range(0, m, rows):
+        hi = min(m, lo + rows)
         x = gemms.logits(hidden[lo:hi])
         if b is not None:
             x.add_(b)
         d = softmax_grad(x, labels[lo:hi], lse[lo:hi], grad[lo:hi], gemms.dtype, use_triton)
-        accumulate_chunk(gemms, d, hidden[lo:hi], d_hidden, lo, d_weight, d_bias)
-        del x, d
-
-
-def accumulate_chunk(gemms: LMHeadGemms, d, h, d_hidden, lo, d_weight, d_bias) -> None:
-    """One chunk's share of the gradients from d = d(loss)/d(logits) [c, V] (compute dtype):
-    d_hidden[lo:lo+c] = d @ W, d_weight += d.T @ h, d_bias += d.sum(0); None ones skipped."""
-    if d_hidden is not None:
-        d_hidden[lo:lo + d.shape[0]] = gemms.d_hidden(d)
-    if d_weight is not None:
-        gemms.add_d_weight(d_weight, d, h)
-    if d_bias is not None:
-        d_bias += d.sum(0, dtype=gemms.acc)
+        del x
+        if d_hidden is not None:
+            gemms.write_d_hidden(d, d_hidden[lo:hi])
+        if d_weight is not None:
+            gemms.accumulate_d_weight(d_weight, d, hidden[lo:hi], first=lo == 0)
+        if d_bias is not None:
+            d_bias += d.sum(0, dtype=acc)
+        del d
+    if d_weight is not None and m == 0:
+        d_weight.zero_()
+    return d_hidden, d_weight, d_bias

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from drdo.losses import REDUCTIONS, UNLIKELIHOOD_SIGN, LOGP_CLAMP_MAX, check_pair_shapes, log1mexp
+from drdo.losses import LOGP_CLAMP_MAX, REDUCTIONS, UNLIKELIHOOD_SIGN, DRDOSpec, check_pair_shapes, log1mexp
 
 from .logprobs import resolve_backend
 from .runtime import triton_available
@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
 
-__all__ = ["drdo_pair_loss", "aot_specs", "METRIC_NAMES", "BLOCK_PAIRS"]
+__all__ = ["drdo_pair_loss", "aot_specs", "triton_pair_terms", "torch_pair_terms", "METRIC_NAMES", "BLOCK_PAIRS"]
 
 
 #: Order of the per-block sums the kernel writes; metric means are these sums / B.
@@ -208,7 +208,7 @@ def aot_specs() -> list[tuple]:
     return [("drdo_pair_loss", _drdo_pair_kernel, signature, constexprs, _NUM_WARPS, _NUM_STAGES)]
 
 
-def _triton_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float):
+def triton_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float):
     """x: [6, B] float32 contiguous -> (sums [N_STATS] fp32, grads [4, B] fp32), one launch."""
     n_pairs = x.shape[1]
     n_programs = triton.cdiv(n_pairs, BLOCK_PAIRS)
@@ -224,7 +224,7 @@ def _triton_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float)
 # --------------------------------------------------------------------------- PyTorch
 
 
-def _torch_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float):
+def torch_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float):
     """The kernel's closed form in PyTorch ops. x: [6, B] float32/float64.
 
     Returns (sums [N_STATS], grads [4, B]) in x.dtype, laid out as the kernel's.
@@ -272,7 +272,7 @@ class _DRDOPairLossFn(torch.autograd.Function):
         inputs = (z_w, z_l, rh_w, rh_l, or_w, or_l)
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
         x = torch.stack([t.detach().to(dtype) for t in inputs])
-        terms = _triton_pair_terms if backend == "triton" else _torch_pair_terms
+        terms = triton_pair_terms if backend == "triton" else torch_pair_terms
         sums, grads = terms(x, alpha, gamma, sign)
         divisor = x.shape[1] if reduction == "mean" else 1
         loss = sums[0] / divisor
@@ -295,11 +295,7 @@ class _DRDOPairLossFn(torch.autograd.Function):
         return (*out, None, None, None, None, None)
 
 
-def _check_inputs(inputs: dict, unlikelihood: str, gamma: float, reduction: str) -> None:
-    if unlikelihood not in UNLIKELIHOOD_SIGN:
-        raise ValueError(f"unlikelihood must be one of {tuple(UNLIKELIHOOD_SIGN)}, got {unlikelihood!r}")
-    if not gamma >= 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+def _check_inputs(inputs: dict, reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     for name, t in inputs.items():
@@ -333,11 +329,10 @@ def drdo_pair_loss(
     oracle_chosen_rewards: torch.Tensor,
     oracle_rejected_rewards: torch.Tensor,
     *,
-    alpha: float = 0.1,
-    gamma: float = 2.0,
-    unlikelihood: str = "welleck",
+    spec: DRDOSpec | None = None,
     reduction: str = "mean",
     backend: str = "auto",
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DRDO loss with the same arguments and results as :func:`drdo.losses.drdo_loss`.
 
@@ -346,7 +341,8 @@ def drdo_pair_loss(
         policy_chosen_rewards, policy_rejected_rewards: rhat_w, rhat_l (beta * z for
             reward="implicit": pass the same tensors, autograd adds both paths).
         oracle_chosen_rewards, oracle_rejected_rewards: r*_w, r*_l.
-        alpha, gamma (>= 0), unlikelihood ("welleck" | "paper"), reduction ("mean" | "sum").
+        spec / options: a :class:`drdo.losses.DRDOSpec` or its fields (alpha, gamma and
+            unlikelihood are read here); reduction ("mean" | "sum").
         backend: "auto" | "triton" | "torch" (see the module docstring).
     Returns:
         loss: scalar float32 (float64 on the torch backend for float64 inputs);
@@ -360,11 +356,12 @@ def drdo_pair_loss(
         oracle_chosen_rewards=oracle_chosen_rewards,
         oracle_rejected_rewards=oracle_rejected_rewards,
     )
-    _check_inputs(inputs, unlikelihood, gamma, reduction)
+    spec = DRDOSpec.build(spec, **options)
+    _check_inputs(inputs, reduction)
     tensors = list(inputs.values())
     backend = _resolve_backend(backend, tensors)
     loss, sums = _DRDOPairLossFn.apply(
-        *tensors, float(alpha), float(gamma), UNLIKELIHOOD_SIGN[unlikelihood], reduction, backend
+        *tensors, spec.alpha, spec.gamma, UNLIKELIHOOD_SIGN[spec.unlikelihood], reduction, backend
     )
     means = sums / tensors[0].shape[0]
     metrics = {name: means[i] for i, name in enumerate(METRIC_NAMES)}

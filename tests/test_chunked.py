@@ -142,12 +142,12 @@ def test_skipped_gradients_do_no_gemm(backend, monkeypatch):
     ref = torch.log_softmax(h64 @ w64.T, -1).gather(1, labels[:, None]).sum()
     ref.backward()
     with monkeypatch.context() as m:
-        m.setattr(logprobs_chunked.LMHeadGemms, "d_hidden", forbidden)
+        m.setattr(logprobs_chunked.LMHeadGemms, "write_d_hidden", forbidden)
         w = weight.clone().requires_grad_()
         fused_linear_logprobs(hidden, w, labels, backend=backend, chunk_tokens=5).sum().backward()
         torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-6)
     with monkeypatch.context() as m:
-        m.setattr(logprobs_chunked.LMHeadGemms, "add_d_weight", forbidden)
+        m.setattr(logprobs_chunked.LMHeadGemms, "accumulate_d_weight", forbidden)
         h = hidden.clone().requires_grad_()
         fused_linear_logprobs(h, weight, labels, backend=backend, chunk_tokens=5).sum().backward()
         torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-6)
@@ -165,7 +165,7 @@ def _dpo_batch(seed=4, rows=6, n_pos=9, n_hidden=24, n_vocab=67):
 
 def test_pair_loss_hidden_without_grad_skips_d_hidden(monkeypatch):
     weight, hidden, labels, ref_logps = _dpo_batch()
-    monkeypatch.setattr(logprobs_chunked.LMHeadGemms, "d_hidden",
+    monkeypatch.setattr(logprobs_chunked.LMHeadGemms, "write_d_hidden",
                         lambda *a: (_ for _ in ()).throw(AssertionError("d_hidden GEMM ran")))
     w = weight.clone().requires_grad_()
     loss, _ = FusedLinearDPOLoss(backend="chunked")(w, hidden, labels, ref_logps)

@@ -58,12 +58,12 @@ class _GemmLog:
 
     def __init__(self, monkeypatch):
         self.grad_gemms, self.logit_rows = 0, []
-        logits, d_hidden, add_d_weight = LMHeadGemms.logits, LMHeadGemms.d_hidden, LMHeadGemms.add_d_weight
+        logits, d_hidden, d_weight = LMHeadGemms.logits, LMHeadGemms.write_d_hidden, LMHeadGemms.accumulate_d_weight
 
         def count(fn):
-            def wrapped(gemms, *args):
+            def wrapped(gemms, *args, **kwargs):
                 self.grad_gemms += 1
-                return fn(gemms, *args)
+                return fn(gemms, *args, **kwargs)
             return wrapped
 
         def rows(gemms, h):
@@ -71,8 +71,8 @@ class _GemmLog:
             return logits(gemms, h)
 
         monkeypatch.setattr(LMHeadGemms, "logits", rows)
-        monkeypatch.setattr(LMHeadGemms, "d_hidden", count(d_hidden))
-        monkeypatch.setattr(LMHeadGemms, "add_d_weight", count(add_d_weight))
+        monkeypatch.setattr(LMHeadGemms, "write_d_hidden", count(d_hidden))
+        monkeypatch.setattr(LMHeadGemms, "accumulate_d_weight", count(d_weight))
 
 
 @pytest.mark.parametrize("frozen", ["no_grad", "inputs"])
