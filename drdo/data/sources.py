@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,22 +68,36 @@ def _apply_slice(rows: Rows, split: str) -> Rows:
     return Rows(list.__getitem__(rows, part), rows.lines[part] if rows.lines is not None else None)
 
 
-def _decode_utf8(path: Path) -> str:
-    """The file's text; DataSourceError naming the line of the first byte that is not UTF-8."""
-    data = path.read_bytes()
+def decode_utf8(data: bytes, name) -> str:
+    """The text of a file's bytes (a leading BOM dropped); DataSourceError naming the file ``name`` and
+    the line of the first byte that is not UTF-8."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise DataSourceError(f"{path}: line {line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        raise DataSourceError(f"{name}: line {line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
     return text[1:] if text.startswith("\ufeff") else text
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def file_kind(path) -> str:
+    """What ``path`` is, for messages: "a FIFO (named pipe)", "a character device", ..., "a directory",
+    "a file", or "missing"."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    return next((name for test, name in _KINDS if test(mode)), "a file")
 
 
 def _read_json_file(path: Path) -> Rows:
     """Rows of a JSON array / object or a JSONL file, read with Python's ``json``: values stay exactly
     as written ("42" stays a string, 42 an int); no schema is inferred across rows. A JSONL line
     that is not valid JSON becomes a :class:`_BadJSONLine` so that the error names its line."""
-    text = _decode_utf8(path)
+    text = decode_utf8(path.read_bytes(), path)
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as err:
