@@ -199,6 +199,8 @@ def load_rows(source, split: str = "train") -> tuple[Sequence, str]:
         return _load_local_file(path, split), name
     if path.is_dir():
         return _load_directory(path, split), name
+    if path.exists():
+        raise DataSourceError(f"{name} is {file_kind(path)}, not a data file (.jsonl, .json or .parquet)")
     if _looks_like_path(name):
         raise FileNotFoundError(f"preference data file not found: {name}")
     return _load_hub(name, split), f"{name}[{split}]"
