@@ -215,7 +215,7 @@ def _run_score(args) -> int:
     path = score_dataset(args.reward_models, args.data, args.output, batch_size=args.batch_size,
                          max_length=args.max_length, max_prompt_length=args.max_prompt_length, split=args.split,
                          skip_invalid=args.skip_invalid, trust_remote_code=args.trust_remote_code,
-                         device=args.device, progress=args.progress)
+                         allow_untrained_head=args.allow_untrained_head, device=args.device, progress=args.progress)
     print(path)
     return 0
 
@@ -283,6 +283,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from drdo.models import ModelFormatError
     from drdo.pipeline.evaluate import JudgeError
     from drdo.pipeline.scoring import RewardModelError
+    from drdo.tokenizer import TokenizerError
     from drdo.training.checkpoint import CheckpointError
     from drdo.training.loop import TrainingDiverged
     from drdo.training.rundir import OutputDirError
@@ -290,7 +291,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError,
             RewardModelError, JudgeError, MissingFieldError, InvalidExampleError, EmptyDatasetError,
             ModelFormatError, OutputDirError, DataSourceError, PermissionError, IsADirectoryError,
-            NotADirectoryError)
+            NotADirectoryError, TokenizerError)
 
 
 def _error_line(e: BaseException) -> str | None:

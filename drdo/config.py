@@ -179,6 +179,8 @@ class ScoreConfig(InferenceConfig):
         None, "reward model(s): our Oracle directory or any HF sequence-classification model with one output; "
               "K models give K scores per response (e-DPO)", type=str, flag="--reward-model", nargs="+",
         action="extend")
+    allow_untrained_head: bool = option(
+        False, "score with a reward head that was never trained as a reward model (its scores are noise)")
 
 
 @dataclass

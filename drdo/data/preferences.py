@@ -467,6 +467,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._encoded)
 
+    def where(self, row: int) -> str:
+        """Where source row ``row`` (0-based) is, for messages: "line 7" of a JSONL file, else "row 8 (1-based)"."""
+        return row_label(self.raw._rows, row)
+
     def __getitem__(self, index: int) -> dict:
         """chosen/rejected ``_input_ids`` and UNSHIFTED ``_labels`` (list[int]), ``row`` (int), and when
         present ``oracle_chosen``/``oracle_rejected`` (float, or list of K floats when K > 1) and
