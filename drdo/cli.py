@@ -249,7 +249,8 @@ def _run_eval(args) -> int:
     report = evaluate(parse_policies(args.policies), prompts, args.judge, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                       max_prompt_length=args.max_prompt_length, trust_remote_code=args.trust_remote_code,
-                      device=args.device, progress=args.progress, output=output)
+                      allow_untrained_head=args.allow_untrained_head, device=args.device, progress=args.progress,
+                      output=output)
     summary = {k: v for k, v in report.items() if k != "generations"}
     print(json.dumps(summary, indent=2))
     print(f"report: {output}\ngenerations: {generations_path(output)}", file=sys.stderr)

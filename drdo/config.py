@@ -202,7 +202,8 @@ class EvalConfig:
         flag="--policy", action="append", metavar="NAME=PATH")
     prompts: str | None = option(None, "data file whose 'prompt' fields are used", type=str)
     judge: str | None = option(
-        None, "reward-model directory, or 'module:function' taking (prompts, responses) -> scores", type=str)
+        None, "reward-model directory, or 'path/to/file.py:function' or 'module:function' taking "
+              "(prompts, responses) -> scores", type=str)
     num_prompts: int | None = option(None, "use the first N prompts (default: all)", type=int)
     max_new_tokens: int = option(64, "generation length")
     temperature: float = option(1.0, "sampling temperature (0: greedy)")
@@ -215,6 +216,8 @@ class EvalConfig:
         None, "write the report (JSON) here and the generations to <output>.generations.jsonl "
               "(default: runs/eval-<date>-<time>/report.json)", type=str)
     trust_remote_code: bool = option(False, "allow model code from the hub")
+    allow_untrained_head: bool = option(
+        False, "judge with a reward head that was never trained as a reward model (its scores are noise)")
     device: str = option("auto", "'auto', 'cpu', 'cuda', ...")
     progress: bool = option(True, "show progress bars (--no-progress also hides those of transformers and datasets)")
     threads: int | None = threads_option()
