@@ -119,3 +119,15 @@ def get_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of what decides a tokenizer's ids: its full definition (vocabulary, merges, normalizer,
+    pre- and post-processing, added tokens; the sorted vocabulary for a tokenizer without a fast
+    backend) and its EOS id. The chat template is not part of it."""
+    import hashlib
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{text}\neos={tokenizer.eos_token_id}".encode("utf-8")).hexdigest()

@@ -3,6 +3,7 @@ id, a ``datasets.Dataset`` or a list of dicts. Rows come back as they are stored
 :mod:`drdo.data.preferences`' job."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -77,6 +78,15 @@ def decode_utf8(data: bytes, name) -> str:
         line = data.count(b"\n", 0, err.start) + 1
         raise DataSourceError(f"{name}: line {line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
     return text[1:] if text.startswith("\ufeff") else text
+
+
+def file_sha256(path) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
