@@ -93,12 +93,13 @@ SCORE_DTYPE = np.float32
 
 class InvalidExampleError(ValueError):
     """A row that cannot be used; ``.source``, ``.row`` (0-based index), ``.where`` (its line or 1-based
-    row number, as shown) and ``.reason`` name the problem."""
+    row number, as shown) and ``.reason`` name the problem; ``hint`` (None: none) ends the message."""
 
-    def __init__(self, source: str, row: int, reason: str, detail: str, where: str | None = None):
+    def __init__(self, source: str, row: int, reason: str, detail: str, where: str | None = None,
+                 hint: str | None = "pass --skip-invalid to drop such rows"):
         self.source, self.row, self.reason, self.detail = source, row, reason, detail
         self.where = where or f"row {row + 1} (1-based)"
-        super().__init__(f"{source}: {self.where}: {detail} (pass --skip-invalid to drop such rows)")
+        super().__init__(f"{source}: {self.where}: {detail}" + (f" ({hint})" if hint else ""))
 
 
 class MissingFieldError(ValueError):
@@ -245,6 +246,23 @@ def _check_oracle(row: dict, spec: "_Spec", row_index: int):
             f"{len(chosen)} oracle scores per response but {spec.k_row} has {spec.num_oracles}",
         )
     return chosen, rejected
+
+
+def check_oracle_rows(rows, source: str) -> None:
+    """InvalidExampleError naming the first row (a dict) of ``rows`` whose Oracle scores the losses cannot
+    use: missing, not numbers (a string such as "0.5" included), NaN/inf, an empty list, a K that differs
+    between fields or rows, or values that overflow :data:`SCORE_DTYPE`. For trainers that read the rows
+    themselves (:class:`drdo.integrations.trl.DRDOTrainer`); the checks are those of
+    :func:`load_preference_dataset`."""
+    spec = _Spec(has_oracle=True, has_ref=False)
+    for index, row in enumerate(rows):
+        try:
+            if not isinstance(row, dict):
+                raise _RowProblem("not a dict", f"a row must be a dict, got {type(row).__name__}")
+            _check_oracle(row, spec, index)
+        except _RowProblem as problem:
+            raise InvalidExampleError(source, index, problem.reason, problem.detail, row_label(rows, index),
+                                      hint=None) from problem
 
 
 def _check_ref(row: dict, spec: "_Spec"):
