@@ -6,22 +6,24 @@
     drdo reflogps       --model REF --data D --output WITH_REF.jsonl  # for DPO / e-DPO
     drdo train --loss drdo|dpo|edpo --model SFT --data SCORED.jsonl --output-dir OUT
     drdo eval           --policy drdo=OUT --policy dpo=OUT2 --prompts P.jsonl --judge JUDGE
-    drdo demo           ...                                           # see drdo/demo/run.py
+    drdo demo           ...                                           # see drdo demo --help
 
-Every subcommand takes ``--config file.yaml`` (keys = flag names with '_' or '-');
-flags given on the command line override the file, the file overrides the defaults.
+Every subcommand takes ``--config file.yaml`` (keys = the flag names of its --help, with '_' or '-';
+a training run's own config.yaml is accepted back); flags given on the command line override the
+file, the file overrides the defaults.
 Multi-GPU: ``torchrun --nproc_per_node N -m drdo.cli train ...``.
 
 Exit status: 0 done (or, for training, already done: the output directory holds the same run,
 complete), 2 a usage error or a known failure (bad data, unusable output directory,
 corrupt checkpoint, divergence, disk full, ...: one ``drdo: error:`` line on stderr; ``drdo --debug
-COMMAND ...`` shows the traceback instead), 130 interrupted by Ctrl-C and 143 by SIGTERM (training
+COMMAND ...`` shows the traceback before it), 130 interrupted by Ctrl-C and 143 by SIGTERM (training
 saves a checkpoint first); anything else is a bug and shows its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import logging
 import json
@@ -29,6 +31,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 from drdo.config import (
     FIELD_NAMES,
@@ -39,16 +42,18 @@ from drdo.config import (
     ScoreConfig,
     TrainConfig,
     add_config_flags,
+    check_options,
     check_threads,
     load_yaml,
 )
 from drdo.demo.run import add_arguments as add_demo_arguments
+from drdo.errors import shown
 from drdo.hub import require_model_source
 from drdo.runtime import quiet_libraries, torch_threads
 
-#: How long ``drdo demo`` takes; the README says the same (tests/test_readme_table.py checks it). Measured
-#: on 2 idle CPU cores (AMD EPYC, 2026-11-28): the default run 2 min 35 s, --quick 25 s.
-DEMO_TIME = "about 2.5 min on 2 CPU cores, no download; `drdo demo --quick` (a smoke run): under 30 s"
+#: How long ``drdo demo`` takes; the README says the same (tests/test_readme_table.py checks it): the
+#: wall-clock time of `time drdo demo` on 2 otherwise idle CPU cores (AMD EPYC, 2026-11-28).
+DEMO_TIME = "2 min 35 s on 2 idle CPU cores, no download; `drdo demo --quick` (a smoke run): 25 s"
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -101,7 +106,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_flags(leaf(sub, "reflogps", "precompute reference log-probs for DPO / e-DPO", "reflogps"), RefLogpsConfig)
     _add_flags(leaf(sub, "eval", "sample from policies; expected judge reward and pairwise win rates", "eval"),
                EvalConfig)
-    demo = leaf(sub, "demo", f"end-to-end demo on a synthetic task (drdo/demo/run.py): {DEMO_TIME}", "demo")
+    demo = leaf(sub, "demo", f"end-to-end demo on a synthetic task: {DEMO_TIME}", "demo")
     add_demo_arguments(demo)
     leaves.update({f"{name} (group)": p for name, p in groups.items()})
     return parser, leaves
@@ -116,25 +121,74 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         leaves.get(f"{args.command} (group)", parser).print_help(sys.stderr)
         raise SystemExit(2)
     if getattr(args, "config", None):
-        values = load_yaml(args.config)
-        p = leaves[path]
-        dests = {a.dest for a in p._actions}
-        unknown = sorted(set(values) - dests)
-        if unknown:
-            raise ConfigError(f"unknown key(s) {unknown} in {args.config} for `drdo {path}`")
-        for action in p._actions:  # argparse never converts a default: "no" would read as true
-            value = values.get(action.dest)
-            if isinstance(action, argparse.BooleanOptionalAction) and action.dest in values \
-                    and not isinstance(value, bool):
-                raise ConfigError(f"{action.dest} in {args.config} must be true or false, got {value!r}")
-        p.set_defaults(**values)
+        leaves[path].set_defaults(**config_file_values(args.config, leaves[path], path))
         args = parser.parse_args(argv)
     return args
 
 
+#: The stage each training command trains (``train`` takes it from --loss).
+_COMMAND_STAGES = {"sft": "sft", "oracle train": "oracle"}
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def config_file_values(path: str, parser: argparse.ArgumentParser, command: str) -> dict:
+    """The values of a ``--config`` YAML file by argparse dest, checked before argparse takes them.
+
+    A key is a flag name of ``drdo COMMAND --help`` (``loss``, ``reward_model``) or its dest
+    (``stage``, ``reward_models``), with '_' or '-'. A value is a single YAML scalar, or a list of
+    them for a flag that takes several: anything else is refused before it is walked (YAML aliases can
+    make a short file stand for billions of elements). The keys a training run writes into its own
+    config.yaml for other stages are accepted while they hold their defaults, so that file can be
+    given back."""
+    actions = {}
+    for action in parser._actions:
+        for flag in action.option_strings:
+            actions[flag.lstrip("-").replace("-", "_")] = action
+        actions[action.dest] = action
+    out: dict = {}
+    for key, value in load_yaml(path).items():
+        action = actions.get(key)
+        if action is None or action.dest in ("help", "config"):
+            _check_foreign_key(key, value, path, command)
+            continue
+        _check_shape(key, value, action, path)
+        if action.dest in out:
+            raise ConfigError(f"{path} sets {action.dest} twice (as {shown(key)} and under another name)")
+        out[action.dest] = value
+    return out
+
+
+def _check_shape(key: str, value, action: argparse.Action, path: str) -> None:
+    """A list of scalars for a flag that takes several, true/false for a --x/--no-x flag, else one scalar."""
+    if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
+        if not (isinstance(value, list) and all(isinstance(v, _SCALARS) for v in value)):
+            raise ConfigError(f"{key} in {path} must be a list of single values (e.g. [a, b]), got a "
+                              f"{type(value).__name__}")
+    elif not isinstance(value, _SCALARS):
+        raise ConfigError(f"{key} in {path} must be a single value, got a {type(value).__name__}")
+    elif isinstance(action, argparse.BooleanOptionalAction) and not isinstance(value, bool):
+        raise ConfigError(f"{key} in {path} must be true or false, got {shown(value)}")  # argparse never converts it
+
+
+def _check_foreign_key(key: str, value, path: str, command: str) -> None:
+    """ConfigError for a key the command does not take, unless a training run's config.yaml holds it
+    at a value that changes nothing: the command's own stage, or another stage's default."""
+    field = next((f for f in dataclasses.fields(TrainConfig) if f.name == key), None)
+    training = command in _COMMAND_STAGES or command == "train"
+    if field is None or not training:
+        raise ConfigError(f"unknown key {shown(key)} in {path} for `drdo {command}`; the keys are the flag names "
+                          f"of `drdo {command} --help`")
+    if key == "stage":
+        if value != _COMMAND_STAGES.get(command):
+            raise ConfigError(f"{path} is a config of the {shown(value)} stage, not of `drdo {command}`")
+        return
+    if value != field.default:  # TrainConfig has no list fields: every default is a plain value
+        raise ConfigError(f"{key}: {shown(value)} in {path} is not used by `drdo {command}`; remove it")
+
+
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig for sft / oracle train / train from parsed args."""
-    stage = {"sft": "sft", "oracle train": "oracle"}.get(args.command_path, getattr(args, "stage", "drdo"))
+    stage = _COMMAND_STAGES.get(args.command_path, getattr(args, "stage", "drdo"))
     values = {k: getattr(args, k) for k in FIELD_NAMES if hasattr(args, k)}
     values["stage"] = stage
     return TrainConfig(**values)
@@ -167,7 +221,7 @@ def _run_score(args) -> int:
     path = score_dataset(args.reward_models, args.data, args.output, batch_size=args.batch_size,
                          max_length=args.max_length, max_prompt_length=args.max_prompt_length, split=args.split,
                          skip_invalid=args.skip_invalid, trust_remote_code=args.trust_remote_code,
-                         device=args.device, progress=args.progress)
+                         allow_untrained_head=args.allow_untrained_head, device=args.device, progress=args.progress)
     print(path)
     return 0
 
@@ -204,7 +258,8 @@ def _run_eval(args) -> int:
     report = evaluate(policies, prompts, args.judge, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                       max_prompt_length=args.max_prompt_length, trust_remote_code=args.trust_remote_code,
-                      device=args.device, progress=args.progress, output=output)
+                      allow_untrained_head=args.allow_untrained_head, device=args.device, progress=args.progress,
+                      output=output)
     summary = {k: v for k, v in report.items() if k != "generations"}
     print(json.dumps(summary, indent=2))
     print(f"report: {output}\ngenerations: {generations_path(output)}", file=sys.stderr)
@@ -238,6 +293,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from drdo.models import ModelFormatError
     from drdo.pipeline.evaluate import JudgeError
     from drdo.pipeline.scoring import RewardModelError
+    from drdo.tokenizer import TokenizerError
     from drdo.training.checkpoint import CheckpointError
     from drdo.training.loop import TrainingDiverged
     from drdo.training.rundir import OutputDirError
@@ -245,7 +301,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError,
             RewardModelError, JudgeError, MissingFieldError, InvalidExampleError, EmptyDatasetError,
             ModelFormatError, OutputDirError, DataSourceError, PermissionError, IsADirectoryError,
-            NotADirectoryError)
+            NotADirectoryError, TokenizerError)
 
 
 def _error_line(e: BaseException) -> str | None:
@@ -286,11 +342,24 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
+#: The options of the commands that do not train, by command (training commands: TrainConfig).
+_OPTION_CLASSES = {"oracle score": ScoreConfig, "reflogps": RefLogpsConfig, "eval": EvalConfig}
+
+
+def check_command_options(args: argparse.Namespace) -> None:
+    """ConfigError for an option of ``oracle score``, ``reflogps`` or ``eval`` out of its type or range
+    (training commands check theirs in :func:`drdo.config.resolve`)."""
+    cls = _OPTION_CLASSES.get(args.command_path)
+    if cls is not None:
+        check_options(cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}))
+
+
 def _main(argv: list[str] | None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
         check_threads(getattr(args, "threads", None))
+        check_command_options(args)
         with torch_threads(getattr(args, "threads", None)), quiet_libraries(not getattr(args, "progress", True)):
             return _COMMANDS[args.command_path](args)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
@@ -300,8 +369,10 @@ def _main(argv: list[str] | None) -> int:
         return 130
     except Exception as e:
         line = _error_line(e)
-        if line is None or debug:
+        if line is None:
             raise
+        if debug:
+            traceback.print_exc()
         print(f"drdo: error: {line}", file=sys.stderr)
         return 2
 

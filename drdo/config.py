@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from drdo.atomic import atomic_write
-from drdo.errors import ConfigError
+from drdo.errors import ConfigError, shown
 from drdo.logprobs import KERNELS
 from drdo.models import is_tiny_model
 
@@ -179,6 +180,8 @@ class ScoreConfig(InferenceConfig):
         None, "reward model(s): our Oracle directory or any HF sequence-classification model with one output; "
               "K models give K scores per response (e-DPO)", type=str, flag="--reward-model", nargs="+",
         action="extend")
+    allow_untrained_head: bool = option(
+        False, "score with a reward head that was never trained as a reward model (its scores are noise)")
 
 
 @dataclass
@@ -200,7 +203,8 @@ class EvalConfig:
         flag="--policy", action="append", metavar="NAME=PATH")
     prompts: str | None = option(None, "data file whose 'prompt' fields are used", type=str)
     judge: str | None = option(
-        None, "reward-model directory, or 'module:function' taking (prompts, responses) -> scores", type=str)
+        None, "reward-model directory, or 'path/to/file.py:function' or 'module:function' taking "
+              "(prompts, responses) -> scores", type=str)
     num_prompts: int | None = option(None, "use the first N prompts (default: all)", type=int)
     max_new_tokens: int = option(64, "generation length")
     temperature: float = option(1.0, "sampling temperature (0: greedy)")
@@ -213,6 +217,8 @@ class EvalConfig:
         None, "write the report (JSON) here and the generations to <output>.generations.jsonl "
               "(default: runs/eval-<date>-<time>/report.json)", type=str)
     trust_remote_code: bool = option(False, "allow model code from the hub")
+    allow_untrained_head: bool = option(
+        False, "judge with a reward head that was never trained as a reward model (its scores are noise)")
     device: str = option("auto", "'auto', 'cpu', 'cuda', ...")
     progress: bool = option(True, "show progress bars (--no-progress also hides those of transformers and datasets)")
     threads: int | None = threads_option()
@@ -253,18 +259,32 @@ def unused_settings(config: TrainConfig) -> list[str]:
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
+#: The largest YAML file read (``--config``, ``--variants``): such a file holds a few dozen settings.
+MAX_YAML_BYTES = 1 << 20
+
+
 def read_yaml(path: str, what: str = "config file") -> Any:
-    """The parsed content of a YAML file (safe_load); a missing or invalid file raises ConfigError
-    naming ``what`` (e.g. "--variants file")."""
+    """The parsed content of a YAML file (safe_load) of at most :data:`MAX_YAML_BYTES`; a missing,
+    non-regular, too large, non-UTF-8 or invalid file raises ConfigError (DataSourceError for bad
+    UTF-8) naming ``what`` (e.g. "--variants file"). Aliases are not expanded here: a value built
+    from them is one shared object until someone walks it (see :func:`drdo.errors.shown`)."""
     import yaml
 
+    from drdo.data.sources import decode_utf8, file_kind
+
+    kind = file_kind(path)
+    if kind == "missing":
+        raise ConfigError(f"{what} not found: {path}")
+    if kind != "a file":
+        raise ConfigError(f"{what} {path} is {kind}, not a file")
+    with open(path, "rb") as f:
+        data = f.read(MAX_YAML_BYTES + 1)
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {MAX_YAML_BYTES // 1024} KiB; it should hold a few settings")
     try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} not found: {path}") from None
+        return yaml.safe_load(decode_utf8(data, path))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {shown(str(e))}") from None
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -334,6 +354,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"save_every and save_limit must be >= 0, got {c.save_every} and {c.save_limit}")
     if c.gamma < 0:
         raise ConfigError(f"gamma must be >= 0, got {c.gamma}")
+    check_seed(c.seed)
     check_threads(c.threads)
     return c
 
@@ -363,20 +384,27 @@ def total_steps(config: TrainConfig, num_pairs: int) -> int:
 
 
 def warmup_steps_for(config: TrainConfig, steps: int) -> int:
-    """warmup_steps if given, else round(warmup_ratio * steps)."""
-    if config.warmup_steps is not None:
-        return config.warmup_steps
-    return int(round(config.warmup_ratio * steps))
+    """warmup_steps if given (ConfigError when it exceeds the run's ``steps``: the learning rate would
+    never reach --lr), else round(warmup_ratio * steps)."""
+    if config.warmup_steps is None:
+        return int(round(config.warmup_ratio * steps))
+    if config.warmup_steps > steps:
+        raise ConfigError(f"warmup_steps ({config.warmup_steps}) exceeds the run's {steps} optimizer steps: the "
+                          "learning rate would never reach --lr; lower --warmup-steps or raise --max-steps")
+    return config.warmup_steps
 
 
+#: Largest accepted seed: every random generator drdo seeds (torch, numpy, the data order) takes it.
+MAX_SEED = 2**32 - 1
 #: Largest accepted learning rate. AdamW moves every weight by about lr per step whatever the
 #: gradient's scale, so lr > 1 can only destroy a pretrained model (and 1e38 overflows to inf).
 MAX_LR = 1.0
 
 
-def _check_types(config: TrainConfig) -> None:
-    """Each field holds its declared type: bool fields real booleans (YAML ``progress: "no"`` is an
-    error, not True), int fields ints, float fields numbers, str fields strings."""
+def _check_types(config) -> None:
+    """Each field of a config dataclass holds its declared type: bool fields real booleans (YAML
+    ``progress: "no"`` is an error, not True), int fields ints, float fields numbers, str fields
+    strings, list fields lists of strings."""
     for f in dataclasses.fields(config):
         value, kind = getattr(config, f.name), str(f.type)
         if value is None and "None" in kind:
@@ -391,11 +419,13 @@ def _check_types(config: TrainConfig) -> None:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         elif kind.startswith("str"):
             ok = isinstance(value, str)
+        elif kind.startswith("list"):
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         else:
             ok = True
         if not ok:
-            want = kind.split(" ")[0].replace("bool", "true or false")
-            raise ConfigError(f"{f.name} must be {want}, got {value!r} ({type(value).__name__})")
+            want = kind.split(" ")[0].replace("bool", "true or false").replace("list", "a list of strings")
+            raise ConfigError(f"{f.name} must be {want}, got {shown(value)} ({type(value).__name__})")
 
 
 def _check_numbers(c: TrainConfig) -> None:
@@ -423,16 +453,45 @@ def _check_numbers(c: TrainConfig) -> None:
 def check_threads(threads: int | None) -> None:
     """None or a positive integer; raises ConfigError otherwise."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+        raise ConfigError(f"threads must be a positive integer, got {shown(threads)}")
+
+
+def check_seed(seed: int) -> None:
+    """An integer in [0, :data:`MAX_SEED`]; raises ConfigError otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in [0, 2**32 - 1], got {shown(seed)}")
+
+
+def check_options(config) -> None:
+    """Types and ranges of the options of ``oracle score``, ``reflogps`` or ``eval`` (a
+    :class:`ScoreConfig`, :class:`RefLogpsConfig` or :class:`EvalConfig`), and an ``output`` that is
+    the command's own input; ConfigError naming the option. Runs before anything is loaded or written."""
+    _check_types(config)
+    names = {f.name for f in dataclasses.fields(config)}
+    _check_positive(config, *sorted(names & {"batch_size", "max_length", "max_prompt_length", "max_new_tokens"}))
+    if getattr(config, "num_prompts", None) is not None:
+        _check_positive(config, "num_prompts")
+    if "seed" in names:
+        check_seed(config.seed)
+    if "temperature" in names and not (math.isfinite(config.temperature) and config.temperature >= 0):
+        raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy), got {config.temperature}")
+    if "top_p" in names and not 0 < config.top_p <= 1:
+        raise ConfigError(f"top_p must lie in (0, 1], got {config.top_p}")
+    check_threads(config.threads)
+    source = getattr(config, "data", None) or getattr(config, "prompts", None)
+    if config.output and source and os.path.exists(config.output) and os.path.exists(source) \
+            and os.path.samefile(config.output, source):
+        raise ConfigError(f"--output {config.output} is the input file {source}: writing it would replace the data "
+                          "being read; choose another --output")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {shown(value)}")
 
 
 def _check_positive(config: TrainConfig, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
         if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {shown(value)}")

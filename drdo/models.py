@@ -22,6 +22,7 @@ from a config, so tests and the demo never download anything.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -54,6 +55,7 @@ __all__ = [
     "find_transformer_blocks",
     "head_is_trained",
     "is_tiny_model",
+    "weights_digest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -447,6 +449,24 @@ def head_is_trained(directory: str | os.PathLike) -> bool | None:
     if not isinstance(saved, dict) or "stage" not in saved:
         return None
     return saved["stage"] == "oracle" or (saved["stage"] == "drdo" and saved.get("reward") == "head")
+
+
+def weights_digest(model: str, seed: int = 0) -> str | None:
+    """What the weights of ``model`` are: "tiny, seed N" (the tiny model is built from its seed), the
+    sha256 of its safetensors weight files (the reward head aside: log-probs do not use it), or None
+    (a hub id)."""
+    from drdo.data.sources import file_sha256
+
+    if model == TINY_MODEL_NAME:
+        return f"tiny, seed {seed}"
+    local = os.path.expanduser(model)
+    if not os.path.isdir(local):
+        return None
+    names = sorted(n for n in os.listdir(local) if n.endswith(".safetensors") and n != HEAD_WEIGHTS_NAME)
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name}:{file_sha256(os.path.join(local, name))}\n".encode())
+    return "sha256:" + digest.hexdigest()
 
 
 def _load_head(directory: str, hidden_size: int) -> nn.Linear:

@@ -69,6 +69,10 @@ def _build_backend():
     return backend
 
 
+class TokenizerError(ValueError):
+    """A tokenizer cannot be loaded, or defines no EOS token."""
+
+
 def build_byte_tokenizer():
     """The tiny model's tokenizer: byte-level, built in memory, no download.
 
@@ -95,19 +99,35 @@ def build_byte_tokenizer():
 def get_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     """``"tiny"`` -> :func:`build_byte_tokenizer`; anything else -> ``AutoTokenizer.from_pretrained``.
 
-    Guarantees ``eos_token`` (raises ``ValueError`` when the tokenizer has none) and
-    ``pad_token`` (set to the eos token when missing).
+    Guarantees ``eos_token`` and ``pad_token`` (set to the eos token when missing). A tokenizer
+    that cannot be loaded (a broken config.json or tokenizer.json, ...) or has no eos token raises
+    :class:`TokenizerError`.
     """
     if name_or_path == "tiny":
         return build_byte_tokenizer()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers and tokenizers raise OSError, ValueError, JSONDecodeError, Exception, ...
+        raise TokenizerError(f"cannot load the tokenizer of {name_or_path}: {type(err).__name__}: {err}") from err
     if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise TokenizerError(
             f"tokenizer {name_or_path!r} defines no eos_token; DRDO appends EOS to every response. "
             "Set one (tokenizer.eos_token = ...) and save the tokenizer before training."
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of what decides a tokenizer's ids: its full definition (vocabulary, merges, normalizer,
+    pre- and post-processing, added tokens; the sorted vocabulary for a tokenizer without a fast
+    backend) and its EOS id. The chat template is not part of it."""
+    import hashlib
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{text}\neos={tokenizer.eos_token_id}".encode("utf-8")).hexdigest()

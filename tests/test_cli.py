@@ -148,7 +148,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     # reference log-probs of the SFT model; DPO from the same model starts at loss ln 2
     ref = str(tmp_path / "ref.jsonl")
     assert main(["reflogps", "--model", sft, "--data", scored2, "--output", ref, "--kernel", KERNEL,
-                 "--no-progress"]) == 0
+                 "--max-length", "48", "--max-prompt-length", "24", "--no-progress"]) == 0
     rows = _read(ref)
     assert all(r["ref_chosen_logps"] < 0 and r["ref_rejected_logps"] < 0 and len(r["oracle_chosen"]) == 2 for r in rows)
     dpo = str(tmp_path / "dpo")

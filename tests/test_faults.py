@@ -434,6 +434,7 @@ def test_read_only_output_directory_is_one_line(tmp_path, data, capsys):
         one_error(capsys, ["train", "--data", data, "--output-dir", ro / "out", *CLI], "--output-dir")
 
 
-def test_debug_shows_the_traceback(tmp_path, data):
-    with pytest.raises(ConfigError, match="lr"):
-        main(["--debug", "train", "--data", data, "--output-dir", str(tmp_path / "o"), *CLI, "--lr", "nan"])
+def test_debug_shows_the_traceback_and_keeps_exit_status_2(tmp_path, data, capsys):
+    assert main(["--debug", "train", "--data", data, "--output-dir", str(tmp_path / "o"), *CLI, "--lr", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ConfigError" in err and err.rstrip().splitlines()[-1].startswith("drdo: error: lr")

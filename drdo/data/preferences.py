@@ -77,6 +77,7 @@ import numpy as np
 import torch
 
 from drdo.data.sources import _BadJSONLine, load_rows, row_label
+from drdo.errors import shown
 from drdo.losses import IGNORE_INDEX
 
 logger = logging.getLogger("drdo.data")
@@ -86,16 +87,19 @@ ORACLE_FIELDS = ("oracle_chosen", "oracle_rejected")
 REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 _TOKENIZE_CHUNK = 1024
 _LOGP_TOLERANCE = 1e-3  # a summed log-prob above this is not a log-prob
+#: The dtype the losses compute Oracle scores in (the batches carry them as float32).
+SCORE_DTYPE = np.float32
 
 
 class InvalidExampleError(ValueError):
     """A row that cannot be used; ``.source``, ``.row`` (0-based index), ``.where`` (its line or 1-based
-    row number, as shown) and ``.reason`` name the problem."""
+    row number, as shown) and ``.reason`` name the problem; ``hint`` (None: none) ends the message."""
 
-    def __init__(self, source: str, row: int, reason: str, detail: str, where: str | None = None):
+    def __init__(self, source: str, row: int, reason: str, detail: str, where: str | None = None,
+                 hint: str | None = "pass --skip-invalid to drop such rows"):
         self.source, self.row, self.reason, self.detail = source, row, reason, detail
         self.where = where or f"row {row + 1} (1-based)"
-        super().__init__(f"{source}: {self.where}: {detail} (pass --skip-invalid to drop such rows)")
+        super().__init__(f"{source}: {self.where}: {detail}" + (f" ({hint})" if hint else ""))
 
 
 class MissingFieldError(ValueError):
@@ -122,6 +126,16 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+def _check_text(field: str, text: str) -> str:
+    """``text`` unless it cannot be written as UTF-8 (a lone surrogate such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _RowProblem("invalid text", f"field {field!r} holds {err.object[err.start:err.end]!r} at character "
+                                          f"{err.start}, which is not valid Unicode text (a lone surrogate)") from None
+    return text
+
+
 def _check_messages(field: str, messages: list) -> list[dict]:
     """Validate a list of {role, content} messages; returns copies holding only role and content."""
     if len(messages) == 0:
@@ -135,7 +149,8 @@ def _check_messages(field: str, messages: list) -> list[dict]:
             raise _RowProblem("malformed messages", f"{field}[{i}] has no string 'role'")
         if not isinstance(content, str):
             raise _RowProblem("malformed messages", f"{field}[{i}] has no string 'content'")
-        clean.append({"role": role, "content": content})
+        clean.append({"role": _check_text(f"{field}[{i}].role", role),
+                      "content": _check_text(f"{field}[{i}].content", content)})
     return clean
 
 
@@ -145,7 +160,7 @@ def _check_text_field(row: dict, field: str):
     if value is None:
         raise _RowProblem("missing field", f"missing field {field!r}")
     if isinstance(value, str):
-        return value
+        return _check_text(field, value)
     if isinstance(value, (list, tuple)):
         return _check_messages(field, list(value))
     kind = type(value).__name__
@@ -174,10 +189,32 @@ def _check_score(field: str, value) -> list[float]:
         raise _RowProblem("wrong type", f"field {field!r} is an empty list")
     for v in values:
         if not _is_number(v):
-            raise _RowProblem("wrong type", f"field {field!r} must be a number or a list of numbers, got {v!r}")
-        if not math.isfinite(float(v)):
+            raise _RowProblem("wrong type", f"field {field!r} must be a number or a list of numbers, got {shown(v)}")
+        try:
+            finite = math.isfinite(float(v))
+        except OverflowError:  # an int beyond float range, e.g. 10**400
+            raise _RowProblem("non-finite score", f"field {field!r} holds an integer of {int(v).bit_length()} bits, "
+                                                  "beyond the range of a float") from None
+        if not finite:
             raise _RowProblem("non-finite score", f"field {field!r} holds a non-finite value ({v})")
     return [float(v) for v in values]
+
+
+def _check_score_range(chosen: list[float], rejected: list[float]) -> None:
+    """Every value the losses form from one pair's Oracle scores stays finite in :data:`SCORE_DTYPE`: the
+    scores, their sums over the K Oracles, the margins chosen - rejected and the margins squared."""
+    c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
+    margin = c - r
+    formed = {"oracle_chosen": c, "oracle_rejected": r, "the sum of oracle_chosen": c.sum(),
+              "the sum of oracle_rejected": r.sum(), "oracle_chosen - oracle_rejected": margin,
+              "(oracle_chosen - oracle_rejected)**2": margin * margin}
+    limit = float(np.finfo(SCORE_DTYPE).max)
+    for name, value in formed.items():
+        worst = float(np.max(np.abs(value)))
+        if not worst <= limit:
+            raise _RowProblem("score overflow", f"{name} reaches {worst:.3g}, beyond {limit:.3g}, the largest "
+                                                f"{np.dtype(SCORE_DTYPE).name} the losses compute in; rescale the "
+                                                "Oracle scores")
 
 
 def _check_optional_pair(row: dict, fields: tuple[str, str], expected: bool, hint: str):
@@ -200,6 +237,7 @@ def _check_oracle(row: dict, spec: "_Spec", row_index: int):
         raise _RowProblem(
             "inconsistent K", f"oracle_chosen has {len(chosen)} scores but oracle_rejected has {len(rejected)}"
         )
+    _check_score_range(chosen, rejected)
     if spec.num_oracles == 0:
         spec.num_oracles, spec.k_row = len(chosen), spec.where(row_index)
     elif len(chosen) != spec.num_oracles:
@@ -208,6 +246,23 @@ def _check_oracle(row: dict, spec: "_Spec", row_index: int):
             f"{len(chosen)} oracle scores per response but {spec.k_row} has {spec.num_oracles}",
         )
     return chosen, rejected
+
+
+def check_oracle_rows(rows, source: str) -> None:
+    """InvalidExampleError naming the first row (a dict) of ``rows`` whose Oracle scores the losses cannot
+    use: missing, not numbers (a string such as "0.5" included), NaN/inf, an empty list, a K that differs
+    between fields or rows, or values that overflow :data:`SCORE_DTYPE`. For trainers that read the rows
+    themselves (:class:`drdo.integrations.trl.DRDOTrainer`); the checks are those of
+    :func:`load_preference_dataset`."""
+    spec = _Spec(has_oracle=True, has_ref=False)
+    for index, row in enumerate(rows):
+        try:
+            if not isinstance(row, dict):
+                raise _RowProblem("not a dict", f"a row must be a dict, got {type(row).__name__}")
+            _check_oracle(row, spec, index)
+        except _RowProblem as problem:
+            raise InvalidExampleError(source, index, problem.reason, problem.detail, row_label(rows, index),
+                                      hint=None) from problem
 
 
 def _check_ref(row: dict, spec: "_Spec"):
@@ -429,6 +484,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self._encoded)
+
+    def where(self, row: int) -> str:
+        """Where source row ``row`` (0-based) is, for messages: "line 7" of a JSONL file, else "row 8 (1-based)"."""
+        return row_label(self.raw._rows, row)
 
     def __getitem__(self, index: int) -> dict:
         """chosen/rejected ``_input_ids`` and UNSHIFTED ``_labels`` (list[int]), ``row`` (int), and when

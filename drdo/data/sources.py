@@ -3,9 +3,11 @@ id, a ``datasets.Dataset`` or a list of dicts. Rows come back as they are stored
 :mod:`drdo.data.preferences`' job."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,22 +69,45 @@ def _apply_slice(rows: Rows, split: str) -> Rows:
     return Rows(list.__getitem__(rows, part), rows.lines[part] if rows.lines is not None else None)
 
 
-def _decode_utf8(path: Path) -> str:
-    """The file's text; DataSourceError naming the line of the first byte that is not UTF-8."""
-    data = path.read_bytes()
+def decode_utf8(data: bytes, name) -> str:
+    """The text of a file's bytes (a leading BOM dropped); DataSourceError naming the file ``name`` and
+    the line of the first byte that is not UTF-8."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise DataSourceError(f"{path}: line {line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        raise DataSourceError(f"{name}: line {line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
     return text[1:] if text.startswith("\ufeff") else text
+
+
+def file_sha256(path) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def file_kind(path) -> str:
+    """What ``path`` is, for messages: "a FIFO (named pipe)", "a character device", ..., "a directory",
+    "a file", or "missing"."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    return next((name for test, name in _KINDS if test(mode)), "a file")
 
 
 def _read_json_file(path: Path) -> Rows:
     """Rows of a JSON array / object or a JSONL file, read with Python's ``json``: values stay exactly
     as written ("42" stays a string, 42 an int); no schema is inferred across rows. A JSONL line
     that is not valid JSON becomes a :class:`_BadJSONLine` so that the error names its line."""
-    text = _decode_utf8(path)
+    text = decode_utf8(path.read_bytes(), path)
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as err:
@@ -184,6 +209,8 @@ def load_rows(source, split: str = "train") -> tuple[Sequence, str]:
         return _load_local_file(path, split), name
     if path.is_dir():
         return _load_directory(path, split), name
+    if path.exists():
+        raise DataSourceError(f"{name} is {file_kind(path)}, not a data file (.jsonl, .json or .parquet)")
     if _looks_like_path(name):
         raise FileNotFoundError(f"preference data file not found: {name}")
     return _load_hub(name, split), f"{name}[{split}]"

@@ -20,6 +20,7 @@ import math
 import re
 
 from drdo.config import REWARD_GRADS, REWARDS, UNLIKELIHOODS, ConfigError, read_yaml
+from drdo.errors import shown
 
 __all__ = ["VARIANT_KEYS", "RESERVED_NAMES", "load_variants", "validate_variants", "describe"]
 
@@ -33,7 +34,7 @@ _CHOICES = {"reward": REWARDS, "unlikelihood": UNLIKELIHOODS, "reward_grad": REW
 
 def _number(value, key: str, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"must be a finite number, got {value!r}")
+        raise ValueError(f"must be a finite number, got {shown(value)}")
     if positive and value <= 0:
         raise ValueError(f"must be > 0, got {value!r}")
     if not positive and value < 0:
@@ -45,22 +46,22 @@ def _check_value(key: str, value):
     """The validated value of one key; ValueError with the reason otherwise."""
     if key in _CHOICES:
         if value not in _CHOICES[key]:
-            raise ValueError(f"must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+            raise ValueError(f"must be one of {', '.join(_CHOICES[key])}, got {shown(value)}")
         return value
     if key == "length_normalize":
         if not isinstance(value, bool):
-            raise ValueError(f"must be true or false, got {value!r}")
+            raise ValueError(f"must be true or false, got {shown(value)}")
         return value
     return _number(value, key, positive=key == "beta")
 
 
 def _check_entry(entry, index: int, seen: set, source: str) -> dict:
     if not isinstance(entry, dict):
-        raise ConfigError(f"{source}: entry {index + 1} must be a mapping with a 'name', got {entry!r}")
+        raise ConfigError(f"{source}: entry {index + 1} must be a mapping with a 'name', got {shown(entry)}")
     name = entry.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"{source}: entry {index + 1} needs a 'name' of letters, digits and _.+- "
-                          f"(at most 64, not starting with a symbol), got {name!r}")
+                          f"(at most 64, not starting with a symbol), got {shown(name)}")
     where = f"{source}: variant {name!r}"
     if name in RESERVED_NAMES or name in seen:
         taken = "is taken by the demo's own methods" if name in RESERVED_NAMES else "appears twice"
@@ -72,7 +73,7 @@ def _check_entry(entry, index: int, seen: set, source: str) -> dict:
             continue
         k = str(key).replace("-", "_")
         if k not in VARIANT_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r}; known keys: name, {', '.join(VARIANT_KEYS)}")
+            raise ConfigError(f"{where}: unknown key {shown(key)}; known keys: name, {', '.join(VARIANT_KEYS)}")
         try:
             spec[k] = _check_value(k, value)
         except ValueError as e:

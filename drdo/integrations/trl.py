@@ -34,7 +34,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from drdo.data.packing import last_token_index, pack_sequences, segment_sum
-from drdo.data.preferences import ORACLE_FIELDS
+from drdo.data.preferences import ORACLE_FIELDS, check_oracle_rows
 from drdo.losses import IGNORE_INDEX
 from drdo_kernels.logprobs import BACKENDS
 from drdo.models import HEAD_WEIGHTS_NAME, _save_head, last_token_indices, new_reward_head
@@ -100,7 +100,9 @@ def _mean_score(value) -> float:
 
 
 def _oracle_rewards(examples: list[dict]) -> torch.Tensor:
-    """[2B] float32: Oracle scores of the chosen rows, then of the rejected rows."""
+    """[2B] float32: Oracle scores of the chosen rows, then of the rejected rows (checked again here:
+    the rows of an IterableDataset are seen first in a batch)."""
+    check_oracle_rows(examples, "a DRDOTrainer batch")
     chosen = [_mean_score(ex[ORACLE_FIELDS[0]]) for ex in examples]
     rejected = [_mean_score(ex[ORACLE_FIELDS[1]]) for ex in examples]
     return torch.tensor(chosen + rejected, dtype=torch.float32)
@@ -144,10 +146,12 @@ class DRDODataCollator:
 
 
 def _check_oracle_columns(dataset, name: str) -> None:
+    """ValueError unless every dataset has both Oracle columns; InvalidExampleError naming the first row
+    of a map-style dataset whose scores the loss cannot use (see :func:`check_oracle_rows`)."""
     if dataset is None:
         return
-    datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
-    for ds in datasets:
+    datasets = dataset.items() if isinstance(dataset, dict) else [(name, dataset)]
+    for label, ds in datasets:
         columns = getattr(ds, "column_names", None)
         if columns is None:  # an IterableDataset without known features: look at the first row
             columns = list(next(iter(ds)).keys())
@@ -158,6 +162,9 @@ def _check_oracle_columns(dataset, name: str) -> None:
                 "scores of each pair. Score the pairs first: `drdo oracle score --reward-model ORACLE_DIR "
                 "--data prefs.jsonl --output scored.jsonl`, then load scored.jsonl."
             )
+        if hasattr(ds, "__len__"):
+            rows = ds.select_columns(list(ORACLE_FIELDS)) if hasattr(ds, "select_columns") else ds
+            check_oracle_rows(rows, f"DRDOTrainer: the {label} dataset")
 
 
 class DRDOTrainer(DPOTrainer):
@@ -249,6 +256,7 @@ class DRDOTrainer(DPOTrainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        _check_finite(state_dict, output_dir)
         head_state = {k.rsplit(".", 1)[-1]: v for k, v in state_dict.items() if f"{REWARD_HEAD_ATTR}." in k}
         lm_state = {k: v for k, v in state_dict.items() if f"{REWARD_HEAD_ATTR}." not in k}
         super()._save(output_dir, state_dict=lm_state)
@@ -256,6 +264,14 @@ class DRDOTrainer(DPOTrainer):
             head = nn.Linear(head_state["weight"].shape[1], 1, bias="bias" in head_state)
             head.load_state_dict({k: v.float().cpu() for k, v in head_state.items()})
             _save_head(head, output_dir)
+
+
+def _check_finite(state_dict: dict, output_dir: str) -> None:
+    """RuntimeError, before anything is written to ``output_dir``, when a tensor holds NaN or inf."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RuntimeError(f"DRDOTrainer: not saving to {output_dir}: {len(bad)} of {len(state_dict)} tensors "
+                               f"hold NaN or inf (first: {bad[0]}); training diverged")
 
 
 # --------------------------------------------------------------------------- the loss, inside the forward

@@ -2,9 +2,12 @@
 
 The judge is a reward the students never saw: a reward-model directory (our
 Oracle format or an HF sequence-classification model with one output), or any
-Python callable given as ``"module:function"`` that maps
+Python callable given as ``"path/to/file.py:function"`` or ``"module:function"`` that maps
 ``(prompts: list[str], responses: list[str]) -> list[float]`` (prompts rendered
-as text, e.g. through the chat template).
+as text, e.g. through the chat template). A file is loaded by its path under a private module
+name; a module is searched on ``sys.path`` and then in the current directory, never before the
+standard library. Either way ``sys.path`` and ``sys.modules`` are left as they were (modules that
+the judge loaded from elsewhere, e.g. numpy, stay loaded).
 
 Report: for each policy the expected judge reward (mean, std error) and for each
 ordered pair of policies the win rate of the first over the second, prompt by
@@ -12,7 +15,9 @@ prompt (a tie counts 1/2): ``report["win_rate"][a][b]``.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import itertools
 import json
 import math
@@ -119,10 +124,11 @@ def generate(policy, prompts: list, *, tokenizer=None, max_new_tokens: int = 64,
     return responses
 
 
-def _reward_model_judge(path: str, *, device, trust_remote_code, batch_size=16, max_length=1024,
-                        max_prompt_length=512) -> Judge:
+def _reward_model_judge(path: str, *, device, trust_remote_code, allow_untrained_head=False, batch_size=16,
+                        max_length=1024, max_prompt_length=512) -> Judge:
     """A judge from a reward model: reward of prompt + response + EOS (right-padded, truncated)."""
-    rm = load_reward_model(path, device=device, trust_remote_code=trust_remote_code)
+    rm = load_reward_model(path, device=device, trust_remote_code=trust_remote_code,
+                           allow_untrained_head=allow_untrained_head)
     tok = rm.tokenizer
 
     def judge(prompts: list, responses: list) -> list[float]:
@@ -147,18 +153,42 @@ def _reward_model_judge(path: str, *, device, trust_remote_code, batch_size=16, 
     return judge
 
 
-def _import_from_cwd(module_name: str):
-    """Import a module, searching the current directory first (the ``drdo`` console script's
-    sys.path does not hold it, unlike ``python -m``)."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path and "" not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
+@contextlib.contextmanager
+def _searched_last(directory: str):
+    """``directory`` at the end of ``sys.path`` while the block runs (after the standard library and
+    site-packages); afterwards ``sys.path`` is restored, and new top-level modules loaded from
+    ``directory`` (with their submodules) leave ``sys.modules``."""
+    saved_path, before = list(sys.path), set(sys.modules)
+    sys.path.append(directory)
     try:
-        return importlib.import_module(module_name)
+        yield
     finally:
-        if added:
-            sys.path.remove(cwd)
+        sys.path[:] = saved_path
+        root = os.path.join(directory, "")
+        for name in set(sys.modules) - before:
+            origin = getattr(getattr(sys.modules[name], "__spec__", None), "origin", None) or ""
+            if name.partition(".")[0] not in before and os.path.isabs(origin) and origin.startswith(root):
+                del sys.modules[name]
+
+
+#: The module name a judge file runs under (it leaves sys.modules once loaded).
+_JUDGE_MODULE = "_drdo_judge"
+
+
+def _judge_module(target: str):
+    """The module of a ``--judge`` spec: ``path/to/file.py`` executed by path under a private name,
+    or a module name imported with the current directory searched last."""
+    if not target.endswith(".py"):
+        with _searched_last(os.getcwd()):  # absolute, as the module origins found through it
+            return importlib.import_module(target)
+    if not os.path.isfile(target):
+        raise JudgeError(f"judge file {target} not found")
+    spec = importlib.util.spec_from_file_location(_JUDGE_MODULE, target)
+    module = importlib.util.module_from_spec(spec)
+    with _searched_last(os.path.dirname(os.path.abspath(target))):
+        sys.modules[_JUDGE_MODULE] = module  # dataclasses and pickling look the module up while it runs
+        spec.loader.exec_module(module)
+    return module
 
 
 def generations_path(output: str) -> str:
@@ -166,21 +196,26 @@ def generations_path(output: str) -> str:
     return output + ".generations.jsonl"
 
 
-def load_judge(spec, *, device="auto", trust_remote_code: bool = False) -> Judge:
-    """A callable judge from a callable, "module:function", or a reward-model directory / hub id."""
+def load_judge(spec, *, device="auto", trust_remote_code: bool = False, allow_untrained_head: bool = False) -> Judge:
+    """A callable judge from a callable, "path/to/file.py:function", "module:function", or a
+    reward-model directory / hub id."""
     if callable(spec):
         return spec
     spec = str(spec)
     if ":" in spec and not os.path.exists(spec):
-        module_name, _, func_name = spec.partition(":")
+        target, _, func_name = spec.rpartition(":")
         try:
-            func = getattr(_import_from_cwd(module_name), func_name)
-        except (ImportError, AttributeError) as e:
-            raise JudgeError(f"cannot import the judge {spec!r} (expected 'module:function'): {e}") from e
+            func = getattr(_judge_module(target), func_name)
+        except JudgeError:
+            raise
+        except Exception as e:  # ImportError, AttributeError, or whatever the judge's own code raises
+            raise JudgeError(f"cannot load the judge {spec!r} (expected 'path/to/file.py:function' or "
+                             f"'module:function'): {type(e).__name__}: {e}") from e
         if not callable(func):
             raise JudgeError(f"judge {spec!r} is not callable")
         return func
-    return _reward_model_judge(spec, device=device, trust_remote_code=trust_remote_code)
+    return _reward_model_judge(spec, device=device, trust_remote_code=trust_remote_code,
+                               allow_untrained_head=allow_untrained_head)
 
 
 def win_rate(a: list[float], b: list[float]) -> float:
@@ -203,7 +238,8 @@ def _prompt_texts(prompts: list, judge: Judge) -> list[str]:
 
 def evaluate(policies: dict, prompts: list, judge, *, max_new_tokens: int = 64, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = 16, max_prompt_length: int = 512,
-             trust_remote_code: bool = False, device="auto", progress: bool = True, output: str | None = None) -> dict:
+             trust_remote_code: bool = False, allow_untrained_head: bool = False, device="auto",
+             progress: bool = True, output: str | None = None) -> dict:
     """Generate with every policy, score with the judge, report rewards and pairwise win rates.
 
     policies: {name: path or loaded model (with tokenizer as (model, tokenizer) tuple)}.
@@ -218,7 +254,8 @@ def evaluate(policies: dict, prompts: list, judge, *, max_new_tokens: int = 64, 
                           "generations file)")
     if not prompts:
         raise ValueError("evaluate needs at least one prompt")
-    judge_fn = load_judge(judge, device=device, trust_remote_code=trust_remote_code)
+    judge_fn = load_judge(judge, device=device, trust_remote_code=trust_remote_code,
+                          allow_untrained_head=allow_untrained_head)
     generations, scores = {}, {}
     for name, pol in policies.items():
         model, tok = pol if isinstance(pol, tuple) else (pol, None)

@@ -4,6 +4,12 @@
 of the reference policy (usually the SFT model), computed with the same
 tokenization and the same log-prob path (``kernel``) the trainer uses, so that at
 step 0 of DPO the policy and reference log-probs coincide.
+
+Every row also records what its log-probs were computed with
+(:data:`drdo.logprobs.REF_SETTINGS_FIELD`, see :func:`drdo.logprobs.reference_settings`): the
+model (its path and a digest of its weights), the tokenizer, the chat template, ``max_length`` and
+``max_prompt_length``. ``drdo train --loss dpo|edpo`` refuses log-probs whose record differs from
+its own settings: they would not be the log-probs of the pairs it trains on.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import torch
 
 from drdo.data import PreferenceCollator, load_preference_dataset
 from drdo.jsonl import write_jsonl
-from drdo.logprobs import policy_sequence_logprobs
+from drdo.logprobs import REF_SETTINGS_FIELD, policy_sequence_logprobs, reference_settings
 from drdo.progress import batch_starts
 from drdo.pipeline.scoring import pick_device
 
@@ -24,7 +30,8 @@ def compute_reference_logps(model, data, output: str, *, batch_size: int = 8, ma
                             max_prompt_length: int = 512, tokenizer=None, kernel: str = "auto",
                             split: str = "train", skip_invalid: bool = False, trust_remote_code: bool = False,
                             device="auto", seed: int = 0, progress: bool = True) -> str:
-    """Write ``data`` plus ref_chosen_logps / ref_rejected_logps (floats) as JSONL to ``output``.
+    """Write ``data`` plus ref_chosen_logps / ref_rejected_logps (floats) and their record
+    (:data:`drdo.logprobs.REF_SETTINGS_FIELD`) as JSONL to ``output``.
 
     model: a directory, hub id or "tiny", or a loaded PolicyWithRewardHead (then pass ``tokenizer``).
     tokenizer: None (the model's), a name/path, or a tokenizer object. bf16 autocast on CUDA.
@@ -47,6 +54,8 @@ def compute_reference_logps(model, data, output: str, *, batch_size: int = 8, ma
         tokenizer = get_tokenizer(os.fspath(tokenizer), trust_remote_code=trust_remote_code)
     ds = load_preference_dataset(data, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                                  split=split, skip_invalid=skip_invalid)
+    settings = reference_settings(model, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                                  seed=seed)
     collate = PreferenceCollator(tokenizer.pad_token_id)
     policy.eval()
     rows = []
@@ -61,5 +70,6 @@ def compute_reference_logps(model, data, output: str, *, batch_size: int = 8, ma
             row = dict(ds.raw[i])
             row["ref_chosen_logps"] = float(logps[j])
             row["ref_rejected_logps"] = float(logps[n + j])
+            row[REF_SETTINGS_FIELD] = settings
             rows.append(row)
     return write_jsonl(rows, output)

@@ -2,15 +2,18 @@
 
 A reward model is either one of ours (a directory with ``reward_head.safetensors``,
 trained by ``drdo oracle train``) or any Hugging Face
-``AutoModelForSequenceClassification`` with exactly one output. With K reward
+``AutoModelForSequenceClassification`` with exactly one output. A head that was never trained as a
+reward model (e.g. the SFT output's) is refused unless ``allow_untrained_head``, and a model that
+returns a NaN or infinite score is an error naming the row: nothing is written. With K reward
 models each response gets a list of K scores (the e-DPO ensemble); with one, a float.
 Each model tokenizes the data with its own tokenizer; rows are matched by their
 source row number, and a row dropped by any model (``skip_invalid``) is left out.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
-import warnings
 
 import torch
 
@@ -54,20 +57,45 @@ def _is_policy_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(os.path.expanduser(path), HEAD_WEIGHTS_NAME))
 
 
-def load_reward_model(path: str, *, device="auto", trust_remote_code: bool = False) -> RewardModel:
-    """Our Oracle directory, or an HF sequence-classification model with one output (dir or hub id)."""
+def _missing_head(path: str) -> str | None:
+    """Why a local directory without reward_head.safetensors is not a reward model, when it is a drdo
+    run (reward_head.json) or a plain causal LM (config.json's architectures); None otherwise."""
+    from drdo.models import HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME
+
+    local = os.path.expanduser(path)
+    if os.path.isfile(os.path.join(local, HEAD_CONFIG_NAME)):
+        return f"{path} has {HEAD_CONFIG_NAME} but no {HEAD_WEIGHTS_NAME}: the weights of its reward head are missing"
+    try:
+        with open(os.path.join(local, "config.json"), encoding="utf-8") as f:
+            architectures = json.load(f).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    if architectures and all(str(a).endswith("ForCausalLM") for a in architectures):
+        return (f"{path} is a causal LM ({architectures[0]}) without {HEAD_WEIGHTS_NAME}: it has no reward head; "
+                "train an Oracle from it with `drdo oracle train`")
+    return None
+
+
+def load_reward_model(path: str, *, device="auto", trust_remote_code: bool = False,
+                      allow_untrained_head: bool = False) -> RewardModel:
+    """Our Oracle directory, or an HF sequence-classification model with one output (dir or hub id).
+    RewardModelError for a causal LM without a reward head, and for a head never trained as a reward
+    model unless ``allow_untrained_head``."""
     from drdo.tokenizer import get_tokenizer
 
     dev = pick_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    missing = None if _is_policy_dir(path) else _missing_head(path)
+    if missing:
+        raise RewardModelError(missing)
     tokenizer = get_tokenizer(path, trust_remote_code=trust_remote_code)
     if _is_policy_dir(path):
-        from drdo.models import PolicyWithRewardHead, head_is_trained
+        from drdo.models import HEAD_CONFIG_NAME, PolicyWithRewardHead, head_is_trained
 
-        if head_is_trained(path) is False:
-            warnings.warn(f"{path} was not trained as an Oracle (see its reward_head.json): its reward head is untrained; "
-                          "train one with `drdo oracle train`")
-
+        if head_is_trained(path) is False and not allow_untrained_head:
+            raise RewardModelError(f"{path} was not trained as an Oracle (its {HEAD_CONFIG_NAME} says so): its reward "
+                                   "head is untrained and its scores are noise; train one with `drdo oracle train`, "
+                                   "or pass --allow-untrained-head")
         model = PolicyWithRewardHead.from_pretrained(path, dtype=dtype, device=dev, require_head=True,
                                                      trust_remote_code=trust_remote_code)
         return RewardModel(path, model.eval(), tokenizer, "policy", dev)
@@ -91,7 +119,8 @@ def load_reward_model(path: str, *, device="auto", trust_remote_code: bool = Fal
 
 
 def _score_pairs(rm: RewardModel, dataset, batch_size: int, progress: bool, desc: str) -> dict[int, tuple[float, float]]:
-    """{source row: (chosen reward, rejected reward)} for every pair of ``dataset``."""
+    """{source row: (chosen reward, rejected reward)} for every pair of ``dataset``; RewardModelError
+    naming the row when the model returns a score that is not finite."""
     collate = PreferenceCollator(rm.tokenizer.pad_token_id)
     out: dict[int, tuple[float, float]] = {}
     for start in batch_starts(len(dataset), batch_size, progress=progress, desc=desc):
@@ -100,12 +129,17 @@ def _score_pairs(rm: RewardModel, dataset, batch_size: int, progress: bool, desc
         n = batch["rows"].shape[0]
         for j, row in enumerate(batch["rows"].tolist()):
             out[row] = (float(rewards[j]), float(rewards[n + j]))
+            if not all(map(math.isfinite, out[row])):
+                raise RewardModelError(f"{rm.path} returned the scores {out[row]} (chosen, rejected) for "
+                                       f"{dataset.source}: {dataset.where(row)}; a reward model must return finite "
+                                       "scores (is the model diverged or its head corrupt?)")
     return out
 
 
 def score_dataset(reward_models, data, output: str, *, batch_size: int = 8, max_length: int = 1024,
                   max_prompt_length: int = 512, split: str = "train", skip_invalid: bool = False,
-                  trust_remote_code: bool = False, device="auto", progress: bool = True) -> str:
+                  trust_remote_code: bool = False, allow_untrained_head: bool = False, device="auto",
+                  progress: bool = True) -> str:
     """Score every pair of ``data`` with K reward models and write JSONL to ``output``.
 
     Each output line is the source row plus ``oracle_chosen`` / ``oracle_rejected``:
@@ -118,7 +152,8 @@ def score_dataset(reward_models, data, output: str, *, batch_size: int = 8, max_
         raise RewardModelError("score_dataset needs at least one reward model")
     per_model, raw_by_row = [], {}
     for k, path in enumerate(reward_models):
-        rm = load_reward_model(path, device=device, trust_remote_code=trust_remote_code)
+        rm = load_reward_model(path, device=device, trust_remote_code=trust_remote_code,
+                               allow_untrained_head=allow_untrained_head)
         ds = load_preference_dataset(data, rm.tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                                      split=split, skip_invalid=skip_invalid)
         if not raw_by_row:

@@ -106,6 +106,15 @@ def _load_data(config: TrainConfig, tokenizer):
     )
 
 
+def _check_reference_logps(config: TrainConfig, tokenizer, dataset) -> None:
+    """ConfigError unless the data's reference log-probs were computed with this run's model and tokenization."""
+    from drdo.logprobs import check_reference_settings, reference_settings
+
+    check_reference_settings(dataset, reference_settings(config.model, tokenizer, max_length=config.max_length,
+                                                         max_prompt_length=config.max_prompt_length,
+                                                         seed=config.seed))
+
+
 def _collator(config: TrainConfig, tokenizer):
     from drdo.data import PreferenceCollator, SFTCollator
 
@@ -209,6 +218,8 @@ class Trainer:
         self.data_sha256 = rundir.data_digest(config.data) if dist_state.is_main else None
         self.tokenizer = get_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
         self.dataset = self._load_data_rank0_first()  # fails fast on data without Oracle scores / ref log-probs
+        if config.stage in ("dpo", "edpo"):
+            _check_reference_logps(config, self.tokenizer, self.dataset)
         self.collate = _collator(config, self.tokenizer)
         if config.stage == "drdo" and self.dataset.num_oracles > 1 and dist_state.is_main:
             logger.warning("the data has K=%d Oracle scores per response; drdo regresses their mean",
