@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     lm = build_tiny_causal_lm(vocab_size=s["vocab"], hidden_size=s["hidden"], num_layers=s["layers"], num_heads=s["heads"])
     lm.set_attn_implementation(attn)
     policy = PolicyWithRewardHead(lm).to(device).train()
-    root = StageObjective(policy, TrainConfig(stage="drdo", beta=0.1, kernel="auto"))
+    root = StageObjective(policy, TrainConfig(stage="drdo", backend="auto"))
     items = skewed_items(s["pairs"], s["vocab"], s["prompt"], s["short"], s["long"], args.long_fraction, seed=0)
     batches = {"padded": PreferenceCollator(pad_token_id=0)(items), "packed": PackedPreferenceCollator()(items)}
     real_tokens = int(batches["padded"]["attention_mask"].sum())

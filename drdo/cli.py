@@ -34,6 +34,7 @@ import time
 import traceback
 
 from drdo.config import (
+    DeprecatedFlag,
     FIELD_NAMES,
     STUDENT_STAGES,
     ConfigError,
@@ -42,7 +43,6 @@ from drdo.config import (
     ScoreConfig,
     TrainConfig,
     add_config_flags,
-    check_options,
     check_threads,
     load_yaml,
 )
@@ -152,6 +152,8 @@ def config_file_values(path: str, parser: argparse.ArgumentParser, command: str)
             _check_foreign_key(key, value, path, command)
             continue
         _check_shape(key, value, action, path)
+        if isinstance(action, DeprecatedFlag):
+            print(action.warning().replace(action.option_strings[0], f"the key {key!r} in {path}"), file=sys.stderr)
         if action.dest in out:
             raise ConfigError(f"{path} sets {action.dest} twice (as {shown(key)} and under another name)")
         out[action.dest] = value
@@ -197,10 +199,10 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 # ----------------------------------------------------------------------------- commands
 
 
-def _run_train(args) -> int:
+def _run_train(config: TrainConfig) -> int:
     from drdo.training.loop import train
 
-    result = train(train_config_from_args(args))
+    result = train(config)
     if result.get("status") == "interrupted":
         print(f"interrupted: checkpoint saved to {result.get('checkpoint')}; continue with --resume", file=sys.stderr)
         return 128 + result.get("signal", signal.SIGINT)
@@ -212,79 +214,57 @@ def _run_train(args) -> int:
     return 0
 
 
-def _run_score(args) -> int:
+def _run_score(config: ScoreConfig) -> int:
     from drdo.pipeline.scoring import score_dataset
 
-    _require(args, "reward_models", "--reward-model", "data", "--data", "output", "--output")
-    for name in args.reward_models:
-        require_model_source(name, "--reward-model")
-    path = score_dataset(args.reward_models, args.data, args.output, batch_size=args.batch_size,
-                         max_length=args.max_length, max_prompt_length=args.max_prompt_length, split=args.split,
-                         skip_invalid=args.skip_invalid, trust_remote_code=args.trust_remote_code,
-                         allow_untrained_head=args.allow_untrained_head, device=args.device, progress=args.progress)
-    print(path)
+    print(score_dataset(config))
     return 0
 
 
-def _run_reflogps(args) -> int:
+def _run_reflogps(config: RefLogpsConfig) -> int:
     from drdo.pipeline.reflogps import compute_reference_logps
 
-    _require(args, "data", "--data", "output", "--output")
-    require_model_source(args.model, "--model")
-    require_model_source(args.tokenizer, "--tokenizer")
-    path = compute_reference_logps(args.model, args.data, args.output, batch_size=args.batch_size,
-                                   max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                   tokenizer=args.tokenizer, kernel=args.kernel, split=args.split,
-                                   skip_invalid=args.skip_invalid, trust_remote_code=args.trust_remote_code,
-                                   device=args.device, seed=args.seed, progress=args.progress)
-    print(path)
+    print(compute_reference_logps(config))
     return 0
 
 
-def _run_eval(args) -> int:
-    from drdo.data import load_prompts
-    from drdo.pipeline.evaluate import evaluate, generations_path, parse_policies
+def _run_eval(config: EvalConfig) -> int:
+    from drdo.pipeline.evaluate import generations_path, run_eval
 
-    _require(args, "policies", "--policy", "prompts", "--prompts", "judge", "--judge")
-    policies = parse_policies(args.policies)
-    for path in policies.values():
-        require_model_source(path, "--policy")
-    if ":" not in args.judge or os.path.exists(args.judge):
-        require_model_source(args.judge, "--judge")
-    output = args.output or default_eval_output()
-    prompts = load_prompts(args.prompts, split=args.split)
-    if args.num_prompts is not None:
-        prompts = prompts[: args.num_prompts]
-    report = evaluate(policies, prompts, args.judge, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                      max_prompt_length=args.max_prompt_length, trust_remote_code=args.trust_remote_code,
-                      allow_untrained_head=args.allow_untrained_head, device=args.device, progress=args.progress,
-                      output=output)
+    report, output = run_eval(config)
     summary = {k: v for k, v in report.items() if k != "generations"}
     print(json.dumps(summary, indent=2))
     print(f"report: {output}\ngenerations: {generations_path(output)}", file=sys.stderr)
     return 0
 
 
-def default_eval_output() -> str:
-    """Where ``drdo eval`` writes its report without ``--output``: runs/eval-<date>-<time>/report.json."""
-    return os.path.join("runs", time.strftime("eval-%Y%m%d-%H%M%S"), "report.json")
-
-
-def _run_demo(args) -> int:
+def _run_demo(settings) -> int:
     from drdo.demo.run import run_demo
 
-    return int(run_demo(args) or 0)
+    return int(run_demo(settings) or 0)
 
 
-def _require(args, *pairs) -> None:
-    missing = [flag for dest, flag in zip(pairs[::2], pairs[1::2]) if not getattr(args, dest, None)]
-    if missing:
-        raise ConfigError(f"missing required option(s): {', '.join(missing)}")
+def _demo_settings(args: argparse.Namespace):
+    from drdo.demo.run import settings_from_args
+
+    return settings_from_args(args)
 
 
-_COMMANDS = {"sft": _run_train, "oracle train": _run_train, "train": _run_train, "oracle score": _run_score,
-             "reflogps": _run_reflogps, "eval": _run_eval, "demo": _run_demo}
+def _options(cls):
+    """args -> the command's options dataclass ``cls``, every field from its flag."""
+    return lambda args: cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+#: Each command: the dataclass its flags parse into, and what runs with it, passed whole.
+_COMMANDS = {
+    "sft": (train_config_from_args, _run_train),
+    "oracle train": (train_config_from_args, _run_train),
+    "train": (train_config_from_args, _run_train),
+    "oracle score": (_options(ScoreConfig), _run_score),
+    "reflogps": (_options(RefLogpsConfig), _run_reflogps),
+    "eval": (_options(EvalConfig), _run_eval),
+    "demo": (_demo_settings, _run_demo),
+}
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -342,26 +322,15 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
-#: The options of the commands that do not train, by command (training commands: TrainConfig).
-_OPTION_CLASSES = {"oracle score": ScoreConfig, "reflogps": RefLogpsConfig, "eval": EvalConfig}
-
-
-def check_command_options(args: argparse.Namespace) -> None:
-    """ConfigError for an option of ``oracle score``, ``reflogps`` or ``eval`` out of its type or range
-    (training commands check theirs in :func:`drdo.config.resolve`)."""
-    cls = _OPTION_CLASSES.get(args.command_path)
-    if cls is not None:
-        check_options(cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}))
-
-
 def _main(argv: list[str] | None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
-        check_threads(getattr(args, "threads", None))
-        check_command_options(args)
-        with torch_threads(getattr(args, "threads", None)), quiet_libraries(not getattr(args, "progress", True)):
-            return _COMMANDS[args.command_path](args)
+        build, run = _COMMANDS[args.command_path]
+        config = build(args)
+        check_threads(getattr(config, "threads", None))
+        with torch_threads(getattr(config, "threads", None)), quiet_libraries(not getattr(config, "progress", True)):
+            return run(config)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     except KeyboardInterrupt:

@@ -4,11 +4,13 @@ Each field is declared once with :func:`option`: its default, help, choices and 
 use it. The command line is built from these declarations (``drdo.cli``), so a subcommand
 accepts and shows only the flags of its own stage.
 
-Defaults are the paper's settings: AdamW, lr 5e-6
-(Oracle 1e-5) with cosine decay after a linear warm-up, weight decay 0.05,
-global batch 64 pairs, max_prompt_length 512, max_length 1024, 1000 steps for
-the students and one epoch for the Oracle; alpha 0.1, gamma 2, alpha_O 0.01,
-DPO beta 0.1. The built-in tiny model gets its own learning rates (``_TINY_LR``).
+Defaults are the paper's settings: AdamW with cosine decay after a linear warm-up, weight
+decay 0.05, global batch 64 pairs, max_prompt_length 512, max_length 1024, 1000 steps for the
+students and one epoch for the Oracle. The loss hyperparameters (alpha, gamma, beta, ...) are
+the fields of the loss specs of :mod:`drdo.losses` (``DRDOSpec``, ``OracleSpec``, ...), which
+declare their defaults and check their values; :meth:`TrainConfig.loss_spec` builds the
+stage's spec, and only it. The learning rate left at None is the trainer's stage default
+(:func:`drdo.training.schedule.default_lr`).
 
 Precedence when the CLI builds a config: explicit flags > ``--config`` YAML >
 these defaults. Fields left at ``None`` are resolved per stage by
@@ -20,49 +22,58 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from drdo.atomic import atomic_write
 from drdo.errors import ConfigError, shown
-from drdo.logprobs import KERNELS
-from drdo.models import is_tiny_model
+from drdo.logprobs import BACKENDS, DEPRECATED_BACKEND_NAME, check_backend
+from drdo.losses import (REWARD_GRADS, REWARDS, UNLIKELIHOOD_SIGN, DPOSpec, DRDOSpec, EDPOSpec, LossSpec, OracleSpec,
+                         SFTSpec)
 
 STAGES = ("sft", "oracle", "drdo", "dpo", "edpo")
-REWARDS = ("head", "implicit")
-UNLIKELIHOODS = ("welleck", "paper")
-REWARD_GRADS = ("backbone", "head")
 PRECISIONS = ("auto", "bf16", "fp32")
+#: The loss spec of each stage (:meth:`TrainConfig.loss_spec`).
+STAGE_SPECS = {"sft": SFTSpec, "oracle": OracleSpec, "drdo": DRDOSpec, "dpo": DPOSpec, "edpo": EDPOSpec}
 
-#: Stage defaults for fields left at None.
-_DEFAULT_LR = {"oracle": 1e-5}
-_STUDENT_LR = 5e-6
-#: The paper's rates are made for 7B models: the built-in tiny model barely moves at them (SFT
-#: loss 5.57 -> 5.56 in 30 steps of 8 pairs at 5e-6; 1.64 at 3e-3), so ``--model tiny`` gets its own.
-_TINY_LR = {"sft": 5e-3, "oracle": 1e-3, "drdo": 1e-3, "dpo": 1e-3, "edpo": 1e-3}
 _DEFAULT_MAX_STEPS = {"drdo": 1000, "dpo": 1000, "edpo": 1000}  # sft / oracle: num_epochs
-_DEFAULT_BETA = {"dpo": 0.1, "edpo": 0.1, "drdo": 0.1}  # drdo: only used by reward="implicit"
 
 
 STUDENT_STAGES = ("drdo", "dpo", "edpo")
 
 
 def option(default: Any, help: str, *, stages: tuple[str, ...] = STAGES, choices: tuple | None = None,
-           type: Callable | None = None, flag: str | None = None, **argparse_kwargs: Any) -> Any:
+           type: Callable | None = None, flag: str | None = None, deprecated_flag: str | None = None,
+           **argparse_kwargs: Any) -> Any:
     """A config field with everything the command line needs, defined once.
 
     ``help`` and ``choices`` become the flag's help and choices; ``stages`` lists the
     training stages that use the field (a subcommand shows only the flags of its stages);
     ``type`` converts the flag's string (default: the default's type); ``flag`` names the flag
-    when it is not ``--field-name``; further keyword
+    when it is not ``--field-name``; ``deprecated_flag`` is an old name still accepted (on the
+    command line and as a YAML key) with a warning; further keyword
     arguments go to ``argparse.add_argument`` (``nargs``, ``metavar``, ``const``).
     A list default is copied for every instance.
     """
     metadata = {"help": help, "stages": stages, "choices": choices, "type": type, "flag": flag,
-                "argparse": argparse_kwargs}
+                "deprecated_flag": deprecated_flag, "argparse": argparse_kwargs}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def derived_option(cls, name: str, **changes: Any) -> Any:
+    """A field declared like ``cls``'s field ``name`` (its default, help, choices, type, flags), with
+    ``changes`` (e.g. ``default=``, ``help=``) applied: another config composes it instead of
+    declaring it again."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    meta = dict(f.metadata)
+    default = changes.pop("default", f.default)
+    help_text = changes.pop("help", meta.pop("help"))
+    meta.pop("help", None)
+    argparse_kwargs = meta.pop("argparse", {})
+    return option(default, help_text, **{**meta, **changes}, **argparse_kwargs)
 
 
 def threads_option() -> Any:
@@ -105,30 +116,30 @@ class TrainConfig:
     skip_invalid: bool = option(False, "drop invalid rows instead of failing")
     padding_free: bool = option(False, "pack each micro-batch's sequences into one row without padding "
                                 "(flash-attn varlen on CUDA, a block-diagonal causal mask elsewhere)")
-    # losses
-    alpha: float = option(0.1, "DRDO weight of the focal preference term", stages=("drdo",))
-    gamma: float = option(2.0, "DRDO focal exponent", stages=("drdo",))
-    beta: float | None = option(None, "DPO/e-DPO beta (default 0.1); DRDO --reward implicit scale (default 0.1)",
-                                stages=STUDENT_STAGES, type=float)
-    reward: str = option("head", "DRDO student reward: a linear 'head' or the 'implicit' beta*log pi",
+    # losses: the fields of the stage's loss spec (drdo.losses), defaults read from there
+    alpha: float = option(DRDOSpec.alpha, "DRDO weight of the focal preference term", stages=("drdo",))
+    gamma: float = option(DRDOSpec.gamma, "DRDO focal exponent", stages=("drdo",))
+    beta: float | None = option(None, f"DPO/e-DPO beta (default {DPOSpec.beta}); DRDO --reward implicit scale "
+                                f"(default {DRDOSpec.beta})", stages=STUDENT_STAGES, type=float)
+    reward: str = option(DRDOSpec.reward, "DRDO student reward: a linear 'head' or the 'implicit' beta*log pi",
                          stages=("drdo",), choices=REWARDS)
-    unlikelihood: str = option("welleck", "DRDO unlikelihood term: 'welleck' (lowers pi(y_l)) or 'paper' "
-                               "(the sign as printed)", stages=("drdo",), choices=UNLIKELIHOODS)
+    unlikelihood: str = option(DRDOSpec.unlikelihood, "DRDO unlikelihood term: 'welleck' (lowers pi(y_l)) or 'paper' "
+                               "(the sign as printed)", stages=("drdo",), choices=tuple(UNLIKELIHOOD_SIGN))
     reward_grad: str = option(
-        "backbone", "DRDO --reward head: 'backbone' (the paper: the distillation gradient reaches the shared "
-        "layers) or 'head' (the head reads a detached hidden state: distillation trains the head only)",
+        DRDOSpec.reward_grad, "DRDO --reward head: 'backbone' (the paper: the distillation gradient reaches the "
+        "shared layers) or 'head' (the head reads a detached hidden state: distillation trains the head only)",
         stages=("drdo",), choices=REWARD_GRADS)
     length_normalize: bool = option(
-        False, "DRDO: z = token-MEAN response log-prob instead of the sum (a departure from the paper)",
-        stages=("drdo",))
+        DRDOSpec.length_normalize, "DRDO: z = token-MEAN response log-prob instead of the sum (a departure from "
+        "the paper)", stages=("drdo",))
     diagnostics_every: int = option(
         20, "DRDO: every N steps log focal-gate, length and gradient-share diagnostics to metrics.jsonl "
             "(two extra backward passes on those steps; 0: off)", stages=("drdo",))
-    oracle_alpha: float = option(0.01, "Oracle LM-regulariser weight alpha_O", stages=("oracle",))
-    pessimistic: bool = option(True, "e-DPO: max over ensemble members (else mean); with gradient accumulation "
-                               "the max is taken per micro-batch", stages=("edpo",))
-    kernel: str = option("auto", "loss path: fused drdo_kernels (auto/chunked/triton/torch) or 'reference' (full logits)",
-                         choices=KERNELS)
+    oracle_alpha: float = option(OracleSpec.alpha, "Oracle LM-regulariser weight alpha_O", stages=("oracle",))
+    pessimistic: bool = option(EDPOSpec.pessimistic, "e-DPO: max over ensemble members (else mean); with gradient "
+                               "accumulation the max is taken per micro-batch", stages=("edpo",))
+    backend: str = option("auto", f"loss path: {', '.join(BACKENDS)} (the fused drdo_kernels backends, or "
+                          "'reference': full logits)", deprecated_flag=DEPRECATED_BACKEND_NAME)
     # system
     seed: int = option(0, "random seed (model head init, data order)")
     precision: str = option("auto", "'auto': bf16 mixed precision on GPU, fp32 on CPU", choices=PRECISIONS)
@@ -153,6 +164,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def loss_spec(self) -> LossSpec:
+        """The stage's loss spec (:mod:`drdo.losses`), built from this config's loss fields; the
+        spec checks them (ValueError, with the spec's message)."""
+        options = {"oracle": dict(alpha=self.oracle_alpha),
+                   "drdo": dict(alpha=self.alpha, gamma=self.gamma, reward=self.reward, beta=self.beta,
+                                unlikelihood=self.unlikelihood, reward_grad=self.reward_grad,
+                                length_normalize=self.length_normalize),
+                   "dpo": dict(beta=self.beta),
+                   "edpo": dict(beta=self.beta, pessimistic=self.pessimistic)}.get(self.stage, {})
+        return STAGE_SPECS[self.stage].build(**options)
 
 
 @dataclass
@@ -190,7 +212,8 @@ class RefLogpsConfig(InferenceConfig):
 
     model: str = option("tiny", "reference policy (usually the SFT model): dir, hub id or 'tiny'")
     tokenizer: str | None = option(None, "tokenizer (default: the model's)", type=str)
-    kernel: str = option("auto", "log-prob path (use the one you train with)", choices=KERNELS)
+    backend: str = option("auto", f"log-prob path: {', '.join(BACKENDS)} (use the one you train with)",
+                          deprecated_flag=DEPRECATED_BACKEND_NAME)
     seed: int = option(0, "seed of the tiny model")
 
 
@@ -247,7 +270,29 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, stages: tuple[str, ..
             kwargs["type"] = meta.get("type") or type(default)
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
-        parser.add_argument(meta.get("flag") or "--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, dest=f.name, **kwargs)
+        if meta.get("deprecated_flag"):
+            old = "--" + meta["deprecated_flag"]
+            kwargs.update(action=DeprecatedFlag, default=argparse.SUPPRESS, help=f"deprecated alias of {flag}",
+                          new_flag=flag)
+            parser.add_argument(old, dest=f.name, **kwargs)
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old flag name still accepted for one release: stores like the new flag, and warns."""
+
+    def __init__(self, option_strings, dest, new_flag: str = "", **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new_flag = new_flag
+
+    def warning(self) -> str:
+        return (f"drdo: warning: {self.option_strings[0]} is a deprecated alias of {self.new_flag} and will be "
+                "removed in the next release")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(self.warning(), file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def unused_settings(config: TrainConfig) -> list[str]:
@@ -306,10 +351,11 @@ def save_yaml(config: TrainConfig, path: str) -> None:
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
-    """Fill stage-dependent defaults (lr, beta, warm-up) and validate. Returns a new config.
+    """Fill stage-dependent defaults (beta, max_steps) and validate. Returns a new config.
 
-    ``max_steps`` stays None for epoch-based stages; :func:`total_steps` turns
-    it into a count once the dataset size is known.
+    The loss fields are checked by the stage's spec (:meth:`TrainConfig.loss_spec`). ``lr`` may
+    stay None (the trainer's stage default). ``max_steps`` stays None for epoch-based stages;
+    :func:`total_steps` turns it into a count once the dataset size is known.
     """
     c = dataclasses.replace(config)
     _check_choice("stage", c.stage, STAGES)
@@ -317,27 +363,23 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if unused:
         flags = ", ".join("--" + name.replace("_", "-") for name in unused)
         raise ConfigError(f"{flags} not used by the {c.stage} stage; remove it")
-    _check_choice("kernel", c.kernel, KERNELS)
-    _check_choice("reward", c.reward, REWARDS)
-    _check_choice("unlikelihood", c.unlikelihood, UNLIKELIHOODS)
-    _check_choice("reward_grad", c.reward_grad, REWARD_GRADS)
-    if c.reward_grad == "head" and c.reward != "head":
-        raise ConfigError("--reward-grad head stops the distillation gradient at the reward head's input; "
-                          "it needs --reward head (the implicit reward has no head)")
+    _check_types(c)
+    try:
+        check_backend(c.backend)
+        spec = c.loss_spec()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if c.beta is None and hasattr(spec, "beta"):
+        c.beta = spec.beta
     if c.diagnostics_every < 0:
         raise ConfigError(f"diagnostics_every must be >= 0, got {c.diagnostics_every}")
     _check_choice("precision", c.precision, PRECISIONS)
-    if c.lr is None:
-        c.lr = _TINY_LR[c.stage] if is_tiny_model(c.model) else _DEFAULT_LR.get(c.stage, _STUDENT_LR)
-    if c.beta is None and c.stage in STUDENT_STAGES:
-        c.beta = _DEFAULT_BETA[c.stage]
     if c.max_steps is None:
         c.max_steps = _DEFAULT_MAX_STEPS.get(c.stage)
     if c.data is None:
         raise ConfigError("no training data: pass --data (a .jsonl/.json/.parquet file or a hub dataset id)")
     if c.output_dir is None:
         raise ConfigError("no output directory: pass --output-dir")
-    _check_types(c)
     _check_positive(c, "batch_size", "micro_batch_size", "max_length", "max_prompt_length")
     _check_numbers(c)
     if c.max_steps is not None and c.max_steps <= 0:
@@ -352,8 +394,6 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"max_prompt_length ({c.max_prompt_length}) must be < max_length ({c.max_length})")
     if c.save_every < 0 or c.save_limit < 0:
         raise ConfigError(f"save_every and save_limit must be >= 0, got {c.save_every} and {c.save_limit}")
-    if c.gamma < 0:
-        raise ConfigError(f"gamma must be >= 0, got {c.gamma}")
     check_seed(c.seed)
     check_threads(c.threads)
     return c
@@ -430,11 +470,11 @@ def _check_types(config) -> None:
 
 def _check_numbers(c: TrainConfig) -> None:
     """Ranges of the numeric settings; NaN and inf are refused everywhere."""
-    for name in ("lr", "weight_decay", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "adam_beta1", "adam_beta2",
-                 "adam_eps", "alpha", "gamma", "oracle_alpha", "num_epochs") + (("beta",) if c.beta is not None else ()):
+    for name in ("weight_decay", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "adam_beta1", "adam_beta2",
+                 "adam_eps", "num_epochs") + (("lr",) if c.lr is not None else ()):
         if not math.isfinite(getattr(c, name)):
             raise ConfigError(f"{name} must be a finite number, got {getattr(c, name)}")
-    if not 0 < c.lr <= MAX_LR:
+    if c.lr is not None and not 0 < c.lr <= MAX_LR:
         raise ConfigError(f"lr must lie in (0, {MAX_LR:g}], got {c.lr:g} (AdamW moves each weight by about lr per step)")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(c, name) < 1.0:
@@ -442,14 +482,11 @@ def _check_numbers(c: TrainConfig) -> None:
     for name in ("adam_eps",):
         if getattr(c, name) <= 0:
             raise ConfigError(f"{name} must be > 0, got {getattr(c, name)}")
-    for name in ("weight_decay", "max_grad_norm", "alpha", "oracle_alpha"):
+    for name in ("weight_decay", "max_grad_norm"):
         if getattr(c, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(c, name)}")
     if not 0.0 <= c.min_lr_ratio <= 1.0:
         raise ConfigError(f"min_lr_ratio must lie in [0, 1], got {c.min_lr_ratio}")
-    if c.beta is not None and c.beta <= 0:
-        raise ConfigError(f"beta must be > 0, got {c.beta} (beta 0 makes the DPO loss constant and the implicit "
-                          "DRDO reward zero: nothing would be learned)")
 def check_threads(threads: int | None) -> None:
     """None or a positive integer; raises ConfigError otherwise."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -468,6 +505,11 @@ def check_options(config) -> None:
     the command's own input; ConfigError naming the option. Runs before anything is loaded or written."""
     _check_types(config)
     names = {f.name for f in dataclasses.fields(config)}
+    if "backend" in names:
+        try:
+            check_backend(config.backend)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _check_positive(config, *sorted(names & {"batch_size", "max_length", "max_prompt_length", "max_new_tokens"}))
     if getattr(config, "num_prompts", None) is not None:
         _check_positive(config, "num_prompts")
@@ -483,6 +525,17 @@ def check_options(config) -> None:
             and os.path.samefile(config.output, source):
         raise ConfigError(f"--output {config.output} is the input file {source}: writing it would replace the data "
                           "being read; choose another --output")
+
+
+def require(config, *names: str) -> None:
+    """ConfigError naming the flags of the fields of ``config`` that are empty (None, "" or [])."""
+    missing = []
+    for name in names:
+        if not getattr(config, name):
+            f = next(f for f in dataclasses.fields(config) if f.name == name)
+            missing.append(f.metadata.get("flag") or "--" + name.replace("_", "-"))
+    if missing:
+        raise ConfigError(f"missing required option(s): {', '.join(missing)}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

@@ -2,8 +2,8 @@
 
 z(y) = sum over the response tokens t of log pi(y_t | x, y_<t) (``docs/math.md``). Two paths give it:
 
-* ``kernel="reference"``: the full [R, T, V] logits and :func:`drdo.losses.sequence_logprobs`;
-* any :mod:`drdo_kernels` backend (``"auto"``, ``"chunked"``, ``"triton"``, ``"torch"``): the last hidden state and
+* ``backend="reference"``: the full [R, T, V] logits and :func:`drdo.losses.sequence_logprobs`;
+* any other :mod:`drdo_kernels` backend (``"auto"``, ``"chunked"``, ``"triton"``, ``"torch"``): the last hidden state and
   the LM-head weight go through :func:`drdo_kernels.fused_linear_logprobs`, which never builds the
   logits and drops the unlabelled tokens itself.
 
@@ -23,14 +23,15 @@ from torch import nn
 
 from drdo.errors import ConfigError
 from drdo.losses import IGNORE_INDEX, sequence_logprobs
+from drdo_kernels.logprobs import BACKENDS, check_backend
 
-__all__ = ["KERNELS", "REF_SETTINGS_FIELD", "head_params", "hidden_sequence_logprobs", "policy_sequence_logprobs",
+__all__ = ["BACKENDS", "DEPRECATED_BACKEND_NAME", "check_backend", "REF_SETTINGS_FIELD", "head_params", "hidden_sequence_logprobs", "policy_sequence_logprobs",
            "reference_settings", "check_reference_settings"]
 
 logger = logging.getLogger("drdo.logprobs")
 
-#: Log-prob paths: the fused drdo_kernels backends, or "reference" (full logits).
-KERNELS = ("auto", "chunked", "triton", "torch", "reference")
+#: The old name of the ``backend`` setting (``--kernel``, ``kernel:`` in YAML), accepted for one release.
+DEPRECATED_BACKEND_NAME = "kernel"
 
 
 def head_params(head: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -67,21 +68,19 @@ def hidden_sequence_logprobs(hidden: torch.Tensor, head: nn.Module, labels: torc
 
 
 def policy_sequence_logprobs(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                             labels: torch.Tensor, *, kernel: str = "auto"):
+                             labels: torch.Tensor, *, backend: str = "auto"):
     """Run ``policy`` (a :class:`drdo.models.PolicyWithRewardHead`) once and sum its response log-probs.
 
-    input_ids / attention_mask / labels: [R, T] int64 (labels aligned). kernel: one of :data:`KERNELS`.
+    input_ids / attention_mask / labels: [R, T] int64 (labels aligned). backend: one of :data:`BACKENDS`.
     Returns (logps [R] float32 or wider, n_tokens [R] int64, the policy's output: hidden states, rewards,
-    and logits for ``kernel="reference"``).
+    and logits for ``backend="reference"``).
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
-    reference = kernel == "reference"
+    reference = check_backend(backend) == "reference"
     out = policy(input_ids, attention_mask, return_logits=reference)
     if reference:
         logps, n_tokens = sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)
         return logps, n_tokens, out
-    logps, n_tokens = hidden_sequence_logprobs(out.hidden_states, policy.lm_head, labels, backend=kernel)
+    logps, n_tokens = hidden_sequence_logprobs(out.hidden_states, policy.lm_head, labels, backend=backend)
     return logps, n_tokens, out
 
 

@@ -106,14 +106,14 @@ class LossSpec:
         """A finite number >= 0 (a negative weight reverses its term)."""
         value = _number(name, getattr(self, name))
         if not (value >= 0 and math.isfinite(value)):
-            raise ValueError(f"{name} must be a finite number >= 0, got {_short(getattr(self, name))}")
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         self._set(name, value)
 
     def _positive(self, name: str) -> None:
         """A finite number > 0."""
         value = _number(name, getattr(self, name))
         if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"{name} must be a finite number > 0, got {_short(getattr(self, name))}")
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
         self._set(name, value)
 
     def _flag(self, name: str) -> None:

@@ -9,7 +9,8 @@ materialise the [tokens, vocab] logits.
 * ``drdo_pair_loss`` -> the DRDO loss and its per-pair gradients in one Triton kernel.
 * ``FusedLinear*Loss`` -> the losses of ``drdo.losses`` computed straight from the last
   hidden state and ``lm_head.weight`` (on the chunked backends, DRDO / DPO / Oracle
-  compute their gradients in the forward on chunks of whole pairs).
+  compute their gradients in the forward on chunks of whole pairs); they take a loss spec
+  (``drdo.losses.DRDOSpec``, ...) or its fields; ``fused_objective_loss(spec, ...)`` any of them.
 * ``align_labels`` / ``gather_lm_head`` -> inputs from HF/TRL trainers (unshifted labels,
   ``completion_mask``) and FSDP2 (a sharded DTensor LM head).
 * ``runtime.triton_interpreting()`` -> whether Triton runs in its CPU interpreter.
@@ -26,6 +27,7 @@ from .fused_losses import (
     fused_linear_drdo_loss,
     fused_linear_edpo_loss,
     fused_linear_oracle_loss,
+    fused_objective_loss,
     row_logprobs,
 )
 
@@ -41,6 +43,7 @@ __all__ = [
     "fused_linear_dpo_loss",
     "fused_linear_edpo_loss",
     "fused_linear_oracle_loss",
+    "fused_objective_loss",
     "row_logprobs",
     "align_labels",
     "gather_lm_head",

@@ -40,6 +40,7 @@ from .pair_objectives import objective_for
 
 __all__ = [
     "row_logprobs",
+    "fused_objective_loss",
     "fused_linear_drdo_loss",
     "fused_linear_dpo_loss",
     "fused_linear_edpo_loss",
@@ -108,8 +109,8 @@ def _fused_pair_loss(spec, lm_head_weight, hidden, labels, scores, bias, *, igno
                      reduction: str, chunk_tokens, **named_scores):
     """(loss, metrics) of ``spec`` from hidden states: on the chunked backends in closed form with
     every gradient computed in the forward (``scores``: the per-row tensors the objective reads);
-    on "triton" as :func:`drdo.losses.objective_loss` of the rows' summed log-probs
-    (``named_scores``), DRDO with the Triton pair-loss kernel."""
+    on "triton" and "reference" as :func:`drdo.losses.objective_loss` of the rows' summed
+    log-probs (``named_scores``), DRDO on "triton" with the Triton pair-loss kernel."""
     objective = objective_for(spec)
     weight, bias, plan, resolved = _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index, backend,
                                               chunk_tokens, objective.rows_per_group)
@@ -117,7 +118,8 @@ def _fused_pair_loss(spec, lm_head_weight, hidden, labels, scores, bias, *, igno
         return chunked_pair_loss(objective, weight, hidden, labels, scores, bias, plan, backend=resolved,
                                  reduction=reduction, chunk_tokens=chunk_tokens)
     z = _planned_row_logprobs(weight, hidden, labels, bias, plan, resolved, chunk_tokens)
-    return objective_loss(spec, z, plan.counts, reduction=reduction, drdo_fn=_triton_drdo, **named_scores)
+    return objective_loss(spec, z, plan.counts, reduction=reduction,
+                          drdo_fn=_triton_drdo if resolved == "triton" else None, **named_scores)
 
 
 def _triton_drdo(*pair, spec, reduction):
@@ -398,3 +400,35 @@ class FusedLinearOracleLoss(_FusedLoss):
 
     def forward(self, lm_head_weight, hidden, labels, rewards, bias=None):
         return self._call(lm_head_weight, hidden, labels, rewards, bias)
+
+
+def fused_objective_loss(
+    spec,
+    lm_head_weight: torch.Tensor,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    rewards: torch.Tensor | None = None,
+    oracle: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    reduction: str = "mean",
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`drdo.losses.objective_loss` from hidden states: the loss of a DRDO, DPO, e-DPO or
+    Oracle spec, with the inputs it reads (hidden [2B, T, H], labels [2B, T]; rewards, oracle,
+    ref_logps as there; DRDO averages an Oracle ensemble [K, 2B])."""
+    common = dict(spec=spec, ignore_index=ignore_index, backend=backend, reduction=reduction, chunk_tokens=chunk_tokens)
+    if isinstance(spec, DRDOSpec):
+        single = oracle.mean(0) if oracle.dim() == 2 else oracle
+        return fused_linear_drdo_loss(lm_head_weight, hidden, labels, single,
+                                      rewards if spec.reward == "head" else None, bias, **common)
+    if isinstance(spec, OracleSpec):
+        return fused_linear_oracle_loss(lm_head_weight, hidden, labels, rewards, bias, **common)
+    if isinstance(spec, DPOSpec):
+        return fused_linear_dpo_loss(lm_head_weight, hidden, labels, ref_logps, bias, **common)
+    if isinstance(spec, EDPOSpec):
+        return fused_linear_edpo_loss(lm_head_weight, hidden, labels, ref_logps, oracle, bias, **common)
+    raise TypeError(f"fused_objective_loss takes a DRDO, DPO, e-DPO or Oracle spec, got {type(spec).__name__}")

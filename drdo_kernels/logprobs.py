@@ -12,6 +12,7 @@ log-sum-exp per token, and whose backward recomputes the logits. Backends:
   without the Triton interpreter, and for float64).
 * ``"torch"``: the same chunks with the fold in PyTorch ops (no Triton at all).
 * ``"triton"`` (:mod:`drdo_kernels.logprobs_triton`): tiled Triton kernels end to end.
+* ``"reference"``: plain PyTorch on the full [N, V] logits (the ground truth, for comparisons).
 * ``"auto"``: :func:`auto_backend`, a table by device, dtype and size.
 """
 from __future__ import annotations
@@ -25,9 +26,11 @@ from . import logprobs_chunked as chunked
 from .runtime import triton_available, triton_interpreting, triton_runs_on
 from .inputs import gather_lm_head
 
-__all__ = ["fused_linear_logprobs", "resolve_backend", "auto_backend", "AUTO_RULES", "BACKENDS"]
+__all__ = ["fused_linear_logprobs", "resolve_backend", "auto_backend", "check_backend", "AUTO_RULES", "BACKENDS"]
 
-BACKENDS = ("auto", "triton", "chunked", "torch")
+#: Every backend, one list for the library, the command line, YAML, the TRL config and the reports;
+#: "reference" is plain PyTorch on the full [N, V] logits (the ground truth, for comparisons).
+BACKENDS = ("auto", "chunked", "triton", "torch", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -209,7 +212,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, rows, use_triton):
         gemms = chunked.LMHeadGemms(weight, hidden.dtype)
-        logp, lse = chunked.logprobs_forward(hidden, labels, gemms, bias, rows, use_triton)
+        with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs' precision is LMHeadGemms' choice
+            logp, lse = chunked.logprobs_forward(hidden, labels, gemms, bias, rows, use_triton)
         ctx.save_for_backward(hidden, bias, labels, lse)
         ctx.gemms, ctx.rows, ctx.use_triton, ctx.weight_dtype = gemms, rows, use_triton, weight.dtype
         return logp
@@ -218,10 +222,20 @@ class _ChunkedLogprobs(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        d_h, d_w, d_b = chunked.logprobs_backward(grad, hidden, labels, lse, ctx.gemms, bias, ctx.rows,
-                                                  ctx.use_triton, need_h, need_w, need_b)
+        with torch.autocast(hidden.device.type, enabled=False):
+            d_h, d_w, d_b = chunked.logprobs_backward(grad, hidden, labels, lse, ctx.gemms, bias, ctx.rows,
+                                                      ctx.use_triton, need_h, need_w, need_b)
         return (None if d_h is None else d_h.to(hidden.dtype), None if d_w is None else d_w.to(ctx.weight_dtype),
                 None if d_b is None else d_b.to(bias.dtype), None, None, None)
+
+
+def _full_logits_logprobs(hidden, weight, labels, bias, dtype) -> torch.Tensor:
+    """The "reference" backend: log_softmax of the full [M, V] logits (computed in ``dtype``, as
+    an unfused model does; the log-softmax in float32 at least), gathered at the labels."""
+    b = None if bias is None else bias.to(dtype)
+    logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), b)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)
 
 
 def valid_logprobs(hidden, weight, labels, bias, backend: str, rows: int | None = None,
@@ -229,6 +243,8 @@ def valid_logprobs(hidden, weight, labels, bias, backend: str, rows: int | None 
     """The log-probs of compacted tokens: hidden [M, H] (any float), labels [M] int64 all
     valid, backend already resolved -> [M] float32 (float64), differentiable."""
     dtype = chunked.compute_dtype(hidden.dtype, weight.dtype)
+    if backend == "reference":
+        return _full_logits_logprobs(hidden, weight, labels, bias, dtype)
     if backend == "triton":
         if dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports float16/bfloat16/float32 inputs, got {dtype}")

@@ -162,14 +162,14 @@ class _ChunkedPairLoss(torch.autograd.Function):
         ``needs``: which of (hidden, weight, bias, *scores) get gradients; the metric names
         are appended to the list ``names``."""
         dtype = chunked.compute_dtype(hidden.dtype, weight.dtype)
-        gemms = chunked.LMHeadGemms(weight, dtype)
-        work = _Chunks(objective, gemms, hidden, labels, bias, plan, scores, needs, rows, use_triton)
-        if any(needs):
-            work.run()
-        else:  # nothing to differentiate: the log-probs alone
-            logp, _ = chunked.logprobs_forward(work.h, work.labels, gemms, bias, rows, use_triton)
-            work.store_logp(0, logp.shape[0], logp)
-        with torch.no_grad():
+        with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs' precision is LMHeadGemms' choice
+            gemms = chunked.LMHeadGemms(weight, dtype)
+            work = _Chunks(objective, gemms, hidden, labels, bias, plan, scores, needs, rows, use_triton)
+            if any(needs):
+                work.run()
+            else:  # nothing to differentiate: the log-probs alone
+                logp, _ = chunked.logprobs_forward(work.h, work.labels, gemms, bias, rows, use_triton)
+                work.store_logp(0, logp.shape[0], logp)
             loss, metrics, d_scores = objective.finish(work.z(), work.n_tokens, work.scores, reduction, use_triton)
         values = torch.stack([v.detach().to(loss.dtype) for v in metrics.values()])
         names.extend(metrics)

@@ -10,16 +10,17 @@ import pytest
 from test_train import KERNEL, make_rows, write_rows
 
 from drdo.cli import main, parse_args, train_config_from_args
+from drdo.training.schedule import default_lr
 from drdo.config import TrainConfig, resolve
 
 SMALL = ["--max-length", "48", "--max-prompt-length", "24", "--batch-size", "4", "--micro-batch-size", "2",
-         "--no-progress", "--no-plot", "--kernel", KERNEL, "--lr", "1e-3"]
+         "--no-progress", "--no-plot", "--backend", KERNEL, "--lr", "1e-3"]
 
 SUBCOMMANDS = {
     ("sft",): ["--batch-size", "--micro-batch-size", "--config", "--resume", "--gradient-checkpointing"],
     ("oracle", "train"): ["--oracle-alpha", "--num-epochs"],
     ("oracle", "score"): ["--reward-model", "--output"],
-    ("train",): ["--loss", "--reward", "--alpha", "--gamma", "--beta", "--unlikelihood", "--kernel"],
+    ("train",): ["--loss", "--reward", "--alpha", "--gamma", "--beta", "--unlikelihood", "--backend"],
     ("reflogps",): ["--model", "--output"],
     ("eval",): ["--policy", "--judge", "--prompts"],
     ("demo",): [],
@@ -65,10 +66,11 @@ def test_no_subcommand_is_a_usage_error(capsys):
 def test_paper_defaults():
     model = "org/a-7b-model"  # any model but the tiny one gets the paper's learning rates
     c = resolve(TrainConfig(model=model, data="d", output_dir="o"))
-    assert (c.lr, c.weight_decay, c.batch_size, c.max_steps) == (5e-6, 0.05, 64, 1000)
+    assert (default_lr("drdo", model), c.weight_decay, c.batch_size, c.max_steps) == (5e-6, 0.05, 64, 1000)
     assert (c.max_length, c.max_prompt_length, c.alpha, c.gamma) == (1024, 512, 0.1, 2.0)
     oracle = resolve(TrainConfig(model=model, stage="oracle", data="d", output_dir="o"))
-    assert (oracle.lr, oracle.max_steps, oracle.num_epochs, oracle.oracle_alpha) == (1e-5, None, 1.0, 0.01)
+    assert (default_lr("oracle", model), oracle.max_steps, oracle.num_epochs, oracle.oracle_alpha) == (1e-5, None, 1.0,
+                                                                                                     0.01)
     assert resolve(TrainConfig(stage="dpo", data="d", output_dir="o")).beta == 0.1
 
 
@@ -147,7 +149,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
 
     # reference log-probs of the SFT model; DPO from the same model starts at loss ln 2
     ref = str(tmp_path / "ref.jsonl")
-    assert main(["reflogps", "--model", sft, "--data", scored2, "--output", ref, "--kernel", KERNEL,
+    assert main(["reflogps", "--model", sft, "--data", scored2, "--output", ref, "--backend", KERNEL,
                  "--max-length", "48", "--max-prompt-length", "24", "--no-progress"]) == 0
     rows = _read(ref)
     assert all(r["ref_chosen_logps"] < 0 and r["ref_rejected_logps"] < 0 and len(r["oracle_chosen"]) == 2 for r in rows)

@@ -98,12 +98,12 @@ def test_lr_grids_scale_with_steps_and_methods_choose_the_students(tmp_path):
 
 @pytest.mark.parametrize("text, match", [
     ("- name: a\n  alpah: 1\n", "variant 'a': unknown key 'alpah'"),
-    ("- name: a\n  alpha: -1\n", "variant 'a', key 'alpha': must be >= 0"),
-    ("- name: a\n  reward_grad: shared\n", "variant 'a', key 'reward_grad': must be one of backbone, head"),
-    ("- name: a\n  length_normalize: 1\n", "variant 'a', key 'length_normalize': must be true or false"),
+    ("- name: a\n  alpha: -1\n", "variant 'a': alpha must be a finite number >= 0"),
+    ("- name: a\n  reward_grad: shared\n", "variant 'a': reward_grad must be one of"),
+    ("- name: a\n  length_normalize: 1\n", "variant 'a': length_normalize must be true or false"),
     ("- name: a\n  beta: 0.1\n", "variant 'a', key 'beta': beta scales the implicit reward only"),
-    ("- name: a\n  reward: implicit\n  reward_grad: head\n", "variant 'a', key 'reward_grad'"),
-    ("- name: a\n  reward: implicit\n  beta: 0\n", "variant 'a', key 'beta': must be > 0"),
+    ("- name: a\n  reward: implicit\n  reward_grad: head\n", "variant 'a': reward_grad=\"head\" needs reward=\"head\""),
+    ("- name: a\n  reward: implicit\n  beta: 0\n", "variant 'a': beta must be a finite number > 0"),
     ("- name: dpo\n  alpha: 1\n", "variant 'dpo': the name is taken"),
     ("- name: a\n- name: a\n", "variant 'a': the name appears twice"),
     ("- alpha: 1\n", "needs a 'name'"),

@@ -14,6 +14,7 @@ from drdo.losses import drdo_loss, sequence_logprobs
 from drdo.models import PolicyWithRewardHead
 from drdo.tokenizer import get_tokenizer
 from drdo.training import diagnostics
+from drdo.losses import DRDOSpec
 from drdo.training.objectives import StageObjective
 
 KERNELS = ["reference", "torch"]
@@ -31,7 +32,7 @@ def batch():
 
 
 def _objective(kernel, **kw):
-    config = TrainConfig(stage="drdo", data="unused", output_dir="unused", kernel=kernel, **kw)
+    config = TrainConfig(stage="drdo", data="unused", output_dir="unused", backend=kernel, **kw)
     config = resolve(config)
     torch.manual_seed(0)
     policy = PolicyWithRewardHead.from_pretrained("tiny", seed=0)
@@ -115,13 +116,13 @@ def test_length_normalize_is_the_reference_on_token_mean_logprobs(kernel, reward
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_implicit_reward_beta_defaults_to_0_1(kernel, batch):
     objective = _objective(kernel, reward="implicit")
-    assert objective.cfg["beta"] == 0.1
+    assert objective.spec.beta == 0.1
     loss, _ = _run(objective, batch)
     assert math.isclose(loss.item(), _reference(objective, batch, alpha=0.1, implicit_beta=0.1).item(), rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(reward="implicit", reward_grad="head"), "--reward head"),
+    (dict(reward="implicit", reward_grad="head"), 'needs reward="head"'),
     (dict(reward_grad="shared"), "reward_grad"),
     (dict(diagnostics_every=-1), "diagnostics_every"),
 ])
@@ -172,7 +173,7 @@ def test_gradient_split_is_the_two_terms_written_out():
 
     z, rhat = forward()
     d = diagnostics.gradient_split(z[:3], z[3:], rhat[:3], rhat[3:], o[:3], o[3:], [w_b, w_z],
-                                   alpha=alpha, gamma=gamma, unlikelihood="welleck")
+                                   spec=DRDOSpec(alpha=alpha, gamma=gamma))
     z, rhat = forward()
     distill = ((o[:3] - o[3:]) - (rhat[:3] - rhat[3:])).square().mean()
     p_w = torch.sigmoid(z[:3] - z[3:])

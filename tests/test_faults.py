@@ -54,14 +54,14 @@ def data(tmp_path_factory):
 
 def cfg(data, out, **kw):
     base = dict(stage="drdo", model="tiny", data=data, output_dir=str(out), max_steps=4, batch_size=2,
-                micro_batch_size=2, lr=1e-3, warmup_steps=0, max_length=32, max_prompt_length=16, kernel=KERNEL,
+                micro_batch_size=2, lr=1e-3, warmup_steps=0, max_length=32, max_prompt_length=16, backend=KERNEL,
                 progress=False, plot=False, seed=0, save_every=1, save_limit=0)
     base.update(kw)
     return TrainConfig(**base)
 
 
 CLI = ["--max-steps", "2", "--batch-size", "2", "--micro-batch-size", "2", "--max-length", "32",
-       "--max-prompt-length", "16", "--kernel", KERNEL, "--no-progress", "--no-plot", "--lr", "1e-3"]
+       "--max-prompt-length", "16", "--backend", KERNEL, "--no-progress", "--no-plot", "--lr", "1e-3"]
 
 
 def interrupt_at(step_to_stop):

@@ -28,7 +28,7 @@ except ImportError:
     KERNEL = "reference"
 
 TRAIN = ["--max-steps", "2", "--batch-size", "2", "--micro-batch-size", "2", "--max-length", "32",
-         "--max-prompt-length", "16", "--kernel", KERNEL, "--no-progress", "--no-plot", "--lr", "1e-3"]
+         "--max-prompt-length", "16", "--backend", KERNEL, "--no-progress", "--no-plot", "--lr", "1e-3"]
 PASS = ["--no-progress", "--device", "cpu"]
 
 
@@ -207,7 +207,7 @@ def test_eval_refuses_values_that_would_change_meaning(files, capsys, flags, nee
 def test_reference_logps_of_other_settings_are_refused_naming_both_values(files, tmp_path, capsys):
     ref = tmp_path / "ref.jsonl"
     assert main(["reflogps", "--data", files["data"], "--output", str(ref), "--max-length", "64",
-                 "--max-prompt-length", "16", "--kernel", KERNEL, *PASS]) == 0
+                 "--max-prompt-length", "16", "--backend", KERNEL, *PASS]) == 0
     dpo = ["train", "--loss", "dpo", "--data", ref, *TRAIN, "--max-steps", "1"]
     line = one_error(capsys, [*dpo, "--output-dir", tmp_path / "a"], "max_length 64 (reference log-probs) vs 32")
     assert "max_prompt_length" not in line

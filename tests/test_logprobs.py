@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drdo.logprobs import KERNELS, hidden_sequence_logprobs, policy_sequence_logprobs
+from drdo.logprobs import BACKENDS, hidden_sequence_logprobs, policy_sequence_logprobs
 from drdo.losses import IGNORE_INDEX
 
 
@@ -48,7 +48,7 @@ def test_policy_reference_and_fused_paths_agree():
     labels[:, -1] = IGNORE_INDEX
     labels[attention_mask == 0] = IGNORE_INDEX
     with torch.no_grad():
-        results = {k: policy_sequence_logprobs(policy, input_ids, attention_mask, labels, kernel=k)
+        results = {k: policy_sequence_logprobs(policy, input_ids, attention_mask, labels, backend=k)
                    for k in ("reference", "torch")}
         out = policy(input_ids, attention_mask)
         expected, _ = _float64_logps(out.hidden_states, policy.lm_head.weight, None, labels)
@@ -58,7 +58,7 @@ def test_policy_reference_and_fused_paths_agree():
         assert torch.allclose(logps.double(), expected, atol=1e-4, rtol=1e-5)
 
 
-def test_unknown_kernel_is_an_error():
-    assert "reference" in KERNELS
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        policy_sequence_logprobs(None, None, None, None, kernel="cuda")
+def test_unknown_backend_is_an_error():
+    assert "reference" in BACKENDS
+    with pytest.raises(ValueError, match="backend must be one of"):
+        policy_sequence_logprobs(None, None, None, None, backend="cuda")

@@ -85,7 +85,7 @@ def test_train_padding_free_first_step_equals_padded(tmp_path, stage):
     for padding_free in (False, True):
         out = tmp_path / f"pf{padding_free}"
         train(TrainConfig(stage=stage, model="tiny", data=data, output_dir=str(out), max_steps=2, batch_size=4,
-                          micro_batch_size=2, lr=1e-3, max_length=48, max_prompt_length=24, kernel=KERNEL,
+                          micro_batch_size=2, lr=1e-3, max_length=48, max_prompt_length=24, backend=KERNEL,
                           padding_free=padding_free, progress=False, plot=False, seed=0))
         with open(out / "metrics.jsonl") as f:
             losses[padding_free] = [json.loads(line)["loss"] for line in f]

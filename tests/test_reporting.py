@@ -16,7 +16,7 @@ def _run(tmp_path, report_to):
     data = write_rows(tmp_path / "scored.jsonl", make_rows(4))
     out = tmp_path / report_to
     train(TrainConfig(stage="drdo", model="tiny", data=data, output_dir=str(out), max_steps=2, batch_size=2,
-                      micro_batch_size=2, max_length=48, max_prompt_length=24, kernel=KERNEL, progress=False,
+                      micro_batch_size=2, max_length=48, max_prompt_length=24, backend=KERNEL, progress=False,
                       plot=False, report_to=report_to))
     with open(out / "metrics.jsonl") as f:
         return out, [json.loads(line) for line in f]

@@ -1,5 +1,5 @@
-"""A whole training step's gradients: the fused kernels (``kernel="auto"``) against full logits
-(``kernel="reference"``), on a tiny Llama with a 32k vocabulary, where a CPU chunk holds 131
+"""A whole training step's gradients: the fused kernels (``backend="auto"``) against full logits
+(``backend="reference"``), on a tiny Llama with a 32k vocabulary, where a CPU chunk holds 131
 tokens (several pairs, not all of them), for every stage, padded and padding-free; and
 ``DRDOTrainer``'s step against ``drdo.losses`` on full logits.
 
@@ -78,8 +78,8 @@ def _step_gradients(config) -> dict:
 def test_fused_step_equals_full_logits(tmp_path, model_dir, data, stage, padding_free):
     common = dict(stage=stage, model=model_dir, tokenizer="tiny", batch_size=12, micro_batch_size=12,
                   padding_free=padding_free, max_length=128, max_prompt_length=24)
-    fused = _step_gradients(cfg(data[2 if stage == "edpo" else 1], tmp_path / "a", kernel="auto", **common))
-    reference = _step_gradients(cfg(data[2 if stage == "edpo" else 1], tmp_path / "b", kernel="reference", **common))
+    fused = _step_gradients(cfg(data[2 if stage == "edpo" else 1], tmp_path / "a", backend="auto", **common))
+    reference = _step_gradients(cfg(data[2 if stage == "edpo" else 1], tmp_path / "b", backend="reference", **common))
     errors = relative_errors(fused, reference)
     assert any("lm_head" in name for name in errors)
     worst = max(errors, key=errors.get)
@@ -89,7 +89,7 @@ def test_fused_step_equals_full_logits(tmp_path, model_dir, data, stage, padding
 @pytest.mark.parametrize("padding_free,backend", [(False, "auto"), (True, "auto"), (False, "chunked")],
                          ids=["padded", "padding_free", "padded_chunked"])
 def test_drdo_trainer_step_equals_full_logits(tmp_path, padding_free, backend):
-    """DRDOTrainer's loss (fused, kernel_backend=backend) on one batch, backward, against
+    """DRDOTrainer's loss (fused, backend=backend) on one batch, backward, against
     drdo.losses.drdo_loss on full logits of the same model, reward head and batch."""
     pytest.importorskip("trl")
     from datasets import Dataset
@@ -98,7 +98,7 @@ def test_drdo_trainer_step_equals_full_logits(tmp_path, padding_free, backend):
 
     args = DRDOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=12, max_steps=1,
                       report_to="none", use_cpu=True, seed=0, max_length=128, alpha=0.5, bf16=False,
-                      padding_free=padding_free, kernel_backend=backend)
+                      padding_free=padding_free, backend=backend)
     trainer = DRDOTrainer(model=build_tiny_causal_lm(vocab_size=VOCAB, seed=3), args=args,
                           train_dataset=Dataset.from_list(long_rows(12)), processing_class=get_tokenizer("tiny"))
     model = trainer._base_model()

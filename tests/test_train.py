@@ -48,7 +48,7 @@ def data_file(tmp_path_factory):
 
 def cfg(data, out, **kw):
     base = dict(stage="drdo", model="tiny", data=data, output_dir=str(out), max_steps=2, batch_size=4,
-                micro_batch_size=4, lr=1e-3, warmup_steps=1, max_length=48, max_prompt_length=24, kernel=KERNEL,
+                micro_batch_size=4, lr=1e-3, warmup_steps=1, max_length=48, max_prompt_length=24, backend=KERNEL,
                 progress=False, plot=False, seed=0)
     base.update(kw)
     return TrainConfig(**base)
@@ -120,7 +120,7 @@ def test_batch_must_divide(tmp_path, data_file):
 
 def test_fused_kernel_path_matches_reference(tmp_path, data_file):
     train(cfg(data_file, tmp_path / "k", max_steps=3))
-    train(cfg(data_file, tmp_path / "r", max_steps=3, kernel="reference"))
+    train(cfg(data_file, tmp_path / "r", max_steps=3, backend="reference"))
     for a, b in zip(losses(tmp_path / "k"), losses(tmp_path / "r")):
         assert a == pytest.approx(b, rel=1e-5)
     assert max_diff(params(tmp_path / "k"), params(tmp_path / "r")) < 1e-5

@@ -29,7 +29,7 @@ def _losses(out):
 
 def test_two_fsdp2_ranks_equal_one_process(tmp_path):
     data = write_rows(tmp_path / "scored.jsonl", make_rows(12))
-    common = dict(max_steps=3, batch_size=4, seed=0, lr=1e-4, max_length=48, max_prompt_length=24, kernel=KERNEL)
+    common = dict(max_steps=3, batch_size=4, seed=0, lr=1e-4, max_length=48, max_prompt_length=24, backend=KERNEL)
     dist_out = tmp_path / "fsdp2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "drdo.cli", "train", "--loss", "drdo", "--model", "tiny", "--data", data,

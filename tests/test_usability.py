@@ -14,9 +14,10 @@ from test_train import make_rows, write_rows
 from drdo.cli import build_parser, main
 from drdo.config import TrainConfig, resolve
 from drdo.models import is_tiny_model
+from drdo.training.schedule import default_lr
 
 TINY_RUN = ["--max-length", "48", "--max-prompt-length", "24", "--batch-size", "4", "--micro-batch-size", "4",
-            "--no-plot", "--kernel", "torch"]
+            "--no-plot", "--backend", "torch"]
 
 
 def _losses(directory):
@@ -42,9 +43,8 @@ def test_tiny_model_trains_at_its_default_lr_quietly_and_says_where_it_saved(tmp
     losses = _losses(out)
     assert losses[-1] < 0.75 * losses[0], losses  # 5e-6 leaves the tiny model where it started
     assert is_tiny_model(out) and is_tiny_model("tiny") and not is_tiny_model(str(tmp_path))
-    assert resolve(TrainConfig(stage="oracle", model=out, data="d", output_dir="o")).lr == 1e-3
-    assert resolve(TrainConfig(stage="sft", model="tiny", data="d", output_dir="o")).lr == 5e-3
-    assert resolve(TrainConfig(stage="sft", model="tiny", lr=1e-4, data="d", output_dir="o")).lr == 1e-4
+    assert default_lr("oracle", out) == 1e-3 and default_lr("sft", "tiny") == 5e-3
+    assert default_lr("drdo", str(tmp_path)) == 5e-6
 
 
 def test_every_subcommand_takes_threads(capsys):

@@ -29,10 +29,12 @@ against SFT (where both ran).
 """
 from __future__ import annotations
 
+
 import json
 import math
 
 from drdo.atomic import save_figure, write_text
+from drdo.losses import DRDOSpec
 
 __all__ = ["METHODS", "ci95_halfwidth", "summarize", "write_report_json", "write_report_md", "plot_report",
            "noise_key", "students", "label"]
@@ -370,7 +372,7 @@ def _drdo_vs_sft_text(report: dict) -> str:
     return (
         f"DRDO vs its SFT start (true reward difference): {'; '.join(still + moved)}. Where the interval includes "
         f"0, DRDO's policy did not improve on SFT. By construction of Eq. 6 the policy's token probabilities "
-        f"are trained only by the alpha-weighted focal term (alpha {report['settings'].get('alpha', 0.1):g}); "
+        f"are trained only by the alpha-weighted focal term (alpha {report['settings'].get('alpha', DRDOSpec.alpha):g}); "
         f"the distillation term trains the reward head (and the shared backbone){_share_text(report)}. "
         f"`drdo demo --alpha 1` runs the paper's other alpha."
     )

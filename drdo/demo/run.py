@@ -47,7 +47,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from drdo.atomic import write_text
-from drdo.config import KERNELS, ConfigError, add_config_flags, option
+from drdo.config import ConfigError, TrainConfig, add_config_flags, derived_option, option
+from drdo.losses import DPOSpec
 from drdo.runtime import disable_library_progress_bars, quiet_libraries, torch_threads
 
 __all__ = ["add_arguments", "run_demo", "DemoSettings", "settings_from_args"]
@@ -79,8 +80,9 @@ class DemoSettings:
     :data:`QUICK`.
     """
 
-    model: str = option("tiny", "base model of every stage: 'tiny' (built in, no download), an HF dir or hub id "
-                                "(it must handle raw byte-like text prompts such as 'dkm:')")
+    model: str = derived_option(TrainConfig, "model", help="base model of every stage: 'tiny' (built in, no "
+                                "download), an HF dir or hub id (it must handle raw byte-like text prompts such as "
+                                "'dkm:')")
     seeds: list = option([0, 1, 2], "number of seeds 0..N-1", type=int, metavar="N")
     noise: list = option([0.0, 0.3], "label-noise levels = flip rates in [0, 0.5]", type=float, nargs="+",
                          metavar="FLIP")
@@ -89,7 +91,7 @@ class DemoSettings:
     steps: int = option(100, "optimizer steps of every student")
     sft_steps: int = option(400, "SFT steps")
     oracle_steps: int = option(100, "steps of each Oracle")
-    batch_size: int = option(32, "pairs per optimizer step (every stage)")
+    batch_size: int = derived_option(TrainConfig, "batch_size", default=32, help="pairs per optimizer step (every stage)")
     lrs: list = option([3e-4, 1e-3], "learning-rate grid of every method, given at --lr-ref-steps steps (a run of "
                                      "S steps uses lr x lr_ref_steps / S)", type=float, nargs="+")
     drdo_lrs: list | None = option(None, "DRDO's grid (its variants' too), as --lrs (default: --lrs)", type=float,
@@ -101,19 +103,19 @@ class DemoSettings:
                            type=_comma_list, metavar="M1,M2")
     variants: str | None = option(None, "YAML list of named DRDO variants trained beside the methods "
                                         "(drdo/demo/variants.py)", type=str, metavar="FILE.yaml")
-    diagnostics_every: int = option(10, "DRDO students log Eq. 6 diagnostics every N steps (0: off)")
+    diagnostics_every: int = derived_option(TrainConfig, "diagnostics_every", default=10)
     sft_lr: float = option(5e-3, "SFT learning rate")
     oracle_lr: float = option(1e-3, "Oracle learning rate")
-    alpha: float = option(0.1, "DRDO alpha (paper: 0.1; its sweep also tried 1)")
-    gamma: float = option(2.0, "DRDO focal gamma (paper: 2)")
-    beta: float = option(0.1, "DPO / e-DPO beta (paper: 0.1)")
-    oracle_alpha: float = option(0.01, "Oracle LM-regulariser weight alpha_O")
+    alpha: float = derived_option(TrainConfig, "alpha")
+    gamma: float = derived_option(TrainConfig, "gamma")
+    beta: float | None = derived_option(TrainConfig, "beta", help="DPO / e-DPO beta (the DRDO variants set their own)")
+    oracle_alpha: float = derived_option(TrainConfig, "oracle_alpha")
     train_pairs: int = option(1024, f"training pairs {_PER_SEED}")
     val_prompts: int = option(64, "validation prompts for the lr choice")
     test_prompts: int = option(256, "held-out test prompts")
     max_new_tokens: int = option(24, f"generation length (at most {MAX_NEW_TOKENS})")
     temperature: float = option(1.0, "sampling temperature of the judged samples")
-    kernel: str = option("auto", "loss/log-prob path", choices=KERNELS)
+    backend: str = derived_option(TrainConfig, "backend")
     threads: int = option(1, "torch CPU threads (the tiny model gains nothing from more, and loses much when "
                              "cores are shared)")
     workers: int = option(2, "cells (seed x noise level) run in this many processes at once (each with "
@@ -125,6 +127,9 @@ class DemoSettings:
     progress: bool = option(True, "show progress bars")
     quick: bool = option(False, "a fast smoke run: 1 seed, fewer steps, one lr", action="store_true")
 
+
+#: The settings a demo passes to each training run's TrainConfig (where the stage uses them).
+TRAINING_FIELDS = ("batch_size", "diagnostics_every", "alpha", "gamma", "beta", "oracle_alpha", "backend")
 
 #: --quick: one seed, fewer steps, one lr (4e-4 at 100 steps = 1e-3 at 40), fewer prompts (both noise levels kept),
 #: its own directory.
@@ -155,6 +160,8 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         elif f.name == "noise":
             value = sorted({float(n) for n in value})
         setattr(s, f.name, list(value) if isinstance(value, list) else value)
+    if s.beta is None:  # recorded in the settings and the report
+        s.beta = DPOSpec().beta
     _validate(s)
     return s
 
@@ -164,6 +171,8 @@ def _validate(s: DemoSettings) -> None:
     anything is written: every value, then the config of every training run (:func:`_check_stages`)."""
     for f in dataclasses.fields(s):
         value = getattr(s, f.name)
+        if f.name in TRAINING_FIELDS:  # checked with every training run's config below
+            continue
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             raise ConfigError(f"--{f.name.replace('_', '-')} must be finite, got {value}")
     if not s.seeds:
@@ -191,8 +200,6 @@ def _validate(s: DemoSettings) -> None:
         raise ConfigError("nothing to train: --methods is empty and --variants gives no variant")
     if s.train_pairs < s.batch_size:
         raise ConfigError(f"--train-pairs ({s.train_pairs}) must be >= --batch-size ({s.batch_size})")
-    if s.alpha < 0 or s.gamma < 0 or s.beta <= 0:
-        raise ConfigError(f"need --alpha >= 0, --gamma >= 0 and --beta > 0, got {s.alpha}, {s.gamma}, {s.beta}")
     if s.bt_temperature < 0:
         raise ConfigError(f"--bt-temperature must be >= 0, got {s.bt_temperature}")
     if s.max_new_tokens > MAX_NEW_TOKENS:
@@ -274,18 +281,17 @@ def _single_oracle_file(scored: str, path: str) -> str:
 def _stage_config(s: DemoSettings, stage: str, data: str, out: str, *, model: str, steps: int, lr: float, seed: int,
                   drdo: dict | None = None):
     """The TrainConfig of one stage; ``drdo``: overrides of a DRDO variant (see :mod:`drdo.demo.variants`)."""
-    from drdo.config import TrainConfig, fields_for
+    from drdo.config import fields_for
 
-    losses = dict(alpha=s.alpha, gamma=s.gamma, beta=s.beta if stage in ("dpo", "edpo") else None,
-                  oracle_alpha=s.oracle_alpha, diagnostics_every=s.diagnostics_every)
-    if stage == "drdo":
-        losses.update(drdo or {})
     stage_fields = {f.name for f in fields_for(TrainConfig, (stage,))}
+    shared = {name: getattr(s, name) for name in TRAINING_FIELDS if name in stage_fields}
+    if stage == "drdo":
+        shared.pop("beta", None)  # the demo's --beta is DPO's; a DRDO variant sets its own
+        shared.update(drdo or {})
     return TrainConfig(
-        stage=stage, model=model, data=data, output_dir=out, overwrite=s.overwrite,
-        max_steps=steps, batch_size=s.batch_size, micro_batch_size=s.batch_size, lr=lr, warmup_ratio=0.1,
-        max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, kernel=s.kernel, seed=seed, progress=s.progress,
-        plot=False, **{k: v for k, v in losses.items() if k in stage_fields},
+        stage=stage, model=model, data=data, output_dir=out, overwrite=s.overwrite, max_steps=steps,
+        micro_batch_size=s.batch_size, lr=lr, warmup_ratio=0.1, max_length=MAX_LENGTH,
+        max_prompt_length=MAX_PROMPT_LENGTH, seed=seed, progress=s.progress, plot=False, **shared,
     )
 
 
@@ -351,14 +357,15 @@ def _oracle_data(s: DemoSettings, work: str, sft: str, oracles: list[str], pairs
 
     Returns the training file of each method: DRDO gets Oracle 1's scores (floats), DPO and
     e-DPO the K-member lists plus ref log-probs (DPO ignores the Oracle scores)."""
+    from drdo.config import RefLogpsConfig, ScoreConfig
     from drdo.pipeline.reflogps import compute_reference_logps
     from drdo.pipeline.scoring import score_dataset
 
-    common = dict(batch_size=128, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, device="auto",
-                  progress=s.progress)
-    scored = score_dataset(oracles, pairs, os.path.join(work, "scored_k3.jsonl"), **common)
-    with_ref = compute_reference_logps(sft, scored, os.path.join(work, "scored_k3_ref.jsonl"), kernel=s.kernel,
-                                       **common)
+    common = dict(batch_size=128, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, progress=s.progress)
+    scored = score_dataset(ScoreConfig(reward_models=oracles, data=pairs, output=os.path.join(work, "scored_k3.jsonl"),
+                                       **common))
+    with_ref = compute_reference_logps(RefLogpsConfig(model=sft, data=scored, backend=s.backend,
+                                                      output=os.path.join(work, "scored_k3_ref.jsonl"), **common))
     single = _single_oracle_file(scored, os.path.join(work, "scored_oracle1.jsonl"))
     return {"drdo": single, "dpo": with_ref, "edpo": with_ref}
 
@@ -544,11 +551,10 @@ def _claim_output_dir(s: DemoSettings) -> None:
     write_text(os.path.join(out, SETTINGS_FILE), json.dumps(identity, indent=2))
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """Run the demo from parsed ``drdo demo`` flags; writes the report; returns 0."""
+def run_demo(s: DemoSettings) -> int:
+    """Run the demo with settings (:func:`settings_from_args`); writes the report; returns 0."""
     from drdo.demo.report import plot_report, summarize, write_report_json, write_report_md
 
-    s = settings_from_args(args)
     start = time.perf_counter()
     _claim_output_dir(s)
     jobs = [(seed, noise, os.path.join(s.output_dir, "work", f"seed{seed}", f"noise{noise:g}"))

@@ -16,45 +16,20 @@ DRDO, DPO and e-DPO, with DRDO's learning-rate grid, and reported under its name
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import re
 
-from drdo.config import REWARD_GRADS, REWARDS, UNLIKELIHOODS, ConfigError, read_yaml
+from drdo.config import ConfigError, read_yaml
 from drdo.errors import shown
+from drdo.losses import DRDOSpec
 
 __all__ = ["VARIANT_KEYS", "RESERVED_NAMES", "load_variants", "validate_variants", "describe"]
 
-#: Keys a variant may set (besides ``name``): the DRDO options of :class:`drdo.config.TrainConfig`.
-VARIANT_KEYS = ("reward", "beta", "alpha", "gamma", "unlikelihood", "reward_grad", "length_normalize")
+#: Keys a variant may set (besides ``name``): the fields of :class:`drdo.losses.DRDOSpec`, which checks them.
+VARIANT_KEYS = tuple(f.name for f in dataclasses.fields(DRDOSpec))
 #: Names taken by the demo's own methods.
 RESERVED_NAMES = ("sft", "drdo", "dpo", "edpo")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-_CHOICES = {"reward": REWARDS, "unlikelihood": UNLIKELIHOODS, "reward_grad": REWARD_GRADS}
-
-
-def _number(value, key: str, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"must be a finite number, got {shown(value)}")
-    if positive and value <= 0:
-        raise ValueError(f"must be > 0, got {value!r}")
-    if not positive and value < 0:
-        raise ValueError(f"must be >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_value(key: str, value):
-    """The validated value of one key; ValueError with the reason otherwise."""
-    if key in _CHOICES:
-        if value not in _CHOICES[key]:
-            raise ValueError(f"must be one of {', '.join(_CHOICES[key])}, got {shown(value)}")
-        return value
-    if key == "length_normalize":
-        if not isinstance(value, bool):
-            raise ValueError(f"must be true or false, got {shown(value)}")
-        return value
-    return _number(value, key, positive=key == "beta")
-
-
 def _check_entry(entry, index: int, seen: set, source: str) -> dict:
     if not isinstance(entry, dict):
         raise ConfigError(f"{source}: entry {index + 1} must be a mapping with a 'name', got {shown(entry)}")
@@ -74,16 +49,14 @@ def _check_entry(entry, index: int, seen: set, source: str) -> dict:
         k = str(key).replace("-", "_")
         if k not in VARIANT_KEYS:
             raise ConfigError(f"{where}: unknown key {shown(key)}; known keys: name, {', '.join(VARIANT_KEYS)}")
-        try:
-            spec[k] = _check_value(k, value)
-        except ValueError as e:
-            raise ConfigError(f"{where}, key {key!r}: {e}") from None
-    reward = spec.get("reward", "head")
-    if "beta" in spec and reward != "implicit":
+        spec[k] = value
+    try:
+        checked = DRDOSpec.build(**{k: v for k, v in spec.items() if k != "name"})
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if "beta" in spec and checked.reward != "implicit":
         raise ConfigError(f"{where}, key 'beta': beta scales the implicit reward only; add 'reward: implicit'")
-    if spec.get("reward_grad") == "head" and reward != "head":
-        raise ConfigError(f"{where}, key 'reward_grad': 'head' needs the reward head (reward: head)")
-    return spec
+    return {"name": name, **{k: getattr(checked, k) for k in spec if k != "name"}}
 
 
 def validate_variants(entries, source: str = "variants") -> list[dict]:

@@ -25,6 +25,7 @@ DRDO's metrics go through TRL's own logging (``logps/chosen``, ``rewards/accurac
 from __future__ import annotations
 
 import types
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -36,7 +37,8 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from drdo.data.packing import last_token_index, pack_sequences, segment_sum
 from drdo.data.preferences import ORACLE_FIELDS, check_oracle_rows
 from drdo.losses import IGNORE_INDEX
-from drdo_kernels.logprobs import BACKENDS
+from drdo.logprobs import BACKENDS, check_backend
+from drdo.losses import REWARD_GRADS, REWARDS, UNLIKELIHOOD_SIGN, DRDOSpec, objective_loss
 from drdo.models import HEAD_WEIGHTS_NAME, _save_head, last_token_indices, new_reward_head
 
 __all__ = ["DRDOConfig", "DRDOTrainer", "DRDODataCollator", "REWARD_HEAD_ATTR"]
@@ -44,12 +46,6 @@ __all__ = ["DRDOConfig", "DRDOTrainer", "DRDODataCollator", "REWARD_HEAD_ATTR"]
 #: Name of the reward-head submodule attached to the trained model.
 REWARD_HEAD_ATTR = "drdo_reward_head"
 
-_CHOICES = {
-    "reward": ("head", "implicit"),
-    "unlikelihood": ("welleck", "paper"),
-    "reward_grad": ("backbone", "head"),
-    "kernel_backend": BACKENDS,
-}
 #: The pair-loss kernel's backend for each log-prob backend ("chunked" and "auto": its own auto rule).
 _PAIR_LOSS_BACKEND = {"triton": "triton", "torch": "torch"}
 _METRIC_NAMES = {
@@ -58,38 +54,45 @@ _METRIC_NAMES = {
 }
 
 
+def _spec_field(name: str, help_text: str, **metadata):
+    """A DRDOConfig field of :class:`drdo.losses.DRDOSpec`'s ``name``: its default read from the
+    spec, which also checks the value (in ``DRDOConfig.__post_init__``)."""
+    return field(default=getattr(DRDOSpec, name), metadata={"help": help_text, **metadata})
+
+
 @dataclass
 class DRDOConfig(DPOConfig):
-    """TRL's ``DPOConfig`` plus DRDO's settings (paper defaults). ``beta`` is the scale of the
-    implicit reward (``reward="implicit"``: rhat = beta * log pi(y|x)); unused with a head. The
-    DPO-only fields (``loss_type``, reference-model settings, ...) are ignored."""
+    """TRL's ``DPOConfig`` plus DRDO's settings: the fields of :class:`drdo.losses.DRDOSpec` (the
+    paper's defaults; ``.drdo_spec`` holds the checked spec) and ``backend``. ``beta`` (DPOConfig's)
+    is the scale of the implicit reward (``reward="implicit"``: rhat = beta * log pi(y|x)); unused
+    with a head. The DPO-only fields (``loss_type``, reference-model settings, ...) are ignored."""
 
-    alpha: float = field(default=0.1, metadata={"help": "Weight of DRDO's focal preference term."})
-    gamma: float = field(default=2.0, metadata={"help": "Focal exponent (>= 0)."})
-    reward: str = field(default="head", metadata={
-        "help": "Student reward: a linear 'head' on the last hidden state, or the 'implicit' beta * log pi.",
-        "choices": list(_CHOICES["reward"])})
-    unlikelihood: str = field(default="welleck", metadata={
-        "help": "'welleck' (lowers pi(y_l)) or 'paper' (the sign as printed).", "choices": list(_CHOICES["unlikelihood"])})
-    reward_grad: str = field(default="backbone", metadata={
-        "help": "Where the distillation gradient goes: 'backbone' (head and shared layers) or 'head' (the hidden "
-                "state fed to the reward head is detached).", "choices": list(_CHOICES["reward_grad"])})
-    length_normalize: bool = field(default=False, metadata={
-        "help": "Use the mean response log-prob per token instead of the sum."})
-    kernel_backend: str = field(default="auto", metadata={
-        "help": "Fused LM-head backend: 'auto' (by device, dtype and size: drdo_kernels.logprobs.AUTO_RULES), 'chunked' "
-                "(cuBLAS chunks, a Triton fold on CUDA), 'triton' (tiled Triton kernels) or 'torch' (chunks, PyTorch fold).",
-        "choices": list(_CHOICES["kernel_backend"])})
+    alpha: float = _spec_field("alpha", "Weight of DRDO's focal preference term.")
+    gamma: float = _spec_field("gamma", "Focal exponent (>= 0).")
+    reward: str = _spec_field("reward", "Student reward: a linear 'head' on the last hidden state, or the "
+                              "'implicit' beta * log pi.", choices=list(REWARDS))
+    unlikelihood: str = _spec_field("unlikelihood", "'welleck' (lowers pi(y_l)) or 'paper' (the sign as printed).",
+                                    choices=list(UNLIKELIHOOD_SIGN))
+    reward_grad: str = _spec_field("reward_grad", "Where the distillation gradient goes: 'backbone' (head and "
+                                   "shared layers) or 'head' (the hidden state fed to the reward head is detached).",
+                                   choices=list(REWARD_GRADS))
+    length_normalize: bool = _spec_field("length_normalize", "Use the mean response log-prob per token instead of "
+                                         "the sum.")
+    backend: str = field(default="auto", metadata={
+        "help": "Fused LM-head backend: 'auto' (by device, dtype and size: drdo_kernels.logprobs.AUTO_RULES), "
+                "'chunked' (cuBLAS chunks, a Triton fold on CUDA), 'triton' (tiled Triton kernels), 'torch' (chunks, "
+                "PyTorch fold) or 'reference' (full logits).", "choices": list(BACKENDS)})
+    kernel_backend: str | None = field(default=None, metadata={"help": "Deprecated name of backend."})
 
     def __post_init__(self):
         super().__post_init__()
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        if not self.gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
-        if self.reward == "implicit" and self.reward_grad == "head":
-            raise ValueError('reward_grad="head" needs reward="head": the implicit reward has no head to detach')
+        if self.kernel_backend is not None:
+            warnings.warn("DRDOConfig(kernel_backend=...) is deprecated; use backend=...", FutureWarning, stacklevel=3)
+            self.backend, self.kernel_backend = self.kernel_backend, None
+        check_backend(self.backend)
+        self.drdo_spec = DRDOSpec(alpha=self.alpha, gamma=self.gamma, reward=self.reward, beta=self.beta,
+                                  unlikelihood=self.unlikelihood, reward_grad=self.reward_grad,
+                                  length_normalize=self.length_normalize)
 
 
 def _mean_score(value) -> float:
@@ -293,11 +296,15 @@ def _patch_forward(model: nn.Module, trainer: DRDOTrainer) -> None:
 def drdo_forward(model: nn.Module, batch: dict, args: DRDOConfig) -> dict:
     """The DRDO loss of one collated batch (padded TRL layout or packed).
 
-    Returns dict(loss: scalar float32, metrics: drdo_loss's metrics, chosen_rewards / rejected_rewards [B]).
+    Padded batches go through :func:`drdo_kernels.fused_objective_loss` (every LM-head gradient in the
+    forward, the logits never built); packed ones through the fused per-token log-probs, summed per
+    sequence, and :func:`drdo.losses.objective_loss` with the DRDO pair kernel; ``backend="reference"``
+    uses full logits. Returns dict(loss: scalar float32, metrics: drdo_loss's metrics, chosen_rewards /
+    rejected_rewards: [B] reward-head outputs, or the mean implicit rewards).
     """
     import drdo_kernels as dk
 
-    packed = "cu_seqlens" in batch
+    spec, packed = args.drdo_spec, "cu_seqlens" in batch
     backbone = getattr(model, model.base_model_prefix)
     input_ids = batch["input_ids"]
     if packed:
@@ -308,34 +315,70 @@ def drdo_forward(model: nn.Module, batch: dict, args: DRDOConfig) -> dict:
         labels = dk.align_labels(input_ids, completion_mask=batch["completion_mask"])
     hidden = out.last_hidden_state  # [R, T, H] (packed: [1, L, H])
     lm_head = model.get_output_embeddings()
-    token_logps = dk.fused_linear_logprobs(hidden, lm_head.weight, labels, bias=lm_head.bias,
-                                           ignore_index=IGNORE_INDEX, backend=args.kernel_backend)
-    scored = (labels != IGNORE_INDEX).to(token_logps.dtype)
+    rewards = _head_rewards(model, hidden, batch, packed, spec) if spec.reward == "head" else None
+    oracle = batch["oracle_rewards"].to(hidden.device)
+    if packed or args.backend == "reference":
+        z, n_tokens = _sequence_logprobs(hidden, lm_head, labels, batch, args.backend)
+        loss, metrics = objective_loss(spec, z, n_tokens, rewards=rewards, oracle=oracle, reduction="mean",
+                                       drdo_fn=_pair_kernel(args.backend))
+    else:
+        loss, metrics = dk.fused_objective_loss(spec, lm_head.weight, hidden, labels, lm_head.bias, rewards=rewards,
+                                                oracle=oracle, ignore_index=IGNORE_INDEX, backend=args.backend,
+                                                reduction="mean")
+    metrics = {k: v for k, v in metrics.items() if k != "loss"}
+    if rewards is None:  # implicit: beta * z, reported as its means
+        n = oracle.shape[0] // 2
+        chosen, rejected = spec.beta * metrics["logps_chosen"], spec.beta * metrics["logps_rejected"]
+    else:
+        n = rewards.shape[0] // 2
+        chosen, rejected = rewards[:n], rewards[n:]
+    return {"loss": loss, "metrics": metrics, "chosen_rewards": chosen, "rejected_rewards": rejected}
+
+
+def _head_rewards(model, hidden, batch, packed: bool, spec: DRDOSpec) -> torch.Tensor:
+    """[2B] reward-head outputs on each sequence's last hidden state (detached for reward_grad="head")."""
     if packed:
+        h_last = hidden[0, last_token_index(batch["cu_seqlens"]).to(hidden.device)]
+    else:
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        h_last = hidden[rows, last_token_indices(batch["attention_mask"]).to(hidden.device)]
+    if spec.reward_grad == "head":
+        h_last = h_last.detach()
+    with torch.autocast(hidden.device.type, enabled=False):
+        return getattr(model, REWARD_HEAD_ATTR)(h_last.float()).squeeze(-1)
+
+
+def _sequence_logprobs(hidden, lm_head, labels, batch, backend: str):
+    """Summed response log-probs and token counts per sequence: fused per-token log-probs (full logits
+    for backend="reference"), summed per row or, packed, per sequence of ``cu_seqlens``."""
+    import drdo_kernels as dk
+
+    if backend == "reference":
+        logits = lm_head(hidden)
+        token_logps = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        token_logps = token_logps * (labels != IGNORE_INDEX)
+    else:
+        token_logps = dk.fused_linear_logprobs(hidden, lm_head.weight, labels, bias=lm_head.bias,
+                                               ignore_index=IGNORE_INDEX, backend=backend)
+    scored = (labels != IGNORE_INDEX).to(token_logps.dtype)
+    if "cu_seqlens" in batch:
         z, n_tokens = segment_sum(token_logps, batch["cu_seqlens"]), segment_sum(scored, batch["cu_seqlens"])
     else:
         z, n_tokens = token_logps.sum(-1), scored.sum(-1)
     if bool((n_tokens == 0).any()):
         raise ValueError("a response has no token left after truncation; raise max_length")
-    if args.length_normalize:
-        z = z / n_tokens
-    if args.reward == "head":
-        if packed:
-            h_last = hidden[0, last_token_index(batch["cu_seqlens"]).to(hidden.device)]
-        else:
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            h_last = hidden[rows, last_token_indices(batch["attention_mask"]).to(hidden.device)]
-        if args.reward_grad == "head":
-            h_last = h_last.detach()
-        with torch.autocast(hidden.device.type, enabled=False):
-            rewards = getattr(model, REWARD_HEAD_ATTR)(h_last.float()).squeeze(-1)
-    else:
-        rewards = args.beta * z
-    n = z.shape[0] // 2
-    oracle = batch["oracle_rewards"].to(z.device)
-    loss, metrics = dk.drdo_pair_loss(
-        z[:n], z[n:], rewards[:n], rewards[n:], oracle[:n], oracle[n:], alpha=args.alpha, gamma=args.gamma,
-        unlikelihood=args.unlikelihood, reduction="mean", backend=_PAIR_LOSS_BACKEND.get(args.kernel_backend, "auto"),
-    )
-    metrics = {k: v for k, v in metrics.items() if k != "loss"}
-    return {"loss": loss, "metrics": metrics, "chosen_rewards": rewards[:n], "rejected_rewards": rewards[n:]}
+    return z, n_tokens
+
+
+def _pair_kernel(backend: str):
+    """The DRDO pair loss for ``backend``: the pair kernel of drdo_kernels (its own auto rule for
+    "auto" and "chunked"), or drdo.losses.drdo_loss for full logits."""
+    if backend == "reference":
+        return None
+
+    def pair_loss(*pair, spec, reduction):
+        import drdo_kernels as dk
+
+        return dk.drdo_pair_loss(*pair, spec=spec, reduction=reduction, backend=_PAIR_LOSS_BACKEND.get(backend, "auto"))
+
+    return pair_loss

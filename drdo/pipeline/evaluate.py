@@ -16,6 +16,7 @@ prompt (a tie counts 1/2): ``report["win_rate"][a][b]``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import itertools
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -34,7 +36,7 @@ from drdo.jsonl import write_rows
 from drdo.progress import batch_starts
 from drdo.pipeline.scoring import load_reward_model, pick_device
 
-__all__ = ["JudgeError", "RESERVED_NAMES", "generate", "evaluate", "load_judge", "win_rate", "parse_policies",
+__all__ = ["JudgeError", "RESERVED_NAMES", "generate", "evaluate", "run_eval", "load_judge", "win_rate", "parse_policies",
            "generations_path"]
 
 Judge = Callable[[list, list], list]
@@ -236,17 +238,20 @@ def _prompt_texts(prompts: list, judge: Judge) -> list[str]:
     return out
 
 
-def evaluate(policies: dict, prompts: list, judge, *, max_new_tokens: int = 64, temperature: float = 1.0,
-             top_p: float = 1.0, seed: int = 0, batch_size: int = 16, max_prompt_length: int = 512,
-             trust_remote_code: bool = False, allow_untrained_head: bool = False, device="auto",
-             progress: bool = True, output: str | None = None) -> dict:
+def evaluate(policies: dict, prompts: list, judge, config=None, *, output: str | None = None, **options) -> dict:
     """Generate with every policy, score with the judge, report rewards and pairwise win rates.
 
-    policies: {name: path or loaded model (with tokenizer as (model, tokenizer) tuple)}.
+    policies: {name: path or loaded model (with tokenizer as (model, tokenizer) tuple)};
+    config / options: the generation and judging settings of a :class:`drdo.config.EvalConfig`
+    (max_new_tokens, temperature, top_p, seed, batch_size, max_prompt_length, trust_remote_code,
+    allow_untrained_head, device, progress), or some of its fields as keywords.
     Returns {"num_prompts", "reward": {name: {"mean", "stderr"}}, "win_rate": {a: {b: float}},
     "generations": {name: [str]}, "scores": {name: [float]}}. With ``output`` the report is
     written as JSON and the generations as ``<output>.generations.jsonl``, together (:func:`write_outputs`).
     """
+    from drdo.config import EvalConfig
+
+    c = dataclasses.replace(config or EvalConfig(), **options)
     if not policies:
         raise ValueError("evaluate needs at least one policy")
     if RESERVED_NAMES & set(policies):
@@ -254,15 +259,15 @@ def evaluate(policies: dict, prompts: list, judge, *, max_new_tokens: int = 64, 
                           "generations file)")
     if not prompts:
         raise ValueError("evaluate needs at least one prompt")
-    judge_fn = load_judge(judge, device=device, trust_remote_code=trust_remote_code,
-                          allow_untrained_head=allow_untrained_head)
+    judge_fn = load_judge(judge, device=c.device, trust_remote_code=c.trust_remote_code,
+                          allow_untrained_head=c.allow_untrained_head)
     generations, scores = {}, {}
     for name, pol in policies.items():
         model, tok = pol if isinstance(pol, tuple) else (pol, None)
-        generations[name] = generate(model, prompts, tokenizer=tok, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
-                                     max_prompt_length=max_prompt_length, device=device,
-                                     trust_remote_code=trust_remote_code, progress=progress)
+        generations[name] = generate(model, prompts, tokenizer=tok, max_new_tokens=c.max_new_tokens,
+                                     temperature=c.temperature, top_p=c.top_p, seed=c.seed, batch_size=c.batch_size,
+                                     max_prompt_length=c.max_prompt_length, device=c.device,
+                                     trust_remote_code=c.trust_remote_code, progress=c.progress)
         values = [float(v) for v in judge_fn(_prompt_texts(prompts, judge_fn), generations[name])]
         if len(values) != len(prompts) or not all(math.isfinite(v) for v in values):
             raise JudgeError(f"the judge must return one finite score per response; got {len(values)} for "
@@ -279,6 +284,28 @@ def evaluate(policies: dict, prompts: list, judge, *, max_new_tokens: int = 64, 
     if output:
         write_outputs(report, prompts, output)
     return report
+
+
+def run_eval(config) -> tuple[dict, str]:
+    """``drdo eval``: the policies, prompts, judge and settings of a :class:`drdo.config.EvalConfig`
+    (checked here before anything is loaded or written). Returns (report, the report's path:
+    ``config.output`` or runs/eval-<date>-<time>/report.json)."""
+    from drdo.config import check_options, require
+    from drdo.data import load_prompts
+    from drdo.hub import require_model_source
+
+    require(config, "policies", "prompts", "judge")
+    check_options(config)
+    policies = parse_policies(config.policies)
+    for path in policies.values():
+        require_model_source(path, "--policy")
+    if ":" not in config.judge or os.path.exists(config.judge):
+        require_model_source(config.judge, "--judge")
+    output = config.output or os.path.join("runs", time.strftime("eval-%Y%m%d-%H%M%S"), "report.json")
+    prompts = load_prompts(config.prompts, split=config.split)
+    if config.num_prompts is not None:
+        prompts = prompts[: config.num_prompts]
+    return evaluate(policies, prompts, config.judge, config, output=output), output
 
 
 def write_outputs(report: dict, prompts: list, output: str) -> None:

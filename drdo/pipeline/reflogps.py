@@ -2,7 +2,7 @@
 
 ``ref_chosen_logps`` / ``ref_rejected_logps`` are the summed response log-probs
 of the reference policy (usually the SFT model), computed with the same
-tokenization and the same log-prob path (``kernel``) the trainer uses, so that at
+tokenization and the same log-prob path (``backend``) the trainer uses, so that at
 step 0 of DPO the policy and reference log-probs coincide.
 
 Every row also records what its log-probs were computed with
@@ -26,45 +26,51 @@ from drdo.pipeline.scoring import pick_device
 __all__ = ["compute_reference_logps"]
 
 
-def compute_reference_logps(model, data, output: str, *, batch_size: int = 8, max_length: int = 1024,
-                            max_prompt_length: int = 512, tokenizer=None, kernel: str = "auto",
-                            split: str = "train", skip_invalid: bool = False, trust_remote_code: bool = False,
-                            device="auto", seed: int = 0, progress: bool = True) -> str:
-    """Write ``data`` plus ref_chosen_logps / ref_rejected_logps (floats) and their record
-    (:data:`drdo.logprobs.REF_SETTINGS_FIELD`) as JSONL to ``output``.
+def compute_reference_logps(config, *, policy=None, tokenizer=None) -> str:
+    """``drdo reflogps``: ``config.data`` plus ref_chosen_logps / ref_rejected_logps (floats) and
+    their record (:data:`drdo.logprobs.REF_SETTINGS_FIELD`), written as JSONL to ``config.output``
+    (a :class:`drdo.config.RefLogpsConfig`, checked here before anything is loaded or written).
 
-    model: a directory, hub id or "tiny", or a loaded PolicyWithRewardHead (then pass ``tokenizer``).
-    tokenizer: None (the model's), a name/path, or a tokenizer object. bf16 autocast on CUDA.
-    Returns ``output``.
+    policy: a loaded PolicyWithRewardHead to use instead of ``config.model`` (then pass
+    ``tokenizer``, a name/path or a tokenizer object). bf16 autocast on CUDA. Returns the output path.
     """
+    from drdo.config import check_options, require
+    from drdo.hub import require_model_source
     from drdo.models import PolicyWithRewardHead
     from drdo.tokenizer import get_tokenizer
 
-    dev = pick_device(device)
-    if isinstance(model, (str, os.PathLike)):
-        name = os.fspath(model)
-        policy = PolicyWithRewardHead.from_pretrained(name, dtype=torch.float32, device=dev, seed=seed,
-                                                      trust_remote_code=trust_remote_code)
-        tokenizer = tokenizer if tokenizer is not None else name
+    c = config
+    require(c, "data", "output")
+    check_options(c)
+    model = c.model if policy is None else policy
+    if policy is None:
+        require_model_source(c.model, "--model")
+        require_model_source(c.tokenizer, "--tokenizer")
+        tokenizer = c.tokenizer
+    dev = pick_device(c.device)
+    if policy is None:
+        policy = PolicyWithRewardHead.from_pretrained(c.model, dtype=torch.float32, device=dev, seed=c.seed,
+                                                      trust_remote_code=c.trust_remote_code)
+        tokenizer = tokenizer if tokenizer is not None else c.model
     else:
-        policy = model.to(dev)
+        policy = policy.to(dev)
         if tokenizer is None:
-            raise ValueError("pass tokenizer= when model is a loaded module")
+            raise ValueError("pass tokenizer= with a loaded policy")
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = get_tokenizer(os.fspath(tokenizer), trust_remote_code=trust_remote_code)
-    ds = load_preference_dataset(data, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                                 split=split, skip_invalid=skip_invalid)
-    settings = reference_settings(model, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                                  seed=seed)
+        tokenizer = get_tokenizer(os.fspath(tokenizer), trust_remote_code=c.trust_remote_code)
+    ds = load_preference_dataset(c.data, tokenizer, max_length=c.max_length, max_prompt_length=c.max_prompt_length,
+                                 split=c.split, skip_invalid=c.skip_invalid)
+    settings = reference_settings(model, tokenizer, max_length=c.max_length, max_prompt_length=c.max_prompt_length,
+                                  seed=c.seed)
     collate = PreferenceCollator(tokenizer.pad_token_id)
     policy.eval()
     rows = []
-    for start in batch_starts(len(ds), batch_size, progress=progress, desc="reference log-probs"):
-        idx = list(range(start, min(start + batch_size, len(ds))))
+    for start in batch_starts(len(ds), c.batch_size, progress=c.progress, desc="reference log-probs"):
+        idx = list(range(start, min(start + c.batch_size, len(ds))))
         batch = {k: v.to(dev) for k, v in collate([ds[i] for i in idx]).items()}
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logps = policy_sequence_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                             kernel=kernel)[0].float().cpu()
+                                             backend=c.backend)[0].float().cpu()
         n = len(idx)
         for j, i in enumerate(idx):
             row = dict(ds.raw[i])
@@ -72,4 +78,4 @@ def compute_reference_logps(model, data, output: str, *, batch_size: int = 8, ma
             row["ref_rejected_logps"] = float(logps[n + j])
             row[REF_SETTINGS_FIELD] = settings
             rows.append(row)
-    return write_jsonl(rows, output)
+    return write_jsonl(rows, c.output)

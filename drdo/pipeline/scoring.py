@@ -18,6 +18,7 @@ import os
 import torch
 
 from drdo.data import PreferenceCollator, load_preference_dataset
+from drdo.hub import require_model_source
 from drdo.jsonl import write_jsonl
 from drdo.progress import batch_starts
 
@@ -136,30 +137,33 @@ def _score_pairs(rm: RewardModel, dataset, batch_size: int, progress: bool, desc
     return out
 
 
-def score_dataset(reward_models, data, output: str, *, batch_size: int = 8, max_length: int = 1024,
-                  max_prompt_length: int = 512, split: str = "train", skip_invalid: bool = False,
-                  trust_remote_code: bool = False, allow_untrained_head: bool = False, device="auto",
-                  progress: bool = True) -> str:
-    """Score every pair of ``data`` with K reward models and write JSONL to ``output``.
+def score_dataset(config) -> str:
+    """``drdo oracle score``: every pair of ``config.data`` scored by the K reward models of
+    ``config.reward_models``, written as JSONL to ``config.output`` (a
+    :class:`drdo.config.ScoreConfig`, checked here before anything is loaded or written).
 
     Each output line is the source row plus ``oracle_chosen`` / ``oracle_rejected``:
     floats for K = 1, lists of K floats (in the order of ``reward_models``) for K > 1.
-    Returns ``output``.
+    Returns ``config.output``.
     """
-    if isinstance(reward_models, str):
-        reward_models = [reward_models]
-    if not reward_models:
-        raise RewardModelError("score_dataset needs at least one reward model")
+    from drdo.config import check_options, require
+
+    require(config, "reward_models", "data", "output")
+    check_options(config)
+    reward_models = config.reward_models
+    for name in reward_models:
+        require_model_source(name, "--reward-model")
+    c = config
     per_model, raw_by_row = [], {}
     for k, path in enumerate(reward_models):
-        rm = load_reward_model(path, device=device, trust_remote_code=trust_remote_code,
-                               allow_untrained_head=allow_untrained_head)
-        ds = load_preference_dataset(data, rm.tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                                     split=split, skip_invalid=skip_invalid)
+        rm = load_reward_model(path, device=c.device, trust_remote_code=c.trust_remote_code,
+                               allow_untrained_head=c.allow_untrained_head)
+        ds = load_preference_dataset(c.data, rm.tokenizer, max_length=c.max_length,
+                                     max_prompt_length=c.max_prompt_length, split=c.split, skip_invalid=c.skip_invalid)
         if not raw_by_row:
             raw_by_row = {ds[i]["row"]: ds.raw[i] for i in range(len(ds))}
-        per_model.append(_score_pairs(rm, ds, batch_size, progress, f"scoring with {os.path.basename(path)} "
-                                                                      f"({k + 1}/{len(reward_models)})"))
+        per_model.append(_score_pairs(rm, ds, c.batch_size, c.progress, f"scoring with {os.path.basename(path)} "
+                                                                          f"({k + 1}/{len(reward_models)})"))
         del rm
     rows = []
     for row in sorted(raw_by_row):
@@ -171,4 +175,4 @@ def score_dataset(reward_models, data, output: str, *, batch_size: int = 8, max_
         out["oracle_chosen"] = chosen[0] if len(per_model) == 1 else chosen
         out["oracle_rejected"] = rejected[0] if len(per_model) == 1 else rejected
         rows.append(out)
-    return write_jsonl(rows, output)
+    return write_jsonl(rows, c.output)

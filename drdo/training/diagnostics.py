@@ -88,14 +88,14 @@ def _norms_and_dot(a: list, b: list) -> tuple[float, float, float]:
     return float(sq_a) ** 0.5, float(sq_b) ** 0.5, float(dot)
 
 
-def gradient_split(z_w, z_l, rhat_w, rhat_l, r_w, r_l, params: list[torch.Tensor], *, alpha: float, gamma: float,
-                   unlikelihood: str) -> dict[str, torch.Tensor]:
+def gradient_split(z_w, z_l, rhat_w, rhat_l, r_w, r_l, params: list[torch.Tensor], *, spec) -> dict[str, torch.Tensor]:
     """Gradient norms of Eq. 6's two terms on ``params``, exact (see the module docstring).
 
-    z_*, rhat_*: [B] with graphs to ``params``; r_*: [B] Oracle rewards. The graph is retained
-    for the trainer's own backward. Returns detached float64 scalars.
+    z_*, rhat_*: [B] with graphs to ``params``; r_*: [B] Oracle rewards; spec: the
+    :class:`drdo.losses.DRDOSpec`. The graph is retained for the trainer's own backward.
+    Returns detached float64 scalars.
     """
-    kw = dict(alpha=alpha, gamma=gamma, unlikelihood=unlikelihood, reduction="mean")
+    kw = dict(spec=spec, reduction="mean")
     pref, _ = drdo_loss(z_w, z_l, rhat_w.detach(), rhat_l.detach(), r_w, r_l, **kw)
     distill, _ = drdo_loss(z_w.detach(), z_l.detach(), rhat_w, rhat_l, r_w, r_l, **kw)
     n_pref, n_dist, dot = _norms_and_dot(_grads(pref, params), _grads(distill, params))

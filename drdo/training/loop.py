@@ -50,7 +50,7 @@ from drdo.config import TrainConfig, accumulation_steps, resolve, total_steps, w
 from drdo.training.metrics import MetricsLog, peak_memory_mb
 from drdo.training.reporting import make_reporter
 from drdo.training.objectives import StageObjective
-from drdo.training.schedule import lr_at, set_lr
+from drdo.training.schedule import default_lr, lr_at, set_lr
 
 __all__ = ["TrainConfig", "train", "TrainingDiverged", "step_indices"]
 
@@ -516,6 +516,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
     """
     from drdo.hub import require_model_source
 
+    if config.lr is None:
+        config = dataclasses.replace(config, lr=default_lr(config.stage, config.model))
     config = resolve(dataclasses.replace(config))
     require_model_source(config.model, "--model")
     require_model_source(config.tokenizer, "--tokenizer")
