@@ -6,8 +6,16 @@ import pathlib
 
 import pytest
 
-from drdo.demo.readme_table import (COMMITTED_PLOT, COMMITTED_REPORT, END, START, current_block, readme_block,
-                                    replace_block, update)
+from drdo.demo.readme_table import (
+    COMMITTED_PLOT,
+    COMMITTED_REPORT,
+    END,
+    START,
+    current_block,
+    readme_block,
+    replace_block,
+    update,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
