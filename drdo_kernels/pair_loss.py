@@ -208,8 +208,9 @@ def aot_specs() -> list[tuple]:
     return [("drdo_pair_loss", _drdo_pair_kernel, signature, constexprs, _NUM_WARPS, _NUM_STAGES)]
 
 
-def triton_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float):
-    """x: [6, B] float32 contiguous -> (sums [N_STATS] fp32, grads [4, B] fp32), one launch."""
+def triton_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float, grads_only: bool = False):
+    """x: [6, B] float32 contiguous -> (sums [N_STATS] fp32 | None with ``grads_only``, grads [4, B]
+    fp32), one launch."""
     n_pairs = x.shape[1]
     n_programs = triton.cdiv(n_pairs, BLOCK_PAIRS)
     grads = torch.empty(4, n_pairs, dtype=torch.float32, device=x.device)
@@ -218,16 +219,17 @@ def triton_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float):
         x, grads, stats, n_pairs, float(alpha), float(gamma), float(sign), float(LOGP_CLAMP_MAX),
         BLOCK=BLOCK_PAIRS, N_STATS=_N_STATS, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
-    return stats.sum(0), grads
+    return None if grads_only else stats.sum(0), grads
 
 
 # --------------------------------------------------------------------------- PyTorch
 
 
-def torch_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float):
+def torch_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float, grads_only: bool = False):
     """The kernel's closed form in PyTorch ops. x: [6, B] float32/float64.
 
-    Returns (sums [N_STATS], grads [4, B]) in x.dtype, laid out as the kernel's.
+    Returns (sums [N_STATS] | None with ``grads_only``, grads [4, B]) in x.dtype, laid out as the
+    kernel's.
     """
     z_w, z_l, rh_w, rh_l, or_w, or_l = x.unbind(0)
     oracle_margin = or_w - or_l
@@ -254,6 +256,8 @@ def torch_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float):
             2.0 * diff,
         ]
     )
+    if grads_only:
+        return None, grads
     per_pair = [distill + pref, distill, pref, p_w, (reward_margin > 0).to(x.dtype), focal, u,
                 reward_margin, oracle_margin, z_w, z_l]
     return torch.stack(per_pair).sum(1), grads

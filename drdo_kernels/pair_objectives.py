@@ -59,15 +59,16 @@ class DRDOObjective(PairObjective):
         self.spec = spec
         self.sign = UNLIKELIHOOD_SIGN[spec.unlikelihood]
 
-    def _terms(self, z, n_tokens, scores, use_triton: bool):
-        """(z_eff [2, g], per-pair sums, per-pair grads [4, g]) of the pair kernel."""
+    def _terms(self, z, n_tokens, scores, use_triton: bool, grads_only: bool = False):
+        """(z_eff [2, g], the metric sums (None with ``grads_only``), per-pair grads [4, g]) of the
+        pair kernel."""
         spec = self.spec
         z_eff = z / n_tokens if spec.length_normalize else z
         rhat = scores[1] if spec.reward == "head" else spec.beta * z_eff
         x = torch.cat([z_eff, rhat, scores[0]]).to(z.dtype)  # [6, g]: z_w, z_l, rhat_w, rhat_l, r*_w, r*_l
         fast = use_triton and x.dtype == torch.float32
         terms = pair_loss.triton_pair_terms if fast else pair_loss.torch_pair_terms
-        sums, grads = terms(x.contiguous(), spec.alpha, spec.gamma, self.sign)
+        sums, grads = terms(x.contiguous(), spec.alpha, spec.gamma, self.sign, grads_only)
         return z_eff, sums, grads
 
     def _dz(self, grads, n_tokens):
@@ -76,7 +77,7 @@ class DRDOObjective(PairObjective):
         return dz / n_tokens if spec.length_normalize else dz
 
     def coefficients(self, z, n_tokens, scores, use_triton: bool):
-        return self._dz(self._terms(z, n_tokens, scores, use_triton)[2], n_tokens)
+        return self._dz(self._terms(z, n_tokens, scores, use_triton, grads_only=True)[2], n_tokens)
 
     def finish(self, z, n_tokens, scores, reduction: str, use_triton: bool):
         _, sums, grads = self._terms(z, n_tokens, scores, use_triton)
