@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: Lowest first. A module may import its own group and the groups of lower layers only.
 LAYERS = (
     ("drdo.atomic", "drdo.run_record"),
-    ("drdo.losses", "drdo.tokenizer", "drdo.jsonl", "drdo.progress", "drdo.runtime", "drdo.errors"),
+    ("drdo.losses", "drdo.tokenizer", "drdo.jsonl", "drdo.progress", "drdo.process_settings", "drdo.errors"),
     ("drdo.hub",),
     ("drdo_kernels", "drdo.data"),
     ("drdo.models",),

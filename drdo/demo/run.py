@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 
 from drdo.atomic import write_text
 from drdo.config import KERNELS, ConfigError, add_config_flags, option
-from drdo.runtime import disable_library_progress_bars, quiet_libraries, torch_threads
+from drdo.process_settings import disable_library_progress_bars, quiet_libraries, torch_threads
 
 __all__ = ["add_arguments", "run_demo", "DemoSettings", "settings_from_args"]
 

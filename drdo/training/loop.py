@@ -45,7 +45,7 @@ from drdo.training import checkpoint as ckpt
 from drdo.training import distributed as dist_utils
 from drdo.training import rundir
 from drdo.losses import IGNORE_INDEX
-from drdo.runtime import quiet_libraries, torch_threads
+from drdo.process_settings import quiet_libraries, torch_threads
 from drdo.config import TrainConfig, accumulation_steps, resolve, total_steps, warmup_steps_for
 from drdo.training.metrics import MetricsLog, peak_memory_mb
 from drdo.training.reporting import make_reporter
