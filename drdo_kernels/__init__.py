@@ -12,7 +12,7 @@ materialise the [tokens, vocab] logits.
   compute their gradients in the forward on chunks of whole pairs).
 * ``align_labels`` / ``gather_lm_head`` -> inputs from HF/TRL trainers (unshifted labels,
   ``completion_mask``) and FSDP2 (a sharded DTensor LM head).
-* ``runtime.triton_interpreting()`` -> whether Triton runs in its CPU interpreter.
+* ``triton_runtime.triton_interpreting()`` -> whether Triton runs in its CPU interpreter.
 """
 from .inputs import align_labels, gather_lm_head
 from .logprobs import auto_backend, fused_linear_logprobs
