@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from drdo.atomic import atomic_write
 from drdo.errors import ConfigError
-from drdo.logprobs import KERNELS
+from drdo.policy_logprobs import KERNELS
 from drdo.models import is_tiny_model
 
 STAGES = ("sft", "oracle", "drdo", "dpo", "edpo")

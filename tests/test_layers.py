@@ -18,7 +18,7 @@ LAYERS = (
     ("drdo.hub",),
     ("drdo_kernels", "drdo.data"),
     ("drdo.models",),
-    ("drdo.logprobs",),
+    ("drdo.policy_logprobs",),
     ("drdo.config",),
     ("drdo.training", "drdo.pipeline", "drdo.integrations"),
     ("drdo.demo",),

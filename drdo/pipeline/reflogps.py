@@ -13,7 +13,7 @@ import torch
 
 from drdo.data import PreferenceCollator, load_preference_dataset
 from drdo.jsonl import write_jsonl
-from drdo.logprobs import policy_sequence_logprobs
+from drdo.policy_logprobs import policy_sequence_logprobs
 from drdo.progress import batch_starts
 from drdo.pipeline.scoring import pick_device
 

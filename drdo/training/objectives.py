@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from drdo import losses as ref_losses
-from drdo.logprobs import head_params, policy_sequence_logprobs
+from drdo.policy_logprobs import head_params, policy_sequence_logprobs
 from drdo.losses import IGNORE_INDEX
 from drdo.models import packed_sequence_rewards, sequence_rewards
 from drdo.training import diagnostics
