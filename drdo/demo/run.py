@@ -426,7 +426,7 @@ def _judge_test(s: DemoSettings, policies: dict[str, str], oracle: str, prompts:
 
 def run_cell(s: DemoSettings, seed: int, noise: float, work: str, stages: _Stages) -> dict:
     """The whole pipeline for one (seed, noise level); returns the cell result of :mod:`drdo.demo.report`."""
-    from drdo.demo.preferences import build_preference_pairs
+    from drdo.demo.bradley_terry import build_preference_pairs
 
     tag = f"seed {seed} noise {noise:g}"
     os.makedirs(work, exist_ok=True)
