@@ -37,7 +37,8 @@ from drdo.data.packing import last_token_index, pack_sequences, segment_sum
 from drdo.data.preferences import ORACLE_FIELDS
 from drdo.losses import IGNORE_INDEX
 from drdo_kernels.logprobs import BACKENDS
-from drdo.models import HEAD_WEIGHTS_NAME, _save_head, last_token_indices, new_reward_head
+from drdo.models import HEAD_WEIGHTS_NAME, last_token_indices, new_reward_head
+from drdo.models import save_head as _save_head
 
 __all__ = ["DRDOConfig", "DRDOTrainer", "DRDODataCollator", "REWARD_HEAD_ATTR"]
 

@@ -73,7 +73,7 @@ def load_reward_model(path: str, *, device="auto", trust_remote_code: bool = Fal
         return RewardModel(path, model.eval(), tokenizer, "policy", dev)
     from transformers import AutoModelForSequenceClassification
 
-    from drdo.models import _dtype_kwarg
+    from drdo.models import dtype_kwarg as _dtype_kwarg
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(

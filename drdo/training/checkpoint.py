@@ -229,7 +229,7 @@ def export_policy(policy: nn.Module, full_state: dict[str, torch.Tensor] | None,
     state dict from :func:`gather_model_state` (keys "policy.lm.*", "policy.reward_head.*"),
     used under FSDP2 where the module's parameters are shards.
     """
-    from drdo import models
+    from drdo.models import save_head
 
     os.makedirs(directory, exist_ok=True)
     if full_state is None:
@@ -243,7 +243,7 @@ def export_policy(policy: nn.Module, full_state: dict[str, torch.Tensor] | None,
         head.weight.copy_(head_sd["weight"])
         if "bias" in head_sd:
             head.bias.copy_(head_sd["bias"])
-    models._save_head(head, directory, trained=policy.head_trained)
+    save_head(head, directory, trained=policy.head_trained)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory

@@ -131,7 +131,8 @@ def _build_policy(config: TrainConfig, device: torch.device, bf16: bool = False)
     from the same SFT model start from different heads (the e-DPO ensemble). A stage that trains
     the head marks it trained (``reward_head.json`` says so when the run saves it). Attention: see
     :func:`drdo.models.training_attn_implementation` (flash-attn with bf16 compute on CUDA)."""
-    from drdo.models import PolicyWithRewardHead, _set_attn_implementation, new_reward_head, training_attn_implementation
+    from drdo.models import PolicyWithRewardHead, new_reward_head
+    from drdo.models.loading import set_attn_implementation, training_attn_implementation
 
     policy = PolicyWithRewardHead.from_pretrained(
         config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code,
@@ -146,7 +147,7 @@ def _build_policy(config: TrainConfig, device: torch.device, bf16: bool = False)
     policy = policy.to(device)
     attn = training_attn_implementation(config.attn_implementation, device, torch.bfloat16 if bf16 else torch.float32)
     if attn == "flash_attention_2" and policy.config._attn_implementation != attn:  # else: as loaded
-        _set_attn_implementation(policy.lm, attn)
+        set_attn_implementation(policy.lm, attn)
     return policy.train()
 
 
