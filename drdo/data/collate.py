@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from drdo.data.preferences import ORACLE_FIELDS, REF_FIELDS
+from drdo.data.row_checks import ORACLE_FIELDS, REF_FIELDS
 from drdo.losses import IGNORE_INDEX
 
 

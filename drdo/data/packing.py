@@ -90,7 +90,7 @@ class PackedPreferenceCollator:
 
     def __call__(self, items: list[dict]) -> dict:
         from drdo.data.collate import _stack_scores
-        from drdo.data.preferences import ORACLE_FIELDS, REF_FIELDS
+        from drdo.data.row_checks import ORACLE_FIELDS, REF_FIELDS
 
         if not items:
             raise ValueError("cannot collate an empty batch")

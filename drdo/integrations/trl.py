@@ -34,7 +34,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from drdo.data.packing import last_token_index, pack_sequences, segment_sum
-from drdo.data.preferences import ORACLE_FIELDS
+from drdo.data.row_checks import ORACLE_FIELDS
 from drdo.losses import IGNORE_INDEX
 from drdo_kernels.logprobs import BACKENDS
 from drdo.models import HEAD_WEIGHTS_NAME, last_token_indices, new_reward_head
