@@ -117,7 +117,8 @@ def prune_checkpoints(output_dir: str, keep: int, run_id: str | None = None) -> 
 # ---------------------------------------------------------------- integrity and disk full
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """The sha256 hex digest of the file at ``path``, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -127,7 +128,7 @@ def _sha256(path: str) -> str:
 
 def write_manifest(directory: str) -> None:
     """Write manifest.json: {"files": {name: sha256}} of every other file in ``directory`` (call it last)."""
-    files = {name: _sha256(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
+    files = {name: file_sha256(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
              if name != MANIFEST_FILE and os.path.isfile(os.path.join(directory, name))}
     with open(os.path.join(directory, MANIFEST_FILE), "w", encoding="utf-8") as f:
         json.dump({"files": files}, f, indent=1)
@@ -150,7 +151,7 @@ def checkpoint_problem(directory: str) -> str | None:
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             return f"{name} is missing"
-        if _sha256(path) != want:
+        if file_sha256(path) != want:
             return f"{name} does not match its sha256 digest in {MANIFEST_FILE}"
     return None
 

@@ -29,7 +29,6 @@ import dataclasses
 import errno
 import fcntl
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -167,11 +166,7 @@ def read_run(directory: str) -> dict | None:
 @functools.lru_cache(maxsize=8)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of ``path``, computed once per (size, modification time)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return ckpt.file_sha256(path)
 
 
 def _local_file(source) -> str | None:
