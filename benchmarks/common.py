@@ -209,7 +209,7 @@ def _fmt(v):
 
 def interpret_mode() -> bool:
     """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1)."""
-    from drdo_kernels.runtime import triton_interpreting
+    from drdo_kernels.triton_runtime import triton_interpreting
 
     return triton_interpreting()
 

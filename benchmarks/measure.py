@@ -27,6 +27,10 @@ from typing import Callable
 
 from benchmarks.common import ROOT, set_threads
 
+__all__ = ["FLOP_FACTOR", "Inputs", "Method", "PeakMemory", "sync", "bench_times", "quantile", "gemm_peak_tflops",
+           "zero_grads", "run_backward", "one_line", "measure_point", "run_isolated", "use_kernels_from",
+           "measure_point_payload"]
+
 FLOP_FACTOR = {"fwd": 2, "bwd": 6, "fwd+bwd": 8}  # x N*H*V: forward, recompute, two gradient GEMMs
 OURS_PREFIX = "ours_"
 ROWS_TAG = "@@ROWS@@"
@@ -150,10 +154,11 @@ def bench_times(step: Callable, device: str, min_run_time: float) -> tuple[float
     while len(times) < MIN_CPU_SAMPLES:  # a slow call gives one block: add single calls for a spread
         times += [t * 1e3 for t in timer.timeit(1).times]
     times.sort()
-    return _quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), len(times)
+    return quantile(times, 0.5), quantile(times, 0.2), quantile(times, 0.8), len(times)
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
+def quantile(sorted_values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ascending ``sorted_values``, interpolated linearly between neighbours."""
     pos = q * (len(sorted_values) - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
@@ -175,12 +180,14 @@ def gemm_peak_tflops(device: str, dtype: str, quick: bool, n: int | None = None)
 
 
 # ---------------------------------------------------------------- one point
-def _zero_grads(inputs: Inputs) -> None:
+def zero_grads(inputs: Inputs) -> None:
+    """Drop the gradients of the point's leaves (``inputs.grad``) before the next step."""
     for t in inputs.grad:
         t.grad = None
 
 
-def _backward(out, inputs: Inputs, retain_graph: bool = False) -> None:
+def run_backward(out, inputs: Inputs, retain_graph: bool = False) -> None:
+    """Backward from ``out`` with the point's upstream gradient (``inputs.upstream``)."""
     out.backward(inputs.upstream, retain_graph=retain_graph)
 
 
@@ -190,27 +197,28 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a results table: its type and the first ``limit`` characters."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:limit]}"
 
 
 def _peak(mode: str, fn: Callable, inputs: Inputs, device: str) -> float:
     mem = PeakMemory(device, inputs.nbytes)
-    _zero_grads(inputs)
+    zero_grads(inputs)
     mem.begin()
     if mode == "bwd":
         out = fn()
         mem.reset()
-        _backward(out, inputs)
+        run_backward(out, inputs)
     else:
         mem.reset()
         out = fn()
         if mode == "fwd+bwd":
-            _backward(out, inputs)
+            run_backward(out, inputs)
     peak = mem.peak_mb()
     del out
-    _zero_grads(inputs)
+    zero_grads(inputs)
     return peak
 
 
@@ -220,24 +228,24 @@ def _time(mode: str, fn: Callable, inputs: Inputs, device: str, min_run_time: fl
         return (*bench_times(fn, device, min_run_time), "")
 
     def fwd_bwd():
-        _zero_grads(inputs)
-        _backward(fn(), inputs)
+        zero_grads(inputs)
+        run_backward(fn(), inputs)
 
     if mode == "fwd+bwd":
         return (*bench_times(fwd_bwd, device, min_run_time), "")
     out = fn()
     try:
-        _backward(out, inputs, retain_graph=True)
+        run_backward(out, inputs, retain_graph=True)
         sync(device)
     except RuntimeError as exc:  # backward that frees what it saved: derive it
         del out
         fb = bench_times(fwd_bwd, device, min_run_time)
         f = bench_times(fn, device, min_run_time)
-        note = f"derived as (fwd+bwd) - fwd: repeated backward unsupported ({_one_line(exc, 80)})"
+        note = f"derived as (fwd+bwd) - fwd: repeated backward unsupported ({one_line(exc, 80)})"
         return fb[0] - f[0], fb[1] - f[1], fb[2] - f[2], fb[3], note
-    result = bench_times(lambda: _backward(out, inputs, retain_graph=True), device, min_run_time)
+    result = bench_times(lambda: run_backward(out, inputs, retain_graph=True), device, min_run_time)
     del out
-    _zero_grads(inputs)
+    zero_grads(inputs)
     return (*result, "backward replayed with retain_graph=True")
 
 
@@ -272,12 +280,12 @@ def measure_point(bench, method_name: str, ctx: dict) -> list[dict]:
     try:
         inputs = bench.make_inputs(ctx)
         fn = method.build(inputs, ctx)
-        _backward(fn(), inputs)  # warm-up: compiles, autotunes, allocates workspaces
+        run_backward(fn(), inputs)  # warm-up: compiles, autotunes, allocates workspaces
         sync(device)
-        _zero_grads(inputs)
+        zero_grads(inputs)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, never hidden
         status = "oom" if _is_oom(exc) else ("skipped" if method.kind == "peer" else "error")
-        return fail_all(status, f"first call raised {_one_line(exc)}")
+        return fail_all(status, f"first call raised {one_line(exc)}")
     for mode in modes:
         try:
             rows[mode]["peak_mem_mb"] = _peak(mode, fn, inputs, device)
@@ -285,7 +293,7 @@ def measure_point(bench, method_name: str, ctx: dict) -> list[dict]:
             rows[mode].update(median_ms=med, p20_ms=p20, p80_ms=p80, n_samples=n)
             rows[mode]["note"] = "; ".join(x for x in (method.note, note) if x)
         except Exception as exc:  # noqa: BLE001
-            rows[mode].update(status="oom" if _is_oom(exc) else "error", note=_one_line(exc))
+            rows[mode].update(status="oom" if _is_oom(exc) else "error", note=one_line(exc))
         if device == "cuda":
             torch.cuda.empty_cache()
     try:
@@ -293,7 +301,7 @@ def measure_point(bench, method_name: str, ctx: dict) -> list[dict]:
     except Exception as exc:  # noqa: BLE001
         err = float("nan")
         for r in rows.values():
-            r["note"] = "; ".join(x for x in (r["note"], f"error check failed: {_one_line(exc, 100)}") if x)
+            r["note"] = "; ".join(x for x in (r["note"], f"error check failed: {one_line(exc, 100)}") if x)
     for r in rows.values():
         r["max_abs_err"] = err
     return list(rows.values())

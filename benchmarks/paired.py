@@ -20,7 +20,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import default_output, parse_shape, resolve_device, set_threads, write_csv  # noqa: E402
-from benchmarks.measure import _backward, _one_line, _quantile, _zero_grads, sync  # noqa: E402
+from benchmarks.measure import one_line, quantile, run_backward, sync, zero_grads  # noqa: E402
 from drdo.atomic import write_text  # noqa: E402
 
 COLUMNS = ["bench", "ours", "peer", "device", "dtype", "N", "H", "V", "mode", "rounds",
@@ -29,12 +29,12 @@ COLUMNS = ["bench", "ours", "peer", "device", "dtype", "N", "H", "V", "mode", "r
 
 def _one_call(fn, inputs, mode: str, device: str) -> float:
     """Seconds of one call of ``mode`` ("fwd" | "fwd+bwd")."""
-    _zero_grads(inputs)
+    zero_grads(inputs)
     sync(device)
     start = time.perf_counter()
     out = fn()
     if mode == "fwd+bwd":
-        _backward(out, inputs)
+        run_backward(out, inputs)
     sync(device)
     return time.perf_counter() - start
 
@@ -52,7 +52,7 @@ def paired(bench, methods: list[str], ctx: dict, rounds: int) -> list[dict]:
         except Exception as exc:  # noqa: BLE001 - recorded as the reason
             if name == methods[0]:
                 raise
-            failed[name] = f"skipped: first call raised {_one_line(exc)}"
+            failed[name] = f"skipped: first call raised {one_line(exc)}"
     methods = [m for m in methods if m in fns]
     times = {name: [] for name in methods}
     for r in range(rounds):
@@ -64,10 +64,10 @@ def paired(bench, methods: list[str], ctx: dict, rounds: int) -> list[dict]:
         ratios = sorted(a / b for a, b in zip(times[ours], times[peer]))
         rows.append(dict(bench=bench.NAME, ours=ours, peer=peer, device=ctx["device"], dtype=ctx["dtype"], N=ctx["N"],
                          H=ctx["H"], V=ctx["V"], mode=ctx["mode"], rounds=rounds,
-                         ratio_median=_quantile(ratios, 0.5), ratio_p20=_quantile(ratios, 0.2),
-                         ratio_p80=_quantile(ratios, 0.8),
-                         ours_ms_median=_quantile(sorted(times[ours]), 0.5) * 1e3,
-                         peer_ms_median=_quantile(sorted(times[peer]), 0.5) * 1e3,
+                         ratio_median=quantile(ratios, 0.5), ratio_p20=quantile(ratios, 0.2),
+                         ratio_p80=quantile(ratios, 0.8),
+                         ours_ms_median=quantile(sorted(times[ours]), 0.5) * 1e3,
+                         peer_ms_median=quantile(sorted(times[peer]), 0.5) * 1e3,
                          note="median of per-round ratios, calls interleaved in one process"))
     for peer, note in failed.items():
         rows.append(dict(bench=bench.NAME, ours=ours, peer=peer, device=ctx["device"], dtype=ctx["dtype"], N=ctx["N"],

@@ -49,7 +49,7 @@ from drdo.config import (
 from drdo.demo.run import add_arguments as add_demo_arguments
 from drdo.errors import shown
 from drdo.hub import require_model_source
-from drdo.runtime import quiet_libraries, torch_threads
+from drdo.process_settings import quiet_libraries, torch_threads
 
 #: How long ``drdo demo`` takes; the README says the same (tests/test_readme_table.py checks it): the
 #: wall-clock time of `time drdo demo` on 2 otherwise idle CPU cores (AMD EPYC, 2026-11-28).

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from drdo.atomic import atomic_write
 from drdo.errors import ConfigError, shown
-from drdo.logprobs import BACKENDS, DEPRECATED_BACKEND_NAME, check_backend
+from drdo.policy_logprobs import BACKENDS, DEPRECATED_BACKEND_NAME, check_backend
 from drdo.losses import (REWARD_GRADS, REWARDS, UNLIKELIHOOD_SIGN, DPOSpec, DRDOSpec, EDPOSpec, LossSpec, OracleSpec,
                          SFTSpec)
 
@@ -77,7 +77,7 @@ def derived_option(cls, name: str, **changes: Any) -> Any:
 
 
 def threads_option() -> Any:
-    """The ``--threads`` field every command's config carries (applied by :mod:`drdo.runtime`)."""
+    """The ``--threads`` field every command's config carries (applied by :mod:`drdo.process_settings`)."""
     return option(None, "CPU threads for PyTorch (torch.set_num_threads; default: PyTorch's choice)", type=int)
 
 

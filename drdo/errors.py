@@ -1,4 +1,4 @@
-"""The error every layer raises for a bad setting: a missing, unknown, out-of-range or inconsistent value.
+"""The errors every layer raises: a bad setting, and a model directory that cannot be loaded.
 
 The ``drdo`` command reports it as one ``drdo: error:`` line (exit status 2). Values read from
 files go into such messages through :func:`shown`, which never expands more than a bounded part
@@ -24,3 +24,7 @@ def shown(value) -> str:
     :data:`SHOWN_CHARS` characters, whatever the size of ``value``."""
     text = _repr.repr(value)
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+
+
+class ModelFormatError(ValueError):
+    """A model directory or reward-head file is missing, corrupt or inconsistent."""

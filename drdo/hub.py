@@ -15,10 +15,14 @@ from urllib.parse import urlparse
 from drdo.errors import ConfigError
 from drdo.run_record import model_problem
 
+__all__ = ["looks_like_path", "hub_reachable", "require_hub", "require_model_source"]
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
+    """True for a name that cannot be a hub id ("name" or "org/name"): it starts with ".", "/" or "~",
+    has more than one "/", ends with "/", or holds the platform's path separator."""
     return name.startswith(("./", "../", "/", "~", ".")) or name.count("/") > 1 or name.endswith("/") or \
         os.sep != "/" and os.sep in name
 
@@ -70,7 +74,7 @@ def require_model_source(name: str | None, flag: str = "--model") -> None:
         return
     if os.path.exists(path):
         raise ConfigError(f"{flag} {name} is a file; expected a model directory, a hub id or 'tiny'")
-    if _looks_like_path(name) or not _HUB_ID.match(name):
+    if looks_like_path(name) or not _HUB_ID.match(name):
         raise ConfigError(f"{flag} {name}: no such directory (and not a hub id of the form 'name' or 'org/name')")
     if not _cached(name):
         require_hub(name, flag)

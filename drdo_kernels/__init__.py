@@ -13,7 +13,7 @@ materialise the [tokens, vocab] logits.
   (``drdo.losses.DRDOSpec``, ...) or its fields; ``fused_objective_loss(spec, ...)`` any of them.
 * ``align_labels`` / ``gather_lm_head`` -> inputs from HF/TRL trainers (unshifted labels,
   ``completion_mask``) and FSDP2 (a sharded DTensor LM head).
-* ``runtime.triton_interpreting()`` -> whether Triton runs in its CPU interpreter.
+* ``triton_runtime.triton_interpreting()`` -> whether Triton runs in its CPU interpreter.
 """
 from .inputs import align_labels, gather_lm_head
 from .logprobs import auto_backend, fused_linear_logprobs

@@ -34,7 +34,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from drdo_kernels.runtime import triton_interpreting
+from drdo_kernels.triton_runtime import triton_interpreting
 
 #: Maximum dynamic shared memory per block (bytes) by compute capability.
 SHARED_LIMITS = {90: 227 * 1024, 80: 163 * 1024}

@@ -23,8 +23,8 @@ from typing import NamedTuple
 import torch
 
 from . import logprobs_chunked as chunked
-from .runtime import triton_available, triton_interpreting, triton_runs_on
 from .inputs import gather_lm_head
+from .triton_runtime import triton_available, triton_interpreting, triton_runs_on
 
 __all__ = ["fused_linear_logprobs", "resolve_backend", "auto_backend", "check_backend", "AUTO_RULES", "BACKENDS"]
 

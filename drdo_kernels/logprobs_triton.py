@@ -74,7 +74,7 @@ import triton
 import triton.language as tl
 
 from .rounding import to_16bit
-from .runtime import triton_interpreting
+from .triton_runtime import triton_interpreting
 
 
 class KernelConfig(NamedTuple):

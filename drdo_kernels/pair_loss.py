@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 from drdo.losses import LOGP_CLAMP_MAX, REDUCTIONS, UNLIKELIHOOD_SIGN, DRDOSpec, check_pair_shapes, log1mexp
 
 from .logprobs import resolve_backend
-from .runtime import triton_available
+from .triton_runtime import triton_available
 
 try:  # Triton is optional: without it only backend="torch" exists.
     import triton

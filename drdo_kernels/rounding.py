@@ -8,7 +8,7 @@ so the interpreter computes what the GPU computes. float16 casts round correctly
 """
 from __future__ import annotations
 
-from .runtime import triton_available, triton_interpreting
+from .triton_runtime import triton_available, triton_interpreting
 
 if triton_available():
     import triton

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .rounding import emulate_rounding, to_16bit
-from .runtime import triton_available
+from .triton_runtime import triton_available
 
 if triton_available():
     import triton

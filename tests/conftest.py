@@ -46,7 +46,7 @@ def _param_marks(item) -> list[str]:
 
 
 def _triton_runs() -> bool:
-    from drdo_kernels.runtime import triton_runs_on
+    from drdo_kernels.triton_runtime import triton_runs_on
 
     return triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 import drdo_kernels as dk
-from drdo_kernels.runtime import triton_interpreting
+from drdo_kernels.triton_runtime import triton_interpreting
 from drdo.losses import IGNORE_INDEX, dpo_loss, drdo_loss, edpo_loss, oracle_loss, sequence_logprobs
 
 LOSSES = ("drdo", "dpo", "oracle", "edpo", "logprobs")

@@ -6,10 +6,10 @@ from unittest import mock
 import torch
 
 from drdo import models
-from drdo.models import default_attn_implementation, training_attn_implementation
+from drdo.models import default_attn_implementation, loading, training_attn_implementation
 
 def _with_flash(installed: bool):
-    return mock.patch.object(models, "flash_attn_available", return_value=installed)
+    return mock.patch.object(loading, "flash_attn_available", return_value=installed)
 
 
 def test_training_attention_selection():
@@ -29,7 +29,7 @@ def test_build_policy_switches_to_flash_attn_only_for_bf16_on_cuda():
     from drdo.training.loop import TrainConfig
 
     calls = []
-    with _with_flash(True), mock.patch.object(models, "_set_attn_implementation",
+    with _with_flash(True), mock.patch.object(loading, "set_attn_implementation",
                                               side_effect=lambda lm, impl: calls.append(impl)):
         # fp32 on CPU: left as loaded
         policy = loop._build_policy(TrainConfig(model="tiny"), torch.device("cpu"), bf16=False)

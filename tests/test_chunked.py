@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import drdo_kernels.logprobs as logprobs_mod
 from drdo_kernels import FusedLinearDPOLoss, fused_linear_logprobs, logprobs_chunked, softmax_fold
 from drdo_kernels.logprobs import auto_backend
-from drdo_kernels.runtime import triton_interpreting
+from drdo_kernels.triton_runtime import triton_interpreting
 
 IGNORE = -100
 FOLDS = [pytest.param(True, id="triton_fold"), pytest.param(False, id="torch_fold")]

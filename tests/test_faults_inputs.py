@@ -17,7 +17,7 @@ import torch
 from drdo.cli import main, parse_args, train_config_from_args
 from drdo.config import ConfigError, TrainConfig, resolve, save_yaml
 from drdo.data import InvalidExampleError, load_preference_dataset
-from drdo.models import PolicyWithRewardHead, _save_head
+from drdo.models import PolicyWithRewardHead, save_head
 from drdo.tokenizer import build_byte_tokenizer
 
 try:
@@ -67,7 +67,7 @@ def save_policy(directory, *, trained: bool, nan_head: bool = False) -> str:
     if trained or nan_head:
         if nan_head:
             torch.nn.init.constant_(policy.reward_head.weight, float("nan"))
-        _save_head(policy.reward_head, str(directory), trained=True)
+        save_head(policy.reward_head, str(directory), trained=True)
     return str(directory)
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from drdo_kernels import fused_linear_logprobs
 from drdo_kernels import logprobs_triton
 from drdo_kernels.logprobs import resolve_backend
-from drdo_kernels.runtime import triton_interpreting
+from drdo_kernels.triton_runtime import triton_interpreting
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RATIO = 3.0

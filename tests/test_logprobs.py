@@ -1,11 +1,11 @@
-"""drdo.logprobs: the one summed-log-prob path of training and the offline passes, against float64."""
+"""drdo.policy_logprobs: the one summed-log-prob path of training and the offline passes, against float64."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from drdo.logprobs import BACKENDS, hidden_sequence_logprobs, policy_sequence_logprobs
 from drdo.losses import IGNORE_INDEX
+from drdo.policy_logprobs import BACKENDS, hidden_sequence_logprobs, policy_sequence_logprobs
 
 
 def _float64_logps(hidden, weight, bias, labels):

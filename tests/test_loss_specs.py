@@ -184,7 +184,7 @@ def test_specs_are_frozen_and_checked_once():
 
 def test_backend_has_one_name_and_the_old_one_warns(tmp_path, capsys):
     """--backend everywhere; --kernel (and a YAML `kernel:` key) still work for a release, with a warning."""
-    from drdo.logprobs import BACKENDS
+    from drdo.policy_logprobs import BACKENDS
 
     assert BACKENDS is drdo_kernels.logprobs.BACKENDS and "reference" in BACKENDS
     common = ["--data", "d.jsonl", "--output-dir", "o"]

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
 
 import pytest
 import torch
 import torch.nn as nn
 
-import drdo.models as models
 from drdo.models import (
     HEAD_CONFIG_NAME,
     HEAD_WEIGHTS_NAME,
@@ -19,6 +19,7 @@ from drdo.models import (
     default_attn_implementation,
     last_token_indices,
     load_causal_lm,
+    loading,
     new_reward_head,
     sequence_rewards,
 )
@@ -91,12 +92,12 @@ def test_load_causal_lm_tiny_dtype_and_seed():
 def test_default_attn_implementation(monkeypatch):
     assert default_attn_implementation("cpu") == "sdpa"
     assert default_attn_implementation(None) == "sdpa"
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
     assert default_attn_implementation("cuda") == "flash_attention_2"
     assert default_attn_implementation(torch.device("cuda", 0), torch.bfloat16) == "flash_attention_2"
     assert default_attn_implementation("cuda", "float32") == "sdpa"  # flash-attn has no fp32 kernels
     assert default_attn_implementation("cpu", torch.bfloat16) == "sdpa"
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
     assert default_attn_implementation("cuda", torch.bfloat16) == "sdpa"
 
 
@@ -305,7 +306,7 @@ def test_other_architectures(build, blocks_path, width):
     lm = build().eval()
     policy = PolicyWithRewardHead(lm)
     assert policy.hidden_size == width  # OPT-350m style: head width = projected width, not hidden_size
-    assert [id(m) for m in policy.transformer_blocks()] == [id(m) for m in models._get_attr_path(lm, blocks_path)]
+    assert [id(m) for m in policy.transformer_blocks()] == [id(m) for m in operator.attrgetter(blocks_path)(lm)]
     input_ids = torch.randint(0, 50, (2, 6))
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     out = policy(input_ids, mask, return_logits=True)

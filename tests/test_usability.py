@@ -56,7 +56,7 @@ def test_every_subcommand_takes_threads(capsys):
 
 
 def test_threads_are_set_and_restored_and_checked(capsys):
-    from drdo.runtime import torch_threads
+    from drdo.process_settings import torch_threads
 
     before = torch.get_num_threads()
     with torch_threads(1):

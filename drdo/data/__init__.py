@@ -1,19 +1,21 @@
-"""Preference data: read a source (:mod:`.sources`), check, render and tokenize its rows
-(:mod:`.preferences`), and pad them into batches (:mod:`.collate`)."""
+"""Preference data: read a source (:mod:`.sources`), check its rows (:mod:`.row_checks`), render and
+tokenize them (:mod:`.preferences`), and pad them into batches (:mod:`.collate`)."""
 from drdo.data.collate import PreferenceCollator, SFTCollator, shift_labels
 from drdo.data.preferences import (
-    ORACLE_FIELDS,
-    PAIR_FIELDS,
-    REF_FIELDS,
-    EmptyDatasetError,
-    InvalidExampleError,
-    MissingFieldError,
     PreferenceDataset,
     encode_prompt,
     load_preference_dataset,
     load_prompts,
     render_prompt,
     render_response,
+)
+from drdo.data.row_checks import (
+    ORACLE_FIELDS,
+    PAIR_FIELDS,
+    REF_FIELDS,
+    EmptyDatasetError,
+    InvalidExampleError,
+    MissingFieldError,
 )
 from drdo.data.sources import DataSourceError, load_rows
 from drdo.losses import IGNORE_INDEX

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from drdo.data.preferences import ORACLE_FIELDS, REF_FIELDS
+from drdo.data.row_checks import ORACLE_FIELDS, REF_FIELDS
 from drdo.losses import IGNORE_INDEX
+
+__all__ = ["PreferenceCollator", "SFTCollator", "shift_labels", "stack_scores"]
 
 
 def _pad(sequences: list[list[int]], value: int, length: int) -> torch.Tensor:
@@ -37,8 +39,9 @@ def _encode_batch(input_ids: list, labels: list, pad_token_id: int, ignore_index
             "labels": shift_labels(unshifted, ignore_index)}
 
 
-def _stack_scores(items: list[dict], fields: tuple[str, str]) -> torch.Tensor | None:
-    """[2B] float32 (scalars) or [K, 2B] float32 (lists of K) = [chosen scores; rejected scores]."""
+def stack_scores(items: list[dict], fields: tuple[str, str]) -> torch.Tensor | None:
+    """The scores ``fields`` = (chosen field, rejected field) of B items as one tensor, or None when no
+    item has them: [2B] float32 (scalars) or [K, 2B] float32 (lists of K) = [chosen scores; rejected scores]."""
     present = [all(f in item for f in fields) for item in items]
     if not any(present):
         return None
@@ -74,10 +77,10 @@ class PreferenceCollator(_PaddingCollator):
         labels = [it["chosen_labels"] for it in items] + [it["rejected_labels"] for it in items]
         batch = _encode_batch(input_ids, labels, self.pad_token_id, self.ignore_index, self.pad_to_multiple_of)
         batch["rows"] = torch.tensor([it["row"] for it in items], dtype=torch.long)
-        oracle = _stack_scores(items, ORACLE_FIELDS)
+        oracle = stack_scores(items, ORACLE_FIELDS)
         if oracle is not None:
             batch["oracle_rewards"] = oracle
-        ref = _stack_scores(items, REF_FIELDS)
+        ref = stack_scores(items, REF_FIELDS)
         if ref is not None:
             batch["ref_logps"] = ref
         return batch

@@ -89,8 +89,8 @@ class PackedPreferenceCollator:
         self.ignore_index = ignore_index
 
     def __call__(self, items: list[dict]) -> dict:
-        from drdo.data.collate import _stack_scores
-        from drdo.data.preferences import ORACLE_FIELDS, REF_FIELDS
+        from drdo.data.collate import stack_scores
+        from drdo.data.row_checks import ORACLE_FIELDS, REF_FIELDS
 
         if not items:
             raise ValueError("cannot collate an empty batch")
@@ -99,7 +99,7 @@ class PackedPreferenceCollator:
         batch = pack_sequences(input_ids, labels, self.ignore_index)
         batch["rows"] = torch.tensor([it["row"] for it in items], dtype=torch.long)
         for key, fields in (("oracle_rewards", ORACLE_FIELDS), ("ref_logps", REF_FIELDS)):
-            scores = _stack_scores(items, fields)
+            scores = stack_scores(items, fields)
             if scores is not None:
                 batch[key] = scores
         return batch

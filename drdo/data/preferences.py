@@ -1,4 +1,6 @@
-"""Preference data: load, validate, tokenize, truncate and collate (prompt, chosen, rejected) pairs.
+"""Preference data: load, render, tokenize and truncate (prompt, chosen, rejected) pairs.
+
+Each row is checked first by :mod:`drdo.data.row_checks`.
 
 Sources (read through the ``datasets`` library): a local ``.jsonl`` / ``.json`` /
 ``.parquet`` file, a directory (``save_to_disk`` output or data files), a hub dataset
@@ -63,230 +65,30 @@ raised first is the first bad row of the first pass that finds one.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import re
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from drdo.data.sources import _BadJSONLine, load_rows, row_label
-from drdo.errors import shown
+from drdo.data.row_checks import (
+    ORACLE_FIELDS,
+    EmptyDatasetError,
+    InvalidExampleError,
+    RowDropper,
+    RowExpectations,
+    RowProblem,
+    check_prompt,
+    check_requirements,
+    check_row,
+)
+from drdo.data.sources import load_rows, row_label
 from drdo.losses import IGNORE_INDEX
 
 logger = logging.getLogger("drdo.data")
 
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
-ORACLE_FIELDS = ("oracle_chosen", "oracle_rejected")
-REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 _TOKENIZE_CHUNK = 1024
-_LOGP_TOLERANCE = 1e-3  # a summed log-prob above this is not a log-prob
-#: The dtype the losses compute Oracle scores in (the batches carry them as float32).
-SCORE_DTYPE = np.float32
-
-
-class InvalidExampleError(ValueError):
-    """A row that cannot be used; ``.source``, ``.row`` (0-based index), ``.where`` (its line or 1-based
-    row number, as shown) and ``.reason`` name the problem; ``hint`` (None: none) ends the message."""
-
-    def __init__(self, source: str, row: int, reason: str, detail: str, where: str | None = None,
-                 hint: str | None = "pass --skip-invalid to drop such rows"):
-        self.source, self.row, self.reason, self.detail = source, row, reason, detail
-        self.where = where or f"row {row + 1} (1-based)"
-        super().__init__(f"{source}: {self.where}: {detail}" + (f" ({hint})" if hint else ""))
-
-
-class MissingFieldError(ValueError):
-    """The data lacks a field the requested stage needs (oracle scores, reference log-probs)."""
-
-
-class EmptyDatasetError(ValueError):
-    """The source holds no usable preference pair."""
-
-
-class _RowProblem(Exception):
-    """Internal: why one row is unusable. ``reason`` is the key counted in ``dataset.dropped``."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-
-# ----------------------------------------------------------------------------- row validation
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
-def _check_text(field: str, text: str) -> str:
-    """``text`` unless it cannot be written as UTF-8 (a lone surrogate such as "\\ud800")."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise _RowProblem("invalid text", f"field {field!r} holds {err.object[err.start:err.end]!r} at character "
-                                          f"{err.start}, which is not valid Unicode text (a lone surrogate)") from None
-    return text
-
-
-def _check_messages(field: str, messages: list) -> list[dict]:
-    """Validate a list of {role, content} messages; returns copies holding only role and content."""
-    if len(messages) == 0:
-        raise _RowProblem("malformed messages", f"field {field!r} is an empty list of messages")
-    clean = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise _RowProblem("malformed messages", f"{field}[{i}] is a {type(msg).__name__}, not a message dict")
-        role, content = msg.get("role"), msg.get("content")
-        if not isinstance(role, str) or not role:
-            raise _RowProblem("malformed messages", f"{field}[{i}] has no string 'role'")
-        if not isinstance(content, str):
-            raise _RowProblem("malformed messages", f"{field}[{i}] has no string 'content'")
-        clean.append({"role": _check_text(f"{field}[{i}].role", role),
-                      "content": _check_text(f"{field}[{i}].content", content)})
-    return clean
-
-
-def _check_text_field(row: dict, field: str):
-    """A pair field: a str or a validated list of messages."""
-    value = row.get(field)
-    if value is None:
-        raise _RowProblem("missing field", f"missing field {field!r}")
-    if isinstance(value, str):
-        return _check_text(field, value)
-    if isinstance(value, (list, tuple)):
-        return _check_messages(field, list(value))
-    kind = type(value).__name__
-    raise _RowProblem("wrong type", f"field {field!r} must be a string or a list of messages, got {kind}")
-
-
-def _check_pair(row: dict) -> tuple:
-    """(prompt, chosen, rejected): all strings or all message lists, responses not empty."""
-    prompt, chosen, rejected = (_check_text_field(row, f) for f in PAIR_FIELDS)
-    kinds = {isinstance(v, str) for v in (prompt, chosen, rejected)}
-    if len(kinds) > 1:
-        raise _RowProblem(
-            "mixed formats", "prompt, chosen and rejected must be all strings or all lists of messages"
-        )
-    for field, response in (("chosen", chosen), ("rejected", rejected)):
-        text = response if isinstance(response, str) else "".join(m["content"] for m in response)
-        if not text.strip():
-            raise _RowProblem("empty response", f"field {field!r} is an empty response")
-    return prompt, chosen, rejected
-
-
-def _check_score(field: str, value) -> list[float]:
-    """A score (float or list of floats) as a non-empty list of finite floats."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not values:
-        raise _RowProblem("wrong type", f"field {field!r} is an empty list")
-    for v in values:
-        if not _is_number(v):
-            raise _RowProblem("wrong type", f"field {field!r} must be a number or a list of numbers, got {shown(v)}")
-        try:
-            finite = math.isfinite(float(v))
-        except OverflowError:  # an int beyond float range, e.g. 10**400
-            raise _RowProblem("non-finite score", f"field {field!r} holds an integer of {int(v).bit_length()} bits, "
-                                                  "beyond the range of a float") from None
-        if not finite:
-            raise _RowProblem("non-finite score", f"field {field!r} holds a non-finite value ({v})")
-    return [float(v) for v in values]
-
-
-def _check_score_range(chosen: list[float], rejected: list[float]) -> None:
-    """Every value the losses form from one pair's Oracle scores stays finite in :data:`SCORE_DTYPE`: the
-    scores, their sums over the K Oracles, the margins chosen - rejected and the margins squared."""
-    c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
-    margin = c - r
-    formed = {"oracle_chosen": c, "oracle_rejected": r, "the sum of oracle_chosen": c.sum(),
-              "the sum of oracle_rejected": r.sum(), "oracle_chosen - oracle_rejected": margin,
-              "(oracle_chosen - oracle_rejected)**2": margin * margin}
-    limit = float(np.finfo(SCORE_DTYPE).max)
-    for name, value in formed.items():
-        worst = float(np.max(np.abs(value)))
-        if not worst <= limit:
-            raise _RowProblem("score overflow", f"{name} reaches {worst:.3g}, beyond {limit:.3g}, the largest "
-                                                f"{np.dtype(SCORE_DTYPE).name} the losses compute in; rescale the "
-                                                "Oracle scores")
-
-
-def _check_optional_pair(row: dict, fields: tuple[str, str], expected: bool, hint: str):
-    """Both fields (as lists of floats) when ``expected``; (None, None) when absent and not expected."""
-    present = [row.get(f) is not None for f in fields]
-    if not any(present) and not expected:
-        return None, None
-    for field, here in zip(fields, present):
-        if not here:
-            raise _RowProblem("missing field", f"missing field {field!r} ({hint})")
-    return tuple(_check_score(f, row[f]) for f in fields)
-
-
-def _check_oracle(row: dict, spec: "_Spec", row_index: int):
-    """Oracle scores of the row as (chosen, rejected) lists of K floats, or (None, None)."""
-    chosen, rejected = _check_optional_pair(row, ORACLE_FIELDS, spec.has_oracle, "other rows have oracle scores")
-    if chosen is None:
-        return None, None
-    if len(chosen) != len(rejected):
-        raise _RowProblem(
-            "inconsistent K", f"oracle_chosen has {len(chosen)} scores but oracle_rejected has {len(rejected)}"
-        )
-    _check_score_range(chosen, rejected)
-    if spec.num_oracles == 0:
-        spec.num_oracles, spec.k_row = len(chosen), spec.where(row_index)
-    elif len(chosen) != spec.num_oracles:
-        raise _RowProblem(
-            "inconsistent K",
-            f"{len(chosen)} oracle scores per response but {spec.k_row} has {spec.num_oracles}",
-        )
-    return chosen, rejected
-
-
-def check_oracle_rows(rows, source: str) -> None:
-    """InvalidExampleError naming the first row (a dict) of ``rows`` whose Oracle scores the losses cannot
-    use: missing, not numbers (a string such as "0.5" included), NaN/inf, an empty list, a K that differs
-    between fields or rows, or values that overflow :data:`SCORE_DTYPE`. For trainers that read the rows
-    themselves (:class:`drdo.integrations.trl.DRDOTrainer`); the checks are those of
-    :func:`load_preference_dataset`."""
-    spec = _Spec(has_oracle=True, has_ref=False)
-    for index, row in enumerate(rows):
-        try:
-            if not isinstance(row, dict):
-                raise _RowProblem("not a dict", f"a row must be a dict, got {type(row).__name__}")
-            _check_oracle(row, spec, index)
-        except _RowProblem as problem:
-            raise InvalidExampleError(source, index, problem.reason, problem.detail, row_label(rows, index),
-                                      hint=None) from problem
-
-
-def _check_ref(row: dict, spec: "_Spec"):
-    """Reference log-probs (chosen, rejected) as floats <= 0, or (None, None)."""
-    chosen, rejected = _check_optional_pair(row, REF_FIELDS, spec.has_ref, "other rows have reference log-probs")
-    if chosen is None:
-        return None, None
-    for field, value in zip(REF_FIELDS, (chosen, rejected)):
-        if len(value) != 1:
-            raise _RowProblem("wrong type", f"field {field!r} must be a single number")
-        if value[0] > _LOGP_TOLERANCE:
-            raise _RowProblem("positive log-prob", f"field {field!r} = {value[0]} > 0 is not a log-probability")
-    return chosen[0], rejected[0]
-
-
-@dataclass
-class _Spec:
-    """Dataset-wide expectations, settled from all rows before any row is checked."""
-
-    has_oracle: bool
-    has_ref: bool
-    num_oracles: int = 0  # K, set by the first row with valid oracle scores (row k_row)
-    k_row: str = ""
-    where: Callable[[int], str] = lambda index: f"row {index + 1} (1-based)"
 
 
 @dataclass
@@ -358,32 +160,16 @@ def _render(tokenizer, prompt, chosen, rejected) -> tuple[str, str, str]:
             render_response(tokenizer, prompt, rejected, prompt_text=prompt_text),
         )
     except Exception as err:  # the prefix check, or jinja errors raised by the template itself
-        raise _RowProblem("chat template", f"chat template failed: {type(err).__name__}: {err}") from err
+        raise RowProblem("chat template", f"chat template failed: {type(err).__name__}: {err}") from err
 
 
-def _parse_row(row, index: int, spec: _Spec, tokenizer) -> _Parsed:
-    if isinstance(row, _BadJSONLine):
-        raise _RowProblem("invalid JSON", f"not valid JSON ({row.error})")
-    if not isinstance(row, dict):
-        raise _RowProblem("not a dict", f"a row must be a dict, got {type(row).__name__}")
-    prompt, chosen, rejected = _check_pair(row)
-    oracle = _check_oracle(row, spec, index)
-    ref = _check_ref(row, spec)
+def _parse_row(row, index: int, expect: RowExpectations, tokenizer) -> _Parsed:
+    prompt, chosen, rejected, oracle, ref = check_row(row, index, expect)
     is_chat = not isinstance(prompt, str)
     if is_chat:
         _require_chat_template(tokenizer)  # a setup error, not a row problem: never skipped
     texts = _render(tokenizer, prompt, chosen, rejected)
-    return _Parsed(index, *texts, is_chat,
-                   oracle=oracle if oracle[0] is not None else None, ref=ref if ref[0] is not None else None)
-
-
-def _any_present(rows, field: str) -> bool:
-    """Does any row carry a non-null ``field``?"""
-    import datasets
-
-    if isinstance(rows, datasets.Dataset):
-        return field in rows.column_names and any(v is not None for v in rows[field])
-    return any(isinstance(r, dict) and r.get(field) is not None for r in rows)
+    return _Parsed(index, *texts, is_chat, oracle=oracle, ref=ref)
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -441,7 +227,7 @@ def _truncate_pair(prompt_ids, chosen_ids, rejected_ids, *, eos_token_id: int, m
     """Apply the module's truncation policy; returns (prompt, chosen + EOS, rejected + EOS) lists.
 
     ``chosen_ids``/``rejected_ids`` come without EOS; EOS is appended unless already last.
-    Raises ``_RowProblem`` when a response has no scored token left.
+    Raises ``RowProblem`` when a response has no scored token left.
     """
     prompt = list(prompt_ids)[-max_prompt_length:]
     budget = max_length - len(prompt)
@@ -452,7 +238,7 @@ def _truncate_pair(prompt_ids, chosen_ids, rejected_ids, *, eos_token_id: int, m
             ids.append(eos_token_id)
         ids = ids[:max(budget, 0)]
         if len(ids) - (1 if not prompt else 0) < 1:
-            raise _RowProblem(
+            raise RowProblem(
                 "no tokens after truncation",
                 f"the {name} response has no token left after truncation "
                 f"(prompt {len(prompt)} tokens after max_prompt_length={max_prompt_length}, max_length={max_length})",
@@ -523,30 +309,6 @@ class _RowView(Sequence):
         return dict(self._rows[self._kept[index]])
 
 
-class _Dropper:
-    """Raises on the first bad row, or (skip_invalid) counts reasons for the summary line."""
-
-    def __init__(self, source: str, skip_invalid: bool, rows=None):
-        self.source, self.skip_invalid, self._all = source, skip_invalid, rows
-        self.counts: Counter = Counter()
-        self.rows: list[tuple[int, str]] = []
-
-    def where(self, row: int) -> str:
-        return row_label(self._all, row) if self._all is not None else f"row {row + 1} (1-based)"
-
-    def __call__(self, row: int, problem: _RowProblem) -> None:
-        if not self.skip_invalid:
-            raise InvalidExampleError(self.source, row, problem.reason, problem.detail, self.where(row)) from problem
-        self.counts[problem.reason] += 1
-        self.rows.append((row, problem.detail))
-
-    def summary(self, total: int) -> str:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in self.counts.most_common())
-        first_row, first = min(self.rows)
-        return (f"{self.source}: dropped {len(self.rows)} of {total} rows with --skip-invalid ({reasons}); "
-                f"first: {self.where(first_row)}: {first}")
-
-
 def _validate_lengths(max_length: int, max_prompt_length: int | None) -> int:
     """Check the limits; returns the effective max_prompt_length (None -> max_length)."""
     if max_prompt_length is None:
@@ -557,32 +319,18 @@ def _validate_lengths(max_length: int, max_prompt_length: int | None) -> int:
     return max_prompt_length
 
 
-def _check_requirements(spec: _Spec, source: str, require_oracle: bool, require_ref: bool) -> None:
-    """MissingFieldError when the stage needs oracle scores / reference log-probs the data lacks."""
-    if require_oracle and not spec.has_oracle:
-        raise MissingFieldError(
-            f"{source}: no oracle scores (fields oracle_chosen/oracle_rejected); "
-            "run `drdo oracle score` to add them to the data"
-        )
-    if require_ref and not spec.has_ref:
-        raise MissingFieldError(
-            f"{source}: no reference log-probs (fields ref_chosen_logps/ref_rejected_logps); "
-            "run `drdo reflogps` to add them to the data"
-        )
-
-
-def _parse_all(rows, spec: _Spec, tokenizer, drop: _Dropper) -> list[_Parsed]:
+def _parse_all(rows, expect: RowExpectations, tokenizer, drop: RowDropper) -> list[_Parsed]:
     """Phase 1: validate and render every row (bad rows go to ``drop``)."""
     parsed = []
     for index, row in enumerate(rows):
         try:
-            parsed.append(_parse_row(row, index, spec, tokenizer))
-        except _RowProblem as problem:
+            parsed.append(_parse_row(row, index, expect, tokenizer))
+        except RowProblem as problem:
             drop(index, problem)
     return parsed
 
 
-def _encode_all(parsed: list[_Parsed], tokenizer, drop: _Dropper, max_length: int,
+def _encode_all(parsed: list[_Parsed], tokenizer, drop: RowDropper, max_length: int,
                 max_prompt_length: int) -> list[_Encoded]:
     """Phase 2: batch-tokenize the rendered texts, add BOS/EOS, truncate (bad rows go to ``drop``)."""
     prefix = _special_prefix(tokenizer)
@@ -597,7 +345,7 @@ def _encode_all(parsed: list[_Parsed], tokenizer, drop: _Dropper, max_length: in
         try:
             ids = _truncate_pair(prompt_ids, chosen_ids, rejected_ids, eos_token_id=tokenizer.eos_token_id,
                                 max_length=max_length, max_prompt_length=max_prompt_length)
-        except _RowProblem as problem:
+        except RowProblem as problem:
             drop(p.row, problem)
             continue
         arrays = tuple(np.asarray(x, dtype=np.int32) for x in ids)
@@ -619,12 +367,11 @@ def load_preference_dataset(source, tokenizer, *, max_length: int = 1024, max_pr
     rows, name = load_rows(source, split)
     if len(rows) == 0:
         raise EmptyDatasetError(f"{name}: the data source holds no rows")
-    spec = _Spec(has_oracle=any(_any_present(rows, f) for f in ORACLE_FIELDS),
-                 has_ref=any(_any_present(rows, f) for f in REF_FIELDS))
-    _check_requirements(spec, name, require_oracle, require_ref)
-    drop = _Dropper(name, skip_invalid, rows)
-    spec.where = drop.where
-    parsed = _parse_all(rows, spec, tokenizer, drop)
+    expect = RowExpectations.of(rows)
+    check_requirements(expect, name, require_oracle, require_ref)
+    drop = RowDropper(name, skip_invalid, rows)
+    expect.where = drop.where
+    parsed = _parse_all(rows, expect, tokenizer, drop)
     encoded = _encode_all(parsed, tokenizer, drop, max_length, max_prompt_length)
     if drop.rows:
         logger.warning(drop.summary(len(rows)))
@@ -636,7 +383,7 @@ def load_preference_dataset(source, tokenizer, *, max_length: int = 1024, max_pr
     if not encoded:
         raise EmptyDatasetError(f"{name}: no usable preference pair; " + (drop.summary(len(rows)) if drop.rows else ""))
     dataset = PreferenceDataset(encoded, rows, [e.row for e in encoded], source=name, dropped=drop.counts,
-                                dropped_rows=sorted(drop.rows), num_oracles=spec.num_oracles, has_ref=spec.has_ref)
+                                dropped_rows=sorted(drop.rows), num_oracles=expect.num_oracles, has_ref=expect.has_ref)
     dataset.identical_pairs = len(identical)
     return dataset
 
@@ -647,10 +394,8 @@ def load_prompts(source, *, split: str = "train") -> list:
     prompts = []
     for index, row in enumerate(rows):
         try:
-            if not isinstance(row, dict):
-                raise _RowProblem("not a dict", f"a row must be a dict, got {type(row).__name__}")
-            prompts.append(_check_text_field(row, "prompt"))
-        except _RowProblem as problem:
+            prompts.append(check_prompt(row))
+        except RowProblem as problem:
             raise InvalidExampleError(name, index, problem.reason, problem.detail, row_label(rows, index)) from problem
     if not prompts:
         raise EmptyDatasetError(f"{name}: the data source holds no rows")

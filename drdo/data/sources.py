@@ -1,6 +1,6 @@
 """Reading rows from a data source: a local JSONL / JSON / Parquet file, a directory, a hub dataset
 id, a ``datasets.Dataset`` or a list of dicts. Rows come back as they are stored; checking them is
-:mod:`drdo.data.preferences`' job."""
+:mod:`drdo.data.row_checks`' job."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+__all__ = ["LOCAL_SUFFIXES", "DataSourceError", "BadJSONLine", "Rows", "row_label", "load_rows"]
+
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -20,7 +22,7 @@ class DataSourceError(ValueError):
 
 
 @dataclass
-class _BadJSONLine:
+class BadJSONLine:
     """Placeholder row for a JSONL line that does not parse, so that the error names its line."""
 
     line: int
@@ -106,7 +108,7 @@ def file_kind(path) -> str:
 def _read_json_file(path: Path) -> Rows:
     """Rows of a JSON array / object or a JSONL file, read with Python's ``json``: values stay exactly
     as written ("42" stays a string, 42 an int); no schema is inferred across rows. A JSONL line
-    that is not valid JSON becomes a :class:`_BadJSONLine` so that the error names its line."""
+    that is not valid JSON becomes a :class:`BadJSONLine` so that the error names its line."""
     text = decode_utf8(path.read_bytes(), path)
     try:
         whole = json.loads(text)
@@ -125,7 +127,7 @@ def _read_json_file(path: Path) -> Rows:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            rows.append(_BadJSONLine(line_no, err.msg))
+            rows.append(BadJSONLine(line_no, err.msg))
         lines.append(line_no)
     return Rows(rows, lines)
 

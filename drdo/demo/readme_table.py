@@ -16,7 +16,7 @@ import shutil
 import sys
 
 from drdo.atomic import atomic_write, write_text
-from drdo.demo.report import LABELS, METHODS, _inflation_text, noise_key
+from drdo.demo.report import LABELS, METHODS, inflation_text, noise_key
 
 __all__ = ["START", "END", "COMMITTED_REPORT", "COMMITTED_PLOT", "readme_block", "current_block",
            "replace_block", "update"]
@@ -49,7 +49,7 @@ def readme_block(report: dict) -> str:
             win = "–" if m == "sft" else f"{r['win_rate_vs_sft']:.1%}"
             owin = "–" if m == "sft" else f"{r['oracle_win_rate_vs_sft']:.1%}"
             lines.append(f"| {n:g} | {LABELS[m]} | {r['true_reward_mean']:.3f} ± {r['ci95']:.3f} | {win} | {owin} |")
-    lines += ["", _inflation_text(report)]
+    lines += ["", inflation_text(report)]
     return "\n".join(lines)
 
 

@@ -36,8 +36,8 @@ import math
 from drdo.atomic import save_figure, write_text
 from drdo.losses import DRDOSpec
 
-__all__ = ["METHODS", "ci95_halfwidth", "summarize", "write_report_json", "write_report_md", "plot_report",
-           "noise_key", "students", "label"]
+__all__ = ["METHODS", "LABELS", "ci95_halfwidth", "summarize", "write_report_json", "write_report_md", "plot_report",
+           "noise_key", "students", "label", "inflation_text"]
 
 METHODS = ("sft", "drdo", "dpo", "edpo")
 LABELS = {"sft": "SFT (start)", "drdo": "DRDO", "dpo": "DPO", "edpo": "e-DPO (K=3)"}
@@ -322,7 +322,7 @@ def write_report_md(report: dict, path: str, *, plot_name: str | None = None) ->
                          t for t in (verdict or "no DRDO vs DPO pair ran.", closest) if t))
     if "drdo" in names:
         lines += ["", _drdo_vs_sft_text(report)]
-    lines += ["", _inflation_text(report)]
+    lines += ["", inflation_text(report)]
     lines += _differences_table(report)
     lines += _diagnostics_table(report)
     lines += ["", "## The learning-rate grids", ""] + _sweep_table(report)
@@ -407,7 +407,7 @@ def _sweep_table(report: dict) -> list[str]:
             "is the one kept.", "", "| noise | method | lr: validation r_true |", "|---|---|---|"] + rows
 
 
-def _inflation_text(report: dict) -> str:
+def inflation_text(report: dict) -> str:
     """How an Oracle-judged evaluation differs from the true one (win rates vs SFT)."""
     rows = []
     drdo_like = {name for name, stage in students(report) if stage == "drdo"}

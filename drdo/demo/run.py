@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 from drdo.atomic import write_text
 from drdo.config import ConfigError, TrainConfig, add_config_flags, derived_option, option
 from drdo.losses import DPOSpec
-from drdo.runtime import disable_library_progress_bars, quiet_libraries, torch_threads
+from drdo.process_settings import disable_library_progress_bars, quiet_libraries, torch_threads
 
 __all__ = ["add_arguments", "run_demo", "DemoSettings", "settings_from_args"]
 
@@ -433,7 +433,7 @@ def _judge_test(s: DemoSettings, policies: dict[str, str], oracle: str, prompts:
 
 def run_cell(s: DemoSettings, seed: int, noise: float, work: str, stages: _Stages) -> dict:
     """The whole pipeline for one (seed, noise level); returns the cell result of :mod:`drdo.demo.report`."""
-    from drdo.demo.preferences import build_preference_pairs
+    from drdo.demo.bradley_terry import build_preference_pairs
 
     tag = f"seed {seed} noise {noise:g}"
     os.makedirs(work, exist_ok=True)

@@ -35,11 +35,10 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from drdo.data.packing import last_token_index, pack_sequences, segment_sum
-from drdo.data.preferences import ORACLE_FIELDS, check_oracle_rows
-from drdo.losses import IGNORE_INDEX
-from drdo.logprobs import BACKENDS, check_backend
-from drdo.losses import REWARD_GRADS, REWARDS, UNLIKELIHOOD_SIGN, DRDOSpec, objective_loss
-from drdo.models import HEAD_WEIGHTS_NAME, _save_head, last_token_indices, new_reward_head
+from drdo.data.row_checks import ORACLE_FIELDS, check_oracle_rows
+from drdo.losses import IGNORE_INDEX, REWARD_GRADS, REWARDS, UNLIKELIHOOD_SIGN, DRDOSpec, objective_loss
+from drdo.models import HEAD_WEIGHTS_NAME, last_token_indices, new_reward_head, save_head
+from drdo.policy_logprobs import BACKENDS, check_backend
 
 __all__ = ["DRDOConfig", "DRDOTrainer", "DRDODataCollator", "REWARD_HEAD_ATTR"]
 
@@ -266,7 +265,7 @@ class DRDOTrainer(DPOTrainer):
         if head_state:
             head = nn.Linear(head_state["weight"].shape[1], 1, bias="bias" in head_state)
             head.load_state_dict({k: v.float().cpu() for k, v in head_state.items()})
-            _save_head(head, output_dir)
+            save_head(head, output_dir)
 
 
 def _check_finite(state_dict: dict, output_dir: str) -> None:

@@ -6,7 +6,7 @@ tokenization and the same log-prob path (``backend``) the trainer uses, so that 
 step 0 of DPO the policy and reference log-probs coincide.
 
 Every row also records what its log-probs were computed with
-(:data:`drdo.logprobs.REF_SETTINGS_FIELD`, see :func:`drdo.logprobs.reference_settings`): the
+(:data:`drdo.policy_logprobs.REF_SETTINGS_FIELD`, see :func:`drdo.policy_logprobs.reference_settings`): the
 model (its path and a digest of its weights), the tokenizer, the chat template, ``max_length`` and
 ``max_prompt_length``. ``drdo train --loss dpo|edpo`` refuses log-probs whose record differs from
 its own settings: they would not be the log-probs of the pairs it trains on.
@@ -19,7 +19,7 @@ import torch
 
 from drdo.data import PreferenceCollator, load_preference_dataset
 from drdo.jsonl import write_jsonl
-from drdo.logprobs import REF_SETTINGS_FIELD, policy_sequence_logprobs, reference_settings
+from drdo.policy_logprobs import REF_SETTINGS_FIELD, policy_sequence_logprobs, reference_settings
 from drdo.progress import batch_starts
 from drdo.pipeline.scoring import pick_device
 
@@ -28,7 +28,7 @@ __all__ = ["compute_reference_logps"]
 
 def compute_reference_logps(config, *, policy=None, tokenizer=None) -> str:
     """``drdo reflogps``: ``config.data`` plus ref_chosen_logps / ref_rejected_logps (floats) and
-    their record (:data:`drdo.logprobs.REF_SETTINGS_FIELD`), written as JSONL to ``config.output``
+    their record (:data:`drdo.policy_logprobs.REF_SETTINGS_FIELD`), written as JSONL to ``config.output``
     (a :class:`drdo.config.RefLogpsConfig`, checked here before anything is loaded or written).
 
     policy: a loaded PolicyWithRewardHead to use instead of ``config.model`` (then pass

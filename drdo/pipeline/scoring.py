@@ -102,11 +102,11 @@ def load_reward_model(path: str, *, device="auto", trust_remote_code: bool = Fal
         return RewardModel(path, model.eval(), tokenizer, "policy", dev)
     from transformers import AutoModelForSequenceClassification
 
-    from drdo.models import _dtype_kwarg
+    from drdo.models import dtype_kwarg
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, trust_remote_code=trust_remote_code, use_safetensors=True, **{_dtype_kwarg(): dtype}
+            path, trust_remote_code=trust_remote_code, use_safetensors=True, **{dtype_kwarg(): dtype}
         )
     except (OSError, ValueError) as e:
         raise RewardModelError(

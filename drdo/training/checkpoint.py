@@ -25,7 +25,6 @@ every rank reads the files and ``set_*_state_dict`` reshards them.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from drdo.atomic import fresh_directory
+from drdo.data.sources import file_sha256
 from drdo.training.distributed import DistState, barrier, broadcast_object
 
 CHECKPOINTS = "checkpoints"
@@ -117,17 +117,9 @@ def prune_checkpoints(output_dir: str, keep: int, run_id: str | None = None) -> 
 # ---------------------------------------------------------------- integrity and disk full
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: str) -> None:
     """Write manifest.json: {"files": {name: sha256}} of every other file in ``directory`` (call it last)."""
-    files = {name: _sha256(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
+    files = {name: file_sha256(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
              if name != MANIFEST_FILE and os.path.isfile(os.path.join(directory, name))}
     with open(os.path.join(directory, MANIFEST_FILE), "w", encoding="utf-8") as f:
         json.dump({"files": files}, f, indent=1)
@@ -150,7 +142,7 @@ def checkpoint_problem(directory: str) -> str | None:
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             return f"{name} is missing"
-        if _sha256(path) != want:
+        if file_sha256(path) != want:
             return f"{name} does not match its sha256 digest in {MANIFEST_FILE}"
     return None
 
@@ -229,7 +221,7 @@ def export_policy(policy: nn.Module, full_state: dict[str, torch.Tensor] | None,
     state dict from :func:`gather_model_state` (keys "policy.lm.*", "policy.reward_head.*"),
     used under FSDP2 where the module's parameters are shards.
     """
-    from drdo import models
+    from drdo.models import save_head
 
     os.makedirs(directory, exist_ok=True)
     if full_state is None:
@@ -243,7 +235,7 @@ def export_policy(policy: nn.Module, full_state: dict[str, torch.Tensor] | None,
         head.weight.copy_(head_sd["weight"])
         if "bias" in head_sd:
             head.bias.copy_(head_sd["bias"])
-    models._save_head(head, directory, trained=policy.head_trained)
+    save_head(head, directory, trained=policy.head_trained)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory

@@ -45,7 +45,7 @@ from drdo.training import checkpoint as ckpt
 from drdo.training import distributed as dist_utils
 from drdo.training import rundir
 from drdo.losses import IGNORE_INDEX
-from drdo.runtime import quiet_libraries, torch_threads
+from drdo.process_settings import quiet_libraries, torch_threads
 from drdo.config import TrainConfig, accumulation_steps, resolve, total_steps, warmup_steps_for
 from drdo.training.metrics import MetricsLog, peak_memory_mb
 from drdo.training.reporting import make_reporter
@@ -108,7 +108,7 @@ def _load_data(config: TrainConfig, tokenizer):
 
 def _check_reference_logps(config: TrainConfig, tokenizer, dataset) -> None:
     """ConfigError unless the data's reference log-probs were computed with this run's model and tokenization."""
-    from drdo.logprobs import check_reference_settings, reference_settings
+    from drdo.policy_logprobs import check_reference_settings, reference_settings
 
     check_reference_settings(dataset, reference_settings(config.model, tokenizer, max_length=config.max_length,
                                                          max_prompt_length=config.max_prompt_length,
@@ -140,7 +140,8 @@ def _build_policy(config: TrainConfig, device: torch.device, bf16: bool = False)
     from the same SFT model start from different heads (the e-DPO ensemble). A stage that trains
     the head marks it trained (``reward_head.json`` says so when the run saves it). Attention: see
     :func:`drdo.models.training_attn_implementation` (flash-attn with bf16 compute on CUDA)."""
-    from drdo.models import PolicyWithRewardHead, _set_attn_implementation, new_reward_head, training_attn_implementation
+    from drdo.models import PolicyWithRewardHead, new_reward_head
+    from drdo.models.loading import set_attn_implementation, training_attn_implementation
 
     policy = PolicyWithRewardHead.from_pretrained(
         config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code,
@@ -155,7 +156,7 @@ def _build_policy(config: TrainConfig, device: torch.device, bf16: bool = False)
     policy = policy.to(device)
     attn = training_attn_implementation(config.attn_implementation, device, torch.bfloat16 if bf16 else torch.float32)
     if attn == "flash_attention_2" and policy.config._attn_implementation != attn:  # else: as loaded
-        _set_attn_implementation(policy.lm, attn)
+        set_attn_implementation(policy.lm, attn)
     return policy.train()
 
 

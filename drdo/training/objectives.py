@@ -27,7 +27,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from drdo.logprobs import head_params, policy_sequence_logprobs
+from drdo.policy_logprobs import head_params, policy_sequence_logprobs
 from drdo.losses import IGNORE_INDEX, DRDOSpec, objective_loss, sequence_logprobs
 from drdo.models import packed_sequence_rewards, sequence_rewards
 from drdo.training import diagnostics

@@ -29,7 +29,6 @@ import dataclasses
 import errno
 import fcntl
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 
+from drdo.data.sources import file_sha256
 from drdo.atomic import write_text
 from drdo.config import TrainConfig, save_yaml
 from drdo.run_record import LOCK_FILE, RUN_FILE, read_run_file
@@ -167,11 +167,7 @@ def read_run(directory: str) -> dict | None:
 @functools.lru_cache(maxsize=8)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of ``path``, computed once per (size, modification time)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _local_file(source) -> str | None:

@@ -26,7 +26,6 @@ import math
 import random
 from typing import Callable
 
-from drdo.jsonl import read_jsonl, write_jsonl
 from drdo.demo.synthetic import DEFAULT_TASK, LettersTask, true_reward
 
 __all__ = [
@@ -34,8 +33,6 @@ __all__ = [
     "label_agreement_prob",
     "draw_label",
     "build_preference_pairs",
-    "write_jsonl",
-    "read_jsonl",
 ]
 
 

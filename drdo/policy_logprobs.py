@@ -28,7 +28,7 @@ from drdo_kernels.logprobs import BACKENDS, check_backend
 __all__ = ["BACKENDS", "DEPRECATED_BACKEND_NAME", "check_backend", "REF_SETTINGS_FIELD", "head_params", "hidden_sequence_logprobs", "policy_sequence_logprobs",
            "reference_settings", "check_reference_settings"]
 
-logger = logging.getLogger("drdo.logprobs")
+logger = logging.getLogger("drdo.policy_logprobs")
 
 #: The old name of the ``backend`` setting (``--kernel``, ``kernel:`` in YAML), accepted for one release.
 DEPRECATED_BACKEND_NAME = "kernel"

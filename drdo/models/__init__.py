@@ -1,0 +1,68 @@
+"""Causal LMs with a scalar reward head: the Oracle, and the DRDO student for ``reward="head"``.
+
+* :mod:`.loading`: the tiny built-in model, Hugging Face checkpoints, and the attention they run;
+* :mod:`.reward_head`: the head ``nn.Linear(H, 1)``, the rewards it reads off hidden states, its files;
+* :mod:`.policy`: :class:`PolicyWithRewardHead`, the LM and its head as one module, saved and loaded
+  as a Hugging Face model directory plus the head's two files.
+
+Every public name of the three is importable from ``drdo.models``.
+"""
+from drdo.errors import ModelFormatError
+from drdo.models.loading import (
+    TINY_MODEL_NAME,
+    build_tiny_causal_lm,
+    default_attn_implementation,
+    dtype_kwarg,
+    flash_attn_available,
+    is_tiny_model,
+    load_causal_lm,
+    set_attn_implementation,
+    training_attn_implementation,
+    weights_digest,
+)
+from drdo.models.policy import PolicyOutput, PolicyWithRewardHead, count_parameters, find_transformer_blocks
+from drdo.models.reward_head import (
+    HEAD_CONFIG_NAME,
+    HEAD_WEIGHTS_NAME,
+    head_hidden_size,
+    head_is_trained,
+    head_rewards,
+    last_token_indices,
+    load_head,
+    new_reward_head,
+    packed_sequence_rewards,
+    save_head,
+    sequence_rewards,
+)
+
+__all__ = [
+    "ModelFormatError",
+    # loading
+    "TINY_MODEL_NAME",
+    "build_tiny_causal_lm",
+    "is_tiny_model",
+    "load_causal_lm",
+    "default_attn_implementation",
+    "training_attn_implementation",
+    "flash_attn_available",
+    "set_attn_implementation",
+    "dtype_kwarg",
+    "weights_digest",
+    # reward head
+    "HEAD_WEIGHTS_NAME",
+    "HEAD_CONFIG_NAME",
+    "new_reward_head",
+    "last_token_indices",
+    "sequence_rewards",
+    "packed_sequence_rewards",
+    "head_rewards",
+    "head_hidden_size",
+    "save_head",
+    "load_head",
+    "head_is_trained",
+    # policy
+    "PolicyOutput",
+    "PolicyWithRewardHead",
+    "count_parameters",
+    "find_transformer_blocks",
+]
