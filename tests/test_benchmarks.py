@@ -389,3 +389,34 @@ def test_committed_results_hold_no_machine_paths():
         if path.suffix in (".csv", ".md", ".json", ".log"):
             text = path.read_text(encoding="utf-8")
             assert portable(text) == text, f"{path.relative_to(ROOT)} names a machine path"
+
+
+def test_cce_gets_two_dimensional_hidden_states(monkeypatch):
+    """bench_train's CCE row: CCE views its input flat, so it is given [2B*T, H] hidden states."""
+    import sys
+    import types
+
+    def linear_cross_entropy(h, w, y, ignore_index, reduction, impl):
+        assert h.dim() == 2 and y.dim() == 1 and h.shape[0] == y.shape[0]
+        nll = torch.nn.functional.cross_entropy(h @ w.T, y, ignore_index=ignore_index, reduction="none")
+        return nll
+
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", types.SimpleNamespace(linear_cross_entropy=linear_cross_entropy))
+    lm = types.SimpleNamespace(lm_head=torch.nn.Linear(8, 50, bias=False))
+    loss_fn = bench_train._loss_fn("cce", dict(device="cpu"), lm, None)
+    hidden = torch.randn(4, 6, 8).transpose(0, 1).transpose(0, 1)  # strided like a model's output slice
+    labels = torch.randint(0, 50, (4, 6))
+    loss = loss_fn(hidden, labels, torch.randn(4), torch.randn(4, requires_grad=True))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.skipif(peers.import_reason("trl.trainer.dpo_trainer", "trl") is not None, reason="trl not installed")
+def test_trl_trainer_hashes_no_weights():
+    import trl.trainer.dpo_trainer as dpo_trainer
+
+    from benchmarks.trl_train import unhashed_reference_cache
+
+    saved = dpo_trainer.hash_module
+    with unhashed_reference_cache():
+        keys = {dpo_trainer.hash_module(torch.nn.Linear(2, 2)) for _ in range(2)}
+    assert len(keys) == 2 and dpo_trainer.hash_module is saved
