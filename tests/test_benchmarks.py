@@ -132,9 +132,10 @@ def test_gpu_suite_script_is_offline_and_valid_bash():
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "--no-index" in text and "pip download" not in text
-    for bench in ("bench_loss.py", "bench_logprobs.py", "bench_train.py", "16384x4096x128256", "bench_padding_free.py",
-                  "base_triton", "ours_chunked", "trl_chunked", "BASELINE", "timeout"):
-        assert bench in text
+    for needed in ("bench_loss.py", "bench_logprobs.py", "bench_train.py", "16384x4096x128256", "bench_padding_free.py",
+                   "profile_loss.py", "paired.py", "base_chunked", "ours_auto", "trl_chunked", "BASELINE", "timeout",
+                   "TRITON_INTERPRET=0", "flash-attn: skipped"):
+        assert needed in text
 
 
 def test_paired_timing_smoke(tmp_path: Path):
