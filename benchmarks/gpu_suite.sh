@@ -102,11 +102,10 @@ cuda_only() {  # cuda_only <seconds> <command...>: a command that needs CUDA; a 
   run "$@"
 }
 
-planned_end=$(( start + SETUP_S ))
-stage() {  # stage <k> <name> <budget s>: open stage k with the time it has (0 when it is skipped)
-  local k="$1" name="$2" own="$3"
-  planned_end=$(( planned_end + own ))
+stage() {  # stage <k> <name> <budget s>: open stage k until the end of its budget (after setup and the
+  local k="$1" name="$2" own="$3"  # budgets before it, or the deadline); returns 1 when it is skipped
   if [[ "$MODE" == print ]]; then echo "  stage $k/5 $name: budget ${own}s"; return 0; fi
+  planned_end=$(( planned_end + own ))
   close_stage
   local now; now=$(date +%s)
   stage_end=$(( planned_end < deadline ? planned_end : deadline ))
@@ -188,6 +187,7 @@ echo "  flash-attn: skipped, not built (no network; a build takes longer than th
 echo "| stage | budget s | used s | status |" > "$work/suite.md"
 echo "|---|---|---|---|" >> "$work/suite.md"
 MODE=exec
+planned_end=$(( start + SETUP_S ))
 if (( dry )); then
   stamp "dry run: every stage's command with toy shapes on the CPU, output in $work"
   settings toy
