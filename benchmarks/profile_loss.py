@@ -43,7 +43,6 @@ def _time_us(event, device: str) -> float:
 
 def profile_one(ctx: dict, backend: str, steps: int) -> list[dict]:
     """Rows, one per kernel (largest first), of ``steps`` profiled fwd+bwd steps of ours_<backend> at ctx."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     base = dict(backend=backend, device=ctx["device"], dtype=ctx["dtype"], N=ctx["N"], H=ctx["H"], V=ctx["V"],
@@ -68,9 +67,6 @@ def profile_one(ctx: dict, backend: str, steps: int) -> list[dict]:
     events = sorted(_events(prof, ctx["device"]), key=lambda e: _time_us(e, ctx["device"]), reverse=True)
     total = sum(_time_us(e, ctx["device"]) for e in events) or 1.0
     launches = sum(e.count for e in events) / steps
-    del inputs, fn
-    if ctx["device"] == "cuda":
-        torch.cuda.empty_cache()
     return [dict(base, kernel=e.key, calls_per_step=e.count / steps, ms_per_step=_time_us(e, ctx["device"]) / 1e3 / steps,
                  share=_time_us(e, ctx["device"]) / total, launches_per_step=launches, status="ok", note="")
             for e in events]
