@@ -1,9 +1,12 @@
 """Benchmark: per-token log-probs of an LM head, log_softmax(hidden @ weight.T)[labels].
 
-Methods (all return logp [N] float32; their backward takes a random upstream gradient [N]):
+Methods (all return logp [N] float32; their backward takes a random upstream gradient [N]; the logits
+follow --logits, benchmarks.heads.LOGIT_REGIMES; ours and base pass --filter-eps, which only the Triton
+backend uses):
   ours_triton        drdo_kernels.fused_linear_logprobs(backend="triton")  (CUDA, or TRITON_INTERPRET=1)
   ours_chunked       drdo_kernels.fused_linear_logprobs(backend="chunked") (cuBLAS logits chunks + Triton fold)
   ours_torch         drdo_kernels.fused_linear_logprobs(backend="torch")   (chunked PyTorch)
+  ours_auto          drdo_kernels.fused_linear_logprobs(backend="auto")    (what users get by default)
   naive              full logits [N, V], float32 log_softmax, gather
   naive_compile      torch.compile(naive)
   liger_flce         Liger-Kernel LigerFusedLinearCrossEntropyLoss(reduction="none"), negated
@@ -11,7 +14,8 @@ Methods (all return logp [N] float32; their backward takes a random upstream gra
   cce_torch_compile  the same with impl="torch_compile" (its CPU path)
   torch_lce          torch.nn.functional.linear_cross_entropy(reduction="none") with LinearCrossEntropyOptions()
   trl_chunked        TRL's fused LM head: trl.kernels.ChunkedLogProbFunction (TRL >= 1.16), as its trainers call it
-  base_triton        the triton / torch backends of an older checkout (--baseline DIR), in a fresh process
+  base_triton        the triton / chunked / torch backends of an older checkout (--baseline DIR), in a fresh
+  base_chunked       process
   base_torch
 
 Usage: python benchmarks/bench_logprobs.py --quick --device cpu --output DIR
@@ -25,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import peers  # noqa: E402
-from benchmarks.heads import IGNORE_INDEX, make_head_tensors, naive_logprobs, reference_logprobs  # noqa: E402
+from benchmarks.heads import IGNORE_INDEX, logit_stats, make_head_tensors, naive_logprobs, reference_logprobs  # noqa: E402
 from benchmarks.measure import Inputs, Method  # noqa: E402
 
 NAME = "logprobs"
@@ -46,6 +50,12 @@ def reference(inputs: Inputs, ctx: dict):
     return reference_logprobs(t["hidden"], t["weight"], t["labels"])
 
 
+def input_stats(ctx: dict) -> dict:
+    """The logit statistics of the inputs at ctx (benchmarks.heads.logit_stats)."""
+    hidden, weight, labels = make_head_tensors(ctx, (ctx["N"],))
+    return logit_stats(hidden, weight, labels)
+
+
 def _args(inputs: Inputs):
     t = inputs.tensors
     return t["hidden"], t["weight"], t["labels"]
@@ -56,7 +66,8 @@ def _ours(backend: str):
         from drdo_kernels import fused_linear_logprobs
 
         h, w, y = _args(inputs)
-        return lambda: fused_linear_logprobs(h, w, y, ignore_index=IGNORE_INDEX, backend=backend)
+        eps = float(ctx.get("filter_eps") or 0.0)
+        return lambda: fused_linear_logprobs(h, w, y, ignore_index=IGNORE_INDEX, backend=backend, filter_eps=eps)
 
     return build
 
@@ -107,11 +118,19 @@ def _torch_lce(inputs, ctx):
                                            options=options).float()
 
 
+def _ours_method(backend: str) -> Method:
+    """fused_linear_logprobs with ``backend``; skipped where it cannot run."""
+    return Method(f"ours_{backend}", "ours", _ours(backend), skip=lambda ctx: peers.ours_reason(ctx, backend))
+
+
+def _base_method(backend: str) -> Method:
+    """The older checkout's fused_linear_logprobs with ``backend``, in a fresh process."""
+    return Method(f"base_{backend}", "base", _ours(backend), baseline=True,
+                  skip=lambda ctx: peers.baseline_reason(ctx, backend))
+
+
 METHODS = {
-    "ours_triton": Method("ours_triton", "ours", _ours("triton"),
-                          skip=lambda ctx: peers.ours_reason(ctx, "triton")),
-    "ours_chunked": Method("ours_chunked", "ours", _ours("chunked"), skip=lambda ctx: peers.ours_reason(ctx, "chunked")),
-    "ours_torch": Method("ours_torch", "ours", _ours("torch"), skip=lambda ctx: peers.ours_reason(ctx, "torch")),
+    **{f"ours_{b}": _ours_method(b) for b in ("triton", "chunked", "torch", "auto")},
     "naive": Method("naive", "naive", _naive),
     "naive_compile": Method("naive_compile", "naive", _naive_compile, skip=peers.compile_reason),
     "liger_flce": Method("liger_flce", "peer", _liger,
@@ -123,10 +142,7 @@ METHODS = {
         skip=lambda ctx: peers.import_reason("cut_cross_entropy", "cut-cross-entropy") or peers.compile_reason(ctx)),
     "torch_lce": Method("torch_lce", "peer", _torch_lce, skip=lambda ctx: peers.torch_lce_reason()),
     "trl_chunked": Method("trl_chunked", "peer", _trl, skip=lambda ctx: peers.trl_kernels_reason()),
-    "base_triton": Method("base_triton", "base", _ours("triton"), baseline=True,
-                          skip=lambda ctx: peers.baseline_reason(ctx, "triton")),
-    "base_torch": Method("base_torch", "base", _ours("torch"), baseline=True,
-                         skip=lambda ctx: peers.baseline_reason(ctx, "torch")),
+    **{f"base_{b}": _base_method(b) for b in ("triton", "chunked", "torch")},
 }
 
 

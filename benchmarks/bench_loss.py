@@ -1,11 +1,14 @@
 """Benchmark: the whole DRDO loss from the last hidden state (LM head + log-probs + pair loss, with backward).
 
 Inputs: weight [V, H], hidden [2B, T, H] (N = 2B*T tokens, rows 0..B-1 chosen), aligned labels [2B, T],
-oracle rewards [2B] and policy (reward-head) rewards [2B] float32 with requires_grad.
+oracle rewards [2B] and policy (reward-head) rewards [2B] float32 with requires_grad. The logits follow
+--logits (benchmarks.heads.LOGIT_REGIMES); with --margins close (the default) each rejected row repeats its
+chosen row with one label changed, so that every row gets a nonzero dL/dz (input_stats counts them).
 Methods (each returns the scalar loss):
   ours_triton        drdo_kernels.FusedLinearDRDOLoss(backend="triton")
   ours_chunked       drdo_kernels.FusedLinearDRDOLoss(backend="chunked")
   ours_torch         drdo_kernels.FusedLinearDRDOLoss(backend="torch")
+  ours_auto          drdo_kernels.FusedLinearDRDOLoss(backend="auto") (what users get by default)
   naive              full logits [2B, T, V] -> drdo.losses.sequence_logprobs -> drdo.losses.drdo_loss
   naive_compile      torch.compile(naive)
   liger_dpo          Liger-Kernel LigerFusedLinearDPOLoss(use_ref_model=False): a DPO loss, not DRDO, but the
@@ -14,8 +17,10 @@ Methods (each returns the scalar loss):
   cce_torch_compile  the same with impl="torch_compile"
   torch_lce          torch.nn.functional.linear_cross_entropy(reduction="none") -> row sums -> drdo_loss
   trl_chunked        TRL's fused LM head (trl.kernels.ChunkedLogProbFunction) per-token log-probs -> row sums -> drdo_loss
-  base_triton        FusedLinearDRDOLoss of an older checkout (--baseline DIR), triton / torch backend, in a fresh process
+  base_triton        FusedLinearDRDOLoss of an older checkout (--baseline DIR), triton / chunked / torch backend, in a
+  base_chunked       fresh process
   base_torch
+The fused losses take no gradient filter: with --filter-eps > 0 the Triton rows are skipped (use bench_logprobs).
 
 Usage: python benchmarks/bench_loss.py --quick --device cpu --output DIR [--seq-len T]
 """
@@ -28,7 +33,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import peers  # noqa: E402
-from benchmarks.heads import IGNORE_INDEX, make_head_tensors, reference_logprobs  # noqa: E402
+from benchmarks.heads import IGNORE_INDEX, close_pairs, logit_stats, make_head_tensors, reference_logprobs  # noqa: E402
 from benchmarks.measure import Inputs, Method  # noqa: E402
 
 NAME = "loss"
@@ -52,6 +57,8 @@ def make_inputs(ctx: dict) -> Inputs:
     rows, t = rows_and_len(ctx)
     hidden, weight, labels = make_head_tensors(ctx, (rows, t))
     gen = torch.Generator(device=ctx["device"]).manual_seed(int(ctx["seed"]) + 2)
+    if ctx.get("margins", "close") == "close":
+        hidden, labels = close_pairs(hidden, labels, ctx["V"], gen)
     oracle = torch.randn(rows, device=ctx["device"], generator=gen)
     policy = torch.randn(rows, device=ctx["device"], generator=gen).requires_grad_()
     return Inputs(tensors=dict(weight=weight, hidden=hidden, labels=labels, oracle=oracle, policy=policy),
@@ -72,6 +79,21 @@ def reference(inputs: Inputs, ctx: dict):
     t = inputs.tensors
     logps = reference_logprobs(t["hidden"], t["weight"], t["labels"]).sum(-1)
     return _drdo_from_logps(logps, t["oracle"], t["policy"].detach())
+
+
+def input_stats(ctx: dict) -> dict:
+    """The inputs at ctx: their logit statistics (benchmarks.heads.logit_stats), T, the margin rule and
+    zero_grad_rows, the fraction of rows whose exact dL/dz is 0 (a backward that skips such rows does
+    less work on them)."""
+    import torch
+
+    inputs = make_inputs(ctx)
+    t = inputs.tensors
+    z = reference_logprobs(t["hidden"], t["weight"], t["labels"]).sum(-1).requires_grad_()
+    with torch.enable_grad():
+        (dz,) = torch.autograd.grad(_drdo_from_logps(z, t["oracle"], t["policy"].detach()), z)
+    return dict(logit_stats(t["hidden"], t["weight"], t["labels"]), seq_len=rows_and_len(ctx)[1],
+                margins=ctx.get("margins", "close"), zero_grad_rows=float((dz == 0).float().mean()))
 
 
 def _dpo_reference(inputs: Inputs, ctx: dict):
@@ -175,10 +197,31 @@ def _liger_note(ctx: dict) -> str | None:
     return peers.import_reason("liger_kernel.chunked_loss", "liger-kernel")
 
 
+def _filter_reason(ctx: dict) -> str | None:
+    """The fused losses run exact: a requested gradient filter cannot be applied to them."""
+    if float(ctx.get("filter_eps") or 0.0) > 0:
+        return "the fused losses take no filter_eps (they run exact); bench_logprobs.py --filter-eps measures the filter"
+    return None
+
+
+def _ours_method(backend: str) -> Method:
+    """Our FusedLinearDRDOLoss with ``backend``; skipped where it cannot run."""
+    name = f"ours_{backend}"
+
+    def skip(ctx):
+        return peers.ours_reason(ctx, backend) or (_filter_reason(ctx) if backend in ("triton", "auto") else None)
+
+    return Method(name, "ours", _ours(backend), skip=skip)
+
+
+def _base_method(backend: str) -> Method:
+    """The older checkout's FusedLinearDRDOLoss with ``backend``, in a fresh process."""
+    return Method(f"base_{backend}", "base", _ours(backend), baseline=True,
+                  skip=lambda ctx: peers.baseline_reason(ctx, backend))
+
+
 METHODS = {
-    "ours_triton": Method("ours_triton", "ours", _ours("triton"), skip=lambda ctx: peers.ours_reason(ctx, "triton")),
-    "ours_chunked": Method("ours_chunked", "ours", _ours("chunked"), skip=lambda ctx: peers.ours_reason(ctx, "chunked")),
-    "ours_torch": Method("ours_torch", "ours", _ours("torch"), skip=lambda ctx: peers.ours_reason(ctx, "torch")),
+    **{f"ours_{b}": _ours_method(b) for b in ("triton", "chunked", "torch", "auto")},
     "naive": Method("naive", "naive", _naive),
     "naive_compile": Method("naive_compile", "naive", _naive_compile, skip=peers.compile_reason),
     "liger_dpo": Method("liger_dpo", "peer", _liger_dpo, skip=_liger_note, reference=_dpo_reference,
@@ -190,10 +233,7 @@ METHODS = {
         skip=lambda ctx: peers.import_reason("cut_cross_entropy", "cut-cross-entropy") or peers.compile_reason(ctx)),
     "torch_lce": Method("torch_lce", "peer", _per_token(_torch_nll), skip=lambda ctx: peers.torch_lce_reason()),
     "trl_chunked": Method("trl_chunked", "peer", _per_token(_trl_nll), skip=lambda ctx: peers.trl_kernels_reason()),
-    "base_triton": Method("base_triton", "base", _ours("triton"), baseline=True,
-                          skip=lambda ctx: peers.baseline_reason(ctx, "triton")),
-    "base_torch": Method("base_torch", "base", _ours("torch"), baseline=True,
-                         skip=lambda ctx: peers.baseline_reason(ctx, "torch")),
+    **{f"base_{b}": _base_method(b) for b in ("triton", "chunked", "torch")},
 }
 
 

@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from drdo.atomic import write_text  # noqa: E402
+from benchmarks.report import write_portable  # noqa: E402
 from drdo.config import TrainConfig  # noqa: E402
 from drdo.data import PreferenceCollator  # noqa: E402
 from drdo.data.packing import PackedPreferenceCollator  # noqa: E402
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per layout, alternating (after a warm-up)")
     parser.add_argument("--long-fraction", type=float, default=0.125)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "padding_free.json", json.dumps(result, indent=2))
+        write_portable(out / "padding_free.json", json.dumps(result, indent=2))
     return result
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,12 @@ DTYPES = ("bf16", "fp32")
 CSV_COLUMNS = [
     "bench", "method", "device", "dtype", "N", "H", "V", "mode",
     "median_ms", "p20_ms", "p80_ms", "n_samples", "peak_mem_mb",
-    "tflops", "peak_frac", "gemm_tflops", "max_abs_err", "status", "note",
+    "tflops", "peak_frac", "gemm_tflops", "work_nhv", "work_path", "max_abs_err", "status", "note",
+    "logits", "margins", "filter_eps",
 ]
+
+#: Timed repetitions per point unless --reps says otherwise.
+DEFAULT_REPS = 20
 
 #: Defaults of the sweeps: base point and the values each sweep walks through.
 #: CPU sizes are small because a 2-core CPU does ~0.08 TFLOP/s in fp32.
@@ -92,6 +97,21 @@ def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def add_input_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the inputs, shared by the grid benchmarks, paired.py and profile_loss.py."""
+    from benchmarks.heads import LOGIT_REGIMES, MARGINS
+
+    parser.add_argument("--logits", choices=sorted(LOGIT_REGIMES), default="std2",
+                        help="logit regime: " + "; ".join(f"{k}: {v}" for k, v in LOGIT_REGIMES.items()))
+    parser.add_argument("--margins", choices=sorted(MARGINS), default="close",
+                        help="loss benchmarks, chosen vs rejected rows: "
+                             + "; ".join(f"{k}: {v}" for k, v in MARGINS.items()))
+    parser.add_argument("--filter-eps", type=float, default=0.0,
+                        help="Triton backward's gradient filter on |softmax - onehot| (0, the default: exact; "
+                             "2**-12 is what bf16 runs up to 2026-11-28 used)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def add_common_args(parser: argparse.ArgumentParser, default_modes: tuple[str, ...]) -> None:
     """The flags every grid benchmark (log-probs, loss) shares."""
     parser.add_argument("--quick", action="store_true", help="a small grid that finishes in well under a minute on CPU")
@@ -114,7 +134,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_modes: tuple[str, .
     parser.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of labels set to ignore_index")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="loss benchmarks: tokens per row T (N = 2B*T; default 1024 on CUDA, 256 on CPU)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_input_args(parser)
+    parser.add_argument("--reps", type=int, default=DEFAULT_REPS, help="timed repetitions per point, at least")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, 1 with --quick on CPU); 1 is steadier on a shared machine")
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per isolated measurement")
@@ -123,9 +144,11 @@ def add_common_args(parser: argparse.ArgumentParser, default_modes: tuple[str, .
                              "(faster; peak RSS is then polluted by earlier methods)")
     parser.add_argument("--gemm-n", type=int, default=None, help="size of the square GEMM that measures the peak")
     parser.add_argument("--no-plots", dest="plots", action="store_false")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in --output's CSV (points measured by an earlier call) and add these")
     parser.add_argument("--baseline", default=os.environ.get("DRDO_BENCH_BASELINE") or None,
                         help="a folder holding an older drdo/ and drdo_kernels/ (e.g. `git archive OLD drdo drdo_kernels`"
-                             " unpacked): its kernels run as base_triton / base_torch, each in a fresh process "
+                             " unpacked): its kernels run as base_triton / base_chunked / base_torch, each in a fresh process "
                              "(default $DRDO_BENCH_BASELINE)")
 
 
@@ -184,7 +207,8 @@ def default_output(device: str) -> Path:
 
 
 def write_csv(rows: list[dict], path: Path, columns: list[str] = CSV_COLUMNS) -> Path:
-    """Write rows (dicts) with ``columns`` first, then any extra keys; numbers as they are."""
+    """Write rows (dicts) with ``columns`` first, then any extra keys; numbers as they are, text
+    through :func:`portable`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = [k for r in rows for k in r if k not in columns]
     header = columns + list(dict.fromkeys(extra))
@@ -204,7 +228,29 @@ def read_csv(path: Path) -> list[dict]:
 def _fmt(v):
     if isinstance(v, float):
         return "" if v != v else f"{v:.6g}"
-    return v
+    return portable(v) if isinstance(v, str) else v
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:~-])(?<![\w:]/)(?:/[\w.+@-]+)+/?")  # not inside URLs or ratios
+_PACKAGE_DIRS = ("site-packages", "dist-packages")
+
+
+def _portable_path(path: str) -> str:
+    parts = [p for p in path.split("/") if p]
+    root = [p for p in str(ROOT).split("/") if p]
+    if parts[:len(root)] == root:  # this checkout: relative to its root
+        return "/".join(parts[len(root):]) or "."
+    for name in _PACKAGE_DIRS:  # an installed package: from the package's name on
+        if name in parts and parts.index(name) < len(parts) - 1:
+            return "/".join(parts[parts.index(name) + 1:])
+    return parts[-1]
+
+
+def portable(text: str) -> str:
+    """``text`` with every absolute path made machine-independent: paths in this checkout relative
+    to its root, paths of installed packages from the package's folder on, any other path its last
+    component (the folder's or file's name)."""
+    return _ABSOLUTE_PATH.sub(lambda m: _portable_path(m.group(0)), text)
 
 
 def interpret_mode() -> bool:

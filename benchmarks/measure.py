@@ -1,7 +1,9 @@
 """Timing and peak memory of one benchmark point, optionally in a fresh subprocess.
 
-Timing: ``triton.testing.do_bench`` on CUDA, ``torch.utils.benchmark.Timer.blocked_autorange``
-on CPU (with all of torch's threads). Peak memory: ``torch.cuda.max_memory_allocated``
+Timing: at least ``reps`` timed calls (20 by default). On CUDA each call is bracketed by CUDA events
+after the L2 cache is flushed (as ``triton.testing.do_bench`` does); on CPU
+``torch.utils.benchmark.Timer.blocked_autorange`` (with all of torch's threads), topped up with
+single calls. Peak memory: ``torch.cuda.max_memory_allocated``
 after a reset on CUDA; on CPU the resident-set high-water mark (VmHWM) of this
 process, reset through /proc/self/clear_refs, minus the resident set before the
 step, plus the bytes of the inputs (so both devices count inputs + everything the
@@ -10,7 +12,8 @@ so that memory an earlier method left in the heap does not count.
 
 A grid benchmark module (bench_logprobs, bench_loss) provides:
   NAME: str, METHODS: dict[str, Method], make_inputs(ctx) -> Inputs,
-  reference(inputs, ctx, method) -> float32 tensor the method's output should equal.
+  reference(inputs, ctx, method) -> float32 tensor the method's output should equal,
+  input_stats(ctx) -> dict of what the inputs at ctx look like (written into every row of the point).
 """
 from __future__ import annotations
 
@@ -25,16 +28,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from benchmarks.common import ROOT, set_threads
+from benchmarks.common import DEFAULT_REPS, ROOT, set_threads
 
-__all__ = ["FLOP_FACTOR", "Inputs", "Method", "PeakMemory", "sync", "bench_times", "quantile", "gemm_peak_tflops",
-           "zero_grads", "run_backward", "one_line", "measure_point", "run_isolated", "use_kernels_from",
-           "measure_point_payload"]
+__all__ = ["Inputs", "Method", "PeakMemory", "sync", "bench_times", "quantile", "gemm_peak_tflops", "zero_grads",
+           "run_backward", "one_line", "measure_point", "run_isolated", "use_kernels_from", "measure_point_payload"]
 
-FLOP_FACTOR = {"fwd": 2, "bwd": 6, "fwd+bwd": 8}  # x N*H*V: forward, recompute, two gradient GEMMs
 OURS_PREFIX = "ours_"
 ROWS_TAG = "@@ROWS@@"
-MIN_CPU_SAMPLES = 3
+L2_FLUSH_BYTES = 256 * 2**20  # more than any GPU's L2
 
 
 @dataclass
@@ -133,28 +134,45 @@ class PeakMemory:
         return self.input_bytes / 2**20 + max(0.0, _proc_status_mb("VmHWM") - self.base)
 
 
-def bench_times(step: Callable, device: str, min_run_time: float) -> tuple[float, float, float, int | str]:
-    """(median_ms, p20_ms, p80_ms, n_samples) of step()."""
+def bench_times(step: Callable, device: str, min_run_time: float,
+                reps: int = DEFAULT_REPS) -> tuple[float, float, float, int]:
+    """(median_ms, p20_ms, p80_ms, n_samples) of step(): at least ``reps`` timed calls and at least
+    ``min_run_time`` seconds of them."""
+    times = sorted(_cuda_times(step, min_run_time, reps) if device == "cuda" else _cpu_times(step, min_run_time, reps))
+    return quantile(times, 0.5), quantile(times, 0.2), quantile(times, 0.8), len(times)
+
+
+def _cuda_times(step: Callable, min_run_time: float, reps: int) -> list[float]:
+    """Milliseconds of each timed call, from CUDA events, the L2 cache flushed before every call."""
     import torch
 
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        started = time.perf_counter()
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    step()  # warm-up, then one call to size the run
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    n = max(reps, math.ceil(min_run_time / max(time.perf_counter() - started, 1e-6)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for begin, end in events:
+        flush.zero_()
+        begin.record()
         step()
-        torch.cuda.synchronize()
-        estimate_ms = (time.perf_counter() - started) * 1e3
-        rep = min(3000.0, max(20.0, min_run_time * 1000, 5 * estimate_ms))  # >= ~5 samples, <= 3 s
-        med, p20, p80 = do_bench(step, warmup=max(10, int(rep / 4)), rep=int(rep), quantiles=[0.5, 0.2, 0.8])
-        return float(med), float(p20), float(p80), max(1, round(rep / max(float(med), 1e-3)))
+        end.record()
+    torch.cuda.synchronize()
+    return [begin.elapsed_time(end) for begin, end in events]
+
+
+def _cpu_times(step: Callable, min_run_time: float, reps: int) -> list[float]:
+    """Milliseconds per call of each block of ``blocked_autorange``, topped up with single calls."""
+    import torch
     from torch.utils.benchmark import Timer
 
     timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
     times = [t * 1e3 for t in timer.blocked_autorange(min_run_time=min_run_time).times]
-    while len(times) < MIN_CPU_SAMPLES:  # a slow call gives one block: add single calls for a spread
+    while len(times) < reps:  # a slow call gives one block: add single calls for a spread
         times += [t * 1e3 for t in timer.timeit(1).times]
-    times.sort()
-    return quantile(times, 0.5), quantile(times, 0.2), quantile(times, 0.8), len(times)
+    return times
 
 
 def quantile(sorted_values: list[float], q: float) -> float:
@@ -175,7 +193,7 @@ def gemm_peak_tflops(device: str, dtype: str, quick: bool, n: int | None = None)
     a = torch.randn(n, n, device=device, dtype=torch_dtype(dtype), generator=gen)
     b = torch.randn(n, n, device=device, dtype=torch_dtype(dtype), generator=gen)
     (a @ b).sum().item()
-    med, _, _, _ = bench_times(lambda: a @ b, device, 0.3 if quick else 1.0)
+    med, _, _, _ = bench_times(lambda: a @ b, device, 0.3 if quick else 1.0, reps=3)
     return 2.0 * n**3 / (med * 1e-3) / 1e12
 
 
@@ -222,28 +240,28 @@ def _peak(mode: str, fn: Callable, inputs: Inputs, device: str) -> float:
     return peak
 
 
-def _time(mode: str, fn: Callable, inputs: Inputs, device: str, min_run_time: float):
+def _time(mode: str, fn: Callable, inputs: Inputs, device: str, min_run_time: float, reps: int):
     """(median, p20, p80, n, note) in ms for one mode."""
     if mode == "fwd":
-        return (*bench_times(fn, device, min_run_time), "")
+        return (*bench_times(fn, device, min_run_time, reps), "")
 
     def fwd_bwd():
         zero_grads(inputs)
         run_backward(fn(), inputs)
 
     if mode == "fwd+bwd":
-        return (*bench_times(fwd_bwd, device, min_run_time), "")
+        return (*bench_times(fwd_bwd, device, min_run_time, reps), "")
     out = fn()
     try:
         run_backward(out, inputs, retain_graph=True)
         sync(device)
     except RuntimeError as exc:  # backward that frees what it saved: derive it
         del out
-        fb = bench_times(fwd_bwd, device, min_run_time)
-        f = bench_times(fn, device, min_run_time)
+        fb = bench_times(fwd_bwd, device, min_run_time, reps)
+        f = bench_times(fn, device, min_run_time, reps)
         note = f"derived as (fwd+bwd) - fwd: repeated backward unsupported ({one_line(exc, 80)})"
         return fb[0] - f[0], fb[1] - f[1], fb[2] - f[2], fb[3], note
-    result = bench_times(lambda: run_backward(out, inputs, retain_graph=True), device, min_run_time)
+    result = bench_times(lambda: run_backward(out, inputs, retain_graph=True), device, min_run_time, reps)
     del out
     zero_grads(inputs)
     return (*result, "backward replayed with retain_graph=True")
@@ -289,7 +307,7 @@ def measure_point(bench, method_name: str, ctx: dict) -> list[dict]:
     for mode in modes:
         try:
             rows[mode]["peak_mem_mb"] = _peak(mode, fn, inputs, device)
-            med, p20, p80, n, note = _time(mode, fn, inputs, device, ctx["min_run_time"])
+            med, p20, p80, n, note = _time(mode, fn, inputs, device, ctx["min_run_time"], ctx.get("reps", DEFAULT_REPS))
             rows[mode].update(median_ms=med, p20_ms=p20, p80_ms=p80, n_samples=n)
             rows[mode]["note"] = "; ".join(x for x in (method.note, note) if x)
         except Exception as exc:  # noqa: BLE001
@@ -355,9 +373,26 @@ def measure_point_payload(payload: dict) -> list[dict]:
         return measure_point(bench, payload["method"], payload["ctx"])
     folder = use_kernels_from(payload["ctx"]["baseline"])
     rows = measure_point(bench, payload["method"], payload["ctx"])
+    where = f"kernels of the baseline checkout {os.path.basename(folder)}"
+    if bench.NAME == "loss":
+        where += _baseline_filter_note()
     for r in rows:
-        r["note"] = "; ".join(x for x in (r.get("note", ""), f"kernels of the baseline checkout {folder}") if x)
+        r["note"] = "; ".join(x for x in (r.get("note", ""), where) if x)
     return rows
+
+
+def _baseline_filter_note() -> str:
+    """Whether the imported (baseline) kernels' Triton backward filters gradients by default, as
+    checkouts up to 2026-11-28 do (``filter_eps=None``: 2**-12 for bf16): their fused losses take no
+    filter_eps, so their Triton rows ran filtered."""
+    import inspect
+
+    from drdo_kernels import fused_linear_logprobs
+
+    default = inspect.signature(fused_linear_logprobs).parameters.get("filter_eps")
+    if default is not None and default.default is None:
+        return " (its fused losses' Triton backward filters gradients: filter_eps=None by default there)"
+    return ""
 
 
 def _worker_main(target: str) -> int:

@@ -6,6 +6,10 @@ method back to back, in alternating order, and the statistic is the median of th
 ours / peer — robust to drift. Memory is not measured here (the grid benchmarks do that in fresh
 processes).
 
+Use it for any gap under 5%: a median taken alone cannot separate such methods on a drifting machine, or
+on a GPU whose clocks move with its temperature. The inputs follow the same --logits / --margins /
+--filter-eps flags as the grid benchmarks.
+
 Usage: python benchmarks/paired.py --bench loss --shapes 1024x128x32000 --methods ours_torch,naive,cce_torch_compile
 """
 from __future__ import annotations
@@ -19,9 +23,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import default_output, parse_shape, resolve_device, set_threads, write_csv  # noqa: E402
-from benchmarks.measure import one_line, quantile, run_backward, sync, zero_grads  # noqa: E402
-from drdo.atomic import write_text  # noqa: E402
+from benchmarks.common import DEFAULT_REPS, add_input_args, default_output, parse_shape, resolve_device  # noqa: E402
+from benchmarks.common import set_threads, write_csv  # noqa: E402
+from benchmarks.measure import run_backward, one_line, quantile, zero_grads, sync  # noqa: E402
+from benchmarks.report import write_portable  # noqa: E402
 
 COLUMNS = ["bench", "ours", "peer", "device", "dtype", "N", "H", "V", "mode", "rounds",
            "ratio_median", "ratio_p20", "ratio_p80", "ours_ms_median", "peer_ms_median", "note"]
@@ -75,10 +80,12 @@ def paired(bench, methods: list[str], ctx: dict, rounds: int) -> list[dict]:
     return rows
 
 
-def _markdown(rows: list[dict], bench: str, argv: list[str]) -> str:
+def _markdown(rows: list[dict], bench: str, argv: list[str], args) -> str:
+    margins = f", pair margins `{args.margins}`" if bench == "loss" else ""
     lines = [f"## paired timing ({bench})", "",
-             f"command: `python benchmarks/paired.py {' '.join(argv[1:])}`; each round times one call of every method "
-             "back to back (order alternating); ratio = ours / peer per round.", "",
+             f"command: `python benchmarks/paired.py {' '.join(argv)}`; each round times one call of every method "
+             "back to back (order alternating); ratio = ours / peer per round. Inputs: logits "
+             f"`{args.logits}`{margins}, Triton gradient filter_eps {args.filter_eps:g}.", "",
              "| ours | peer | dtype | N | H | V | mode | rounds | ratio median [p20, p80] | ours ms | peer ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -99,12 +106,13 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--mode", choices=["fwd", "fwd+bwd"], default="fwd+bwd")
     p.add_argument("--methods", required=True, help="ours first, then the peers, e.g. ours_torch,naive")
-    p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--rounds", type=int, default=DEFAULT_REPS)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="as the grid benchmarks' --quick: no torch.compile on CPU")
     p.add_argument("--output", default=None)
+    add_input_args(p)
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     set_threads(args.threads)
@@ -116,7 +124,8 @@ def main(argv: list[str] | None = None) -> Path:
     for shape in args.shapes.split(","):
         n, h, v = parse_shape(shape, 1024)
         ctx = dict(device=device, N=n, H=h, V=v, dtype=args.dtype, mode=args.mode, seed=args.seed, ignore_frac=0.0,
-                   quick=False, seq_len=args.seq_len, interpret=False)
+                   quick=args.quick, seq_len=args.seq_len, interpret=False, logits=args.logits, margins=args.margins,
+                   filter_eps=args.filter_eps)
         skipped = {m: bench.METHODS[m].skip(ctx) for m in methods}
         runnable = [m for m in methods if not skipped[m]]
         if methods[0] not in runnable or len(runnable) < 2:
@@ -131,7 +140,8 @@ def main(argv: list[str] | None = None) -> Path:
                          else r["note"]), flush=True)
     out_dir = Path(args.output) if args.output else default_output(device)
     path = write_csv(rows, out_dir / f"paired_{args.bench}.csv", COLUMNS)
-    write_text(out_dir / f"paired_{args.bench}.md", _markdown(rows, args.bench, sys.argv))
+    command = sys.argv[1:] if argv is None else argv
+    write_portable(out_dir / f"paired_{args.bench}.md", _markdown(rows, args.bench, command, args))
     print(f"wrote {path}")
     return path
 

@@ -1,7 +1,9 @@
 """Write what a benchmark measured: CSV, ratios to every peer, PNG plots, markdown, metadata.
+Every text file goes through :func:`benchmarks.common.portable` (no machine paths).
 
-``python -m benchmarks.report DIR`` rebuilds DIR/results.md from the *_meta.json and
-*.md files the benchmarks wrote there.
+``python -m benchmarks.report DIR [--rebuild] [--scrub]`` rebuilds DIR/results.md from the *_meta.json
+and *.md files the benchmarks wrote there (``--rebuild``: the ratios, markdown and plots from the CSVs
+first; ``--scrub``: rewrites every text file of DIR without machine paths first).
 """
 from __future__ import annotations
 
@@ -15,12 +17,18 @@ from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.common import read_csv, write_csv
+from benchmarks.common import portable, read_csv, write_csv
 from drdo.atomic import save_figure, write_text
 
 RATIO_COLUMNS = ["bench", "ours", "peer", "device", "dtype", "N", "H", "V", "mode",
                  "time_ratio", "mem_ratio", "time_ratio_p20", "ours_ms", "peer_ms", "ours_mb", "peer_mb"]
 PACKAGES = ["torch", "triton", "liger-kernel", "cut-cross-entropy", "transformers", "trl", "numpy", "matplotlib"]
+TEXT_SUFFIXES = (".csv", ".md", ".json", ".log", ".txt", ".xml")
+
+
+def write_portable(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` with every machine path made portable."""
+    return write_text(path, portable(text))
 
 
 # ---------------------------------------------------------------- environment
@@ -71,7 +79,7 @@ def _key(r: dict) -> tuple:
     return (r["dtype"], int(r["N"]), int(r["H"]), int(r["V"]), r["mode"])
 
 
-def _num(v) -> float:
+def num(v) -> float:
     try:
         return float(v)
     except (TypeError, ValueError):
@@ -94,30 +102,48 @@ def ratios(rows: list[dict]) -> list[dict]:
                     continue
                 out.append(dict(bench=o["bench"], ours=ours, peer=peer, device=o["device"], dtype=key[0], N=key[1],
                                 H=key[2], V=key[3], mode=key[4],
-                                time_ratio=_num(o["median_ms"]) / _num(p["median_ms"]),
-                                mem_ratio=_num(o["peak_mem_mb"]) / _num(p["peak_mem_mb"]),
-                                time_ratio_p20=_num(o["p20_ms"]) / _num(p["p20_ms"]),
-                                ours_ms=_num(o["median_ms"]), peer_ms=_num(p["median_ms"]),
-                                ours_mb=_num(o["peak_mem_mb"]), peer_mb=_num(p["peak_mem_mb"])))
+                                time_ratio=num(o["median_ms"]) / num(p["median_ms"]),
+                                mem_ratio=num(o["peak_mem_mb"]) / num(p["peak_mem_mb"]),
+                                time_ratio_p20=num(o["p20_ms"]) / num(p["p20_ms"]),
+                                ours_ms=num(o["median_ms"]), peer_ms=num(p["median_ms"]),
+                                ours_mb=num(o["peak_mem_mb"]), peer_mb=num(p["peak_mem_mb"])))
     return out
 
 
 # ---------------------------------------------------------------- markdown
 def _f(v, digits: int = 3) -> str:
-    x = _num(v)
+    x = num(v)
     return "" if x != x else f"{x:.{digits}g}"
 
 
+def _percent(v) -> str:
+    x = num(v)
+    return "" if x != x else f"{x * 100:.0f}%"
+
+
+def _inputs_line(meta: dict) -> str:
+    """The input regime and timing of a run, from its metadata (absent in runs before 2026-12)."""
+    if "logits" not in meta:
+        return ""
+    margins = f", pair margins `{meta['margins']}`" if "margins" in meta else ""
+    return (f"inputs: logits `{meta['logits']}`{margins}, Triton gradient filter_eps {meta['filter_eps']:g}; at least "
+            f"{meta['reps']} timed repetitions per point; TFLOP/s count the work each method does (work x N·H·V, "
+            "benchmarks/work.py)")
+
+
 def markdown(rows: list[dict], ratio_rows: list[dict], name: str, meta: dict) -> str:
+    commands = meta.get("commands", [meta["command"]])
     lines = [f"## {name}", "", f"device `{meta['device']}`" + (f" ({meta.get('gpu')})" if meta.get("gpu") else "")
-             + f", {meta['date_utc']}, command: `{meta['command']}`", ""]
-    lines += ["| method | dtype | N | H | V | mode | median ms | p20-p80 ms | peak MB | TFLOP/s | of GEMM peak | max abs err |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             + f", {meta['date_utc']}, command: " + "; ".join(f"`{c}`" for c in commands), ""]
+    lines += [x for x in (_inputs_line(meta), meta.get("stopped", "")) if x]
+    lines += ["", "| method | dtype | N | H | V | mode | median ms | p20-p80 ms | n | peak MB | work (x NHV) | TFLOP/s "
+              "| of GEMM peak | max abs err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("status") == "ok":
             lines.append(f"| {r['method']} | {r['dtype']} | {r['N']} | {r['H']} | {r['V']} | {r['mode']} | "
-                         f"{_f(r['median_ms'])} | {_f(r['p20_ms'])}-{_f(r['p80_ms'])} | {_f(r['peak_mem_mb'], 4)} | "
-                         f"{_f(r.get('tflops'))} | {_f(_num(r.get('peak_frac')) * 100, 2)}% | {_f(r.get('max_abs_err'), 2)} |")
+                         f"{_f(r['median_ms'])} | {_f(r['p20_ms'])}-{_f(r['p80_ms'])} | {r.get('n_samples', '')} | "
+                         f"{_f(r['peak_mem_mb'], 4)} | {_f(r.get('work_nhv'))} | {_f(r.get('tflops'))} | "
+                         f"{_percent(r.get('peak_frac'))} | {_f(r.get('max_abs_err'), 2)} |")
     if ratio_rows:
         lines += ["", "Ratios (ours / peer, same run; < 1 means ours is faster / smaller):", "",
                   "| ours | peer | dtype | N | H | V | mode | time ratio (medians) | time ratio (p20s) | memory ratio |",
@@ -158,8 +184,8 @@ def plot_vs_n(rows: list[dict], out_dir: Path, name: str) -> list[Path]:
             rs = sorted(rs, key=lambda r: int(r["N"]))
             n = [int(r["N"]) for r in rs]
             style = "-o" if method.startswith("ours_") else "--s"
-            ax_t.plot(n, [_num(r["median_ms"]) for r in rs], style, label=method)
-            ax_m.plot(n, [_num(r["peak_mem_mb"]) for r in rs], style, label=method)
+            ax_t.plot(n, [num(r["median_ms"]) for r in rs], style, label=method)
+            ax_m.plot(n, [num(r["peak_mem_mb"]) for r in rs], style, label=method)
         for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak memory (MB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -183,8 +209,8 @@ def write_bench(rows: list[dict], out_dir: Path, name: str, meta: dict, *, plots
     write_csv(rows, out_dir / f"{name}.csv")
     ratio_rows = ratios(rows)
     write_csv(ratio_rows, out_dir / f"{name}_ratios.csv", RATIO_COLUMNS)
-    write_text(out_dir / f"{name}.md", markdown(rows, ratio_rows, name, meta))
-    write_text(out_dir / f"{name}_meta.json", json.dumps(meta, indent=2, default=str))
+    write_portable(out_dir / f"{name}.md", markdown(rows, ratio_rows, name, meta))
+    write_portable(out_dir / f"{name}_meta.json", json.dumps(meta, indent=2, default=str))
     if plots:
         try:
             plot_vs_n(rows, out_dir, name)
@@ -196,9 +222,9 @@ def write_bench(rows: list[dict], out_dir: Path, name: str, meta: dict, *, plots
 TARGETS = [
     ("loss", "cpu", "ours_torch", "naive", "fwd+bwd", 1.3, 0.25),
     ("logprobs", "cpu", "ours_torch", "naive", "fwd+bwd", 1.3, 0.25),
-    ("loss", "cuda", "ours_triton", "cce", "fwd+bwd", 0.9, 1.0),
-    ("loss", "cuda", "ours_triton", "liger_dpo", "fwd+bwd", 1 / 3, float("inf")),
-    ("loss", "cuda", "ours_chunked", "cce", "fwd+bwd", 0.9, 1.0),
+    ("loss", "cuda", "ours_auto", "naive_compile", "fwd+bwd", 0.97, float("inf")),
+    ("logprobs", "cuda", "ours_auto", "trl_chunked", "fwd+bwd", 0.95, float("inf")),
+    ("train", "cuda", "ours_auto", "trl_dpo_fused", "train_step", 1 / 1.3, float("inf")),
     ("loss", "cuda", "ours_chunked", "liger_dpo", "fwd+bwd", 1 / 3, float("inf")),
 ]
 
@@ -213,7 +239,7 @@ def targets_md(out_dir: Path) -> str:
         for q in read_csv(path):
             if (q["device"], q["ours"], q["peer"], q["mode"]) != (device, ours, peer, mode):
                 continue
-            t, m = _num(q["time_ratio"]), _num(q["mem_ratio"])
+            t, m = num(q["time_ratio"]), num(q["mem_ratio"])
             met = "met" if t <= max_t and m <= max_m else "missed"
             mem_target = "" if max_m == float("inf") else f", memory <= {max_m:g}x"
             lines.append(f"| {bench} | {ours} vs {peer} | {q['dtype']} {q['N']}x{q['H']}x{q['V']} {mode} | "
@@ -221,10 +247,11 @@ def targets_md(out_dir: Path) -> str:
     roof = out_dir / "loss.csv"
     if roof.exists():
         for r in read_csv(roof):
-            if r["device"] == "cuda" and r["method"] in ("ours_triton", "ours_chunked") and r["status"] == "ok":
-                frac = _num(r["peak_frac"])
+            if r["device"] == "cuda" and r["method"] in ("ours_auto", "ours_triton", "ours_chunked") and r["status"] == "ok":
+                frac = num(r["peak_frac"])
                 lines.append(f"| loss | {r['method']} roofline | {r['dtype']} {r['N']}x{r['H']}x{r['V']} {r['mode']} | "
-                             f">= 70% of the 8NHV GEMM roofline | {frac * 100:.1f}% | {'met' if frac >= 0.7 else 'missed'} |")
+                             f">= 70% of the GEMM peak for its work ({_f(r.get('work_nhv'))} NHV) | {frac * 100:.1f}% | "
+                             f"{'met' if frac >= 0.7 else 'missed'} |")
     if not lines:
         return ""
     head = ["## Targets (measured here; CI asserts none)", "",
@@ -252,15 +279,27 @@ def write_results_md(out_dir: Path) -> Path:
         section = out_dir / (m.name[: -len("_meta.json")] + ".md")
         if section.exists():
             lines.append(section.read_text(encoding="utf-8"))
-    for extra in sorted(out_dir.glob("paired_*.md")):
+    for extra in sorted(out_dir.glob("paired_*.md")) + sorted(out_dir.glob("profile.md")):
         lines.append(extra.read_text(encoding="utf-8"))
     if metas and json.loads(metas[0].read_text(encoding="utf-8")).get("device") == "cuda":
         from benchmarks import model
 
-        lines.append(model.markdown())
+        lines.append(model.compare_md(out_dir))
     path = out_dir / "results.md"
-    write_text(path, "\n".join(lines))
+    write_portable(path, "\n".join(lines))
     return path
+
+
+def scrub(out_dir: Path) -> list[Path]:
+    """Rewrite every text file in ``out_dir`` (recursively) without machine paths; returns the changed ones."""
+    changed = []
+    for path in sorted(out_dir.rglob("*")):
+        if path.is_file() and path.suffix in TEXT_SUFFIXES:
+            text = path.read_text(encoding="utf-8")
+            if portable(text) != text:
+                write_portable(path, text)
+                changed.append(path)
+    return changed
 
 
 def rebuild(out_dir: Path, names: tuple[str, ...] = ("logprobs", "loss")) -> None:
@@ -275,6 +314,8 @@ def rebuild(out_dir: Path, names: tuple[str, ...] = ("logprobs", "loss")) -> Non
 
 if __name__ == "__main__":
     target = Path(sys.argv[1])
+    if "--scrub" in sys.argv[2:]:
+        scrub(target)
     if "--rebuild" in sys.argv[2:]:
         rebuild(target)
     print(write_results_md(target))

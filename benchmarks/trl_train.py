@@ -10,7 +10,8 @@ log-probs from ``trl.kernels.ChunkedLogProbFunction``, no [tokens x vocab] logit
                  its own fused head, since Liger's fused linear cross-entropy would replace it). Triton only.
 
 Reference log-probs are precomputed when the trainer is built (``precompute_ref_log_probs=True``), so a
-step holds no reference model, like the DRDO steps it is compared with. A step = ``trainer.compute_loss``
+step holds no reference model, like the DRDO steps it is compared with. The trainer's weight hash (the key
+of that cache) is replaced by a random key: see :func:`unhashed_reference_cache`. A step = ``trainer.compute_loss``
 (backbone, head, DPO loss) + backward + AdamW, on one batch of B pairs from the trainer's own collator:
 prompts of T/2 tokens, responses of T/2 - 1 tokens and EOS (rows of T tokens).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import random
 import tempfile
+import uuid
 
 METHODS = ("trl_dpo_fused", "trl_dpo", "trl_dpo_liger")
 
@@ -78,6 +80,21 @@ def full_logits_head():
         trl_utils._ChunkedLogProbFunction = saved
 
 
+@contextlib.contextmanager
+def unhashed_reference_cache():
+    """Within the block, a new ``DPOTrainer`` keys its cache of precomputed reference log-probs by a random
+    token instead of ``trl.trainer.utils.hash_module``, which copies every weight to the CPU and hashes it
+    (it stalled a GPU run for over a minute at a 128k vocabulary). Every trainer gets its own cache entry."""
+    import trl.trainer.dpo_trainer as dpo_trainer
+
+    saved = dpo_trainer.hash_module
+    dpo_trainer.hash_module = lambda module: uuid.uuid4().hex
+    try:
+        yield
+    finally:
+        dpo_trainer.hash_module = saved
+
+
 def _dataset(pairs: int, t: int, seed: int):
     """B rows of (prompt T/2 letters, chosen and rejected T/2 - 1 letters): byte tokens, rows of T with EOS."""
     from datasets import Dataset
@@ -106,8 +123,9 @@ def make_trl_step(method: str, ctx: dict, lm, pairs: int):
                      report_to=[], use_cpu=ctx["device"] == "cpu", precompute_ref_log_probs=True, max_length=None,
                      save_strategy="no", logging_steps=10**6, disable_tqdm=True, bf16=False, fp16=False,
                      use_liger_kernel=method == "trl_dpo_liger", seed=ctx["seed"])
-    trainer = DPOTrainer(model=lm, args=args, train_dataset=_dataset(pairs, ctx["T"], ctx["seed"]),
-                         processing_class=get_tokenizer("tiny"))
+    with unhashed_reference_cache():
+        trainer = DPOTrainer(model=lm, args=args, train_dataset=_dataset(pairs, ctx["T"], ctx["seed"]),
+                             processing_class=get_tokenizer("tiny"))
     batch = {k: v.to(ctx["device"]) for k, v in next(iter(trainer.get_train_dataloader())).items()}
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-5)
     scope = full_logits_head if method == "trl_dpo" else contextlib.nullcontext

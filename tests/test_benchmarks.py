@@ -2,15 +2,20 @@
 and that every method that runs computes what it claims (error against the float32 reference)."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks import bench_logprobs, bench_loss, bench_train, peers
-from benchmarks.common import CSV_COLUMNS, PRESETS, build_grid, parse_shape, read_csv
-from benchmarks.measure import run_isolated
+from benchmarks import bench_logprobs, bench_loss, bench_train, peers, work
+from benchmarks.common import CSV_COLUMNS, PRESETS, build_grid, parse_shape, portable, read_csv
+from benchmarks.measure import bench_times, run_backward, run_isolated
+
+ROOT = Path(__file__).resolve().parent.parent
 
 REQUIRED = ["method", "device", "dtype", "N", "H", "V", "mode", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
             "tflops", "status", "note"]
@@ -34,7 +39,8 @@ def _check_rows(rows: list[dict], must_run: set[str]) -> None:
             p20, med, p80 = (_finite(r, k) for k in ("p20_ms", "median_ms", "p80_ms"))
             assert 0 < p20 <= med <= p80
             assert _finite(r, "peak_mem_mb") > 0
-            assert _finite(r, "tflops") > 0
+            if float(r.get("work_nhv") or 1) > 0:  # a backward of gradients computed in the forward does no GEMM
+                assert _finite(r, "tflops") > 0
         else:
             assert r["note"].strip(), f"{r['method']} is {r['status']} without a reason"
 
@@ -122,13 +128,14 @@ def test_grid_and_shapes():
 
 
 def test_gpu_suite_script_is_offline_and_valid_bash():
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.sh"
+    script = ROOT / "benchmarks" / "gpu_suite.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "--no-index" in text and "pip download" not in text
-    for bench in ("bench_loss.py", "bench_logprobs.py", "bench_train.py", "16384x4096x128256", "bench_padding_free.py",
-                  "base_triton", "ours_chunked", "trl_chunked", "BASELINE", "timeout"):
-        assert bench in text
+    for needed in ("bench_loss.py", "bench_logprobs.py", "bench_train.py", "16384x4096x128256", "bench_padding_free.py",
+                   "profile_loss.py", "paired.py", "base_chunked", "ours_auto", "trl_chunked", "BASELINE", "timeout",
+                   "TRITON_INTERPRET=0", "flash-attn: skipped"):
+        assert needed in text
 
 
 def test_paired_timing_smoke(tmp_path: Path):
@@ -179,27 +186,238 @@ def test_baseline_kernels_come_from_the_given_checkout(tmp_path: Path):
                                   "--methods", "ours_torch,base_torch", "--no-plots", "--baseline", str(base)])
     rows = {r["method"]: r for r in read_csv(out / "loss.csv")}
     assert rows["base_torch"]["status"] == "ok", rows["base_torch"]
-    assert str(base) in rows["base_torch"]["note"] and float(rows["base_torch"]["max_abs_err"]) < 1e-4
+    assert "checkout base" in rows["base_torch"]["note"] and float(rows["base_torch"]["max_abs_err"]) < 1e-4
+    assert str(tmp_path) not in (out / "loss.csv").read_text() + (out / "loss_meta.json").read_text()
 
 
 def test_model_arithmetic_by_hand():
     from benchmarks import model
 
     n, h, v = 16384, 4096, 128256
-    by_name = {b.name: b for b in model.backends(n, h, v)}
-    assert set(by_name) >= {"naive", "cce", "liger_flce", "liger_dpo", "ours_triton_old", "ours_triton_new",
-                            "ours_chunked", "ours_torch_old", "trl_chunked"}
+    by_name = {m.name: m for m in model.methods("loss", n, h, v, 1024)}
+    assert set(by_name) >= {"naive", "naive_compile", "cce", "liger_dpo", "ours_triton", "ours_chunked", "ours_auto",
+                            "trl_chunked"}
     nhv = n * h * v
-    # CCE by hand: forward 2NHV at 705 TFLOP/s; backward 128 x 1002 tiles of (128 + 128) x 4096 atomics at 5e11/s
-    fwd_s = 2 * nhv / 705e12
+    gpu = model.GPUS["h200"]
+    # CCE by hand: forward 2NHV at 699 TFLOP/s; backward 128 x 1002 tiles of (128 + 128) x 4096 atomics
+    fwd_s = 2 * nhv / 699e12
     atomics = 128 * 1002 * 256 * 4096
     assert by_name["cce"].total("atomics") == atomics
-    assert math.isclose(by_name["cce"].seconds(705e12), fwd_s + atomics / 5e11, rel_tol=1e-9)
-    assert math.isclose(fwd_s * 1e3 + atomics / 5e11 * 1e3, 293.4, abs_tol=0.1)
+    assert math.isclose(by_name["cce"].seconds(gpu.flops, gpu.hbm), fwd_s + atomics / model.ATOMICS, rel_tol=1e-9)
     # naive: 6NHV, 12 bytes per logit of extra memory (fp32 log-probs, their gradient, the gather's zeros)
     assert math.isclose(by_name["naive"].total("flops"), 6 * nhv)
     assert by_name["naive"].extra_bytes == 12 * n * v
-    assert math.isclose(by_name["ours_chunked"].total("flops"), 6 * nhv)
-    assert math.isclose(by_name["ours_triton_old"].total("flops"), 8 * nhv)
-    text = model.table(n, h, v)
-    assert "Modelled, not measured" in text and "| cce |" in text and "313.2" in text
+    assert model.GPUS["h100"].hbm == 3.35e12 and model.GPUS["h200"].hbm == 4.8e12 and gpu.flops == 699e12
+    text = model.table("loss", n, h, v)
+    assert "Modelled, not measured" in text and "| cce |" in text and "H200" in text
+
+
+@pytest.mark.parametrize("bench_name", ["loss", "logprobs"])
+@pytest.mark.parametrize("shape", [(16384, 4096, 128256, 1024), (16384, 1024, 128256, 512), (4096, 2048, 32000, 64)])
+def test_model_does_the_work_of_the_work_table(bench_name, shape):
+    """Every modelled method's FLOPs are those of benchmarks.work, the table TFLOP/s are computed from."""
+    from benchmarks import model
+
+    n, h, v, t = shape
+    ctx = dict(device="cuda", dtype="bf16", N=n, H=h, V=v, seq_len=t)
+    for m in model.methods(bench_name, n, h, v, t):
+        assert math.isclose(m.total("flops") / (n * h * v), work.nhv(bench_name, m.name, "fwd+bwd", ctx)[0],
+                            rel_tol=1e-9), m.name
+
+
+def test_model_takes_its_chunks_from_the_kernels(monkeypatch):
+    """The chunk size is the kernels' chunk_rows: change the budget and the model follows."""
+    from benchmarks import model
+    from drdo_kernels import logprobs_chunked
+
+    def chunked(bench):
+        return next(m for m in model.methods(bench, 16384, 4096, 128256, 1024) if m.name == "ours_chunked")
+
+    rows = logprobs_chunked.chunk_rows(128256, torch.bfloat16, torch.device("cuda"))
+    assert f"of {rows} tokens" in chunked("logprobs").what
+    monkeypatch.setitem(logprobs_chunked.CHUNK_BUDGET_BYTES, "cuda", 3 << 30)  # 4185 rows: two pairs of 2048 a chunk
+    assert "of 4096 tokens (whole pairs), grads in forward" in chunked("loss").what
+    assert math.isclose(chunked("loss").total("flops"), 6 * 16384 * 4096 * 128256)
+
+
+def test_model_beside_measured_results(tmp_path: Path):
+    rows = [dict(bench="loss", method=m, device="cuda", dtype="bf16", N=16384, H=4096, V=128256, mode="fwd+bwd",
+                 median_ms=ms, status="ok", seq_len=1024) for m, ms in (("ours_chunked", 83.0), ("base_triton", 531.3))]
+    from benchmarks.common import write_csv
+
+    write_csv(rows, tmp_path / "loss.csv")
+    (tmp_path / "loss_meta.json").write_text(json.dumps({"gpu": "NVIDIA H200"}))
+    from benchmarks import model
+
+    text = model.main(["--results", str(tmp_path)])
+    assert "H200 constants" in text and "| loss | ours_chunked | 16384 | 4096 | 128256 | 83.0 |" in text
+    assert "| base_triton | 16384 | 4096 | 128256 | 531.3 | not modelled |" in text
+
+
+class _GemmFlops(TorchDispatchMode):
+    """Counts the FLOPs of every matrix product dispatched (mm, addmm, in place or into out=)."""
+
+    OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm"}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.OPS:
+            a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
+            self.flops += 2 * math.prod(a.shape) * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+def _counted_work(bench, method: str, ctx: dict) -> tuple[float, float]:
+    """(forward, backward) GEMM FLOPs of one call of ``method``, in units of N·H·V."""
+    inputs = bench.make_inputs(ctx)
+    fn = bench.METHODS[method].build(inputs, ctx)
+    with _GemmFlops() as fwd:
+        out = fn()
+    with _GemmFlops() as bwd:
+        run_backward(out, inputs)
+    nhv = ctx["N"] * ctx["H"] * ctx["V"]
+    return fwd.flops / nhv, bwd.flops / nhv
+
+
+_CPU = dict(device="cpu", dtype="fp32", seed=0, H=16, V=32768, ignore_frac=0.0, quick=True, interpret=False,
+            logits="std2", margins="close", filter_eps=0.0)
+
+
+@pytest.mark.parametrize("seq_len, pairs_fit", [(32, True), (128, False)])  # chunks of 128 tokens on CPU at V=32768
+def test_work_table_matches_the_gemms_each_loss_runs(seq_len, pairs_fit):
+    """The work model counts the GEMMs the code runs: our pair losses 6 NHV in the forward when a pair fits a
+    chunk, 8 NHV (two passes) when it does not; naive 2 + 4; TRL's fused head 2 + 6."""
+    ctx = dict(_CPU, N=4 * seq_len, seq_len=seq_len)
+    assert work.chunk_tokens(ctx) == 128
+    assert work.pair_path(ctx) == ("grads_in_forward" if pairs_fit else "two_pass_in_forward")
+    methods = ["ours_chunked", "ours_torch", "ours_auto", "naive"] + ([] if peers.trl_kernels_reason() else ["trl_chunked"])
+    for method in methods:
+        path = work.path("loss", method, ctx)
+        assert _counted_work(bench_loss, method, ctx) == pytest.approx(work.PATHS[path]), (method, path)
+
+
+def test_work_table_matches_the_gemms_of_plain_logprobs():
+    ctx = dict(_CPU, N=300, V=4096)
+    methods = ["ours_chunked", "ours_torch", "ours_auto", "naive"] + ([] if peers.trl_kernels_reason() else ["trl_chunked"])
+    for method in methods:
+        path = work.path("logprobs", method, ctx)
+        assert _counted_work(bench_logprobs, method, ctx) == pytest.approx(work.PATHS[path]), (method, path)
+    if peers.torch_lce_reason() is None:  # its forward is one fused op (not counted here); its backward recomputes
+        assert work.path("logprobs", "torch_lce", ctx) == "recompute"
+        assert _counted_work(bench_logprobs, "torch_lce", ctx)[1] == pytest.approx(6)
+
+
+def test_work_table_covers_every_method():
+    assert set(work.WORK["loss"]) == set(bench_loss.METHODS)
+    assert set(work.WORK["logprobs"]) == set(bench_logprobs.METHODS)
+    assert {work.PATHS[p][0] + work.PATHS[p][1] for p in work.PATHS} == {6, 8}
+    headline = dict(device="cuda", dtype="bf16", N=16384, H=4096, V=128256, seq_len=1024)
+    assert work.nhv("loss", "liger_dpo", "fwd+bwd", headline) == (6, "grads_in_forward")
+    assert work.nhv("loss", "naive_compile", "fwd+bwd", headline) == (6, "full_logits")
+    assert work.nhv("logprobs", "trl_chunked", "bwd", headline) == (6, "recompute")
+
+
+@pytest.mark.parametrize("regime", ["std2", "init", "peaked"])
+def test_logit_regimes_have_the_requested_statistics(regime):
+    from benchmarks.heads import make_head_tensors, logit_stats
+
+    ctx = dict(device="cpu", dtype="bf16", seed=0, N=512, H=256, V=8192, logits=regime)
+    stats = logit_stats(*make_head_tensors(ctx, (512,)))
+    if regime == "peaked":  # a few tokens dominate: a large top-1 probability, a low entropy, likely labels
+        assert stats["top1_prob"] > 0.3 and stats["entropy"] < 3.5 and stats["label_prob"] > 0.1, stats
+    else:
+        assert stats["logit_std"] == pytest.approx({"std2": 2.0, "init": 0.6}[regime], rel=0.05), stats
+        assert stats["top1_prob"] < 0.1 and stats["label_prob"] < 0.01, stats
+
+
+@pytest.mark.parametrize("margins", ["close", "independent"])
+def test_pair_margins_decide_the_rows_with_zero_upstream_gradient(margins):
+    ctx = dict(device="cpu", dtype="bf16", seed=0, N=32768, H=32, V=2048, seq_len=512, logits="std2", margins=margins)
+    stats = bench_loss.input_stats(ctx)
+    assert stats["margins"] == margins and stats["seq_len"] == 512
+    if margins == "close":
+        assert stats["zero_grad_rows"] == 0
+    else:  # |z_w - z_l| in the hundreds: the focal factor underflows for some pairs
+        assert stats["zero_grad_rows"] > 0.05
+
+
+def test_loss_rows_record_regime_work_and_input_statistics(tmp_path: Path):
+    out = bench_loss.main(FAST + ["--shapes", "64x16x256", "--seq-len", "16", "--output", str(tmp_path), "--no-plots",
+                                  "--methods", "ours_auto,naive", "--logits", "peaked", "--reps", "4"])
+    rows = {r["method"]: r for r in read_csv(out / "loss.csv")}
+    for r in rows.values():
+        assert (r["logits"], r["margins"], r["filter_eps"], r["work_nhv"]) == ("peaked", "close", "0", "6"), r
+        assert float(r["zero_grad_rows"]) == 0 and int(r["n_samples"]) >= 4
+    meta = json.loads((out / "loss_meta.json").read_text())
+    assert (meta["logits"], meta["margins"], meta["reps"]) == ("peaked", "close", 4)
+    assert "`peaked`" in (out / "loss.md").read_text()
+
+
+def test_filter_eps_reaches_the_triton_backend_only_where_it_can(tmp_path: Path):
+    out = bench_loss.main(FAST + ["--shapes", "64x16x256", "--seq-len", "16", "--output", str(tmp_path), "--no-plots",
+                                  "--methods", "ours_chunked,ours_triton,ours_auto", "--filter-eps", "0.000244140625"])
+    rows = {r["method"]: r for r in read_csv(out / "loss.csv")}
+    assert rows["ours_chunked"]["status"] == "ok"
+    assert rows["ours_auto"]["status"] == "skipped" and "filter_eps" in rows["ours_auto"]["note"]
+
+
+def test_append_keeps_earlier_points(tmp_path: Path):
+    args = FAST + ["--seq-len", "16", "--output", str(tmp_path), "--no-plots", "--methods", "naive"]
+    bench_loss.main(args + ["--shapes", "64x16x256"])
+    out = bench_loss.main(args + ["--shapes", "64x32x256", "--append"])
+    assert {r["H"] for r in read_csv(out / "loss.csv")} == {"16", "32"}
+    assert len(json.loads((out / "loss_meta.json").read_text())["commands"]) == 2
+
+
+def test_cpu_timing_takes_the_requested_repetitions():
+    assert bench_times(lambda: None, "cpu", 0.0, reps=20)[3] >= 20
+
+
+def test_portable_paths():
+    assert portable("--baseline /work/x/.baseline --output /tmp/tmp.AB12/gpu") == "--baseline .baseline --output gpu"
+    assert portable(f"{ROOT}/benchmarks/bench_loss.py") == "benchmarks/bench_loss.py"
+    assert portable("/opt/venv/lib/python3.12/site-packages/trl/trainer/utils.py") == "trl/trainer/utils.py"
+    for kept in ("TFLOP/s, ours/peer, 1/2", "https://github.com/pypa/setuptools/issues/917", "a / b"):
+        assert portable(kept) == kept
+
+
+def test_committed_results_hold_no_machine_paths():
+    for path in sorted((ROOT / "benchmarks" / "results").rglob("*")):
+        if path.suffix in (".csv", ".md", ".json", ".log"):
+            text = path.read_text(encoding="utf-8")
+            assert portable(text) == text, f"{path.relative_to(ROOT)} names a machine path"
+
+
+def test_cce_gets_two_dimensional_hidden_states(monkeypatch):
+    """bench_train's CCE row: CCE views its input flat, so it is given [2B*T, H] hidden states."""
+    import sys
+    import types
+
+    def linear_cross_entropy(h, w, y, ignore_index, reduction, impl):
+        assert h.dim() == 2 and y.dim() == 1 and h.shape[0] == y.shape[0]
+        nll = torch.nn.functional.cross_entropy(h @ w.T, y, ignore_index=ignore_index, reduction="none")
+        return nll
+
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", types.SimpleNamespace(linear_cross_entropy=linear_cross_entropy))
+    lm = types.SimpleNamespace(lm_head=torch.nn.Linear(8, 50, bias=False))
+    loss_fn = bench_train._loss_fn("cce", dict(device="cpu"), lm, None)
+    hidden = torch.randn(4, 6, 8).transpose(0, 1).transpose(0, 1)  # strided like a model's output slice
+    labels = torch.randint(0, 50, (4, 6))
+    loss = loss_fn(hidden, labels, torch.randn(4), torch.randn(4, requires_grad=True))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.skipif(peers.import_reason("trl.trainer.dpo_trainer", "trl") is not None, reason="trl not installed")
+def test_trl_trainer_hashes_no_weights():
+    import trl.trainer.dpo_trainer as dpo_trainer
+
+    from benchmarks.trl_train import unhashed_reference_cache
+
+    saved = dpo_trainer.hash_module
+    with unhashed_reference_cache():
+        keys = {dpo_trainer.hash_module(torch.nn.Linear(2, 2)) for _ in range(2)}
+    assert len(keys) == 2 and dpo_trainer.hash_module is saved
