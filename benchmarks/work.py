@@ -63,7 +63,7 @@ def auto_choice(ctx: dict) -> str:
     from benchmarks.common import torch_dtype
     from drdo_kernels import auto_backend
 
-    return auto_backend(torch.device(ctx["device"]), torch_dtype(ctx["dtype"]), int(ctx["N"]))
+    return auto_backend(torch.device(ctx["device"]), torch_dtype(ctx["dtype"]), int(ctx["N"]), int(ctx["H"]))
 
 
 def path(bench: str, method: str, ctx: dict) -> str:

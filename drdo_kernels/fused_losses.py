@@ -101,7 +101,8 @@ def _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index: int, backend:
     order = group_order(labels.shape[0], labels.shape[1], rows_per_group, labels.device)
     plan = plan_tokens(labels, weight.shape[0], ignore_index, order=order)
     check_rows_scored(plan, ignore_index)
-    resolved = resolve_backend(backend, hidden.device, chunked.compute_dtype(hidden.dtype, weight.dtype), plan.n_valid)
+    resolved = resolve_backend(backend, hidden.device, chunked.compute_dtype(hidden.dtype, weight.dtype), plan.n_valid,
+                               weight.shape[1])
     return weight, bias, plan, resolved
 
 

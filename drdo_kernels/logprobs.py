@@ -26,7 +26,8 @@ from . import logprobs_chunked as chunked
 from .inputs import gather_lm_head
 from .triton_runtime import triton_available, triton_interpreting, triton_runs_on
 
-__all__ = ["fused_linear_logprobs", "resolve_backend", "auto_backend", "check_backend", "AUTO_RULES", "BACKENDS"]
+__all__ = ["fused_linear_logprobs", "resolve_backend", "auto_backend", "check_backend", "AutoRule", "AUTO_RULES",
+           "BACKENDS"]
 
 #: Every backend, one list for the library, the command line, YAML, the TRL config and the reports;
 #: "reference" is plain PyTorch on the full [N, V] logits (the ground truth, for comparisons).
@@ -34,31 +35,51 @@ BACKENDS = ("auto", "chunked", "triton", "torch", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-#: What ``backend="auto"`` runs, first matching row wins:
-#: (device type or None for any, compute dtypes or None for any, min valid tokens, backend).
-#: Measured on an H200 (torch 2.11, one run, benchmarks/results/2026-11-28-gpu-h200/): the DRDO
-#: loss fwd+bwd at N=16384, H=4096, V=128256 bf16 took 83.0 ms on "chunked", 135.6 ms on
-#: "triton" (92.6 ms for full logits): "chunked" on CUDA. In one training step at H=1024 "triton"
-#: was faster (21.9 vs 32.3 ms): a row by hidden size awaits a measurement of the loss alone there.
-#: On the CPU the chunked path with its PyTorch fold. Edit the table from measurements.
-AUTO_RULES: tuple[tuple[str | None, tuple | None, int, str], ...] = (
-    ("cuda", None, 0, "chunked"),
-    (None, None, 0, "torch"),
+class AutoRule(NamedTuple):
+    """A row of :data:`AUTO_RULES`: the conditions (None: any) and the backend they pick."""
+
+    device: str | None
+    min_capability: tuple[int, int] | None  # CUDA compute capability, e.g. (9, 0) for Hopper
+    dtypes: tuple | None  # compute dtypes
+    min_hidden: int  # H at least
+    min_tokens: int  # valid tokens at least
+    backend: str
+
+
+#: What ``backend="auto"`` runs, first matching row wins, keyed by device, compute capability,
+#: compute dtype, hidden size and valid tokens. Every row is a measurement: on an H200 (torch 2.11,
+#: one run, benchmarks/results/2026-11-28-gpu-h200/) the DRDO loss fwd+bwd at N=16384, H=4096,
+#: V=128256 bf16 took 83.0 ms on "chunked", 135.6 ms on "triton" (92.6 ms for full logits):
+#: "chunked" on CUDA. A training step at H=1024 ran faster on "triton" (21.9 vs 32.3 ms, with the
+#: gradient filter then on by default), which is no measurement of the loss alone: rows by H (and
+#: N) come from ``benchmarks/gpu_suite.sh``'s loss stage at H = 1024, 2048 and 4096. On the CPU
+#: the chunked path with its PyTorch fold. Edit the table from measurements.
+AUTO_RULES: tuple[AutoRule, ...] = (
+    AutoRule("cuda", None, None, 0, 0, "chunked"),
+    AutoRule(None, None, None, 0, 0, "torch"),
 )
 
 
-def auto_backend(device: torch.device, dtype: torch.dtype | None = None, n_tokens: int = 0) -> str:
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
+
+
+def auto_backend(device: torch.device, dtype: torch.dtype | None = None, n_tokens: int = 0, hidden: int = 0) -> str:
     """The backend ``"auto"`` picks for tensors on ``device`` computing in ``dtype`` with
-    ``n_tokens`` valid tokens: the first row of :data:`AUTO_RULES` that matches.
-    A Triton backend is never picked where Triton cannot run; float64 always gets "torch"."""
+    ``n_tokens`` valid tokens of hidden size ``hidden``: the first row of :data:`AUTO_RULES` that
+    matches. A Triton backend is never picked where Triton cannot run; float64 always gets "torch"."""
     if dtype == torch.float64:
         return "torch"
-    for dev, dtypes, min_tokens, backend in AUTO_RULES:
-        if dev not in (None, device.type) or (dtypes is not None and dtype not in dtypes) or n_tokens < min_tokens:
+    for rule in AUTO_RULES:
+        if rule.device not in (None, device.type) or (rule.dtypes is not None and dtype not in rule.dtypes):
             continue
-        if backend == "triton" and not triton_runs_on(device):
+        if hidden < rule.min_hidden or n_tokens < rule.min_tokens:
             continue
-        return backend
+        if rule.min_capability is not None and (_capability(device) or (0, 0)) < rule.min_capability:
+            continue
+        if rule.backend == "triton" and not triton_runs_on(device):
+            continue
+        return rule.backend
     return "torch"
 
 
@@ -70,7 +91,8 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None, n_tokens: int = 0) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None, n_tokens: int = 0,
+                    hidden: int = 0) -> str:
     """Validate ``backend`` and resolve "auto" with :func:`auto_backend`.
 
     "triton" on CPU tensors needs TRITON_INTERPRET=1 (set before triton is imported);
@@ -78,7 +100,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     """
     check_backend(backend)
     if backend == "auto":
-        return auto_backend(device, dtype, n_tokens)
+        return auto_backend(device, dtype, n_tokens, hidden)
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the `triton` package; install it or use backend='chunked'")
@@ -304,7 +326,8 @@ def fused_linear_logprobs(
     check_backend(backend)
     n_vocab, n_hidden = weight.shape
     plan = plan_tokens(labels.reshape(-1), n_vocab, ignore_index)
-    backend = resolve_backend(backend, hidden.device, chunked.compute_dtype(hidden.dtype, weight.dtype), plan.n_valid)
+    backend = resolve_backend(backend, hidden.device, chunked.compute_dtype(hidden.dtype, weight.dtype), plan.n_valid,
+                              n_hidden)
     flat_labels = labels.reshape(-1)
     logp_valid = valid_logprobs(
         hidden.reshape(-1, n_hidden).index_select(0, plan.index), weight,

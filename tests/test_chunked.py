@@ -220,7 +220,8 @@ def test_chunk_rows_follow_the_budget():
     assert logprobs_chunked.chunk_rows(1000, torch.bfloat16, cpu, budget=6000 * 7) == 7  # fp32 buffer + bf16 grad
     assert logprobs_chunked.chunk_rows(1000, torch.float64, cpu, budget=8000 * 7 + 5) == 7
     assert logprobs_chunked.chunk_rows(10**6, torch.float32, cpu, budget=1) == 1
-    assert logprobs_chunked.chunk_rows(128256, torch.bfloat16, torch.device("cuda")) == (1 << 30) // (6 * 128256)
+    assert logprobs_chunked.chunk_rows(1000, torch.float32, cpu, budget=4000 * 300) == 256  # whole 128-row tiles
+    assert logprobs_chunked.chunk_rows(128256, torch.bfloat16, torch.device("cuda")) == 2688  # a 2 x 1024 pair fits
 
 
 def test_auto_backend_table(monkeypatch):
@@ -228,12 +229,19 @@ def test_auto_backend_table(monkeypatch):
     assert auto_backend(cuda, torch.bfloat16, 16384) == "chunked"
     assert auto_backend(cpu, torch.float32, 10) == "torch"
     assert auto_backend(cuda, torch.float64, 10) == "torch"
-    rules = (("cuda", (torch.bfloat16,), 4096, "triton"), ("cuda", None, 0, "chunked"), (None, None, 0, "torch"))
+    rules = (logprobs_mod.AutoRule("cuda", None, (torch.bfloat16,), 0, 4096, "triton"),
+             logprobs_mod.AutoRule("cuda", None, None, 2048, 0, "torch"),
+             logprobs_mod.AutoRule("cuda", (12, 0), None, 0, 0, "triton"),
+             logprobs_mod.AutoRule("cuda", None, None, 0, 0, "chunked"), logprobs_mod.AutoRule(None, None, None, 0, 0, "torch"))
     monkeypatch.setattr(logprobs_mod, "AUTO_RULES", rules)
     monkeypatch.setattr(logprobs_mod, "triton_runs_on", lambda device: True)
+    monkeypatch.setattr(logprobs_mod, "_capability", lambda device: (9, 0))
     assert auto_backend(cuda, torch.bfloat16, 8192) == "triton"
     assert auto_backend(cuda, torch.bfloat16, 100) == "chunked"
     assert auto_backend(cuda, torch.float16, 8192) == "chunked"
+    assert auto_backend(cuda, torch.float16, 8192, hidden=4096) == "torch"  # by hidden size
+    monkeypatch.setattr(logprobs_mod, "_capability", lambda device: (12, 0))
+    assert auto_backend(cuda, torch.float16, 8192) == "triton"  # by compute capability
     monkeypatch.setattr(logprobs_mod, "triton_runs_on", lambda device: False)
     assert auto_backend(cuda, torch.bfloat16, 8192) == "chunked"  # never a backend that cannot run
 

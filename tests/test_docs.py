@@ -48,8 +48,9 @@ def test_auto_rule_table_is_auto_rules():
         return "any" if value is None else f"`{value}`" if isinstance(value, str) else str(value)
 
     rows = _table_after(_text(DOCS / "kernels.md"), "### The `auto` rule")
-    expected = [[cell(dev), "any" if dtypes is None else ", ".join(str(d).removeprefix("torch.") for d in dtypes),
-                 str(min_tokens), f"`{backend}`"] for dev, dtypes, min_tokens, backend in AUTO_RULES]
+    expected = [[cell(r.device), "any" if r.min_capability is None else ".".join(map(str, r.min_capability)),
+                 "any" if r.dtypes is None else ", ".join(str(d).removeprefix("torch.") for d in r.dtypes),
+                 str(r.min_hidden), str(r.min_tokens), f"`{r.backend}`"] for r in AUTO_RULES]
     assert rows == expected, "docs/kernels.md's `auto` rule table differs from drdo_kernels.logprobs.AUTO_RULES"
 
 

@@ -15,7 +15,7 @@ from drdo_kernels.logprobs_chunked import LMHeadGemms
 
 def test_oracle_scores_get_their_gradient_at_a_real_vocabulary():
     """Every pair's Bradley-Terry gradient reaches the scores when a chunk holds several but not
-    all pairs (V = 32000: 131 tokens a chunk on a CPU); it used to be exactly zero."""
+    all pairs (V = 32000: 128 tokens a chunk on a CPU); it used to be exactly zero."""
     torch.manual_seed(0)
     n_pairs, n_pos, n_hidden, n_vocab, alpha = 8, 20, 16, 32000, 0.01
     w = torch.randn(n_vocab, n_hidden) / 4

@@ -1,5 +1,5 @@
 """A whole training step's gradients: the fused kernels (``backend="auto"``) against full logits
-(``backend="reference"``), on a tiny Llama with a 32k vocabulary, where a CPU chunk holds 131
+(``backend="reference"``), on a tiny Llama with a 32k vocabulary, where a CPU chunk holds 128
 tokens (several pairs, not all of them), for every stage, padded and padding-free; and
 ``DRDOTrainer``'s step against ``drdo.losses`` on full logits.
 
@@ -39,7 +39,7 @@ def model_dir(tmp_path_factory):
 
 def long_rows(n: int, k: int = 1) -> list[dict]:
     """make_rows with responses of 12-30 bytes: 12 pairs hold about 450 scored tokens, so the
-    131-token chunks of a 32k vocabulary hold two to five pairs each (chosen rows only: about eight)."""
+    128-token chunks of a 32k vocabulary hold two to five pairs each (chosen rows only: about eight)."""
     rows = make_rows(n, ref=True, k=k)
     for i, row in enumerate(rows):
         row["chosen"] += " because " + "ab" * (i % 5)
