@@ -33,8 +33,16 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import peers, report, trl_train  # noqa: E402
-from benchmarks.common import DEFAULT_REPS, default_output, interpret_mode, read_csv, resolve_device  # noqa: E402
-from benchmarks.common import set_threads, torch_dtype, write_csv  # noqa: E402
+from benchmarks.common import (  # noqa: E402  # noqa: E402
+    DEFAULT_REPS,
+    default_output,
+    interpret_mode,
+    read_csv,
+    resolve_device,
+    set_threads,
+    torch_dtype,
+    write_csv,
+)
 from benchmarks.heads import IGNORE_INDEX  # noqa: E402
 from benchmarks.measure import PeakMemory, bench_times, run_isolated, sync  # noqa: E402
 from benchmarks.runner import earlier_rows  # noqa: E402

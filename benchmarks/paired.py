@@ -23,9 +23,16 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DEFAULT_REPS, add_input_args, default_output, parse_shape, resolve_device  # noqa: E402
-from benchmarks.common import set_threads, write_csv  # noqa: E402
-from benchmarks.measure import run_backward, one_line, quantile, zero_grads, sync  # noqa: E402
+from benchmarks.common import (  # noqa: E402  # noqa: E402
+    DEFAULT_REPS,
+    add_input_args,
+    default_output,
+    parse_shape,
+    resolve_device,
+    set_threads,
+    write_csv,
+)
+from benchmarks.measure import one_line, quantile, run_backward, sync, zero_grads  # noqa: E402
 from benchmarks.report import write_portable  # noqa: E402
 
 COLUMNS = ["bench", "ours", "peer", "device", "dtype", "N", "H", "V", "mode", "rounds",

@@ -18,9 +18,16 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench_loss, peers  # noqa: E402
-from benchmarks.common import add_input_args, default_output, interpret_mode, parse_shape, resolve_device  # noqa: E402
-from benchmarks.common import set_threads, write_csv  # noqa: E402
-from benchmarks.measure import run_backward, one_line, zero_grads, sync  # noqa: E402
+from benchmarks.common import (  # noqa: E402  # noqa: E402
+    add_input_args,
+    default_output,
+    interpret_mode,
+    parse_shape,
+    resolve_device,
+    set_threads,
+    write_csv,
+)
+from benchmarks.measure import one_line, run_backward, sync, zero_grads  # noqa: E402
 from benchmarks.report import write_portable  # noqa: E402
 
 COLUMNS = ["backend", "device", "dtype", "N", "H", "V", "kernel", "calls_per_step", "ms_per_step", "share",

@@ -269,7 +269,7 @@ def write_results_md(out_dir: Path) -> Path:
                   f"- CPU: {meta['cpu']} ({meta['cpu_count']} cores visible, torch threads {meta['torch_threads']})",
                   f"- Python {meta['python']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
                   f"- measured GEMM peak (TFLOP/s): {json.dumps(meta['gemm_peak_tflops'])}",
-                  f"- load average (1, 5, 15 min) when each benchmark ended: "
+                  "- load average (1, 5, 15 min) when each benchmark ended: "
                   + "; ".join(f"{m.name[:-len('_meta.json')]} {json.loads(m.read_text(encoding='utf-8')).get('load_average_at_end')}"
                               for m in metas), ""]
     targets = targets_md(out_dir)

@@ -11,9 +11,17 @@ import time
 from pathlib import Path
 
 from benchmarks import report, work
-from benchmarks.common import add_common_args, build_grid, default_output, interpret_mode, read_csv, resolve_device
-from benchmarks.common import set_threads, write_csv
-from benchmarks.measure import one_line, gemm_peak_tflops, measure_point, run_isolated
+from benchmarks.common import (
+    add_common_args,
+    build_grid,
+    default_output,
+    interpret_mode,
+    read_csv,
+    resolve_device,
+    set_threads,
+    write_csv,
+)
+from benchmarks.measure import gemm_peak_tflops, measure_point, one_line, run_isolated
 from drdo.atomic import write_text
 
 

@@ -28,7 +28,6 @@ METHODS = ("trl_dpo_fused", "trl_dpo", "trl_dpo_liger")
 def skip_reason(method: str, ctx: dict) -> str | None:
     """Why ``method`` cannot run at ``ctx``, or None."""
     from benchmarks import peers
-
     from drdo.tokenizer import TINY_VOCAB_SIZE
 
     reason = peers.trl_kernels_reason() or peers.import_reason("trl.trainer.dpo_trainer", "trl>=1.16")

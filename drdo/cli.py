@@ -25,19 +25,17 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import logging
 import json
-import os
+import logging
 import signal
 import sys
-import time
 import traceback
 
 from drdo.config import (
-    DeprecatedFlag,
     FIELD_NAMES,
     STUDENT_STAGES,
     ConfigError,
+    DeprecatedFlag,
     EvalConfig,
     RefLogpsConfig,
     ScoreConfig,
@@ -48,7 +46,6 @@ from drdo.config import (
 )
 from drdo.demo.run import add_arguments as add_demo_arguments
 from drdo.errors import shown
-from drdo.hub import require_model_source
 from drdo.process_settings import quiet_libraries, torch_threads
 
 #: How long ``drdo demo`` takes; the README says the same (tests/test_readme_table.py checks it): the

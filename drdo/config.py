@@ -28,9 +28,18 @@ from typing import Any, Callable
 
 from drdo.atomic import atomic_write
 from drdo.errors import ConfigError, shown
+from drdo.losses import (
+    REWARD_GRADS,
+    REWARDS,
+    UNLIKELIHOOD_SIGN,
+    DPOSpec,
+    DRDOSpec,
+    EDPOSpec,
+    LossSpec,
+    OracleSpec,
+    SFTSpec,
+)
 from drdo.policy_logprobs import BACKENDS, DEPRECATED_BACKEND_NAME, check_backend
-from drdo.losses import (REWARD_GRADS, REWARDS, UNLIKELIHOOD_SIGN, DPOSpec, DRDOSpec, EDPOSpec, LossSpec, OracleSpec,
-                         SFTSpec)
 
 STAGES = ("sft", "oracle", "drdo", "dpo", "edpo")
 PRECISIONS = ("auto", "bf16", "fp32")

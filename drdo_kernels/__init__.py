@@ -15,9 +15,6 @@ materialise the [tokens, vocab] logits.
   ``completion_mask``) and FSDP2 (a sharded DTensor LM head).
 * ``triton_runtime.triton_interpreting()`` -> whether Triton runs in its CPU interpreter.
 """
-from .inputs import align_labels, gather_lm_head
-from .logprobs import auto_backend, fused_linear_logprobs
-from .pair_loss import drdo_pair_loss
 from .fused_losses import (
     FusedLinearDPOLoss,
     FusedLinearDRDOLoss,
@@ -30,6 +27,9 @@ from .fused_losses import (
     fused_objective_loss,
     row_logprobs,
 )
+from .inputs import align_labels, gather_lm_head
+from .logprobs import auto_backend, fused_linear_logprobs
+from .pair_loss import drdo_pair_loss
 
 __all__ = [
     "fused_linear_logprobs",

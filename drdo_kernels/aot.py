@@ -79,7 +79,8 @@ def compile_spec(spec, capability: int, variant: str = "aligned"):
     """Compile one (name, fn, signature, constexprs, num_warps, num_stages[, aligned_ints]) for
     sm_<capability>, in the "aligned" (as launched) or "generic" specialisation."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile as triton_compile
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")

@@ -32,8 +32,16 @@ from drdo.losses import DPOSpec, DRDOSpec, EDPOSpec, OracleSpec, drdo_loss, obje
 
 from . import logprobs_chunked as chunked
 from .inputs import gather_lm_head
-from .logprobs import (TokenPlan, check_backend, check_chunk_tokens, check_inputs, check_rows_scored, plan_tokens,
-                       resolve_backend, valid_logprobs)
+from .logprobs import (
+    TokenPlan,
+    check_backend,
+    check_chunk_tokens,
+    check_inputs,
+    check_rows_scored,
+    plan_tokens,
+    resolve_backend,
+    valid_logprobs,
+)
 from .pair_chunked import chunked_pair_loss, group_order
 from .pair_loss import drdo_pair_loss
 from .pair_objectives import objective_for

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 import drdo_kernels as dk
-from drdo_kernels.triton_runtime import triton_interpreting
 from drdo.losses import IGNORE_INDEX, dpo_loss, drdo_loss, edpo_loss, oracle_loss, sequence_logprobs
+from drdo_kernels.triton_runtime import triton_interpreting
 
 LOSSES = ("drdo", "dpo", "oracle", "edpo", "logprobs")
 BIG_VOCABS = (32000, 32003, 32771)

@@ -8,6 +8,7 @@ import torch
 from drdo import models
 from drdo.models import default_attn_implementation, loading, training_attn_implementation
 
+
 def _with_flash(installed: bool):
     return mock.patch.object(loading, "flash_attn_available", return_value=installed)
 

@@ -323,7 +323,7 @@ def test_work_table_covers_every_method():
 
 @pytest.mark.parametrize("regime", ["std2", "init", "peaked"])
 def test_logit_regimes_have_the_requested_statistics(regime):
-    from benchmarks.heads import make_head_tensors, logit_stats
+    from benchmarks.heads import logit_stats, make_head_tensors
 
     ctx = dict(device="cpu", dtype="bf16", seed=0, N=512, H=256, V=8192, logits=regime)
     stats = logit_stats(*make_head_tensors(ctx, (512,)))

@@ -6,12 +6,11 @@ import math
 import os
 
 import pytest
-
 from test_train import KERNEL, make_rows, write_rows
 
 from drdo.cli import main, parse_args, train_config_from_args
-from drdo.training.schedule import default_lr
 from drdo.config import TrainConfig, resolve
+from drdo.training.schedule import default_lr
 
 SMALL = ["--max-length", "48", "--max-prompt-length", "24", "--batch-size", "4", "--micro-batch-size", "2",
          "--no-progress", "--no-plot", "--backend", KERNEL, "--lr", "1e-3"]

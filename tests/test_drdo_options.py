@@ -10,11 +10,10 @@ import torch.nn.functional as F
 
 from drdo.config import ConfigError, TrainConfig, resolve
 from drdo.data import PreferenceCollator, load_preference_dataset
-from drdo.losses import drdo_loss, sequence_logprobs
+from drdo.losses import DRDOSpec, drdo_loss, sequence_logprobs
 from drdo.models import PolicyWithRewardHead
 from drdo.tokenizer import get_tokenizer
 from drdo.training import diagnostics
-from drdo.losses import DRDOSpec
 from drdo.training.objectives import StageObjective
 
 KERNELS = ["reference", "torch"]

@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-
 from test_faults import CLI, cfg, data, interrupt_at, metric_steps, one_error, recorder, rows, write_jsonl  # noqa: F401
 
 from drdo.atomic import atomic_writes

@@ -22,10 +22,9 @@ import os
 
 import pytest
 import torch
+from gradient_cases import WORST, Case, cases, run_case
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-
-from gradient_cases import WORST, Case, cases, run_case
 
 SCALE = int(os.environ.get("DRDO_HARNESS_SCALE", "1"))
 EXPLORE_SEED = os.environ.get("DRDO_HARNESS_SEED")

@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drdo_kernels import fused_linear_logprobs
-from drdo_kernels import logprobs_triton
+from drdo_kernels import fused_linear_logprobs, logprobs_triton
 from drdo_kernels.logprobs import resolve_backend
 from drdo_kernels.triton_runtime import triton_interpreting
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_train import make_rows
 
 from drdo.data import PreferenceCollator, load_preference_dataset

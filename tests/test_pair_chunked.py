@@ -7,8 +7,13 @@ import torch.nn.functional as F
 
 import drdo_kernels
 from drdo.losses import drdo_loss, oracle_loss, sequence_logprobs
-from drdo_kernels import (FusedLinearDPOLoss, FusedLinearDRDOLoss, FusedLinearOracleLoss, fused_linear_dpo_loss,
-                          fused_linear_drdo_loss)
+from drdo_kernels import (
+    FusedLinearDPOLoss,
+    FusedLinearDRDOLoss,
+    FusedLinearOracleLoss,
+    fused_linear_dpo_loss,
+    fused_linear_drdo_loss,
+)
 from drdo_kernels import logprobs as logprobs_mod
 from drdo_kernels.logprobs_chunked import LMHeadGemms
 

@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-
 from test_train import KERNEL, make_rows, write_rows
 
 from drdo.training.loop import TrainConfig, train

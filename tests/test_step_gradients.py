@@ -16,7 +16,6 @@ import copy
 
 import pytest
 import torch
-
 from test_train import cfg, make_rows, write_rows
 
 from drdo.config import resolve

@@ -15,9 +15,8 @@ from drdo.demo import (
     true_reward,
     true_rewards,
 )
-from drdo.jsonl import read_jsonl, write_jsonl
 from drdo.demo.report import ci95_halfwidth, noise_key, summarize
-
+from drdo.jsonl import read_jsonl, write_jsonl
 
 # ------------------------------------------------------------------ r_true on hand-made examples
 

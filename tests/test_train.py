@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drdo.training.checkpoint import CheckpointError, latest_checkpoint
 from drdo.config import ConfigError
-from drdo.training.schedule import lr_at
+from drdo.training.checkpoint import CheckpointError, latest_checkpoint
 from drdo.training.loop import TrainConfig, TrainingDiverged, rank_micro_batches, step_indices, train
+from drdo.training.schedule import lr_at
 
 KERNEL = "torch"  # the fused path (chunked PyTorch backend on CPU)
 

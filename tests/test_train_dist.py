@@ -14,7 +14,6 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_train import KERNEL, make_rows, write_rows
 
 from drdo.training.loop import TrainConfig, train

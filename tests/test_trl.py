@@ -10,7 +10,6 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-
 from test_train import make_rows  # noqa: E402
 
 from drdo.losses import drdo_loss, sequence_logprobs  # noqa: E402

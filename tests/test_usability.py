@@ -8,11 +8,9 @@ import sys
 
 import pytest
 import torch
-
 from test_train import make_rows, write_rows
 
 from drdo.cli import build_parser, main
-from drdo.config import TrainConfig, resolve
 from drdo.models import is_tiny_model
 from drdo.training.schedule import default_lr
 
@@ -26,8 +24,8 @@ def _losses(directory):
 
 
 def test_tiny_model_trains_at_its_default_lr_quietly_and_says_where_it_saved(tmp_path, capsys):
-    from transformers.utils import logging as hf_logging
     import datasets
+    from transformers.utils import logging as hf_logging
 
     data = write_rows(tmp_path / "raw.jsonl", make_rows(16, oracle=False))
     out = str(tmp_path / "sft")

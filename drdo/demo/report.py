@@ -29,7 +29,6 @@ against SFT (where both ran).
 """
 from __future__ import annotations
 
-
 import json
 import math
 

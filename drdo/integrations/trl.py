@@ -37,7 +37,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from drdo.data.packing import last_token_index, pack_sequences, segment_sum
 from drdo.data.row_checks import ORACLE_FIELDS, check_oracle_rows
 from drdo.losses import IGNORE_INDEX, REWARD_GRADS, REWARDS, UNLIKELIHOOD_SIGN, DRDOSpec, objective_loss
-from drdo.models import HEAD_WEIGHTS_NAME, last_token_indices, new_reward_head, save_head
+from drdo.models import last_token_indices, new_reward_head, save_head
 from drdo.policy_logprobs import BACKENDS, check_backend
 
 __all__ = ["DRDOConfig", "DRDOTrainer", "DRDODataCollator", "REWARD_HEAD_ATTR"]

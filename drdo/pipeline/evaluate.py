@@ -33,8 +33,8 @@ from drdo.atomic import atomic_writes
 from drdo.data import encode_prompt
 from drdo.errors import ConfigError
 from drdo.jsonl import write_rows
-from drdo.progress import batch_starts
 from drdo.pipeline.scoring import load_reward_model, pick_device
+from drdo.progress import batch_starts
 
 __all__ = ["JudgeError", "RESERVED_NAMES", "generate", "evaluate", "run_eval", "load_judge", "win_rate", "parse_policies",
            "generations_path"]

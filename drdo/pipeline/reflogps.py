@@ -19,9 +19,9 @@ import torch
 
 from drdo.data import PreferenceCollator, load_preference_dataset
 from drdo.jsonl import write_jsonl
+from drdo.pipeline.scoring import pick_device
 from drdo.policy_logprobs import REF_SETTINGS_FIELD, policy_sequence_logprobs, reference_settings
 from drdo.progress import batch_starts
-from drdo.pipeline.scoring import pick_device
 
 __all__ = ["compute_reference_logps"]
 

@@ -41,15 +41,15 @@ from typing import Callable
 
 import torch
 
+from drdo.config import TrainConfig, accumulation_steps, resolve, total_steps, warmup_steps_for
+from drdo.losses import IGNORE_INDEX
+from drdo.process_settings import quiet_libraries, torch_threads
 from drdo.training import checkpoint as ckpt
 from drdo.training import distributed as dist_utils
 from drdo.training import rundir
-from drdo.losses import IGNORE_INDEX
-from drdo.process_settings import quiet_libraries, torch_threads
-from drdo.config import TrainConfig, accumulation_steps, resolve, total_steps, warmup_steps_for
 from drdo.training.metrics import MetricsLog, peak_memory_mb
-from drdo.training.reporting import make_reporter
 from drdo.training.objectives import StageObjective
+from drdo.training.reporting import make_reporter
 from drdo.training.schedule import default_lr, lr_at, set_lr
 
 __all__ = ["TrainConfig", "train", "TrainingDiverged", "step_indices"]

@@ -27,9 +27,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from drdo.policy_logprobs import head_params, policy_sequence_logprobs
 from drdo.losses import IGNORE_INDEX, DRDOSpec, objective_loss, sequence_logprobs
 from drdo.models import packed_sequence_rewards, sequence_rewards
+from drdo.policy_logprobs import head_params, policy_sequence_logprobs
 from drdo.training import diagnostics
 
 #: What a batch field is, for the error when a stage needs it and the data lacks it.

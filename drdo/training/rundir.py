@@ -36,9 +36,9 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 
-from drdo.data.sources import file_sha256
 from drdo.atomic import write_text
 from drdo.config import TrainConfig, save_yaml
+from drdo.data.sources import file_sha256
 from drdo.run_record import LOCK_FILE, RUN_FILE, read_run_file
 from drdo.training import checkpoint as ckpt
 
