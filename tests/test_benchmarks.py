@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import bench_logprobs, bench_loss, bench_train, peers, work
 from benchmarks.common import CSV_COLUMNS, PRESETS, build_grid, parse_shape, portable, read_csv
-from benchmarks.measure import bench_times, run_backward, run_isolated
+from benchmarks.measure import Inputs, _time, bench_times, run_backward, run_isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -375,6 +375,32 @@ def test_append_keeps_earlier_points(tmp_path: Path):
 
 def test_cpu_timing_takes_the_requested_repetitions():
     assert bench_times(lambda: None, "cpu", 0.0, reps=20)[3] >= 20
+
+
+class _FreesWhatItSaved(torch.autograd.Function):
+    """A backward that hands out the gradient stored in the forward and drops it: it runs once."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.grad = 2 * x.detach()
+        return (x * x).sum()
+
+    @staticmethod
+    def backward(ctx, upstream):
+        if ctx.grad is None:
+            raise RuntimeError("Trying to backward through the graph a second time")
+        grad, ctx.grad = ctx.grad, None
+        return upstream * grad
+
+
+def test_bwd_is_derived_where_a_backward_cannot_be_repeated():
+    x = torch.randn(8, requires_grad=True)
+    inputs = Inputs(tensors={"x": x}, grad=[x])
+    *times, note = _time("bwd", lambda: _FreesWhatItSaved.apply(x), inputs, "cpu", 0.0, 3)
+    assert note.startswith("derived as (fwd+bwd) - fwd: repeated backward unsupported"), note
+    assert times[3] >= 3
+    *times, note = _time("bwd", lambda: (x * x).sum(), inputs, "cpu", 0.0, 3)
+    assert note == "backward replayed with retain_graph=True" and times[3] >= 3
 
 
 def test_portable_paths():
