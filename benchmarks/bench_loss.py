@@ -16,7 +16,8 @@ Methods (each returns the scalar loss):
   cce                Cut Cross-Entropy linear_cross_entropy(reduction="none", impl="cce") -> row sums -> drdo_loss
   cce_torch_compile  the same with impl="torch_compile"
   torch_lce          torch.nn.functional.linear_cross_entropy(reduction="none") -> row sums -> drdo_loss
-  trl_chunked        TRL's fused LM head (trl.kernels.ChunkedLogProbFunction) per-token log-probs -> row sums -> drdo_loss
+  trl_chunked        TRL's fused LM head (trl.kernels.ChunkedLogProbFunction) per-token log-probs -> row sums ->
+                     drdo_loss
   base_triton        FusedLinearDRDOLoss of an older checkout (--baseline DIR), triton / chunked / torch backend, in a
   base_chunked       fresh process
   base_torch
@@ -200,7 +201,8 @@ def _liger_note(ctx: dict) -> str | None:
 def _filter_reason(ctx: dict) -> str | None:
     """The fused losses run exact: a requested gradient filter cannot be applied to them."""
     if float(ctx.get("filter_eps") or 0.0) > 0:
-        return "the fused losses take no filter_eps (they run exact); bench_logprobs.py --filter-eps measures the filter"
+        return ("the fused losses take no filter_eps (they run exact); "
+                "bench_logprobs.py --filter-eps measures the filter")
     return None
 
 

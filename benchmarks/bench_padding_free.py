@@ -102,7 +102,8 @@ def main(argv=None) -> dict:
         s.update(QUICK[device.type])
     bf16 = device.type == "cuda"
     attn = default_attn_implementation(device, torch.bfloat16 if bf16 else torch.float32)
-    lm = build_tiny_causal_lm(vocab_size=s["vocab"], hidden_size=s["hidden"], num_layers=s["layers"], num_heads=s["heads"])
+    lm = build_tiny_causal_lm(vocab_size=s["vocab"], hidden_size=s["hidden"], num_layers=s["layers"],
+                              num_heads=s["heads"])
     lm.set_attn_implementation(attn)
     policy = PolicyWithRewardHead(lm).to(device).train()
     root = StageObjective(policy, TrainConfig(stage="drdo", backend="auto"))
@@ -122,7 +123,8 @@ def main(argv=None) -> dict:
               f"{real_tokens} real tokens): {median * 1e3:.1f} ms/step, {real_tokens / median:,.0f} tokens/s")
     ratios = [a / b for a, b in zip(all_times["padded"], all_times["packed"])]
     result["speedup"] = statistics.median(ratios)  # median over the paired steps of padded time / packed time
-    print(f"packed / padded tokens/s (median of paired steps): {result['speedup']:.2f}x ({attn}, {result['kernel']} kernels, {result['device']})")
+    print(f"packed / padded tokens/s (median of paired steps): {result['speedup']:.2f}x "
+          f"({attn}, {result['kernel']} kernels, {result['device']})")
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)

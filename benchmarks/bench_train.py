@@ -222,7 +222,8 @@ def _run(ctx: dict, isolate: bool, timeout: float) -> dict:
     rows, failure = run_isolated("benchmarks.bench_train:measure_payload", ctx, timeout)
     if rows is not None:
         return rows[0]
-    return dict(bench=NAME, method=ctx["method"], device=ctx["device"], dtype=ctx["dtype"], N=2 * ctx["pairs"] * ctx["T"],
+    return dict(bench=NAME, method=ctx["method"], device=ctx["device"], dtype=ctx["dtype"],
+                N=2 * ctx["pairs"] * ctx["T"],
                 H=ctx["H"], V=ctx["V"], mode="train_step", batch_pairs=ctx["pairs"], seq_len=ctx["T"],
                 status="oom" if failure.startswith("oom") else "error", note=failure)
 
@@ -313,8 +314,8 @@ def _measure_method(ctx: dict, spec: dict, args, isolate: bool, timeout: float) 
         return r, _skipped(ctx, spec, "the largest-batch search needs a fresh process per probe for a true peak RSS "
                                       "(--quick and --no-isolate measure in-process); run without them")[1]
     found = max_batch(ctx, spec["budget"], spec["max_batch"], isolate, timeout)
-    print(f"  {ctx['method']:<14} max batch in {spec['budget']} MB: {found.get('max_batch_pairs', found['status'])} pairs",
-          flush=True)
+    print(f"  {ctx['method']:<14} max batch in {spec['budget']} MB: "
+          f"{found.get('max_batch_pairs', found['status'])} pairs", flush=True)
     return r, found
 
 
@@ -374,7 +375,8 @@ def _append_train_md(out_dir: Path, rows: list[dict], batch_rows: list[dict]) ->
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("status") == "ok":
-            lines.append(f"| {r['method']} | {r['H']} | {r['batch_pairs']} | {r['seq_len']} | {num(r['tokens_per_s']):.0f} | "
+            lines.append(f"| {r['method']} | {r['H']} | {r['batch_pairs']} | {r['seq_len']} | "
+                         f"{num(r['tokens_per_s']):.0f} | "
                          f"{num(r['median_ms']):.1f} | {r['n_samples']} | {num(r['peak_mem_mb']):.0f} | ok |")
     lines += ["", "Largest batch (pairs of T tokens) whose training step fits the memory budget:", "",
               "| method | H | budget MB | max B | peak MB at max B | status | note |", "|---|---|---|---|---|---|---|"]

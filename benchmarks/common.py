@@ -116,9 +116,11 @@ def add_common_args(parser: argparse.ArgumentParser, default_modes: tuple[str, .
     """The flags every grid benchmark (log-probs, loss) shares."""
     parser.add_argument("--quick", action="store_true", help="a small grid that finishes in well under a minute on CPU")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    parser.add_argument("--output", default=None, help="directory for CSV/PNG/markdown (default benchmarks/results/latest-<device>)")
+    parser.add_argument("--output", default=None,
+                        help="directory for CSV/PNG/markdown (default benchmarks/results/latest-<device>)")
     parser.add_argument("--shapes", type=_str_list, default=None,
-                        help="comma list of NxHxV or presets (qwen2.5-0.5b, llama-3-8b, gemma-2-2b)[:N]; replaces the sweeps")
+                        help="comma list of NxHxV or presets (qwen2.5-0.5b, llama-3-8b, gemma-2-2b)[:N]; "
+                             "replaces the sweeps")
     parser.add_argument("--preset", type=_str_list, default=None, help="add these presets at the base N (or each --N)")
     parser.add_argument("--sweep", default=None, type=_str_list,
                         help="which sweeps to run: any of N,V,H (default all of them; 'none' for base point only)")
@@ -127,7 +129,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_modes: tuple[str, .
     parser.add_argument("--V", type=_int_list, default=None, help="override the V sweep values")
     parser.add_argument("--base", default=None, help="base point NxHxV of the sweeps")
     parser.add_argument("--dtypes", type=_str_list, default=None,
-                        help="dtypes (bf16,fp32); default: the device's main dtype everywhere plus the other at the base point")
+                        help="dtypes (bf16,fp32); default: the device's main dtype everywhere plus the other "
+                             "at the base point")
     parser.add_argument("--modes", type=_str_list, default=list(default_modes), help=f"subset of {','.join(MODES)}")
     parser.add_argument("--methods", type=_str_list, default=None, help="subset of the methods (default all)")
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per point and mode")
@@ -137,7 +140,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_modes: tuple[str, .
     add_input_args(parser)
     parser.add_argument("--reps", type=int, default=DEFAULT_REPS, help="timed repetitions per point, at least")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice, 1 with --quick on CPU); 1 is steadier on a shared machine")
+                        help="torch CPU threads (default: torch's choice, 1 with --quick on CPU); "
+                             "1 is steadier on a shared machine")
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per isolated measurement")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
                         help="CPU: measure in this process instead of a fresh subprocess per method and shape "
@@ -145,10 +149,12 @@ def add_common_args(parser: argparse.ArgumentParser, default_modes: tuple[str, .
     parser.add_argument("--gemm-n", type=int, default=None, help="size of the square GEMM that measures the peak")
     parser.add_argument("--no-plots", dest="plots", action="store_false")
     parser.add_argument("--append", action="store_true",
-                        help="keep the rows already in --output's CSV (points measured by an earlier call) and add these")
+                        help="keep the rows already in --output's CSV (points measured by an earlier call) "
+                             "and add these")
     parser.add_argument("--baseline", default=os.environ.get("DRDO_BENCH_BASELINE") or None,
-                        help="a folder holding an older drdo/ and drdo_kernels/ (e.g. `git archive OLD drdo drdo_kernels`"
-                             " unpacked): its kernels run as base_triton / base_chunked / base_torch, each in a fresh process "
+                        help="a folder holding an older drdo/ and drdo_kernels/ "
+                             "(e.g. `git archive OLD drdo drdo_kernels` unpacked): its kernels run as "
+                             "base_triton / base_chunked / base_torch, each in a fresh process "
                              "(default $DRDO_BENCH_BASELINE)")
 
 

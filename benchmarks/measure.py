@@ -252,17 +252,19 @@ def _time(mode: str, fn: Callable, inputs: Inputs, device: str, min_run_time: fl
     if mode == "fwd+bwd":
         return (*bench_times(fwd_bwd, device, min_run_time, reps), "")
     out = fn()
-    try:
+
+    def replay():
         run_backward(out, inputs, retain_graph=True)
-        sync(device)
-    except RuntimeError as exc:  # backward that frees what it saved: derive it
-        del out
+
+    try:  # the replays themselves are the probe: a backward that frees what it saved fails on the second call
+        result = bench_times(replay, device, min_run_time, reps)
+    except RuntimeError as exc:  # repeated backward unsupported: derive it
+        out = None  # drop the retained graph (replay, held by the traceback, sees None)
         fb = bench_times(fwd_bwd, device, min_run_time, reps)
         f = bench_times(fn, device, min_run_time, reps)
         note = f"derived as (fwd+bwd) - fwd: repeated backward unsupported ({one_line(exc, 80)})"
         return fb[0] - f[0], fb[1] - f[1], fb[2] - f[2], fb[3], note
-    result = bench_times(lambda: run_backward(out, inputs, retain_graph=True), device, min_run_time, reps)
-    del out
+    out = None
     zero_grads(inputs)
     return (*result, "backward replayed with retain_graph=True")
 

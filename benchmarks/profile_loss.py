@@ -74,8 +74,9 @@ def profile_one(ctx: dict, backend: str, steps: int) -> list[dict]:
     events = sorted(_events(prof, ctx["device"]), key=lambda e: _time_us(e, ctx["device"]), reverse=True)
     total = sum(_time_us(e, ctx["device"]) for e in events) or 1.0
     launches = sum(e.count for e in events) / steps
-    return [dict(base, kernel=e.key, calls_per_step=e.count / steps, ms_per_step=_time_us(e, ctx["device"]) / 1e3 / steps,
-                 share=_time_us(e, ctx["device"]) / total, launches_per_step=launches, status="ok", note="")
+    return [dict(base, kernel=e.key, calls_per_step=e.count / steps,
+                 ms_per_step=_time_us(e, ctx["device"]) / 1e3 / steps, share=_time_us(e, ctx["device"]) / total,
+                 launches_per_step=launches, status="ok", note="")
             for e in events]
 
 
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> Path:
             ok = [r for r in new if r["status"] == "ok"]
             print(f"  {backend:<8} {args.dtype} {n}x{h}x{v}: " + (
                 f"{sum(r['ms_per_step'] for r in ok):.2f} ms/step, {ok[0]['launches_per_step']:.0f} launches; top: "
-                f"{ok[0]['kernel'][:60]} {ok[0]['share']:.0%}" if ok else f"{new[0]['status']}: {new[0]['note'][:120]}"),
+                f"{ok[0]['kernel'][:60]} {ok[0]['share']:.0%}"
+                if ok else f"{new[0]['status']}: {new[0]['note'][:120]}"),
                 flush=True)
             write_csv(rows, out_dir / "profile.csv", COLUMNS)
     command = " ".join(["benchmarks/profile_loss.py"] + (sys.argv[1:] if argv is None else list(argv)))

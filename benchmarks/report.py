@@ -146,7 +146,8 @@ def markdown(rows: list[dict], ratio_rows: list[dict], name: str, meta: dict) ->
                          f"{_percent(r.get('peak_frac'))} | {_f(r.get('max_abs_err'), 2)} |")
     if ratio_rows:
         lines += ["", "Ratios (ours / peer, same run; < 1 means ours is faster / smaller):", "",
-                  "| ours | peer | dtype | N | H | V | mode | time ratio (medians) | time ratio (p20s) | memory ratio |",
+                  "| ours | peer | dtype | N | H | V | mode | time ratio (medians) | time ratio (p20s) "
+                  "| memory ratio |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for q in ratio_rows:
             lines.append(f"| {q['ours']} | {q['peer']} | {q['dtype']} | {q['N']} | {q['H']} | {q['V']} | {q['mode']} | "
@@ -247,11 +248,13 @@ def targets_md(out_dir: Path) -> str:
     roof = out_dir / "loss.csv"
     if roof.exists():
         for r in read_csv(roof):
-            if r["device"] == "cuda" and r["method"] in ("ours_auto", "ours_triton", "ours_chunked") and r["status"] == "ok":
+            if (r["device"] == "cuda" and r["method"] in ("ours_auto", "ours_triton", "ours_chunked")
+                    and r["status"] == "ok"):
                 frac = num(r["peak_frac"])
-                lines.append(f"| loss | {r['method']} roofline | {r['dtype']} {r['N']}x{r['H']}x{r['V']} {r['mode']} | "
-                             f">= 70% of the GEMM peak for its work ({_f(r.get('work_nhv'))} NHV) | {frac * 100:.1f}% | "
-                             f"{'met' if frac >= 0.7 else 'missed'} |")
+                lines.append(f"| loss | {r['method']} roofline | "
+                             f"{r['dtype']} {r['N']}x{r['H']}x{r['V']} {r['mode']} | "
+                             f">= 70% of the GEMM peak for its work ({_f(r.get('work_nhv'))} NHV) | "
+                             f"{frac * 100:.1f}% | {'met' if frac >= 0.7 else 'missed'} |")
     if not lines:
         return ""
     head = ["## Targets (measured here; CI asserts none)", "",
@@ -265,12 +268,14 @@ def write_results_md(out_dir: Path) -> Path:
     lines = ["# Benchmark results", ""]
     if metas:
         meta = json.loads(metas[0].read_text(encoding="utf-8"))
-        lines += [f"- date: {meta['date_utc']}", f"- device: {meta['device']}" + (f" ({meta['gpu']})" if meta.get("gpu") else ""),
+        lines += [f"- date: {meta['date_utc']}",
+                  f"- device: {meta['device']}" + (f" ({meta['gpu']})" if meta.get("gpu") else ""),
                   f"- CPU: {meta['cpu']} ({meta['cpu_count']} cores visible, torch threads {meta['torch_threads']})",
                   f"- Python {meta['python']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
                   f"- measured GEMM peak (TFLOP/s): {json.dumps(meta['gemm_peak_tflops'])}",
                   "- load average (1, 5, 15 min) when each benchmark ended: "
-                  + "; ".join(f"{m.name[:-len('_meta.json')]} {json.loads(m.read_text(encoding='utf-8')).get('load_average_at_end')}"
+                  + "; ".join(f"{m.name[:-len('_meta.json')]} "
+                              f"{json.loads(m.read_text(encoding='utf-8')).get('load_average_at_end')}"
                               for m in metas), ""]
     targets = targets_md(out_dir)
     if targets:

@@ -92,7 +92,8 @@ def run_grid(bench, argv: list[str] | None, description: str, default_modes: tup
         args.threads = 1  # tiny shapes gain nothing from more threads, and a loaded machine stalls them
     set_threads(args.threads)
     gemm = {d: gemm_peak_tflops(device, d, args.quick, args.gemm_n) for d in sorted({p.dtype for p in points})}
-    write_text(meta_path, json.dumps(_meta(bench, device, gemm, started, isolate, args, commands), indent=2, default=str))
+    write_text(meta_path,
+               json.dumps(_meta(bench, device, gemm, started, isolate, args, commands), indent=2, default=str))
     print(f"[{bench.NAME}] device={device} points={len(points)} methods={methods} gemm TFLOP/s={gemm}", flush=True)
     rows: list[dict] = []
     stopped = ""

@@ -78,7 +78,8 @@ def _add_flags(parser: argparse.ArgumentParser, cls, stages: tuple[str, ...] | N
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser and its leaf subparsers by command path ("sft", "oracle train", ...)."""
-    parser = argparse.ArgumentParser(prog="drdo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="drdo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     leaves: dict[str, argparse.ArgumentParser] = {}

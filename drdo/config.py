@@ -484,7 +484,8 @@ def _check_numbers(c: TrainConfig) -> None:
         if not math.isfinite(getattr(c, name)):
             raise ConfigError(f"{name} must be a finite number, got {getattr(c, name)}")
     if c.lr is not None and not 0 < c.lr <= MAX_LR:
-        raise ConfigError(f"lr must lie in (0, {MAX_LR:g}], got {c.lr:g} (AdamW moves each weight by about lr per step)")
+        raise ConfigError(f"lr must lie in (0, {MAX_LR:g}], got {c.lr:g} "
+                          "(AdamW moves each weight by about lr per step)")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(c, name) < 1.0:
             raise ConfigError(f"{name} must lie in [0, 1), got {getattr(c, name)}")

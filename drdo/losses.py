@@ -193,7 +193,8 @@ class OracleSpec(LossSpec):
     def __post_init__(self):
         self._weight("alpha")
         if self.alpha > 1:
-            raise ValueError(f"alpha must be in [0, 1] (it weighs the Bradley-Terry term by 1 - alpha), got {self.alpha}")
+            raise ValueError(f"alpha must be in [0, 1] (it weighs the Bradley-Terry term by 1 - alpha), "
+                             f"got {self.alpha}")
         _choice("nll_reduction", self.nll_reduction, NLL_REDUCTIONS)
 
 
@@ -264,7 +265,8 @@ def sequence_logprobs(
         n_tokens: [N] int64, the number of counted tokens per row.
     """
     if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
-        raise ValueError(f"expected logits [N, T, V] and labels [N, T], got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise ValueError(f"expected logits [N, T, V] and labels [N, T], "
+                         f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
     dtype = _compute_dtype(logits)
     mask = labels != ignore_index
     vocab = logits.shape[-1]
@@ -489,7 +491,8 @@ def edpo_loss(
     n_pairs = check_pair_shapes(**inputs)
     oracle_w = oracle_chosen_rewards if oracle_chosen_rewards.dim() == 2 else oracle_chosen_rewards.unsqueeze(0)
     oracle_l = oracle_rejected_rewards if oracle_rejected_rewards.dim() == 2 else oracle_rejected_rewards.unsqueeze(0)
-    if oracle_w.shape != oracle_l.shape or oracle_w.dim() != 2 or oracle_w.shape[1] != n_pairs or oracle_w.shape[0] == 0:
+    if (oracle_w.shape != oracle_l.shape or oracle_w.dim() != 2 or oracle_w.shape[1] != n_pairs
+            or oracle_w.shape[0] == 0):
         raise ValueError(
             f"oracle rewards must both be [K, B] with B={n_pairs}, K >= 1; "
             f"got {tuple(oracle_chosen_rewards.shape)} and {tuple(oracle_rejected_rewards.shape)}"

@@ -3,9 +3,9 @@
 z(y) = sum over the response tokens t of log pi(y_t | x, y_<t) (``docs/math.md``). Two paths give it:
 
 * ``backend="reference"``: the full [R, T, V] logits and :func:`drdo.losses.sequence_logprobs`;
-* any other :mod:`drdo_kernels` backend (``"auto"``, ``"chunked"``, ``"triton"``, ``"torch"``): the last hidden state and
-  the LM-head weight go through :func:`drdo_kernels.fused_linear_logprobs`, which never builds the
-  logits and drops the unlabelled tokens itself.
+* any other :mod:`drdo_kernels` backend (``"auto"``, ``"chunked"``, ``"triton"``, ``"torch"``): the last
+  hidden state and the LM-head weight go through :func:`drdo_kernels.fused_linear_logprobs`, which never
+  builds the logits and drops the unlabelled tokens itself.
 
 Reference log-probs computed offline (``drdo reflogps``) carry a record of the model and the
 tokenization they come from (:func:`reference_settings`); training refuses them when its own
@@ -25,8 +25,8 @@ from drdo.errors import ConfigError
 from drdo.losses import IGNORE_INDEX, sequence_logprobs
 from drdo_kernels.logprobs import BACKENDS, check_backend
 
-__all__ = ["BACKENDS", "DEPRECATED_BACKEND_NAME", "check_backend", "REF_SETTINGS_FIELD", "head_params", "hidden_sequence_logprobs", "policy_sequence_logprobs",
-           "reference_settings", "check_reference_settings"]
+__all__ = ["BACKENDS", "DEPRECATED_BACKEND_NAME", "check_backend", "REF_SETTINGS_FIELD", "head_params",
+           "hidden_sequence_logprobs", "policy_sequence_logprobs", "reference_settings", "check_reference_settings"]
 
 logger = logging.getLogger("drdo.policy_logprobs")
 
@@ -53,7 +53,8 @@ def hidden_sequence_logprobs(hidden: torch.Tensor, head: nn.Module, labels: torc
 
     hidden: [R, T, H] any float dtype; head: the LM head (``.weight`` [V, H], optional ``.bias``);
     labels: [R, T] int64, aligned (position t predicts labels[t]), IGNORE_INDEX where not counted.
-    Returns (logps [R] float32 (float64 for float64 inputs), differentiable w.r.t. hidden and the head; n_tokens [R] int64).
+    Returns (logps [R] float32 (float64 for float64 inputs), differentiable w.r.t. hidden and the head;
+    n_tokens [R] int64).
     A row with no counted token sums to 0, as :func:`drdo.losses.sequence_logprobs`.
     """
     import drdo_kernels

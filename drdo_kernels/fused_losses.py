@@ -323,7 +323,8 @@ class _FusedLoss(nn.Module):
         check_chunk_tokens(chunk_tokens)
         check_backend(backend)
         self.spec = self.spec_type.build(spec, **options)
-        self.ignore_index, self.backend, self.reduction, self.chunk_tokens = ignore_index, backend, reduction, chunk_tokens
+        self.ignore_index, self.backend = ignore_index, backend
+        self.reduction, self.chunk_tokens = reduction, chunk_tokens
 
     def __getattr__(self, name: str):
         """The spec's fields read as attributes (``loss_fn.alpha``)."""

@@ -128,7 +128,8 @@ def check_inputs(hidden, weight, labels, bias) -> None:
     """Types, shapes and devices of fused_linear_logprobs' arguments (no host sync)."""
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor, got {getattr(t, 'dtype', type(t))}")
+            raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor, "
+                            f"got {getattr(t, 'dtype', type(t))}")
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape [*, H]")
     if weight.dim() != 2:
@@ -140,7 +141,8 @@ def check_inputs(hidden, weight, labels, bias) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden's leading shape {tuple(hidden.shape[:-1])}")
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.dtype not in _FLOAT_DTYPES:
             raise TypeError("bias must be a float tensor [V] or None")

@@ -29,10 +29,19 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 INTERPRETER_COMMAND = 'TRITON_INTERPRET=1 python -m pytest -q -m "triton or chunked" tests'
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A JSONL file of eight preference pairs, shared by the fault-injection tests (test_faults*.py)."""
+    from test_faults import rows, write_jsonl
+
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", rows())
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "aot: ahead-of-time Triton compile for sm_90/sm_80 (runs in a subprocess)")
     config.addinivalue_line("markers", f"triton: runs Triton kernels (a CUDA GPU, or `{INTERPRETER_COMMAND}`)")
-    config.addinivalue_line("markers", "chunked: the chunked backend (PyTorch fold on a CPU, Triton fold where Triton runs)")
+    config.addinivalue_line("markers",
+                            "chunked: the chunked backend (PyTorch fold on a CPU, Triton fold where Triton runs)")
 
 
 def _param_marks(item) -> list[str]:

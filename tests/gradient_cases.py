@@ -95,9 +95,12 @@ def _grad_choices(loss: str, options: dict) -> tuple[str, ...]:
     return tuple(leaves)
 
 
+EITHER_VOCAB = st.booleans()  # the default of ``cases``: small and big vocabularies
+
+
 @st.composite
 def cases(draw, losses=LOSSES, backends=("auto", "torch", "chunked"), dtypes=tuple(DTYPES),
-          big_vocab=st.booleans()) -> Case:
+          big_vocab=EITHER_VOCAB) -> Case:
     """A :class:`Case` drawn across every option; ``big_vocab`` draws whether V >= 32k."""
     loss = draw(st.sampled_from(losses))
     options = draw(_options(loss))

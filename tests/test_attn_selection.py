@@ -39,5 +39,6 @@ def test_build_policy_switches_to_flash_attn_only_for_bf16_on_cuda():
         with mock.patch.object(models.PolicyWithRewardHead, "to", lambda self, device: self):
             loop._build_policy(TrainConfig(model="tiny"), torch.device("cuda", 0), bf16=True)
             assert calls == ["flash_attention_2"]
-            loop._build_policy(TrainConfig(model="tiny", attn_implementation="eager"), torch.device("cuda", 0), bf16=True)
+            loop._build_policy(TrainConfig(model="tiny", attn_implementation="eager"), torch.device("cuda", 0),
+                               bf16=True)
             assert calls == ["flash_attention_2", "eager"]  # the loader applies the explicit choice; nothing after

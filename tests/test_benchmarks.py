@@ -2,6 +2,7 @@
 and that every method that runs computes what it claims (error against the float32 reference)."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -13,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import bench_logprobs, bench_loss, bench_train, peers, work
 from benchmarks.common import CSV_COLUMNS, PRESETS, build_grid, parse_shape, portable, read_csv
-from benchmarks.measure import bench_times, run_backward, run_isolated
+from benchmarks.measure import Inputs, _time, bench_times, run_backward, run_isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +97,8 @@ def test_triton_backend_is_skipped_with_reason_on_cpu_without_interpreter():
 def test_train_smoke_and_max_batch(tmp_path: Path):
     out = bench_train.main(["--device", "cpu", "--quick", "--no-isolate", "--V", "512", "--H", "32", "--heads", "2",
                             "--T", "16", "--B", "1", "--threads", "1", "--min-run-time", "0.01",
-                            "--methods", "ours_torch,full_logits,trl_dpo_fused,trl_dpo_liger", "--output", str(tmp_path)])
+                            "--methods", "ours_torch,full_logits,trl_dpo_fused,trl_dpo_liger",
+                            "--output", str(tmp_path)])
     rows = read_csv(out / "train.csv")
     _check_rows([dict(r, tflops="1") for r in rows], {"ours_torch", "full_logits"})  # no FLOP count for a step
     assert all(float(r["tokens_per_s"]) > 0 for r in rows if r["status"] == "ok")
@@ -115,7 +117,7 @@ def test_train_smoke_and_max_batch(tmp_path: Path):
 def test_grid_and_shapes():
     assert parse_shape("llama-3-8b:16384", 1) == (16384, *PRESETS["llama-3-8b"])
     assert parse_shape("4x5x6", 1) == (4, 5, 6)
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         parse_shape("4x5", 1)
 
     class Args:
@@ -144,7 +146,8 @@ def test_paired_timing_smoke(tmp_path: Path):
     path = paired.main(["--bench", "logprobs", "--shapes", "32x16x300", "--methods", "ours_torch,naive,cce",
                         "--rounds", "3", "--threads", "1", "--output", str(tmp_path)])
     rows = {r["peer"]: r for r in read_csv(path)}
-    assert 0 < float(rows["naive"]["ratio_p20"]) <= float(rows["naive"]["ratio_median"]) <= float(rows["naive"]["ratio_p80"])
+    naive = rows["naive"]
+    assert 0 < float(naive["ratio_p20"]) <= float(naive["ratio_median"]) <= float(naive["ratio_p80"])
     if rows["cce"]["rounds"] == "0":  # no GPU (CCE's default impl is Triton): listed with the exception
         assert rows["cce"]["note"].startswith("skipped:")
 
@@ -165,7 +168,8 @@ def test_trl_heads_match_the_float64_log_softmax():
     from benchmarks.trl_train import FullLogitsHead
 
     gen = torch.Generator().manual_seed(0)
-    h, w = torch.randn(37, 16, generator=gen, dtype=torch.float64), torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    h = torch.randn(37, 16, generator=gen, dtype=torch.float64)
+    w = torch.randn(300, 16, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 300, (37,), generator=gen)
     y[::3] = -100
     expected = torch.log_softmax(h @ w.T, -1).gather(-1, y.clamp(min=0)[:, None])[:, 0].masked_fill(y == -100, 0)
@@ -294,7 +298,8 @@ def test_work_table_matches_the_gemms_each_loss_runs(seq_len, pairs_fit):
     ctx = dict(_CPU, N=4 * seq_len, seq_len=seq_len)
     assert work.chunk_tokens(ctx) == 128
     assert work.pair_path(ctx) == ("grads_in_forward" if pairs_fit else "two_pass_in_forward")
-    methods = ["ours_chunked", "ours_torch", "ours_auto", "naive"] + ([] if peers.trl_kernels_reason() else ["trl_chunked"])
+    methods = ["ours_chunked", "ours_torch", "ours_auto", "naive"]
+    methods += [] if peers.trl_kernels_reason() else ["trl_chunked"]
     for method in methods:
         path = work.path("loss", method, ctx)
         assert _counted_work(bench_loss, method, ctx) == pytest.approx(work.PATHS[path]), (method, path)
@@ -302,7 +307,8 @@ def test_work_table_matches_the_gemms_each_loss_runs(seq_len, pairs_fit):
 
 def test_work_table_matches_the_gemms_of_plain_logprobs():
     ctx = dict(_CPU, N=300, V=4096)
-    methods = ["ours_chunked", "ours_torch", "ours_auto", "naive"] + ([] if peers.trl_kernels_reason() else ["trl_chunked"])
+    methods = ["ours_chunked", "ours_torch", "ours_auto", "naive"]
+    methods += [] if peers.trl_kernels_reason() else ["trl_chunked"]
     for method in methods:
         path = work.path("logprobs", method, ctx)
         assert _counted_work(bench_logprobs, method, ctx) == pytest.approx(work.PATHS[path]), (method, path)
@@ -377,6 +383,32 @@ def test_cpu_timing_takes_the_requested_repetitions():
     assert bench_times(lambda: None, "cpu", 0.0, reps=20)[3] >= 20
 
 
+class _FreesWhatItSaved(torch.autograd.Function):
+    """A backward that hands out the gradient stored in the forward and drops it: it runs once."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.grad = 2 * x.detach()
+        return (x * x).sum()
+
+    @staticmethod
+    def backward(ctx, upstream):
+        if ctx.grad is None:
+            raise RuntimeError("Trying to backward through the graph a second time")
+        grad, ctx.grad = ctx.grad, None
+        return upstream * grad
+
+
+def test_bwd_is_derived_where_a_backward_cannot_be_repeated():
+    x = torch.randn(8, requires_grad=True)
+    inputs = Inputs(tensors={"x": x}, grad=[x])
+    *times, note = _time("bwd", lambda: _FreesWhatItSaved.apply(x), inputs, "cpu", 0.0, 3)
+    assert note.startswith("derived as (fwd+bwd) - fwd: repeated backward unsupported"), note
+    assert times[3] >= 3
+    *times, note = _time("bwd", lambda: (x * x).sum(), inputs, "cpu", 0.0, 3)
+    assert note == "backward replayed with retain_graph=True" and times[3] >= 3
+
+
 def test_portable_paths():
     assert portable("--baseline /work/x/.baseline --output /tmp/tmp.AB12/gpu") == "--baseline .baseline --output gpu"
     assert portable(f"{ROOT}/benchmarks/bench_loss.py") == "benchmarks/bench_loss.py"
@@ -402,7 +434,8 @@ def test_cce_gets_two_dimensional_hidden_states(monkeypatch):
         nll = torch.nn.functional.cross_entropy(h @ w.T, y, ignore_index=ignore_index, reduction="none")
         return nll
 
-    monkeypatch.setitem(sys.modules, "cut_cross_entropy", types.SimpleNamespace(linear_cross_entropy=linear_cross_entropy))
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy",
+                        types.SimpleNamespace(linear_cross_entropy=linear_cross_entropy))
     lm = types.SimpleNamespace(lm_head=torch.nn.Linear(8, 50, bias=False))
     loss_fn = bench_train._loss_fn("cce", dict(device="cpu"), lm, None)
     hidden = torch.randn(4, 6, 8).transpose(0, 1).transpose(0, 1)  # strided like a model's output slice

@@ -60,7 +60,8 @@ def test_fold_matches_float64_over_several_blocks(use_triton, out_dtype):
 
 def _logprobs_run(backend, hidden, weight, bias, labels, upstream, chunk_tokens=None):
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
-    out = fused_linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], backend=backend, chunk_tokens=chunk_tokens)
+    out = fused_linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], backend=backend,
+                                chunk_tokens=chunk_tokens)
     (out * upstream.to(out.dtype)).sum().backward()
     return [out.detach()] + [t.grad for t in leaves]
 
@@ -232,7 +233,8 @@ def test_auto_backend_table(monkeypatch):
     rules = (logprobs_mod.AutoRule("cuda", None, (torch.bfloat16,), 0, 4096, "triton"),
              logprobs_mod.AutoRule("cuda", None, None, 2048, 0, "torch"),
              logprobs_mod.AutoRule("cuda", (12, 0), None, 0, 0, "triton"),
-             logprobs_mod.AutoRule("cuda", None, None, 0, 0, "chunked"), logprobs_mod.AutoRule(None, None, None, 0, 0, "torch"))
+             logprobs_mod.AutoRule("cuda", None, None, 0, 0, "chunked"),
+             logprobs_mod.AutoRule(None, None, None, 0, 0, "torch"))
     monkeypatch.setattr(logprobs_mod, "AUTO_RULES", rules)
     monkeypatch.setattr(logprobs_mod, "triton_runs_on", lambda device: True)
     monkeypatch.setattr(logprobs_mod, "_capability", lambda device: (9, 0))

@@ -372,7 +372,8 @@ def test_inconsistent_k_across_rows(tok, tmp_path):
 @pytest.mark.parametrize("fields", [("oracle_chosen", "oracle_rejected"), ("ref_chosen_logps", "ref_rejected_logps")])
 def test_row_without_scores_that_others_have(tok, fields):
     rows = [pair(**{fields[0]: -1.0, fields[1]: -2.0}), pair()]
-    with pytest.raises(InvalidExampleError, match=f"row 2 \\(1-based\\): missing field '{fields[0]}' \\(other rows have") as err:
+    with pytest.raises(InvalidExampleError,
+                       match=f"row 2 \\(1-based\\): missing field '{fields[0]}' \\(other rows have") as err:
         load_preference_dataset(rows, tok)
     assert err.value.source == "<list>"
 

@@ -47,11 +47,6 @@ def write_jsonl(path, items):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", rows())
-
-
 def cfg(data, out, **kw):
     base = dict(stage="drdo", model="tiny", data=data, output_dir=str(out), max_steps=4, batch_size=2,
                 micro_batch_size=2, lr=1e-3, warmup_steps=0, max_length=32, max_prompt_length=16, backend=KERNEL,

@@ -111,8 +111,8 @@ def _yaml(files, name, data: bytes):
 
 
 ONE_LINE = {
-    "lone surrogate": (lambda f: ["train", "--data", _data_with(f, 2, chosen=" a\ud800"), "--output-dir", f["root"] / "o",
-                                  *TRAIN], ["line 3", "surrogate"]),
+    "lone surrogate": (lambda f: ["train", "--data", _data_with(f, 2, chosen=" a\ud800"),
+                                  "--output-dir", f["root"] / "o", *TRAIN], ["line 3", "surrogate"]),
     "score 10**400": (lambda f: ["train", "--data", _data_with_line(f, 3, '"oracle_chosen": 0.8', '"oracle_chosen": 1'
                                                                     + "0" * 400), "--output-dir", f["root"] / "o",
                                  *TRAIN], ["line 4", "oracle_chosen", "beyond the range"]),
@@ -192,7 +192,8 @@ def test_an_output_that_is_the_input_is_refused_and_the_input_kept(files, capsys
     assert open(data, encoding="utf-8").read() == before
 
 
-@pytest.mark.parametrize("flags,needle", [(["--num-prompts", "-1"], "num_prompts"), (["--temperature", "-1"], "temperature"),
+@pytest.mark.parametrize("flags,needle", [(["--num-prompts", "-1"], "num_prompts"),
+                                          (["--temperature", "-1"], "temperature"),
                                           (["--temperature", "nan"], "temperature"), (["--top-p", "0"], "top_p")])
 def test_eval_refuses_values_that_would_change_meaning(files, capsys, flags, needle):
     out = files["root"] / "ev" / "r.json"
@@ -364,7 +365,8 @@ def test_an_untrained_head_is_refused_unless_allowed(files, tmp_path, capsys):
     assert out.exists()
 
 
-JUDGE = "import colorsys\n\ndef score(prompts, responses):\n    return [float(hasattr(colorsys, 'SHADOW'))] * len(responses)\n"
+JUDGE = ("import colorsys\n\ndef score(prompts, responses):\n"
+         "    return [float(hasattr(colorsys, 'SHADOW'))] * len(responses)\n")
 
 
 def test_a_judge_module_never_shadows_the_standard_library(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from test_faults import CLI, cfg, data, interrupt_at, metric_steps, one_error, recorder, rows, write_jsonl  # noqa: F401
+from test_faults import CLI, cfg, interrupt_at, metric_steps, one_error, recorder, rows, write_jsonl
 
 from drdo.atomic import atomic_writes
 from drdo.cli import main
@@ -42,7 +42,7 @@ def _snapshot(directory):
     return found
 
 
-# ----------------------------------------------------------------------------- files written whole, never through a planted link
+# ------------------------------------------------------------------- files written whole, never through a planted link
 
 
 def test_writers_never_follow_a_planted_link(tmp_path):
@@ -113,7 +113,8 @@ def test_a_run_never_follows_a_link_planted_in_its_directory(tmp_path, data, cap
 def _readers(directory, data):
     """The commands that load a model from ``directory``, each with the flag that names it."""
     return [
-        (["train", "--model", directory, "--data", data, "--output-dir", directory.parent / "student", *CLI], "--model"),
+        (["train", "--model", directory, "--data", data, "--output-dir", directory.parent / "student", *CLI],
+         "--model"),
         (["oracle", "score", "--reward-model", directory, "--data", data, "--output", directory.parent / "s.jsonl"],
          "--reward-model"),
         (["reflogps", "--model", directory, "--data", data, "--output", directory.parent / "r.jsonl"], "--model"),
@@ -233,7 +234,8 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, data):
 
 @pytest.fixture
 def judge_dir(tmp_path, monkeypatch):
-    (tmp_path / "len_judge.py").write_text("def score(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    (tmp_path / "len_judge.py").write_text("def score(prompts, responses):\n"
+                                           "    return [float(len(r)) for r in responses]\n")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -310,8 +312,8 @@ def test_demo_and_its_quick_variants_run_have_their_own_directories(tmp_path, ca
         main(["demo", "--no-progress", "--workers", "1", "--output-dir", str(out)])
     before = _snapshot(out)
     variants = os.path.join(REPO, "docs", "demo", "variants.yaml")
-    one_error(capsys, ["demo", "--quick", "--variants", variants, "--no-progress", "--workers", "1", "--output-dir", out],
-              "other settings", "--overwrite")
+    one_error(capsys, ["demo", "--quick", "--variants", variants, "--no-progress", "--workers", "1",
+                       "--output-dir", out], "other settings", "--overwrite")
     assert _snapshot(out) == before  # ... and another demo is refused before it writes anything
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")

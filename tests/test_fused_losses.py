@@ -189,13 +189,13 @@ def test_edpo_pessimistic_and_mean(backend):
     for pessimistic in (True, False):
         module = FusedLinearEDPOLoss(beta=0.1, pessimistic=pessimistic, backend=backend)
 
-        def ref(b):
+        def ref(b, pessimistic=pessimistic):
             z, _ = _ref_logps(b)
             return edpo_loss(*_split(z), *_split(b["ref_logps"]), *_split(b["oracle_k"]),
                              beta=0.1, pessimistic=pessimistic)
 
-        _assert_matches(lambda b: module(b["weight"], b["hidden"], b["labels"], b["ref_logps"], b["oracle_k"],
-                                         b["bias"]), ref, batch, torch.float32)
+        _assert_matches(lambda b, module=module: module(b["weight"], b["hidden"], b["labels"], b["ref_logps"],
+                                                        b["oracle_k"], b["bias"]), ref, batch, torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["triton", "chunked", "torch"])
@@ -204,14 +204,14 @@ def test_oracle_loss_token_mean_and_sum(backend):
     for nll_reduction in ("mean", "sum"):
         module = FusedLinearOracleLoss(alpha=0.3, nll_reduction=nll_reduction, backend=backend)
 
-        def ref(b):
+        def ref(b, nll_reduction=nll_reduction):
             z, n = _ref_logps(b)
             r_w, r_l = _split(b["policy_rewards"])
             return oracle_loss(r_w, r_l, -z[:N_PAIRS], alpha=0.3, chosen_n_tokens=n[:N_PAIRS],
                                nll_reduction=nll_reduction)
 
-        _assert_matches(lambda b: module(b["weight"], b["hidden"], b["labels"], b["policy_rewards"], b["bias"]),
-                        ref, batch, torch.float32)
+        _assert_matches(lambda b, module=module: module(b["weight"], b["hidden"], b["labels"], b["policy_rewards"],
+                                                        b["bias"]), ref, batch, torch.float32)
 
 
 def test_oracle_loss_ignores_rejected_tokens():
@@ -345,7 +345,7 @@ def test_every_loss_in_float64_on_several_chunks(backend, reduction, several_chu
 @pytest.mark.parametrize("backend", ["chunked", "torch"])
 def test_every_loss_on_several_chunks(backend, dtype, several_chunks):
     batch = _batch(seed=11)
-    for name, (fused, ref) in _loss_pairs("mean").items():
+    for fused, ref in _loss_pairs("mean").values():
         _assert_matches(fused(backend), ref, batch, dtype)
 
 
@@ -357,7 +357,9 @@ def test_losses_autocast_mixed_precision(backend, several_chunks):
     weight the GEMMs see (the fp32 bias is added to the fp32 logits unrounded)."""
     batch = _batch(seed=12)
     for name, (fused, ref) in _loss_pairs("mean").items():
-        def mixed(b, fn=fused(backend)):
+        fused_fn = fused(backend)
+
+        def mixed(b, fn=fused_fn):
             return fn(dict(b, hidden=b["hidden"].detach().bfloat16().requires_grad_()))
 
         def autocast(b, fn=ref):

@@ -21,7 +21,8 @@ def test_dry_run_plans_five_stages_and_runs_every_command(tmp_path: Path):
     for k, name in enumerate(STAGES, 1):
         assert f"stage {k}/5 {name}: budget" in log
     # each stage ends where the budgets up to it end (30 s of setup first), the last at BUDGET_S
-    for k, name, end in ((1, "tests", 100), (2, "profile", 140), (3, "loss", 320), (4, "train", 410), (5, "padding", 450)):
+    for k, name, end in ((1, "tests", 100), (2, "profile", 140), (3, "loss", 320), (4, "train", 410),
+                         (5, "padding", 450)):
         assert f"stage {k}/5 {name}: until +{end}s" in log
     assert "would run (needs CUDA): " in log and "TRITON_INTERPRET=0 python3 -m pytest" in log
     assert "flash-attn: skipped, not built" in log

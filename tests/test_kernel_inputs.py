@@ -146,7 +146,8 @@ def test_dtensor_lm_head_outside_forward_equals_one_process(tmp_path):
     # the plain reference on the same batch (full logits), independently of the kernels
     with torch.no_grad():
         out = policy(batch["input_ids"], torch.ones_like(batch["input_ids"]), return_logits=True)
-        logps, _ = sequence_logprobs(out.logits, align_labels(batch["input_ids"], completion_mask=batch["completion_mask"]))
+        logps, _ = sequence_logprobs(out.logits,
+                                     align_labels(batch["input_ids"], completion_mask=batch["completion_mask"]))
         z_w, z_l = logps.chunk(2)
         r_w, r_l = out.rewards.chunk(2)
         o_w, o_l = batch["oracle"].chunk(2)

@@ -104,7 +104,8 @@ def test_every_entry_point_reaches_the_kernel_with_the_same_spec(tmp_path, monke
     assert all(spec == want for spec in specs.values()), specs
     seen = []
     fused = drdo_kernels.fused_objective_loss
-    monkeypatch.setattr(drdo_kernels, "fused_objective_loss", lambda spec, *a, **k: seen.append(spec) or fused(spec, *a, **k))
+    monkeypatch.setattr(drdo_kernels, "fused_objective_loss",
+                        lambda spec, *a, **k: seen.append(spec) or fused(spec, *a, **k))
     from drdo.models import PolicyWithRewardHead
     from drdo.training.objectives import StageObjective
 

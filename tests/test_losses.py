@@ -188,12 +188,15 @@ def test_oracle_loss_matches_formula_mean_and_sum():
     n = torch.tensor([1, 3, 4, 10, 2])
     a = 0.01
     loss, m = L.oracle_loss(rw, rl, nll, alpha=a, chosen_n_tokens=n)
-    terms = [-(1 - a) * math.log(_sigmoid(w - l)) + a * s / k for w, l, s, k in zip(rw.tolist(), rl.tolist(), nll.tolist(), n.tolist())]
+    terms = [-(1 - a) * math.log(_sigmoid(chosen - rejected)) + a * s / k
+             for chosen, rejected, s, k in zip(rw.tolist(), rl.tolist(), nll.tolist(), n.tolist())]
     assert loss.item() == pytest.approx(sum(terms) / 5, rel=1e-12)
     loss_sum, _ = L.oracle_loss(rw, rl, nll, alpha=a, nll_reduction="sum")
-    terms = [-(1 - a) * math.log(_sigmoid(w - l)) + a * s for w, l, s in zip(rw.tolist(), rl.tolist(), nll.tolist())]
+    terms = [-(1 - a) * math.log(_sigmoid(chosen - rejected)) + a * s
+             for chosen, rejected, s in zip(rw.tolist(), rl.tolist(), nll.tolist())]
     assert loss_sum.item() == pytest.approx(sum(terms) / 5, rel=1e-12)
-    assert m["reward_acc"].item() == pytest.approx(sum(w > l for w, l in zip(rw.tolist(), rl.tolist())) / 5)
+    assert m["reward_acc"].item() == pytest.approx(
+        sum(chosen > rejected for chosen, rejected in zip(rw.tolist(), rl.tolist())) / 5)
 
 
 def test_oracle_loss_gradcheck_and_errors():
@@ -262,7 +265,8 @@ def test_edpo_single_member_equals_distillation_and_gradcheck():
     assert loss_1d.item() == pytest.approx(loss_2d.item(), rel=1e-12)
     ow3, ol3 = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
     for pess in (True, False):
-        assert torch.autograd.gradcheck(lambda *x: L.edpo_loss(*x, ow3, ol3, beta=0.3, pessimistic=pess)[0], pol)
+        assert torch.autograd.gradcheck(
+            lambda *x, pess=pess: L.edpo_loss(*x, ow3, ol3, beta=0.3, pessimistic=pess)[0], pol)
 
 
 def test_edpo_shape_errors():

@@ -230,7 +230,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             policy.gradient_checkpointing_enable()
             assert policy.is_gradient_checkpointing
         calls = []
-        policy.lm.model.layers[0].input_layernorm.register_forward_hook(lambda *args: calls.append(1))
+        policy.lm.model.layers[0].input_layernorm.register_forward_hook(lambda *args, calls=calls: calls.append(1))
         policy(input_ids, mask).rewards.sum().backward()
         # the block is recomputed in backward (non-reentrant recompute stops early, so hook its first op)
         assert len(calls) == (2 if checkpointing else 1)

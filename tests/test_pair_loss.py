@@ -32,8 +32,8 @@ def _pairs(n_pairs: int, seed: int = 0) -> list[torch.Tensor]:
         (-1.0, -300.0), (-300.0, -1.0), (-4.0, -0.6931), (-4.0, -0.6932), (-0.5, -2.5e-6), (-7.0, -1e-3),
         (-1e4, -1e-7), (-1e-7, -1e4), (-9.0, 0.0), (-2.0, -30.0),
     ]
-    for i, (w, l) in enumerate(special[:n_pairs]):
-        z_w[i], z_l[i] = w, l
+    for i, pair in enumerate(special[:n_pairs]):
+        z_w[i], z_l[i] = pair
     rest = [torch.randn(n_pairs, generator=g, dtype=torch.float64) for _ in range(4)]
     return [t.float().double() for t in (z_w, z_l, *rest)]
 

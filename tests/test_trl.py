@@ -58,7 +58,8 @@ def _reference_loss(lm, head, trainer, alpha, gamma):
         rewards = head(hidden[torch.arange(ids.shape[0]), last]).squeeze(-1)
     oracle = torch.tensor([r["oracle_chosen"] for r in rows] + [r["oracle_rejected"] for r in rows])
     n = len(rows)
-    loss, _ = drdo_loss(logps[:n], logps[n:], rewards[:n], rewards[n:], oracle[:n], oracle[n:], alpha=alpha, gamma=gamma)
+    loss, _ = drdo_loss(logps[:n], logps[n:], rewards[:n], rewards[n:], oracle[:n], oracle[n:],
+                        alpha=alpha, gamma=gamma)
     return float(loss)
 
 

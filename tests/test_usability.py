@@ -68,7 +68,8 @@ def test_threads_are_set_and_restored_and_checked(capsys):
 
 
 def test_judge_module_in_the_current_directory_and_default_eval_output(tmp_path, monkeypatch, capsys):
-    (tmp_path / "myjudge.py").write_text("def score(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    (tmp_path / "myjudge.py").write_text("def score(prompts, responses):\n"
+                                         "    return [float(len(r)) for r in responses]\n")
     prompts = write_rows(tmp_path / "prompts.jsonl", make_rows(3, oracle=False))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # as the console script

@@ -371,7 +371,8 @@ def _drdo_vs_sft_text(report: dict) -> str:
     return (
         f"DRDO vs its SFT start (true reward difference): {'; '.join(still + moved)}. Where the interval includes "
         f"0, DRDO's policy did not improve on SFT. By construction of Eq. 6 the policy's token probabilities "
-        f"are trained only by the alpha-weighted focal term (alpha {report['settings'].get('alpha', DRDOSpec.alpha):g}); "
+        f"are trained only by the alpha-weighted focal term "
+        f"(alpha {report['settings'].get('alpha', DRDOSpec.alpha):g}); "
         f"the distillation term trains the reward head (and the shared backbone){_share_text(report)}. "
         f"`drdo demo --alpha 1` runs the paper's other alpha."
     )

@@ -91,7 +91,8 @@ class DemoSettings:
     steps: int = option(100, "optimizer steps of every student")
     sft_steps: int = option(400, "SFT steps")
     oracle_steps: int = option(100, "steps of each Oracle")
-    batch_size: int = derived_option(TrainConfig, "batch_size", default=32, help="pairs per optimizer step (every stage)")
+    batch_size: int = derived_option(TrainConfig, "batch_size", default=32,
+                                     help="pairs per optimizer step (every stage)")
     lrs: list = option([3e-4, 1e-3], "learning-rate grid of every method, given at --lr-ref-steps steps (a run of "
                                      "S steps uses lr x lr_ref_steps / S)", type=float, nargs="+")
     drdo_lrs: list | None = option(None, "DRDO's grid (its variants' too), as --lrs (default: --lrs)", type=float,

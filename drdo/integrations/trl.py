@@ -140,7 +140,8 @@ class DRDODataCollator:
                 seq = list(ex["prompt_ids"]) + list(ex[key])
                 lab = [IGNORE_INDEX] * len(ex["prompt_ids"]) + list(ex[key])
                 if self.max_length is not None:
-                    cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+                    cut = (slice(None, self.max_length) if self.truncation_mode == "keep_start"
+                           else slice(-self.max_length, None))
                     seq, lab = seq[cut], lab[cut]
                 ids.append(seq)
                 labels.append(lab)
@@ -237,7 +238,8 @@ class DRDOTrainer(DPOTrainer):
         out = model(drdo_batch=inputs)
         gather = self.accelerator.gather_for_metrics
         for key, value in out["metrics"].items():
-            self._metrics[mode][_METRIC_NAMES.get(key, f"drdo/{key}")].append(gather(value.detach()).float().mean().item())
+            self._metrics[mode][_METRIC_NAMES.get(key, f"drdo/{key}")].append(
+                gather(value.detach()).float().mean().item())
         for key, value in (("rewards/chosen", out["chosen_rewards"]), ("rewards/rejected", out["rejected_rewards"])):
             self._metrics[mode][key].append(gather(value.detach()).float().mean().item())
         if mode == "train":

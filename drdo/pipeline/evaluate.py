@@ -36,8 +36,8 @@ from drdo.jsonl import write_rows
 from drdo.pipeline.scoring import load_reward_model, pick_device
 from drdo.progress import batch_starts
 
-__all__ = ["JudgeError", "RESERVED_NAMES", "generate", "evaluate", "run_eval", "load_judge", "win_rate", "parse_policies",
-           "generations_path"]
+__all__ = ["JudgeError", "RESERVED_NAMES", "generate", "evaluate", "run_eval", "load_judge", "win_rate",
+           "parse_policies", "generations_path"]
 
 Judge = Callable[[list, list], list]
 

@@ -119,7 +119,8 @@ def load_reward_model(path: str, *, device="auto", trust_remote_code: bool = Fal
     return RewardModel(path, model.to(dev).eval(), tokenizer, "seqcls", dev)
 
 
-def _score_pairs(rm: RewardModel, dataset, batch_size: int, progress: bool, desc: str) -> dict[int, tuple[float, float]]:
+def _score_pairs(rm: RewardModel, dataset, batch_size: int, progress: bool,
+                 desc: str) -> dict[int, tuple[float, float]]:
     """{source row: (chosen reward, rejected reward)} for every pair of ``dataset``; RewardModelError
     naming the row when the model returns a score that is not finite."""
     collate = PreferenceCollator(rm.tokenizer.pad_token_id)

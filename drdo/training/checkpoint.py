@@ -18,9 +18,10 @@ already taken by another run's checkpoint is not overwritten: that one is rename
 A checkpoint is first written to a fresh directory ``checkpoints/.tmp-step-...-<random>``
 (made by :func:`tempfile.mkdtemp`) and renamed into place with ``os.replace``, so a crash
 mid-write never leaves a half checkpoint under a ``step-*`` name; the next run into the
-directory removes what a killed one left (:func:`remove_stale_temporaries`). Under FSDP2 the full model and optimizer state dicts are gathered to
-rank 0 (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``); on load
-every rank reads the files and ``set_*_state_dict`` reshards them.
+directory removes what a killed one left (:func:`remove_stale_temporaries`). Under FSDP2 the full
+model and optimizer state dicts are gathered to rank 0
+(``get_model_state_dict(full_state_dict=True, cpu_offload=True)``); on load every rank reads the
+files and ``set_*_state_dict`` reshards them.
 """
 from __future__ import annotations
 
@@ -345,7 +346,8 @@ def read_trainer_state(directory: str) -> dict:
     return state
 
 
-def load_checkpoint(directory: str, *, root: nn.Module, optimizer: torch.optim.Optimizer, dist_state: DistState) -> dict:
+def load_checkpoint(directory: str, *, root: nn.Module, optimizer: torch.optim.Optimizer,
+                    dist_state: DistState) -> dict:
     """Restore model, optimizer and this rank's RNG from ``directory``; returns trainer_state.
 
     Every rank reads the files (shared filesystem). Raises CheckpointError on a missing,

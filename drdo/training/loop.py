@@ -356,7 +356,8 @@ class Trainer:
         bad = float((~torch.stack(flags)).sum()) if flags else 0.0  # one device sync
         bad = self._all_reduce([bad])[0] if self.dist.distributed else bad
         if bad:
-            where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
+            where = (f"the last good checkpoint is {self.last_good}" if self.last_good
+                     else "no checkpoint was written yet")
             raise TrainingDiverged(
                 f"training diverged at step {step + 1}: the updated weights are not finite (in {int(bad)} tensor(s)); "
                 f"nothing of this step was saved; {where}. Lower --lr or use --max-grad-norm.")
@@ -528,7 +529,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
         lock = rundir.RunLock(config.output_dir)
         try:
             trainer = _start(config, state, on_step, lock)
-        except BaseException:  # a failed start (busy or foreign directory, bad data, ...) leaves no directory it created
+        except BaseException:
+            # a failed start (busy or foreign directory, bad data, ...) leaves no directory it created
             lock.release()
             if created is not None and state.is_main:
                 shutil.rmtree(created, ignore_errors=True)

@@ -40,7 +40,8 @@ class TensorBoardReporter(Reporter):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
-            raise ImportError(f"--report-to tensorboard needs the tensorboard package: pip install tensorboard ({err})") from err
+            raise ImportError("--report-to tensorboard needs the tensorboard package: "
+                              f"pip install tensorboard ({err})") from err
         self.writer = SummaryWriter(log_dir=os.path.join(output_dir, TENSORBOARD_DIR))
 
     def log(self, row: dict, step: int) -> None:

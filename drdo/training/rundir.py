@@ -202,7 +202,8 @@ def _data_difference(old, new, old_digest: str | None) -> str | None:
     return f"data: {old!r} -> {new!r}"
 
 
-def config_differences(saved: dict, config: TrainConfig, *, resuming: bool, data_sha256: str | None = None) -> list[str]:
+def config_differences(saved: dict, config: TrainConfig, *, resuming: bool,
+                       data_sha256: str | None = None) -> list[str]:
     """Fields whose value in ``config`` differs from ``saved`` (a config dict), as "name: old -> new".
     Settings in :data:`RUNTIME_ONLY` are ignored; when ``resuming``, so is a larger max_steps. The data
     is compared by :func:`_data_difference` (``data_sha256``: the digest recorded with ``saved``)."""
