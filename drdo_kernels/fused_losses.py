@@ -114,18 +114,18 @@ def _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index: int, backend:
     return weight, bias, plan, resolved
 
 
-def _fused_pair_loss(spec, lm_head_weight, hidden, labels, scores, bias, *, ignore_index: int, backend: str,
+def _fused_pair_loss(spec, lm_head_weight, hidden, labels, bias, *, ignore_index: int, backend: str,
                      reduction: str, chunk_tokens, **named_scores):
-    """(loss, metrics) of ``spec`` from hidden states: on the chunked backends in closed form with
-    every gradient computed in the forward (``scores``: the per-row tensors the objective reads);
-    on "triton" and "reference" as :func:`drdo.losses.objective_loss` of the rows' summed
-    log-probs (``named_scores``), DRDO on "triton" with the Triton pair-loss kernel."""
+    """(loss, metrics) of ``spec`` from hidden states and the named per-row scores of
+    :func:`drdo.losses.objective_loss` (rewards, oracle, ref_logps): on the chunked backends in
+    closed form with every gradient computed in the forward; on "triton" and "reference" as
+    ``objective_loss`` of the rows' summed log-probs, DRDO on "triton" with the Triton pair kernel."""
     objective = objective_for(spec)
     weight, bias, plan, resolved = _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index, backend,
                                               chunk_tokens, objective.rows_per_group)
     if resolved in ("chunked", "torch"):
-        return chunked_pair_loss(objective, weight, hidden, labels, scores, bias, plan, backend=resolved,
-                                 reduction=reduction, chunk_tokens=chunk_tokens)
+        return chunked_pair_loss(objective, weight, hidden, labels, objective.scores(**named_scores), bias, plan,
+                                 backend=resolved, reduction=reduction, chunk_tokens=chunk_tokens)
     z = _planned_row_logprobs(weight, hidden, labels, bias, plan, resolved, chunk_tokens)
     return objective_loss(spec, z, plan.counts, reduction=reduction,
                           drdo_fn=_triton_drdo if resolved == "triton" else None, **named_scores)
@@ -213,13 +213,13 @@ def fused_linear_drdo_loss(
             f"oracle_rewards has shape {tuple(oracle_rewards.shape)}: DRDO distils ONE Oracle score per row [2B]; "
             "reduce an ensemble [K, 2B] first (e.g. .mean(0))"
         )
-    scores = [_check_rows("oracle_rewards", oracle_rewards, n_pairs)]
+    _check_rows("oracle_rewards", oracle_rewards, n_pairs)
     if spec.reward == "head":
         if policy_rewards is None:
             raise ValueError('reward="head" needs policy_rewards [2B] (the reward head\'s outputs); '
                              'or use reward="implicit"')
-        scores.append(_check_rows("policy_rewards", policy_rewards, n_pairs))
-    return _fused_pair_loss(spec, lm_head_weight, hidden, labels, scores, bias, ignore_index=ignore_index,
+        _check_rows("policy_rewards", policy_rewards, n_pairs)
+    return _fused_pair_loss(spec, lm_head_weight, hidden, labels, bias, ignore_index=ignore_index,
                             backend=backend, reduction=reduction, chunk_tokens=chunk_tokens,
                             oracle=oracle_rewards, rewards=policy_rewards)
 
@@ -244,7 +244,7 @@ def fused_linear_dpo_loss(
     spec = DPOSpec.build(spec, **options)
     n_pairs = _n_pairs(hidden, labels)
     _check_rows("ref_logps", ref_logps, n_pairs)
-    return _fused_pair_loss(spec, lm_head_weight, hidden, labels, [ref_logps], bias, ignore_index=ignore_index,
+    return _fused_pair_loss(spec, lm_head_weight, hidden, labels, bias, ignore_index=ignore_index,
                             backend=backend, reduction=reduction, chunk_tokens=chunk_tokens, ref_logps=ref_logps)
 
 
@@ -303,7 +303,7 @@ def fused_linear_oracle_loss(
     spec = OracleSpec.build(spec, **options)
     n_pairs = _n_pairs(hidden, labels)
     _check_rows("rewards", rewards, n_pairs)
-    return _fused_pair_loss(spec, lm_head_weight, hidden[:n_pairs], labels[:n_pairs], [rewards], bias,
+    return _fused_pair_loss(spec, lm_head_weight, hidden[:n_pairs], labels[:n_pairs], bias,
                             ignore_index=ignore_index, backend=backend, reduction=reduction,
                             chunk_tokens=chunk_tokens, rewards=rewards)
 

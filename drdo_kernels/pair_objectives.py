@@ -39,6 +39,11 @@ class PairObjective:
 
     rows_per_group: int = 2
 
+    def scores(self, *, rewards=None, oracle=None, ref_logps=None) -> list[torch.Tensor]:
+        """The per-row score tensors [2B] this loss reads, in its order, from the named inputs of
+        :func:`drdo.losses.objective_loss`."""
+        raise NotImplementedError
+
     def constant_coefficients(self, n_tokens: torch.Tensor) -> torch.Tensor | None:
         """[R, G] dL/dz when it does not depend on z (computed once), else None."""
         return None
@@ -58,6 +63,9 @@ class DRDOObjective(PairObjective):
     def __init__(self, spec: DRDOSpec):
         self.spec = spec
         self.sign = UNLIKELIHOOD_SIGN[spec.unlikelihood]
+
+    def scores(self, *, rewards=None, oracle=None, ref_logps=None):
+        return [oracle] + ([rewards] if self.spec.reward == "head" else [])
 
     def _terms(self, z, n_tokens, scores, use_triton: bool, grads_only: bool = False):
         """(z_eff [2, g], the metric sums (None with ``grads_only``), per-pair grads [4, g]) of the
@@ -95,6 +103,9 @@ class DPOObjective(PairObjective):
     def __init__(self, spec: DPOSpec):
         self.spec = spec
 
+    def scores(self, *, rewards=None, oracle=None, ref_logps=None):
+        return [ref_logps]
+
     def _d_margin(self, z, ref):
         """beta * dL/dm [g] for m = beta ((z_w - ref_w) - (z_l - ref_l))."""
         d = z - ref.to(z.dtype)
@@ -118,6 +129,9 @@ class OracleObjective(PairObjective):
 
     def __init__(self, spec: OracleSpec):
         self.spec = spec
+
+    def scores(self, *, rewards=None, oracle=None, ref_logps=None):
+        return [rewards]
 
     def constant_coefficients(self, n_tokens):
         """n_tokens: [1, G] float (the accumulation dtype)."""
