@@ -299,9 +299,10 @@ def drdo_forward(model: nn.Module, batch: dict, args: DRDOConfig) -> dict:
 
     Padded batches go through :func:`drdo_kernels.fused_objective_loss` (every LM-head gradient in the
     forward, the logits never built); packed ones through the fused per-token log-probs, summed per
-    sequence, and :func:`drdo.losses.objective_loss` with the DRDO pair kernel; ``backend="reference"``
-    uses full logits. Returns dict(loss: scalar float32, metrics: drdo_loss's metrics, chosen_rewards /
-    rejected_rewards: [B] reward-head outputs, or the mean implicit rewards).
+    sequence, and :func:`drdo.losses.objective_loss` with the DRDO pair kernel. ``backend="reference"``
+    (full logits) is one of the kernels' backends. Returns dict(loss: scalar float32, metrics:
+    drdo_loss's metrics, chosen_rewards / rejected_rewards: [B] reward-head outputs, or the mean
+    implicit rewards).
     """
     import drdo_kernels as dk
 
@@ -318,8 +319,8 @@ def drdo_forward(model: nn.Module, batch: dict, args: DRDOConfig) -> dict:
     lm_head = model.get_output_embeddings()
     rewards = _head_rewards(model, hidden, batch, packed, spec) if spec.reward == "head" else None
     oracle = batch["oracle_rewards"].to(hidden.device)
-    if packed or args.backend == "reference":
-        z, n_tokens = _sequence_logprobs(hidden, lm_head, labels, batch, args.backend)
+    if packed:
+        z, n_tokens = _packed_logprobs(hidden, lm_head, labels, batch["cu_seqlens"], args.backend)
         loss, metrics = objective_loss(spec, z, n_tokens, rewards=rewards, oracle=oracle, reduction="mean",
                                        drdo_fn=_pair_kernel(args.backend))
     else:
@@ -328,7 +329,6 @@ def drdo_forward(model: nn.Module, batch: dict, args: DRDOConfig) -> dict:
                                                 reduction="mean")
     metrics = {k: v for k, v in metrics.items() if k != "loss"}
     if rewards is None:  # implicit: beta * z, reported as its means
-        n = oracle.shape[0] // 2
         chosen, rejected = spec.beta * metrics["logps_chosen"], spec.beta * metrics["logps_rejected"]
     else:
         n = rewards.shape[0] // 2
@@ -349,23 +349,16 @@ def _head_rewards(model, hidden, batch, packed: bool, spec: DRDOSpec) -> torch.T
         return getattr(model, REWARD_HEAD_ATTR)(h_last.float()).squeeze(-1)
 
 
-def _sequence_logprobs(hidden, lm_head, labels, batch, backend: str):
-    """Summed response log-probs and token counts per sequence: fused per-token log-probs (full logits
-    for backend="reference"), summed per row or, packed, per sequence of ``cu_seqlens``."""
+def _packed_logprobs(hidden, lm_head, labels, cu_seqlens, backend: str):
+    """Summed response log-probs and token counts per sequence of a packed row (hidden [1, L, H],
+    labels [1, L]): the fused per-token log-probs (full logits for backend="reference") summed
+    per sequence of ``cu_seqlens``."""
     import drdo_kernels as dk
 
-    if backend == "reference":
-        logits = lm_head(hidden)
-        token_logps = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-        token_logps = token_logps * (labels != IGNORE_INDEX)
-    else:
-        token_logps = dk.fused_linear_logprobs(hidden, lm_head.weight, labels, bias=lm_head.bias,
-                                               ignore_index=IGNORE_INDEX, backend=backend)
+    token_logps = dk.fused_linear_logprobs(hidden, lm_head.weight, labels, bias=lm_head.bias,
+                                           ignore_index=IGNORE_INDEX, backend=backend)
     scored = (labels != IGNORE_INDEX).to(token_logps.dtype)
-    if "cu_seqlens" in batch:
-        z, n_tokens = segment_sum(token_logps, batch["cu_seqlens"]), segment_sum(scored, batch["cu_seqlens"])
-    else:
-        z, n_tokens = token_logps.sum(-1), scored.sum(-1)
+    z, n_tokens = segment_sum(token_logps, cu_seqlens), segment_sum(scored, cu_seqlens)
     if bool((n_tokens == 0).any()):
         raise ValueError("a response has no token left after truncation; raise max_length")
     return z, n_tokens

@@ -46,8 +46,7 @@ class SFTStage:
     def loss(self, root: "StageObjective", input_ids, attention_mask, labels, position_ids=None, cu_seqlens=None,
              **_):
         if cu_seqlens is not None:
-            out = root.policy(input_ids, None, position_ids=position_ids, cu_seqlens=cu_seqlens,
-                              return_logits=root.reference)
+            out = root.policy(input_ids, None, position_ids=position_ids, cu_seqlens=cu_seqlens)
             logps, n_tokens = root.packed_logps(out, labels, cu_seqlens)
         else:
             logps, n_tokens, _ = policy_sequence_logprobs(root.policy, input_ids, attention_mask, labels,
@@ -77,7 +76,7 @@ class PairStage:
                 raise ValueError(f"the {self.name} stage needs {_MISSING[field]}")
         packed = cu_seqlens is not None
         out = root.policy(input_ids, attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
-                          return_logits=root.reference)
+                          return_logits=root.reference and not packed)
         out = root.detach_reward_input(out, attention_mask, cu_seqlens)
         scores = dict(rewards=out.rewards, oracle=_float(oracle_rewards), ref_logps=ref_logps)
         if packed:
@@ -157,19 +156,14 @@ class StageObjective(nn.Module):
         return dataclasses.replace(out, rewards=rewards)
 
     def packed_logps(self, out, labels, cu_seqlens):
-        """Packed row -> (summed response log-probs [S] fp32, response tokens [S]) per sequence."""
+        """Packed row -> (summed response log-probs [S] fp32, response tokens [S]) per sequence: the
+        per-token log-probs of the LM head (full logits for backend="reference") summed per sequence."""
+        import drdo_kernels as dk
         from drdo.data.packing import segment_sum
 
-        if self.reference:
-            logp = torch.log_softmax(out.logits[0].float(), dim=-1)
-            mask = labels[0] != IGNORE_INDEX
-            token_logp = logp.gather(-1, labels[0].clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-        else:
-            import drdo_kernels as dk
-
-            w, b = head_params(self.policy.lm_head, out.hidden_states.dtype)
-            token_logp = dk.fused_linear_logprobs(out.hidden_states[0], w, labels[0], bias=b,
-                                                  ignore_index=IGNORE_INDEX, backend=self.backend)
+        w, b = head_params(self.policy.lm_head, out.hidden_states.dtype)
+        token_logp = dk.fused_linear_logprobs(out.hidden_states[0], w, labels[0], bias=b, ignore_index=IGNORE_INDEX,
+                                              backend=self.backend)
         n_tokens = segment_sum((labels[0] != IGNORE_INDEX).long(), cu_seqlens)
         if bool((n_tokens == 0).any()):
             raise ValueError("a packed sequence has no response token; a sequence log-prob needs at least one")
