@@ -99,7 +99,7 @@ EITHER_VOCAB = st.booleans()  # the default of ``cases``: small and big vocabula
 
 
 @st.composite
-def cases(draw, losses=LOSSES, backends=("auto", "torch", "chunked"), dtypes=tuple(DTYPES),
+def cases(draw, losses=LOSSES, backends=("auto", "torch", "chunked", "reference"), dtypes=tuple(DTYPES),
           big_vocab=EITHER_VOCAB) -> Case:
     """A :class:`Case` drawn across every option; ``big_vocab`` draws whether V >= 32k."""
     loss = draw(st.sampled_from(losses))
