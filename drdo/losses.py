@@ -23,6 +23,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from drdo.errors import shown
+
 __all__ = [
     "DRDOSpec",
     "DPOSpec",
@@ -66,19 +68,13 @@ NLL_REDUCTIONS = ("mean", "sum")
 
 def _number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {_short(value)}")
+        raise ValueError(f"{name} must be a number, got {shown(value)}")
     return float(value)
-
-
-def _short(value) -> str:
-    """repr of a value, cut to 200 characters (a message never carries an unbounded value)."""
-    text = repr(value)
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _choice(name: str, value, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {_short(value)}")
+        raise ValueError(f"{name} must be one of {choices}, got {shown(value)}")
 
 
 class LossSpec:
@@ -118,7 +114,7 @@ class LossSpec:
 
     def _flag(self, name: str) -> None:
         if not isinstance(getattr(self, name), bool):
-            raise ValueError(f"{name} must be true or false, got {_short(getattr(self, name))}")
+            raise ValueError(f"{name} must be true or false, got {shown(getattr(self, name))}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 
+from drdo.errors import shown
+
 from . import logprobs_chunked as chunked
 from .inputs import gather_lm_head
 from .triton_runtime import triton_available, triton_interpreting, triton_runs_on
@@ -86,8 +88,7 @@ def auto_backend(device: torch.device, dtype: torch.dtype | None = None, n_token
 def check_backend(backend: str) -> str:
     """``backend`` must be one of :data:`BACKENDS`; returns it."""
     if backend not in BACKENDS:
-        text = repr(backend)
-        raise ValueError(f"backend must be one of {BACKENDS}, got {text if len(text) <= 200 else text[:197] + '...'}")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {shown(backend)}")
     return backend
 
 

@@ -20,9 +20,9 @@ PACKAGES = ("drdo", "drdo_kernels", "benchmarks")
 
 #: Lowest first. A module may import its own group and the groups of lower layers only.
 LAYERS = (
-    ("drdo_kernels.triton_runtime",),
+    ("drdo_kernels.triton_runtime", "drdo.errors"),
     ("drdo.atomic", "drdo.run_record"),
-    ("drdo.losses", "drdo.tokenizer", "drdo.jsonl", "drdo.progress", "drdo.process_settings", "drdo.errors"),
+    ("drdo.losses", "drdo.tokenizer", "drdo.jsonl", "drdo.progress", "drdo.process_settings"),
     ("drdo.hub",),
     ("drdo_kernels", "drdo.data"),
     ("drdo.models",),
@@ -36,7 +36,7 @@ LAYERS = (
 )
 _GROUPS = {group: level for level, groups in enumerate(LAYERS) for group in groups}
 #: The only drdo groups a drdo_kernels module may import, although more of drdo lies below it.
-KERNELS_MAY_IMPORT = ("drdo.losses",)
+KERNELS_MAY_IMPORT = ("drdo.losses", "drdo.errors")
 #: The most lines a module of drdo or drdo_kernels may have.
 MAX_LINES = 600
 
