@@ -151,7 +151,7 @@ def config_file_values(path: str, parser: argparse.ArgumentParser, command: str)
             continue
         _check_shape(key, value, action, path)
         if isinstance(action, DeprecatedFlag):
-            print(action.warning().replace(action.option_strings[0], f"the key {key!r} in {path}"), file=sys.stderr)
+            print(action.warning(f"the key {key!r} in {path}"), file=sys.stderr)
         if action.dest in out:
             raise ConfigError(f"{path} sets {action.dest} twice (as {shown(key)} and under another name)")
         out[action.dest] = value

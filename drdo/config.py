@@ -295,9 +295,10 @@ class DeprecatedFlag(argparse.Action):
         super().__init__(option_strings, dest, **kwargs)
         self.new_flag = new_flag
 
-    def warning(self) -> str:
-        return (f"drdo: warning: {self.option_strings[0]} is a deprecated alias of {self.new_flag} and will be "
-                "removed in the next release")
+    def warning(self, used: str | None = None) -> str:
+        """The warning line; ``used``: how the old name was given (default: the flag itself)."""
+        return (f"drdo: warning: {used or self.option_strings[0]} is a deprecated alias of {self.new_flag} and "
+                "will be removed in the next release")
 
     def __call__(self, parser, namespace, values, option_string=None):
         print(self.warning(), file=sys.stderr)
