@@ -80,7 +80,6 @@ def derived_option(cls, name: str, **changes: Any) -> Any:
     meta = dict(f.metadata)
     default = changes.pop("default", f.default)
     help_text = changes.pop("help", meta.pop("help"))
-    meta.pop("help", None)
     argparse_kwargs = meta.pop("argparse", {})
     return option(default, help_text, **{**meta, **changes}, **argparse_kwargs)
 
