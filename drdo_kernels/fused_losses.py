@@ -28,13 +28,14 @@ pair-loss kernel :func:`drdo_kernels.drdo_pair_loss`). "auto" resolves per call 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from drdo.losses import DPOSpec, DRDOSpec, EDPOSpec, OracleSpec, drdo_loss, objective_loss
 
 from . import logprobs_chunked as chunked
-from .inputs import gather_lm_head
 from .logit_transform import IDENTITY, LogitTransform, logit_transform
 from .logprobs import (
     TokenPlan,
@@ -49,6 +50,7 @@ from .logprobs import (
 from .pair_chunked import chunked_pair_loss, group_order
 from .pair_loss import drdo_pair_loss
 from .pair_objectives import objective_for
+from .vocab_parallel import VocabShard, head_inputs
 
 __all__ = [
     "row_logprobs",
@@ -93,36 +95,48 @@ def row_logprobs(
             f"expected hidden [N, T, H] and labels [N, T], got {tuple(hidden.shape)} and {tuple(labels.shape)}"
         )
     transform = logit_transform(temperature, softcap, logit_scale)
-    weight, bias, plan, backend = _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index, backend,
-                                             chunk_tokens, rows_per_group=1)
-    return _planned_row_logprobs(weight, hidden, labels, bias, plan, backend, chunk_tokens, transform), plan.counts
+    head = _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index, backend, chunk_tokens, rows_per_group=1)
+    return _planned_row_logprobs(head, labels, chunk_tokens, transform), head.plan.counts
 
 
-def _planned_row_logprobs(weight, hidden, labels, bias, plan: TokenPlan, backend: str, chunk_tokens,
-                          transform: LogitTransform = IDENTITY) -> torch.Tensor:
-    """[N] summed log-probs of the rows of hidden [N, T, H] over the valid tokens of ``plan``."""
+def _planned_row_logprobs(head: "_Head", labels, chunk_tokens, transform: LogitTransform = IDENTITY) -> torch.Tensor:
+    """[N] summed log-probs of the rows of head.hidden [N, T, H] over the valid tokens of its plan."""
+    hidden, plan = head.hidden, head.plan
     n_rows, n_pos, n_hidden = hidden.shape
-    logp = valid_logprobs(hidden.reshape(-1, n_hidden).index_select(0, plan.index), weight,
-                          labels.reshape(-1).index_select(0, plan.index).long(), bias, backend, chunk_tokens,
-                          transform=transform)
+    logp = valid_logprobs(hidden.reshape(-1, n_hidden).index_select(0, plan.index), head.weight,
+                          labels.reshape(-1).index_select(0, plan.index).long(), head.bias, head.backend,
+                          chunk_tokens, transform=transform, shard=head.shard)
     token_logps = logp.new_zeros(n_rows * n_pos).index_copy(0, plan.index, logp).view(n_rows, n_pos)
     return token_logps.sum(-1)
 
 
+class _Head(NamedTuple):
+    """The checked LM-head inputs of a fused loss, as plain tensors: weight [V, H] (a rank's rows
+    [V_r, H] of a vocabulary-parallel head, ``shard`` set), hidden [R, T, H], bias, the token plan
+    and the resolved backend."""
+
+    weight: torch.Tensor
+    hidden: torch.Tensor
+    bias: torch.Tensor | None
+    plan: TokenPlan
+    backend: str
+    shard: VocabShard | None
+
+
 def _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index: int, backend: str, chunk_tokens,
-               rows_per_group: int):
-    """Gather an FSDP2-sharded head, check the inputs, find the valid tokens (one host sync) and
-    resolve the backend for them. Returns (weight, bias, plan, backend); the plan's tokens run
-    group by group (:func:`drdo_kernels.pair_chunked.group_order`), every row holding one."""
-    weight, bias = gather_lm_head(lm_head_weight, bias)  # an FSDP2-sharded (DTensor) head is all-gathered
+               rows_per_group: int) -> _Head:
+    """Take the head's rows of a vocabulary-parallel call or gather an FSDP2-sharded head, check
+    the inputs, find the valid tokens (one host sync) and resolve the backend for them; the plan's
+    tokens run group by group (:func:`drdo_kernels.pair_chunked.group_order`), every row holding one."""
+    weight, hidden, bias, shard = head_inputs(lm_head_weight, hidden, bias)
     check_inputs(hidden, weight, labels, bias)
     check_chunk_tokens(chunk_tokens)
     order = group_order(labels.shape[0], labels.shape[1], rows_per_group, labels.device)
-    plan = plan_tokens(labels, weight.shape[0], ignore_index, order=order)
+    plan = plan_tokens(labels, weight.shape[0] if shard is None else shard.n_vocab, ignore_index, order=order)
     check_rows_scored(plan, ignore_index)
     resolved = resolve_backend(backend, hidden.device, chunked.compute_dtype(hidden.dtype, weight.dtype), plan.n_valid,
-                               weight.shape[1])
-    return weight, bias, plan, resolved
+                               weight.shape[1], shard)
+    return _Head(weight, hidden, bias, plan, resolved, shard)
 
 
 def _fused_pair_loss(spec, lm_head_weight, hidden, labels, bias, *, ignore_index: int, backend: str,
@@ -132,15 +146,15 @@ def _fused_pair_loss(spec, lm_head_weight, hidden, labels, bias, *, ignore_index
     closed form with every gradient computed in the forward; on "triton" and "reference" as
     ``objective_loss`` of the rows' summed log-probs, DRDO on "triton" with the Triton pair kernel."""
     objective = objective_for(spec)
-    weight, bias, plan, resolved = _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index, backend,
-                                              chunk_tokens, objective.rows_per_group)
-    if resolved in ("chunked", "torch"):
-        return chunked_pair_loss(objective, weight, hidden, labels, objective.scores(**named_scores), bias, plan,
-                                 backend=resolved, reduction=reduction, chunk_tokens=chunk_tokens,
-                                 transform=transform)
-    z = _planned_row_logprobs(weight, hidden, labels, bias, plan, resolved, chunk_tokens, transform)
-    return objective_loss(spec, z, plan.counts, reduction=reduction,
-                          drdo_fn=_triton_drdo if resolved == "triton" else None, **named_scores)
+    head = _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index, backend, chunk_tokens,
+                      objective.rows_per_group)
+    if head.backend in ("chunked", "torch") and head.shard is None:
+        return chunked_pair_loss(objective, head.weight, head.hidden, labels, objective.scores(**named_scores),
+                                 head.bias, head.plan, backend=head.backend, reduction=reduction,
+                                 chunk_tokens=chunk_tokens, transform=transform)
+    z = _planned_row_logprobs(head, labels, chunk_tokens, transform)
+    return objective_loss(spec, z, head.plan.counts, reduction=reduction,
+                          drdo_fn=_triton_drdo if head.backend == "triton" else None, **named_scores)
 
 
 def _triton_drdo(*pair, spec, reduction):

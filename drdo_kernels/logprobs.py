@@ -29,9 +29,9 @@ import torch
 from drdo.errors import shown
 
 from . import logprobs_chunked as chunked
-from .inputs import gather_lm_head
 from .logit_transform import IDENTITY, LogitTransform, logit_transform
 from .triton_runtime import triton_available, triton_interpreting, triton_runs_on
+from .vocab_parallel import VocabShard, check_vocab_parallel_backend, head_inputs, vocab_parallel_logprobs
 
 __all__ = ["fused_linear_logprobs", "resolve_backend", "auto_backend", "check_backend", "AutoRule", "AUTO_RULES",
            "BACKENDS"]
@@ -98,13 +98,17 @@ def check_backend(backend: str) -> str:
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None, n_tokens: int = 0,
-                    hidden: int = 0) -> str:
-    """Validate ``backend`` and resolve "auto" with :func:`auto_backend`.
+                    hidden: int = 0, shard: VocabShard | None = None) -> str:
+    """Validate ``backend`` and resolve "auto" with :func:`auto_backend` ("chunked" for a
+    vocabulary-parallel head, ``shard``, which runs only there).
 
     "triton" on CPU tensors needs TRITON_INTERPRET=1 (set before triton is imported);
     "chunked" and "torch" run anywhere.
     """
     check_backend(backend)
+    if shard is not None:
+        check_vocab_parallel_backend(backend)
+        return "torch" if backend == "torch" else "chunked"
     if backend == "auto":
         return auto_backend(device, dtype, n_tokens, hidden)
     if backend == "triton":
@@ -271,11 +275,15 @@ def _full_logits_logprobs(hidden, weight, labels, bias, dtype, transform: LogitT
 
 
 def valid_logprobs(hidden, weight, labels, bias, backend: str, rows: int | None = None,
-                   filter_eps: float = 0.0, transform: LogitTransform = IDENTITY) -> torch.Tensor:
+                   filter_eps: float = 0.0, transform: LogitTransform = IDENTITY,
+                   shard: VocabShard | None = None) -> torch.Tensor:
     """The log-probs of compacted tokens: hidden [M, H] (any float), labels [M] int64 all
     valid, backend already resolved, ``transform`` the logit transform -> [M] float32 (float64),
-    differentiable."""
+    differentiable. ``shard``: weight and bias are this rank's rows of a vocabulary-parallel head
+    (:mod:`drdo_kernels.vocab_parallel`)."""
     dtype = chunked.compute_dtype(hidden.dtype, weight.dtype)
+    if shard is not None:
+        return vocab_parallel_logprobs(hidden.to(dtype), weight, labels, bias, shard, rows=rows, transform=transform)
     if backend == "reference":
         return _full_logits_logprobs(hidden, weight, labels, bias, dtype, transform)
     if backend == "triton":
@@ -342,20 +350,21 @@ def fused_linear_logprobs(
                       FutureWarning, stacklevel=2)
         chunk_tokens = chunk_tokens or chunk_size
     transform = logit_transform(temperature, softcap, logit_scale)
-    weight, bias = gather_lm_head(weight, bias)  # an FSDP2-sharded (DTensor) head is all-gathered
+    # a vocabulary-parallel head keeps each rank's rows; an FSDP2-sharded (DTensor) head is all-gathered
+    weight, hidden, bias, shard = head_inputs(weight, hidden, bias)
     check_inputs(hidden, weight, labels, bias)
     check_chunk_tokens(chunk_tokens)
     if not (isinstance(filter_eps, (int, float)) and filter_eps >= 0):
         raise ValueError(f"filter_eps must be a float >= 0, got {filter_eps!r}")
     check_backend(backend)
-    n_vocab, n_hidden = weight.shape
-    plan = plan_tokens(labels.reshape(-1), n_vocab, ignore_index)
+    n_hidden = weight.shape[1]
+    plan = plan_tokens(labels.reshape(-1), weight.shape[0] if shard is None else shard.n_vocab, ignore_index)
     backend = resolve_backend(backend, hidden.device, chunked.compute_dtype(hidden.dtype, weight.dtype), plan.n_valid,
-                              n_hidden)
+                              n_hidden, shard)
     flat_labels = labels.reshape(-1)
     logp_valid = valid_logprobs(
         hidden.reshape(-1, n_hidden).index_select(0, plan.index), weight,
-        flat_labels.index_select(0, plan.index).long(), bias, backend, chunk_tokens, filter_eps, transform,
+        flat_labels.index_select(0, plan.index).long(), bias, backend, chunk_tokens, filter_eps, transform, shard,
     )
     out = logp_valid.new_zeros(flat_labels.shape[0]).index_copy(0, plan.index, logp_valid)
     return out.reshape(labels.shape)
