@@ -41,3 +41,19 @@ def test_vocab_parallel_equals_one_float64_process(errors):
         limit = TOLERANCE[key.split("/")[2]]
         bad = {name: err for name, err in worst.items() if not err <= limit}
         assert not bad, f"{key}: relative errors {bad} above {limit}"
+
+
+def test_fsdp2_and_vocab_parallel_recipe_equals_one_process(tmp_path):
+    """examples/train_vocab_parallel.py on a (dp=2, tp=2) mesh trains as one process does."""
+    script = os.path.join(REPO, "examples", "train_vocab_parallel.py")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    runs = {"one": [sys.executable, script, "--out", str(tmp_path / "one.json")],
+            "mesh": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", script,
+                     "--dp", "2", "--tp", "2", "--out", str(tmp_path / "mesh.json")]}
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-4000:]}"
+    one, mesh = (json.loads((tmp_path / f"{name}.json").read_text())["losses"] for name in runs)
+    assert len(one) == len(mesh) == 4
+    assert mesh == pytest.approx(one, rel=1e-5)
+    assert len(set(one)) == 4  # the model trains: every step's loss differs
