@@ -36,6 +36,7 @@ from torch import nn
 from drdo.losses import DPOSpec, DRDOSpec, EDPOSpec, OracleSpec, drdo_loss, objective_loss
 
 from . import logprobs_chunked as chunked
+from .compiled import compilable
 from .logit_transform import IDENTITY, LogitTransform, logit_transform
 from .logprobs import (
     TokenPlan,
@@ -204,6 +205,7 @@ _CHUNK_DOC = """chunk_tokens: chunked backends: at most this many tokens per chu
             and a longer pair is split into chunks of this size and takes two passes."""
 
 
+@compilable(kind="loss", spec_type=DRDOSpec)
 def fused_linear_drdo_loss(
     lm_head_weight: torch.Tensor,
     hidden: torch.Tensor,
@@ -256,6 +258,7 @@ def fused_linear_drdo_loss(
                             oracle=oracle_rewards, rewards=policy_rewards)
 
 
+@compilable(kind="loss", spec_type=DPOSpec)
 def fused_linear_dpo_loss(
     lm_head_weight: torch.Tensor,
     hidden: torch.Tensor,
@@ -284,6 +287,7 @@ def fused_linear_dpo_loss(
                             transform=logit_transform(temperature, softcap, logit_scale), ref_logps=ref_logps)
 
 
+@compilable(kind="loss", spec_type=EDPOSpec)
 def fused_linear_edpo_loss(
     lm_head_weight: torch.Tensor,
     hidden: torch.Tensor,
@@ -319,6 +323,7 @@ def fused_linear_edpo_loss(
     return objective_loss(spec, logps, n_tokens, ref_logps=ref_logps, oracle=oracle_rewards, reduction=reduction)
 
 
+@compilable(kind="loss", spec_type=OracleSpec)
 def fused_linear_oracle_loss(
     lm_head_weight: torch.Tensor,
     hidden: torch.Tensor,

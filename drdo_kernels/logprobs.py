@@ -29,6 +29,7 @@ import torch
 from drdo.errors import shown
 
 from . import logprobs_chunked as chunked
+from .compiled import compilable
 from .logit_transform import IDENTITY, LogitTransform, logit_transform
 from .triton_runtime import triton_available, triton_interpreting, triton_runs_on
 from .vocab_parallel import VocabShard, check_vocab_parallel_backend, head_inputs, vocab_parallel_logprobs
@@ -299,6 +300,7 @@ def valid_logprobs(hidden, weight, labels, bias, backend: str, rows: int | None 
     return _ChunkedLogprobs.apply(hidden.to(dtype).contiguous(), weight, bias, labels, rows, use_triton, transform)
 
 
+@compilable(kind="logprobs", keyword_tensors=("bias",))
 def fused_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
