@@ -276,3 +276,58 @@ def test_the_fold_applies_the_transform_in_place(use_triton):
     d_raw = softmax_grad(raw, labels, lse, up, torch.float32, use_triton, t, raw=True)
     for d in (d_stored, d_raw):
         assert _rel(d, x64.grad) < 1e-5
+
+
+# ---- one argument order: (lm_head_weight, hidden, labels, bias=None, *, ...)
+
+def test_fused_linear_logprobs_is_weight_first_with_a_positional_bias():
+    import inspect
+
+    params = list(inspect.signature(fused_linear_logprobs).parameters.values())
+    assert [p.name for p in params[:4]] == ["lm_head_weight", "hidden", "labels", "bias"]
+    assert params[3].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert {"temperature", "softcap", "logit_scale"} <= {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    weight, hidden, labels, bias = _batch()
+    torch.testing.assert_close(fused_linear_logprobs(weight, hidden, labels, bias, backend="torch"),
+                               _expected_logprobs(weight, hidden, labels, bias))
+
+
+def test_the_old_weight_keyword_warns_and_still_works():
+    weight, hidden, labels, bias = _batch()
+    want = fused_linear_logprobs(weight, hidden, labels, bias, backend="torch")
+    with pytest.warns(FutureWarning, match=r"lm_head_weight, hidden, labels"):
+        old = fused_linear_logprobs(hidden, weight=weight, labels=labels, bias=bias, backend="torch")
+    torch.testing.assert_close(old, want)
+    with pytest.warns(FutureWarning):
+        old = fused_linear_logprobs(hidden=hidden, weight=weight, labels=labels, backend="torch")
+    torch.testing.assert_close(old, fused_linear_logprobs(weight, hidden, labels, backend="torch"))
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_a_call_in_the_old_order_says_the_order(flat):
+    weight, hidden, labels, _ = _batch()
+    if flat:
+        hidden, labels = hidden.reshape(-1, H), labels.reshape(-1)
+    with pytest.raises(ValueError, match=r"did you pass hidden first\? the order is \(lm_head_weight, hidden, labels\)"):
+        fused_linear_logprobs(hidden, weight, labels, backend="torch")
+
+
+@pytest.mark.parametrize("cls,fields", [
+    (drdo_kernels.FusedLinearDRDOLoss, DRDOSpec),
+    (drdo_kernels.FusedLinearDPOLoss, DPOSpec),
+    (drdo_kernels.FusedLinearEDPOLoss, EDPOSpec),
+    (drdo_kernels.FusedLinearOracleLoss, OracleSpec),
+])
+def test_module_constructors_name_every_spec_field(cls, fields):
+    import dataclasses
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    expected = {f.name for f in dataclasses.fields(fields)} | {
+        "spec", "ignore_index", "backend", "reduction", "chunk_tokens", "temperature", "softcap", "logit_scale"}
+    assert set(params) == expected
+    for f in dataclasses.fields(fields):
+        value = getattr(fields(), f.name)
+        module = cls(**{f.name: value})
+        assert getattr(module.spec, f.name) == value
