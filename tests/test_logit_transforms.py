@@ -308,7 +308,8 @@ def test_a_call_in_the_old_order_says_the_order(flat):
     weight, hidden, labels, _ = _batch()
     if flat:
         hidden, labels = hidden.reshape(-1, H), labels.reshape(-1)
-    with pytest.raises(ValueError, match=r"did you pass hidden first\? the order is \(lm_head_weight, hidden, labels\)"):
+    order = r"did you pass hidden first\? the order is \(lm_head_weight, hidden, labels\)"
+    with pytest.raises(ValueError, match=order):
         fused_linear_logprobs(hidden, weight, labels, backend="torch")
 
 
