@@ -1,7 +1,7 @@
 """drdo_kernels: fused LM-head log-probs and DRDO/DPO/EDPO/Oracle losses that never
 materialise the [tokens, vocab] logits.
 
-* ``fused_linear_logprobs(hidden, weight, labels)`` -> per-token log-probs (float32).
+* ``fused_linear_logprobs(lm_head_weight, hidden, labels, bias=None)`` -> per-token log-probs (float32).
   Backends: "chunked" (cuBLAS GEMMs on token chunks sized from
   ``logprobs_chunked.CHUNK_BUDGET_BYTES``, a Triton fold per chunk), "torch" (the same
   with a PyTorch fold), "triton" (tiled Triton kernels), and "auto"

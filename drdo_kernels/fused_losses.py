@@ -361,7 +361,8 @@ fused_linear_drdo_loss.__doc__ = fused_linear_drdo_loss.__doc__.replace("{chunk}
 
 
 class _FusedLoss(nn.Module):
-    """The nn.Module form shared by the four losses: a spec plus the call options."""
+    """The nn.Module form shared by the four losses: a spec plus the call options. Each subclass
+    names every field of its spec in its constructor (None: the spec's value, or its default)."""
 
     spec_type = None
     loss_fn = None
@@ -409,7 +410,9 @@ class _FusedLoss(nn.Module):
 
 class FusedLinearDRDOLoss(_FusedLoss):
     """nn.Module form of :func:`fused_linear_drdo_loss`: ``FusedLinearDRDOLoss(alpha, gamma, *,
-    spec=None, reward=..., ...)`` (the options of :class:`drdo.losses.DRDOSpec`).
+    reward, beta, unlikelihood, reward_grad, length_normalize, spec, ...)`` (the fields of
+    :class:`drdo.losses.DRDOSpec`; None keeps the spec's value), the call options and the logit
+    transform (``temperature``, ``softcap``, ``logit_scale``).
 
     forward(lm_head_weight [V, H], hidden [2B, T, H], labels [2B, T], oracle_rewards [2B],
             policy_rewards [2B] | None = None, bias [V] | None = None) -> (loss, metrics)
@@ -418,8 +421,15 @@ class FusedLinearDRDOLoss(_FusedLoss):
     spec_type = DRDOSpec
     loss_fn = fused_linear_drdo_loss
 
-    def __init__(self, alpha: float | None = None, gamma: float | None = None, **kwargs):
-        super().__init__(alpha=alpha, gamma=gamma, **kwargs)
+    def __init__(self, alpha: float | None = None, gamma: float | None = None, *, reward: str | None = None,
+                 beta: float | None = None, unlikelihood: str | None = None, reward_grad: str | None = None,
+                 length_normalize: bool | None = None, spec: DRDOSpec | None = None, ignore_index: int = -100,
+                 backend: str = "auto", reduction: str = "mean", chunk_tokens: int | None = None,
+                 temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0):
+        super().__init__(spec, ignore_index=ignore_index, backend=backend, reduction=reduction,
+                         chunk_tokens=chunk_tokens, temperature=temperature, softcap=softcap,
+                         logit_scale=logit_scale, alpha=alpha, gamma=gamma, reward=reward, beta=beta,
+                         unlikelihood=unlikelihood, reward_grad=reward_grad, length_normalize=length_normalize)
 
     def forward(self, lm_head_weight, hidden, labels, oracle_rewards, policy_rewards=None, bias=None):
         return self._call(lm_head_weight, hidden, labels, oracle_rewards, policy_rewards, bias)
@@ -435,8 +445,12 @@ class FusedLinearDPOLoss(_FusedLoss):
     spec_type = DPOSpec
     loss_fn = fused_linear_dpo_loss
 
-    def __init__(self, beta: float | None = None, **kwargs):
-        super().__init__(beta=beta, **kwargs)
+    def __init__(self, beta: float | None = None, *, spec: DPOSpec | None = None, ignore_index: int = -100,
+                 backend: str = "auto", reduction: str = "mean", chunk_tokens: int | None = None,
+                 temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0):
+        super().__init__(spec, ignore_index=ignore_index, backend=backend, reduction=reduction,
+                         chunk_tokens=chunk_tokens, temperature=temperature, softcap=softcap,
+                         logit_scale=logit_scale, beta=beta)
 
     def forward(self, lm_head_weight, hidden, labels, ref_logps, bias=None):
         return self._call(lm_head_weight, hidden, labels, ref_logps, bias)
@@ -452,8 +466,13 @@ class FusedLinearEDPOLoss(_FusedLoss):
     spec_type = EDPOSpec
     loss_fn = fused_linear_edpo_loss
 
-    def __init__(self, beta: float | None = None, pessimistic: bool | None = None, **kwargs):
-        super().__init__(beta=beta, pessimistic=pessimistic, **kwargs)
+    def __init__(self, beta: float | None = None, pessimistic: bool | None = None, *, spec: EDPOSpec | None = None,
+                 ignore_index: int = -100, backend: str = "auto", reduction: str = "mean",
+                 chunk_tokens: int | None = None, temperature: float = 1.0, softcap: float | None = None,
+                 logit_scale: float = 1.0):
+        super().__init__(spec, ignore_index=ignore_index, backend=backend, reduction=reduction,
+                         chunk_tokens=chunk_tokens, temperature=temperature, softcap=softcap,
+                         logit_scale=logit_scale, beta=beta, pessimistic=pessimistic)
 
     def forward(self, lm_head_weight, hidden, labels, ref_logps, oracle_rewards, bias=None):
         return self._call(lm_head_weight, hidden, labels, ref_logps, oracle_rewards, bias)
@@ -470,8 +489,13 @@ class FusedLinearOracleLoss(_FusedLoss):
     spec_type = OracleSpec
     loss_fn = fused_linear_oracle_loss
 
-    def __init__(self, alpha: float | None = None, nll_reduction: str | None = None, **kwargs):
-        super().__init__(alpha=alpha, nll_reduction=nll_reduction, **kwargs)
+    def __init__(self, alpha: float | None = None, nll_reduction: str | None = None, *,
+                 spec: OracleSpec | None = None, ignore_index: int = -100, backend: str = "auto",
+                 reduction: str = "mean", chunk_tokens: int | None = None, temperature: float = 1.0,
+                 softcap: float | None = None, logit_scale: float = 1.0):
+        super().__init__(spec, ignore_index=ignore_index, backend=backend, reduction=reduction,
+                         chunk_tokens=chunk_tokens, temperature=temperature, softcap=softcap,
+                         logit_scale=logit_scale, alpha=alpha, nll_reduction=nll_reduction)
 
     def forward(self, lm_head_weight, hidden, labels, rewards, bias=None):
         return self._call(lm_head_weight, hidden, labels, rewards, bias)

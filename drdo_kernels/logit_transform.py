@@ -159,8 +159,9 @@ if triton is not None:
         |y| = 1/8 (relative error < 1e-9 there), (1 - e^-2|y|) / (1 + e^-2|y|) above; tanh(+-inf) = +-1."""
         a = tl.abs(y)
         e = tl.exp(-2.0 * a)
-        y2 = a * a
-        small = a * (1.0 - y2 / 3.0 * (1.0 - 0.4 * y2 * (1.0 - y2 * (17.0 / 42.0))))
+        s = tl.minimum(a, 0.125)  # the polynomial's argument stays finite (no inf * 0 off its range)
+        s2 = s * s
+        small = s * (1.0 - s2 / 3.0 * (1.0 - 0.4 * s2 * (1.0 - s2 * (17.0 / 42.0))))
         t = tl.where(a < 0.125, small, (1.0 - e) / (1.0 + e))
         return tl.where(y < 0, -t, t)
 

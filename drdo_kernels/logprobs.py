@@ -21,6 +21,7 @@ log-sum-exp per token, and whose backward recomputes the logits. Backends:
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import NamedTuple
 
@@ -135,6 +136,10 @@ def check_chunk_tokens(chunk_tokens) -> None:
         raise ValueError(f"chunk_tokens must be a positive int or None (from the memory budget), got {chunk_tokens!r}")
 
 
+#: Appended to a shape error that a call in the old (hidden, weight, labels) order would cause.
+ORDER_HINT = "; did you pass hidden first? the order is (lm_head_weight, hidden, labels)"
+
+
 def check_inputs(hidden, weight, labels, bias) -> None:
     """Types, shapes and devices of fused_linear_logprobs' arguments (no host sync)."""
     for name, t in (("hidden", hidden), ("weight", weight)):
@@ -144,7 +149,8 @@ def check_inputs(hidden, weight, labels, bias) -> None:
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape [*, H]")
     if weight.dim() != 2:
-        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
+        hint = ORDER_HINT if hidden.dim() == 2 else ""
+        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}{hint}")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden [*, {hidden.shape[-1]}] and weight {tuple(weight.shape)} disagree on H")
     if weight.shape[0] == 0 or weight.shape[1] == 0:
@@ -152,8 +158,9 @@ def check_inputs(hidden, weight, labels, bias) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        hint = ORDER_HINT if tuple(labels.shape) == tuple(weight.shape[:-1]) else ""
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden's leading shape "
-                         f"{tuple(hidden.shape[:-1])}")
+                         f"{tuple(hidden.shape[:-1])}{hint}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.dtype not in _FLOAT_DTYPES:
             raise TypeError("bias must be a float tensor [V] or None")
@@ -300,32 +307,51 @@ def valid_logprobs(hidden, weight, labels, bias, backend: str, rows: int | None 
     return _ChunkedLogprobs.apply(hidden.to(dtype).contiguous(), weight, bias, labels, rows, use_triton, transform)
 
 
-@compilable(kind="logprobs", keyword_tensors=("bias",))
+def _old_weight_keyword(fn):
+    """Accept the old spelling ``weight=`` (the old order was (hidden, weight, labels)) with a
+    FutureWarning: it names ``lm_head_weight``, and a lone positional argument is then hidden."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "weight" in kwargs:
+            warnings.warn("fused_linear_logprobs(weight=...) is deprecated; the order is now "
+                          "fused_linear_logprobs(lm_head_weight, hidden, labels, bias=None, ...)",
+                          FutureWarning, stacklevel=2)
+            if "lm_head_weight" in kwargs:
+                raise TypeError("fused_linear_logprobs got both weight= and lm_head_weight=")
+            kwargs["lm_head_weight"] = kwargs.pop("weight")
+            if len(args) == 1 and "hidden" not in kwargs:  # the old fused_linear_logprobs(hidden, weight=...)
+                kwargs["hidden"], args = args[0], ()
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+@_old_weight_keyword
+@compilable(kind="logprobs")
 def fused_linear_logprobs(
+    lm_head_weight: torch.Tensor,
     hidden: torch.Tensor,
-    weight: torch.Tensor,
     labels: torch.Tensor,
-    *,
     bias: torch.Tensor | None = None,
+    *,
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_tokens: int | None = None,
     filter_eps: float = 0.0,
-    chunk_size: int | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of the LM head, never materialising the [N, V] logits.
 
     Args:
+        lm_head_weight: [V, H] (e.g. ``lm_head.weight``; deprecated keyword: ``weight=``).
+            With 16-bit hidden and an fp32 weight (autocast training) the GEMMs run in hidden's
+            dtype; otherwise in the promoted dtype. Gradients come back in each input's dtype.
         hidden: [N, H] or [*, H], float16 / bfloat16 / float32 / float64 (float64: not "triton").
-        weight: [V, H] (e.g. ``lm_head.weight``). With 16-bit hidden and an fp32 weight
-            (autocast training) the GEMMs run in hidden's dtype; otherwise in the
-            promoted dtype. Gradients come back in each input's dtype.
         labels: [N] or [*] integer, ALIGNED with hidden (position t predicts labels[t]);
             each entry in [0, V) or ``ignore_index``.
-        bias: optional [V].
+        bias: optional [V] (positional or keyword, as ``F.linear_cross_entropy``'s linear_bias).
         backend: "auto" (:func:`auto_backend`), "chunked", "torch" or "triton".
         chunk_tokens: chunked/torch backends: tokens per chunk, i.e. the [chunk_tokens, V]
             float32 buffer (None: from ``drdo_kernels.logprobs_chunked.CHUNK_BUDGET_BYTES``).
@@ -353,7 +379,7 @@ def fused_linear_logprobs(
         chunk_tokens = chunk_tokens or chunk_size
     transform = logit_transform(temperature, softcap, logit_scale)
     # a vocabulary-parallel head keeps each rank's rows; an FSDP2-sharded (DTensor) head is all-gathered
-    weight, hidden, bias, shard = head_inputs(weight, hidden, bias)
+    weight, hidden, bias, shard = head_inputs(lm_head_weight, hidden, bias)
     check_inputs(hidden, weight, labels, bias)
     check_chunk_tokens(chunk_tokens)
     if not (isinstance(filter_eps, (int, float)) and filter_eps >= 0):

@@ -101,7 +101,7 @@ if triton is not None:
         for start in range(0, V, BLOCK):
             offs = start + cols
             mask = offs < V
-            x = tl.load(x_row + offs, mask=mask, other=float("-inf"))
+            x = tl.load(x_row + offs, mask=mask, other=0.0)  # lanes past V: finite, never stored
             if RAW:
                 x = transform_logits(x, pre, post, TRANSFORM)
             d = transform_grad(g * (tl.where(offs == label, 1.0, 0.0) - tl.exp(x - lse)), x, post, slope, TRANSFORM)

@@ -83,7 +83,7 @@ def run_case(mesh, n_vocab, dtype, bias, transform_kw, what):
     b_dt = None if b is None else distribute_tensor(b, mesh, [Shard(0)]).requires_grad_(True)
     ref = [t if t is None else t.detach().double().requires_grad_(True) for t in (h, w, b)]
     if what == "logprobs":
-        got = dk.fused_linear_logprobs(h_dt, w_dt, labels, bias=b_dt, **transform_kw)
+        got = dk.fused_linear_logprobs(w_dt, h_dt, labels, bias=b_dt, **transform_kw)
         exact = full_logprobs(*ref, labels, transform)
         (got * scores["upstream"].to(got.dtype)).sum().backward()
         (exact * scores["upstream"]).sum().backward()
@@ -115,13 +115,13 @@ def main(out_path: str) -> None:
     (h, w, _), labels, _ = inputs(8 * world, torch.float32, False)
     for bad_hidden, message in ((distribute_tensor(h, mesh, [Shard(0)]), "Replicate"),):
         try:
-            dk.fused_linear_logprobs(bad_hidden, distribute_tensor(w, mesh, [Shard(0)]), labels)
+            dk.fused_linear_logprobs(distribute_tensor(w, mesh, [Shard(0)]), bad_hidden, labels)
         except ValueError as err:
             assert message in str(err), err
         else:
             raise AssertionError("a sharded hidden state was accepted")
     try:
-        dk.fused_linear_logprobs(distribute_tensor(h, mesh, [Replicate()]), distribute_tensor(w, mesh, [Shard(0)]),
+        dk.fused_linear_logprobs(distribute_tensor(w, mesh, [Shard(0)]), distribute_tensor(h, mesh, [Replicate()]),
                                  labels, backend="triton")
     except ValueError as err:
         assert "vocabulary-parallel" in str(err), err
