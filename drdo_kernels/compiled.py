@@ -32,7 +32,7 @@ import torch
 
 __all__ = ["compilable", "COMPILED_FUNCTIONS"]
 
-#: qualified name -> (eager function, positional parameter names, tensor parameter names, kind)
+#: name -> (eager function, positional parameter names, tensor parameter names, kind, spec type, its fields)
 COMPILED_FUNCTIONS: dict[str, tuple] = {}
 
 
@@ -47,7 +47,8 @@ def compilable(kind: str, spec_type=None, keyword_tensors: tuple[str, ...] = ())
         name = fn.__name__
         params = inspect.signature(fn).parameters.values()
         positional = tuple(p.name for p in params if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        COMPILED_FUNCTIONS[name] = (fn, positional, positional + tuple(keyword_tensors), kind, spec_type)
+        fields = tuple(spec_type.__dataclass_fields__) if spec_type is not None else ()
+        COMPILED_FUNCTIONS[name] = (fn, positional, positional + tuple(keyword_tensors), kind, spec_type, fields)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -62,13 +63,16 @@ def compilable(kind: str, spec_type=None, keyword_tensors: tuple[str, ...] = ())
 
 def _traced_call(name: str, args, kwargs):
     """What a compiled graph runs in place of ``name``'s body (no data-dependent Python here)."""
-    _, positional, tensor_names, kind, _ = COMPILED_FUNCTIONS[name]
+    _, positional, tensor_names, kind, _, _ = COMPILED_FUNCTIONS[name]
     given = dict(zip(positional, args))
     given.update(kwargs)
     inputs = [given.pop(n, None) for n in tensor_names]
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and t is not None and t.requires_grad for t in inputs]
     missing = [t is None for t in inputs]
+    spec = given.pop("spec", None)
+    if spec is not None:  # its fields: a frozen dataclass cannot cross into _call_key, its values can
+        given["spec_fields"] = {field: getattr(spec, field) for field in COMPILED_FUNCTIONS[name][5]}
     call, metric_names = _call_key(name, given)
     placeholder = next(t for t in inputs if t is not None).new_empty(0)
     outputs = torch.ops.drdo.fused([placeholder if t is None else t for t in inputs], missing, needs, call)
@@ -108,12 +112,13 @@ def _defaults(fn) -> dict:
 def _call_key(name: str, options: dict) -> tuple[str, tuple[str, ...]]:
     """(the operator's call string, the loss's metric names) for ``name`` called with ``options``
     (every argument that is not a tensor); evaluated once at trace time."""
-    fn, _, tensor_names, kind, spec_type = COMPILED_FUNCTIONS[name]
+    fn, _, tensor_names, kind, spec_type, _ = COMPILED_FUNCTIONS[name]
     options = {**{k: v for k, v in _defaults(fn).items() if k not in tensor_names}, **options}
+    if "spec_fields" in options:
+        options["spec"] = spec_type(**options.pop("spec_fields"))
     names: tuple[str, ...] = ()
     if kind == "loss":
-        field_names = set(spec_type.__dataclass_fields__)
-        fields = {k: v for k, v in options.items() if k in field_names}
+        fields = {k: v for k, v in options.items() if k in spec_type.__dataclass_fields__}
         spec = spec_type.build(options.get("spec"), **fields)
         names = _metric_names(spec, options.get("reduction", "mean"))
     call = json.dumps({"fn": name, "tensors": list(tensor_names), "kind": kind, "metrics": list(names),

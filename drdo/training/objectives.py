@@ -136,7 +136,7 @@ class StageObjective(nn.Module):
         self.spec = config.loss_spec()
         self.backend = config.backend
         self.reference = config.backend == "reference"
-        self.diagnostics_every = config.diagnostics_every
+        self.diagnostics_every = 0 if config.compile else config.diagnostics_every  # a step-dependent branch recompiles
         self.diagnostic_step = None  # the trainer sets the 0-based step; DRDO logs diagnostics every N steps
 
     def forward(self, input_ids, attention_mask=None, labels=None, oracle_rewards=None, ref_logps=None,
