@@ -146,10 +146,11 @@ def _float32_logits(lm, hidden, weight):
 
 
 def _drdo(z, n_rows):
+    """DRDO with the implicit reward beta * z, on summed log-probs z [2B]."""
     spec = DRDOSpec(alpha=0.5, gamma=2.0, reward="implicit", beta=0.1)
     oracle = torch.linspace(-1.0, 1.0, n_rows, dtype=z.dtype)
-    b = n_rows // 2
-    return drdo_loss(z[:b], z[b:], oracle[:b], oracle[b:], spec=spec)[0], spec, oracle
+    b, rhat = n_rows // 2, spec.beta * z
+    return drdo_loss(z[:b], z[b:], rhat[:b], rhat[b:], oracle[:b], oracle[b:], spec=spec)[0], spec, oracle
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -174,7 +175,77 @@ def test_fused_drdo_gradients_match_the_models_own(family, backend):
     w32 = head.weight.detach().float().requires_grad_(True)
     plain_loss, _, _ = _drdo(gathered(_float32_logits(lm, h32, w32), labels).float().sum(-1), ROWS)
     plain_loss.backward()
-    assert abs(float(loss) - float(loss64)) <= 4 * abs(float(plain_loss) - float(loss64)) + 1e-5
-    for name, got, plain in (("hidden", h.grad, h32.grad), ("weight", w.grad, w32.grad)):
-        err, yardstick = _fp32_error(got, exact[name]), _fp32_error(plain, exact[name])
+    got, exact_loss, plain = loss.item(), loss64.item(), plain_loss.item()
+    assert abs(got - exact_loss) <= 4 * abs(plain - exact_loss) + 1e-6 * max(1.0, abs(exact_loss))
+    for name, grad, plain_grad in (("hidden", h.grad, h32.grad), ("weight", w.grad, w32.grad)):
+        err, yardstick = _fp32_error(grad, exact[name]), _fp32_error(plain_grad, exact[name])
         assert err <= 4 * yardstick + 1e-6, f"{name}: relative error {err:.2e} (plain float32: {yardstick:.2e})"
+
+
+# ------------------------------------------------------------------ the transform reaches every caller
+
+
+@pytest.fixture(scope="module")
+def capped_dir(tmp_path_factory):
+    """A tiny soft-capped Gemma 2 over the tiny tokenizer's vocabulary, saved as an HF directory;
+    a cap of 5 bends most of its logits."""
+    from drdo.tokenizer import TINY_VOCAB_SIZE
+
+    config = tf.Gemma2Config(**{**_DECODER, "vocab_size": TINY_VOCAB_SIZE, "final_logit_softcapping": 5.0})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        lm = tf.Gemma2ForCausalLM(config)
+    lm.lm_head.weight.data.mul_(8.0)
+    path = tmp_path_factory.mktemp("gemma2")
+    lm.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("stage", ["drdo", "dpo"])
+def test_training_step_applies_the_models_transform(tmp_path, capped_dir, stage):
+    """The training loop's fused step (backend="auto") equals its full-logits step, whose logits
+    are the model's own (soft-capped): the loop passes the transform without being asked."""
+    from test_step_gradients import TOL, _step_gradients, long_rows, relative_errors
+    from test_train import cfg, write_rows
+
+    data = write_rows(tmp_path / "pairs.jsonl", long_rows(6))
+    common = dict(stage=stage, model=capped_dir, tokenizer="tiny", batch_size=6, micro_batch_size=6,
+                  max_length=96, max_prompt_length=24)
+    fused = _step_gradients(cfg(data, tmp_path / "a", backend="auto", **common))
+    reference = _step_gradients(cfg(data, tmp_path / "b", backend="reference", **common))
+    errors = relative_errors(fused, reference)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOL, f"{stage}: {worst} relative error {errors[worst]:.2e}"
+
+
+def test_drdo_trainer_applies_the_models_transform(tmp_path, capped_dir):
+    """DRDOTrainer's fused loss on a soft-capped Gemma 2 equals drdo_loss on the model's own logits."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from test_step_gradients import long_rows
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from drdo.integrations.trl import REWARD_HEAD_ATTR, DRDOConfig, DRDOTrainer
+    from drdo.tokenizer import get_tokenizer
+
+    args = DRDOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=6, max_steps=1,
+                      report_to="none", use_cpu=True, seed=0, max_length=96, alpha=0.5, bf16=False)
+    lm = tf.Gemma2ForCausalLM.from_pretrained(capped_dir, dtype=torch.float32).eval()
+    trainer = DRDOTrainer(model=lm, args=args, train_dataset=Dataset.from_list(long_rows(6)),
+                          processing_class=get_tokenizer("tiny"))
+    model = trainer._base_model()
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    loss = model(drdo_batch=trainer.data_collator(rows))["loss"]
+
+    batch = DataCollatorForPreference(pad_token_id=trainer._tokenizer.pad_token_id)(rows)
+    ids, mask, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    with torch.no_grad():
+        own_logits = model(input_ids=ids, attention_mask=mask).logits  # the model's own, soft-capped
+        logps = gathered(own_logits[:, :-1], ids.masked_fill(comp == 0, -100)[:, 1:]).sum(-1)
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        rewards = getattr(model, REWARD_HEAD_ATTR)(hidden[torch.arange(ids.shape[0]), mask.sum(1) - 1]).squeeze(-1)
+    oracle = torch.tensor([r["oracle_chosen"] for r in rows] + [r["oracle_rejected"] for r in rows]).double()
+    n = len(rows)
+    expected = drdo_loss(logps[:n], logps[n:], rewards[:n].double(), rewards[n:].double(), oracle[:n], oracle[n:],
+                         alpha=0.5)[0]
+    assert abs(loss.item() - expected.item()) <= 1e-4 * max(1.0, abs(expected.item()))

@@ -23,7 +23,6 @@ from drdo.models.loading import (
     weights_digest,
 )
 from drdo.models.logit_transform import (
-    apply_logit_transform,
     config_logit_transform,
     model_logit_transform,
     probe_logit_transform,
@@ -72,7 +71,6 @@ __all__ = [
     "model_logit_transform",
     "probe_logit_transform",
     "config_logit_transform",
-    "apply_logit_transform",
     # policy
     "PolicyOutput",
     "PolicyWithRewardHead",

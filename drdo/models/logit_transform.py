@@ -22,8 +22,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["IDENTITY", "config_logit_transform", "probe_logit_transform", "model_logit_transform",
-           "apply_logit_transform"]
+__all__ = ["IDENTITY", "config_logit_transform", "probe_logit_transform", "model_logit_transform"]
 
 #: The keywords of the fused kernels for a model whose logits are lm_head(hidden).
 IDENTITY = {"logit_scale": 1.0, "softcap": None}
@@ -136,11 +135,3 @@ def model_logit_transform(lm: nn.Module) -> dict:
         return config_logit_transform(lm.config)
     return probe_logit_transform(lm)
 
-
-def apply_logit_transform(logits: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
-    """The transform on full logits [..., V] (any float dtype, differentiable), as the model's forward does."""
-    if logit_scale != 1.0:
-        logits = logits * logit_scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from drdo.errors import ModelFormatError
 from drdo.models.loading import TINY_MODEL_NAME, load_causal_lm
-from drdo.models.logit_transform import apply_logit_transform, model_logit_transform
+from drdo.models.logit_transform import model_logit_transform
 from drdo.models.reward_head import (
     HEAD_WEIGHTS_NAME,
     head_hidden_size,
@@ -37,6 +37,7 @@ from drdo.models.reward_head import (
     save_head,
     sequence_rewards,
 )
+from drdo_kernels.logit_transform import logit_transform
 
 __all__ = ["PolicyOutput", "PolicyWithRewardHead", "count_parameters", "find_transformer_blocks"]
 
@@ -238,7 +239,7 @@ class PolicyWithRewardHead(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> the model's own logits [..., V] (model dtype): ``lm_head(hidden)``
         with the model's :attr:`logit_transform` applied, as its forward returns them."""
-        return apply_logit_transform(self.lm_head(hidden), **self.logit_transform)
+        return logit_transform(**self.logit_transform).apply(self.lm_head(hidden))
 
     # ---- persistence
     def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> str:
