@@ -15,7 +15,7 @@ import torch
 
 import drdo_kernels as dk
 import drdo_kernels.compiled as compiled
-from drdo.losses import DPOSpec, DRDOSpec, EDPOSpec, OracleSpec
+from drdo.losses import DPOSpec, DRDOSpec
 
 V, H, PAIRS, T = 40, 8, 3, 7
 
