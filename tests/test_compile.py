@@ -3,12 +3,14 @@
 Each fused function is one ``drdo::fused`` operator in a compiled graph (drdo_kernels.compiled);
 the data-dependent planning runs inside it, so a host synchronisation or any other graph break
 in the traced part fails ``fullgraph=True``. Compared with eager: the loss (or log-probs), every
-metric and every gradient (LM-head weight, hidden states, the per-row scores). Most cases compile
-with the "aot_eager" backend (Dynamo and AOT autograd with the operators' fake implementations,
-as inductor sees them, without its C++ code generation, which takes tens of seconds per graph on
-a CPU); the tiny policy's step, a training run and DRDOTrainer compile with the default inductor.
+metric and every gradient (LM-head weight, hidden states, the per-row scores), with inductor
+(the default backend) on the CPU: each fused function alone, the tiny policy's forward with a
+loss (fullgraph and default mode), `drdo train --compile` and DRDOTrainer's torch_compile=True.
+The planted graph break compiles with "aot_eager" (Dynamo fails before any code generation).
 """
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -78,12 +80,12 @@ SYNC_METHODS = ("item", "tolist", "cpu", "nonzero", "numpy")
 
 
 def checked_backend(graphs: list):
-    """aot_eager, recording each graph Dynamo hands it."""
+    """inductor, recording each graph Dynamo hands it."""
     from torch._dynamo.backends.registry import lookup_backend
 
     def backend(gm, example_inputs):
         graphs.append(gm)
-        return lookup_backend("aot_eager")(gm, example_inputs)
+        return lookup_backend("inductor")(gm, example_inputs)
 
     return backend
 
@@ -170,3 +172,53 @@ def test_policy_step_compiles_with_inductor(fullgraph):
     assert g0.keys() == g1.keys() and any("lm_head" in n for n in g0)
     for n in g0:  # inductor fuses the decoder's ops differently: float32 rounding of the forward
         assert float((g1[n] - g0[n]).norm()) <= 1e-4 * max(float(g0[n].norm()), 1e-6), n
+
+
+def test_training_loop_compile_equals_eager(tmp_path):
+    """`drdo train --compile` (the step compiled by inductor) trains as eager: per-step losses and
+    the final weights."""
+    from safetensors.torch import load_file
+    from test_train import cfg, make_rows, write_rows
+
+    from drdo.training.loop import train
+
+    data = write_rows(tmp_path / "pairs.jsonl", make_rows(8))
+    runs = {}
+    for name, compile_step in (("eager", False), ("compiled", True)):
+        torch._dynamo.reset()
+        out = tmp_path / name
+        train(cfg(data, out, compile=compile_step, backend="auto"))
+        losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
+        runs[name] = (losses, load_file(str(out / "model.safetensors")))
+    (l0, w0), (l1, w1) = runs["eager"], runs["compiled"]
+    assert l1 == pytest.approx(l0, rel=1e-5) and len(l0) == 2
+    assert w0.keys() == w1.keys()
+    assert max(float((w0[k] - w1[k]).abs().max()) for k in w0) < 1e-5
+
+
+def test_drdo_trainer_torch_compile_equals_eager(tmp_path):
+    """DRDOTrainer with TRL's torch_compile=True: two steps, the same losses and weights as eager."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from test_step_gradients import long_rows
+
+    from drdo.integrations.trl import DRDOConfig, DRDOTrainer
+    from drdo.models import build_tiny_causal_lm
+    from drdo.tokenizer import get_tokenizer
+
+    results = {}
+    for compile_model in (False, True):
+        torch._dynamo.reset()
+        args = DRDOConfig(output_dir=str(tmp_path / f"out{compile_model}"), per_device_train_batch_size=4,
+                          max_steps=2, report_to="none", use_cpu=True, seed=0, max_length=96, bf16=False,
+                          logging_steps=1, save_strategy="no", torch_compile=compile_model, learning_rate=0.1,
+                          optim="sgd")  # SGD: an update proportional to the gradient (Adam amplifies rounding)
+        trainer = DRDOTrainer(model=build_tiny_causal_lm(seed=0), args=args,
+                              train_dataset=Dataset.from_list(long_rows(8)), processing_class=get_tokenizer("tiny"))
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        weights = {n: p.detach().clone() for n, p in trainer._base_model().named_parameters()}
+        results[compile_model] = (losses, weights)
+    (l0, w0), (l1, w1) = results[False], results[True]
+    assert len(l0) == 2 and l1 == pytest.approx(l0, rel=1e-5)
+    assert max(float((w0[k] - w1[k]).abs().max()) for k in w0) < 1e-5
