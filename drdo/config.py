@@ -152,6 +152,8 @@ class TrainConfig:
     seed: int = option(0, "random seed (model head init, data order)")
     precision: str = option("auto", "'auto': bf16 mixed precision on GPU, fp32 on CPU", choices=PRECISIONS)
     gradient_checkpointing: bool = option(False, "recompute activations in backward")
+    compile: bool = option(False, "torch.compile the training step (policy forward and loss; each fused loss is one "
+                           "opaque operator); turns the DRDO diagnostics off")
     attn_implementation: str | None = option(
         None, "attention implementation passed to transformers (default: sdpa / flash_attention_2)", type=str)
     trust_remote_code: bool = option(False, "allow model code from the hub (off by default)")

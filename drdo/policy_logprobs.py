@@ -48,11 +48,13 @@ def head_params(head: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torc
 
 
 def hidden_sequence_logprobs(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, *,
-                             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                             backend: str = "auto", logit_scale: float = 1.0,
+                             softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the labelled tokens of each row, from the last hidden state.
 
     hidden: [R, T, H] any float dtype; head: the LM head (``.weight`` [V, H], optional ``.bias``);
-    labels: [R, T] int64, aligned (position t predicts labels[t]), IGNORE_INDEX where not counted.
+    labels: [R, T] int64, aligned (position t predicts labels[t]), IGNORE_INDEX where not counted;
+    logit_scale / softcap: the model's logit transform (``PolicyWithRewardHead.logit_transform``).
     Returns (logps [R] float32 (float64 for float64 inputs), differentiable w.r.t. hidden and the head;
     n_tokens [R] int64).
     A row with no counted token sums to 0, as :func:`drdo.losses.sequence_logprobs`.
@@ -63,8 +65,9 @@ def hidden_sequence_logprobs(hidden: torch.Tensor, head: nn.Module, labels: torc
         raise ValueError(f"expected hidden [R, T, H] and labels [R, T], got {tuple(hidden.shape)} "
                          f"and {tuple(labels.shape)}")
     weight, bias = head_params(head, hidden.dtype)
-    token_logps = drdo_kernels.fused_linear_logprobs(hidden, weight, labels, bias=bias,  # [R, T], 0 where ignored
-                                                     ignore_index=IGNORE_INDEX, backend=backend)
+    token_logps = drdo_kernels.fused_linear_logprobs(weight, hidden, labels, bias=bias,  # [R, T], 0 where ignored
+                                                     ignore_index=IGNORE_INDEX, backend=backend,
+                                                     logit_scale=logit_scale, softcap=softcap)
     return token_logps.sum(-1), (labels != IGNORE_INDEX).sum(-1)
 
 
@@ -81,7 +84,8 @@ def policy_sequence_logprobs(policy: nn.Module, input_ids: torch.Tensor, attenti
     if reference:
         logps, n_tokens = sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)
         return logps, n_tokens, out
-    logps, n_tokens = hidden_sequence_logprobs(out.hidden_states, policy.lm_head, labels, backend=backend)
+    logps, n_tokens = hidden_sequence_logprobs(out.hidden_states, policy.lm_head, labels, backend=backend,
+                                               **policy.logit_transform)
     return logps, n_tokens, out
 
 

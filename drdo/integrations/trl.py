@@ -37,7 +37,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from drdo.data.packing import last_token_index, pack_sequences, segment_sum
 from drdo.data.row_checks import ORACLE_FIELDS, check_oracle_rows
 from drdo.losses import IGNORE_INDEX, REWARD_GRADS, REWARDS, UNLIKELIHOOD_SIGN, DRDOSpec, objective_loss
-from drdo.models import last_token_indices, new_reward_head, save_head
+from drdo.models import last_token_indices, model_logit_transform, new_reward_head, save_head
 from drdo.policy_logprobs import BACKENDS, check_backend
 
 __all__ = ["DRDOConfig", "DRDOTrainer", "DRDODataCollator", "REWARD_HEAD_ATTR"]
@@ -285,17 +285,19 @@ def _patch_forward(model: nn.Module, trainer: DRDOTrainer) -> None:
     """``model(drdo_batch=batch)`` returns the DRDO loss; any other call is the model's own forward.
     Running the loss inside the forward keeps FSDP/DeepSpeed wrappers' hooks in charge of the LM head."""
     original_forward = model.forward
+    transform = model_logit_transform(model)  # measured once, before the forward is patched
 
     def forward(self, *args, drdo_batch=None, **kwargs):
         if drdo_batch is None:
             return original_forward(*args, **kwargs)
-        return drdo_forward(self, drdo_batch, trainer.args)
+        return drdo_forward(self, drdo_batch, trainer.args, transform)
 
     model.forward = types.MethodType(forward, model)
 
 
-def drdo_forward(model: nn.Module, batch: dict, args: DRDOConfig) -> dict:
-    """The DRDO loss of one collated batch (padded TRL layout or packed).
+def drdo_forward(model: nn.Module, batch: dict, args: DRDOConfig, transform: dict | None = None) -> dict:
+    """The DRDO loss of one collated batch (padded TRL layout or packed). ``transform``: the model's
+    logit transform (:func:`drdo.models.model_logit_transform`; None: measured now).
 
     Padded batches go through :func:`drdo_kernels.fused_objective_loss` (every LM-head gradient in the
     forward, the logits never built); packed ones through the fused per-token log-probs, summed per
@@ -307,6 +309,7 @@ def drdo_forward(model: nn.Module, batch: dict, args: DRDOConfig) -> dict:
     import drdo_kernels as dk
 
     spec, packed = args.drdo_spec, "cu_seqlens" in batch
+    transform = model_logit_transform(model) if transform is None else transform
     backbone = getattr(model, model.base_model_prefix)
     input_ids = batch["input_ids"]
     if packed:
@@ -320,13 +323,13 @@ def drdo_forward(model: nn.Module, batch: dict, args: DRDOConfig) -> dict:
     rewards = _head_rewards(model, hidden, batch, packed, spec) if spec.reward == "head" else None
     oracle = batch["oracle_rewards"].to(hidden.device)
     if packed:
-        z, n_tokens = _packed_logprobs(hidden, lm_head, labels, batch["cu_seqlens"], args.backend)
+        z, n_tokens = _packed_logprobs(hidden, lm_head, labels, batch["cu_seqlens"], args.backend, transform)
         loss, metrics = objective_loss(spec, z, n_tokens, rewards=rewards, oracle=oracle, reduction="mean",
                                        drdo_fn=_pair_kernel(args.backend))
     else:
         loss, metrics = dk.fused_objective_loss(spec, lm_head.weight, hidden, labels, lm_head.bias, rewards=rewards,
                                                 oracle=oracle, ignore_index=IGNORE_INDEX, backend=args.backend,
-                                                reduction="mean")
+                                                reduction="mean", **transform)
     metrics = {k: v for k, v in metrics.items() if k != "loss"}
     if rewards is None:  # implicit: beta * z, reported as its means
         chosen, rejected = spec.beta * metrics["logps_chosen"], spec.beta * metrics["logps_rejected"]
@@ -349,14 +352,14 @@ def _head_rewards(model, hidden, batch, packed: bool, spec: DRDOSpec) -> torch.T
         return getattr(model, REWARD_HEAD_ATTR)(h_last.float()).squeeze(-1)
 
 
-def _packed_logprobs(hidden, lm_head, labels, cu_seqlens, backend: str):
+def _packed_logprobs(hidden, lm_head, labels, cu_seqlens, backend: str, transform: dict):
     """Summed response log-probs and token counts per sequence of a packed row (hidden [1, L, H],
     labels [1, L]): the fused per-token log-probs (full logits for backend="reference") summed
     per sequence of ``cu_seqlens``."""
     import drdo_kernels as dk
 
-    token_logps = dk.fused_linear_logprobs(hidden, lm_head.weight, labels, bias=lm_head.bias,
-                                           ignore_index=IGNORE_INDEX, backend=backend)
+    token_logps = dk.fused_linear_logprobs(lm_head.weight, hidden, labels, bias=lm_head.bias,
+                                           ignore_index=IGNORE_INDEX, backend=backend, **transform)
     scored = (labels != IGNORE_INDEX).to(token_logps.dtype)
     z, n_tokens = segment_sum(token_logps, cu_seqlens), segment_sum(scored, cu_seqlens)
     if bool((n_tokens == 0).any()):

@@ -2,10 +2,12 @@
 
 * :mod:`.loading`: the tiny built-in model, Hugging Face checkpoints, and the attention they run;
 * :mod:`.reward_head`: the head ``nn.Linear(H, 1)``, the rewards it reads off hidden states, its files;
+* :mod:`.logit_transform`: what a model's forward does to ``lm_head(hidden)`` (softcap, scale),
+  measured once, for the fused kernels;
 * :mod:`.policy`: :class:`PolicyWithRewardHead`, the LM and its head as one module, saved and loaded
   as a Hugging Face model directory plus the head's two files.
 
-Every public name of the three is importable from ``drdo.models``.
+Every public name of the four is importable from ``drdo.models``.
 """
 from drdo.errors import ModelFormatError
 from drdo.models.loading import (
@@ -19,6 +21,11 @@ from drdo.models.loading import (
     set_attn_implementation,
     training_attn_implementation,
     weights_digest,
+)
+from drdo.models.logit_transform import (
+    config_logit_transform,
+    model_logit_transform,
+    probe_logit_transform,
 )
 from drdo.models.policy import PolicyOutput, PolicyWithRewardHead, count_parameters, find_transformer_blocks
 from drdo.models.reward_head import (
@@ -60,6 +67,10 @@ __all__ = [
     "save_head",
     "load_head",
     "head_is_trained",
+    # logit transform
+    "model_logit_transform",
+    "probe_logit_transform",
+    "config_logit_transform",
     # policy
     "PolicyOutput",
     "PolicyWithRewardHead",

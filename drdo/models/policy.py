@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from drdo.errors import ModelFormatError
 from drdo.models.loading import TINY_MODEL_NAME, load_causal_lm
+from drdo.models.logit_transform import model_logit_transform
 from drdo.models.reward_head import (
     HEAD_WEIGHTS_NAME,
     head_hidden_size,
@@ -36,6 +37,7 @@ from drdo.models.reward_head import (
     save_head,
     sequence_rewards,
 )
+from drdo_kernels.logit_transform import logit_transform
 
 __all__ = ["PolicyOutput", "PolicyWithRewardHead", "count_parameters", "find_transformer_blocks"]
 
@@ -49,8 +51,6 @@ _BLOCK_PATHS = (
     "gpt_neox.layers",  # Pythia / GPT-NeoX
     "model.language_model.layers",  # multimodal wrappers
 )
-#: Config attributes that make a model's logits differ from ``lm_head(hidden)``.
-_LOGIT_TRANSFORM_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 @dataclass
@@ -113,6 +113,8 @@ class PolicyWithRewardHead(nn.Module):
     Module tree: ``lm`` (the HF CausalLM, untouched) and ``reward_head``. ``backbone`` is
     ``lm.base_model`` (the decoder stack incl. the final norm), ``lm_head`` the LM's output
     embedding, ``transformer_blocks()`` its decoder layers (for FSDP2 ``fully_shard``).
+    ``logit_transform`` holds the keywords (logit_scale, softcap) that the fused kernels need to
+    reproduce the model's own logits from ``lm_head(hidden)`` (Gemma 2 / 3, Cohere, Granite, ...).
     ``head_trained`` (True, False, or None: unknown) is written to reward_head.json on save: a
     fresh head is False; whoever trains the head as a reward model sets it to True.
     """
@@ -135,13 +137,9 @@ class PolicyWithRewardHead(nn.Module):
         self.lm = lm
         self.reward_head = reward_head
         self.config = lm.config
-        for attr in _LOGIT_TRANSFORM_ATTRS:
-            if getattr(lm.config, attr, None) not in (None, 0, 1, 1.0):
-                logger.warning(
-                    "%s has config.%s=%s: its logits are not lm_head(hidden), so the log-probs computed "
-                    "from hidden_states and lm_head.weight differ from the model's own",
-                    type(lm).__name__, attr, getattr(lm.config, attr),
-                )
+        #: The fused kernels' keywords that reproduce the model's own logits from lm_head(hidden)
+        #: ({"logit_scale": float, "softcap": float | None}; :mod:`drdo.models.logit_transform`).
+        self.logit_transform = model_logit_transform(lm)
 
     # ---- structure
     @property
@@ -218,7 +216,7 @@ class PolicyWithRewardHead(nn.Module):
         )
         hidden = out[0]
         rewards = sequence_rewards(hidden, attention_mask, self.reward_head)
-        logits = self.lm_head(hidden) if return_logits else None
+        logits = self.logits(hidden) if return_logits else None
         return PolicyOutput(hidden_states=hidden, rewards=rewards, logits=logits)
 
     def _packed_forward(self, input_ids, attention_mask, position_ids, cu_seqlens, return_logits) -> PolicyOutput:
@@ -235,8 +233,13 @@ class PolicyWithRewardHead(nn.Module):
         out = self.backbone(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False)
         hidden = out[0]
         rewards = packed_sequence_rewards(hidden, cu_seqlens, self.reward_head)
-        logits = self.lm_head(hidden) if return_logits else None
+        logits = self.logits(hidden) if return_logits else None
         return PolicyOutput(hidden_states=hidden, rewards=rewards, logits=logits)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> the model's own logits [..., V] (model dtype): ``lm_head(hidden)``
+        with the model's :attr:`logit_transform` applied, as its forward returns them."""
+        return logit_transform(**self.logit_transform).apply(self.lm_head(hidden))
 
     # ---- persistence
     def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> str:

@@ -60,7 +60,9 @@ def last_token_indices(attention_mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"attention_mask must be [B, T], got shape {tuple(attention_mask.shape)}")
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = torch.where(attention_mask.bool(), positions, -1).amax(dim=1)
-    if bool((last < 0).any()):
+    if torch.compiler.is_compiling():  # no host sync in a compiled graph: checked on the device
+        torch._assert_async((last >= 0).all(), "an attention_mask row has no token; a reward needs >= 1 token")
+    elif bool((last < 0).any()):
         rows = (last < 0).nonzero().flatten().tolist()
         raise ValueError(f"attention_mask rows {rows} have no token (all padding); a reward needs >= 1 token")
     return last

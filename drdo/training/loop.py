@@ -234,6 +234,8 @@ class Trainer:
         self.root = StageObjective(policy, config)
         if dist_state.distributed:
             dist_utils.wrap_fsdp(self.root, dist_state, bf16=self.bf16)
+        if config.compile:  # in place: parameter names and checkpoints stay those of the eager module
+            self.root.compile()
         self.optimizer = _optimizer(config, self.root)
         self.metrics = MetricsLog(os.path.join(self.out, METRICS_FILE), enabled=dist_state.is_main)
         self.reporter = make_reporter(config.report_to, self.out, config.to_dict(), enabled=dist_state.is_main)

@@ -29,7 +29,7 @@ from torch import nn
 
 from drdo.losses import IGNORE_INDEX, DRDOSpec, objective_loss, sequence_logprobs
 from drdo.models import packed_sequence_rewards, sequence_rewards
-from drdo.policy_logprobs import head_params, policy_sequence_logprobs
+from drdo.policy_logprobs import head_params, hidden_sequence_logprobs, policy_sequence_logprobs
 from drdo.training import diagnostics
 
 #: What a batch field is, for the error when a stage needs it and the data lacks it.
@@ -90,7 +90,8 @@ class PairStage:
 
             w, b = head_params(root.policy.lm_head, out.hidden_states.dtype)
             loss, metrics = dk.fused_objective_loss(root.spec, w, out.hidden_states, labels, b, **scores,
-                                                    ignore_index=IGNORE_INDEX, backend=root.backend, reduction="sum")
+                                                    ignore_index=IGNORE_INDEX, backend=root.backend, reduction="sum",
+                                                    **root.policy.logit_transform)
         if self.diagnostics and not packed and root.diagnostic_due():
             metrics.update(root.diagnostics(out, labels, scores["oracle"]))
         n_pairs = (cu_seqlens.numel() - 1 if packed else input_ids.shape[0]) // 2
@@ -136,7 +137,7 @@ class StageObjective(nn.Module):
         self.spec = config.loss_spec()
         self.backend = config.backend
         self.reference = config.backend == "reference"
-        self.diagnostics_every = config.diagnostics_every
+        self.diagnostics_every = 0 if config.compile else config.diagnostics_every  # a step-dependent branch recompiles
         self.diagnostic_step = None  # the trainer sets the 0-based step; DRDO logs diagnostics every N steps
 
     def forward(self, input_ids, attention_mask=None, labels=None, oracle_rewards=None, ref_logps=None,
@@ -162,8 +163,8 @@ class StageObjective(nn.Module):
         from drdo.data.packing import segment_sum
 
         w, b = head_params(self.policy.lm_head, out.hidden_states.dtype)
-        token_logp = dk.fused_linear_logprobs(out.hidden_states[0], w, labels[0], bias=b, ignore_index=IGNORE_INDEX,
-                                              backend=self.backend)
+        token_logp = dk.fused_linear_logprobs(w, out.hidden_states[0], labels[0], bias=b, ignore_index=IGNORE_INDEX,
+                                              backend=self.backend, **self.policy.logit_transform)
         n_tokens = segment_sum((labels[0] != IGNORE_INDEX).long(), cu_seqlens)
         if bool((n_tokens == 0).any()):
             raise ValueError("a packed sequence has no response token; a sequence log-prob needs at least one")
@@ -180,11 +181,8 @@ class StageObjective(nn.Module):
         if self.reference:
             logps, _ = sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)
         else:
-            import drdo_kernels as dk
-
-            w, b = head_params(self.policy.lm_head, out.hidden_states.dtype)
-            logps = dk.fused_linear_logprobs(out.hidden_states, w, labels, bias=b, ignore_index=IGNORE_INDEX,
-                                             backend=self.backend).sum(-1)
+            logps, _ = hidden_sequence_logprobs(out.hidden_states, self.policy.lm_head, labels, backend=self.backend,
+                                                **self.policy.logit_transform)
         z = logps / n_tokens.to(logps.dtype) if spec.length_normalize else logps
         rhat = out.rewards if spec.reward == "head" else spec.beta * z
         oracle = oracle_rewards.mean(0) if oracle_rewards.dim() == 2 else oracle_rewards

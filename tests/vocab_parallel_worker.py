@@ -1,0 +1,145 @@
+"""One rank of the vocabulary-parallel checks (run by tests/test_vocab_parallel.py under torchrun).
+
+Every rank builds the same inputs from one seed, shards the LM head over the vocabulary
+(``Shard(0)``, uneven when V is not a multiple of the ranks) and replicates the hidden states,
+runs the fused log-probs and every loss forward and backward, and compares the loss and every
+gradient with a single-process float64 computation on the full logits written here. Rank 0
+writes the worst relative error of each case to the JSON file named by argv[1]; any rank fails
+loudly if the head was gathered.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+import drdo_kernels as dk
+import drdo_kernels.vocab_parallel as vp
+from drdo.losses import DPOSpec, DRDOSpec, EDPOSpec, OracleSpec, objective_loss
+from drdo_kernels.logit_transform import logit_transform
+
+R, T, H = 6, 9, 16  # 3 pairs of 9 positions
+
+
+def inputs(n_vocab: int, dtype, bias: bool):
+    g = torch.Generator().manual_seed(n_vocab)
+    hidden = torch.randn(R, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(n_vocab, H, generator=g, dtype=torch.float64) * 2.0
+    b = torch.randn(n_vocab, generator=g, dtype=torch.float64) if bias else None
+    labels = torch.randint(0, n_vocab, (R, T), generator=g)
+    labels[:, :3] = -100  # prompt
+    labels[1, -2:] = -100  # padding
+    scores = {"oracle": torch.randn(R, generator=g, dtype=torch.float64),
+              "rewards": torch.randn(R, generator=g, dtype=torch.float64),
+              "ref_logps": -torch.rand(R, generator=g, dtype=torch.float64) * 30,
+              "ensemble": torch.randn(3, R, generator=g, dtype=torch.float64),
+              "upstream": torch.randn(R, T, generator=g, dtype=torch.float64)}
+    return [t if t is None else t.to(dtype) for t in (hidden, weight, b)], labels, scores
+
+
+def full_logprobs(hidden, weight, bias, labels, transform):
+    """[R, T] float64 log-probs at the labels on the full logits (0 where ignored)."""
+    logits = transform.apply(torch.nn.functional.linear(hidden.double(), weight.double(),
+                                                        None if bias is None else bias.double()))
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return logp.masked_fill(labels == -100, 0.0)
+
+
+#: loss -> (spec, {objective_loss keyword: which score})
+LOSSES = {
+    "drdo": (DRDOSpec(alpha=0.5, gamma=2.0), {"oracle": "oracle", "rewards": "rewards"}),
+    "drdo_implicit": (DRDOSpec(alpha=0.3, gamma=1.0, reward="implicit", beta=0.2), {"oracle": "oracle"}),
+    "dpo": (DPOSpec(beta=0.1), {"ref_logps": "ref_logps"}),
+    "edpo": (EDPOSpec(beta=0.1), {"ref_logps": "ref_logps", "oracle": "ensemble"}),
+    "oracle": (OracleSpec(alpha=0.2), {"rewards": "rewards"}),
+}
+
+
+def reference_loss(name, logps, n_tokens, scores):
+    spec, reads = LOSSES[name]
+    return objective_loss(spec, logps, n_tokens, **{k: scores[v] for k, v in reads.items()})[0]
+
+
+def fused_loss(name, weight, hidden, bias, labels, scores, **transform_kw):
+    spec, reads = LOSSES[name]
+    named = {k: scores[v] for k, v in reads.items()}
+    return dk.fused_objective_loss(spec, weight, hidden, labels, bias, **named, **transform_kw)[0]
+
+
+def relative(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((got.double() - exact).abs().max() / exact.abs().max().clamp(min=1e-30))
+
+
+def run_case(mesh, n_vocab, dtype, bias, transform_kw, what):
+    transform = logit_transform(**transform_kw)
+    (h, w, b), labels, scores = inputs(n_vocab, dtype, bias)
+    h_dt = distribute_tensor(h, mesh, [Replicate()]).requires_grad_(True)
+    w_dt = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_(True)
+    b_dt = None if b is None else distribute_tensor(b, mesh, [Shard(0)]).requires_grad_(True)
+    ref = [t if t is None else t.detach().double().requires_grad_(True) for t in (h, w, b)]
+    if what == "logprobs":
+        got = dk.fused_linear_logprobs(w_dt, h_dt, labels, bias=b_dt, **transform_kw)
+        exact = full_logprobs(*ref, labels, transform)
+        (got * scores["upstream"].to(got.dtype)).sum().backward()
+        (exact * scores["upstream"]).sum().backward()
+    else:
+        got = fused_loss(what, w_dt, h_dt, b_dt, labels, {k: v.to(dtype) for k, v in scores.items()},
+                         **transform_kw)
+        logps = full_logprobs(*ref, labels, transform).sum(-1)
+        exact = reference_loss(what, logps, (labels != -100).sum(-1), scores)
+        got.backward()
+        exact.backward()
+    errors = {"value": relative(got.detach(), exact.detach()),
+              "hidden": relative(h_dt.grad.full_tensor(), ref[0].grad),
+              "weight": relative(w_dt.grad.full_tensor(), ref[1].grad)}
+    if b_dt is not None:
+        errors["bias"] = relative(b_dt.grad.full_tensor(), ref[2].grad)
+    assert w_dt.grad.placements == (Shard(0),) and h_dt.grad.placements == (Replicate(),)
+    return errors
+
+
+def main(out_path: str) -> None:
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+
+    def no_gather(*_a, **_k):
+        raise AssertionError("a vocabulary-parallel call gathered the LM head")
+
+    vp.gather_lm_head = no_gather  # no rank may hold the whole weight
+    (h, w, _), labels, _ = inputs(8 * world, torch.float32, False)
+    for bad_hidden, message in ((distribute_tensor(h, mesh, [Shard(0)]), "Replicate"),):
+        try:
+            dk.fused_linear_logprobs(distribute_tensor(w, mesh, [Shard(0)]), bad_hidden, labels)
+        except ValueError as err:
+            assert message in str(err), err
+        else:
+            raise AssertionError("a sharded hidden state was accepted")
+    try:
+        dk.fused_linear_logprobs(distribute_tensor(w, mesh, [Shard(0)]), distribute_tensor(h, mesh, [Replicate()]),
+                                 labels, backend="triton")
+    except ValueError as err:
+        assert "vocabulary-parallel" in str(err), err
+    else:
+        raise AssertionError("backend='triton' was accepted for a vocabulary-parallel head")
+    results = {}
+    softcap = {"softcap": 3.0, "logit_scale": 0.5, "temperature": 0.8}
+    for n_vocab in (4 * world + 1, 8 * world):  # uneven and even shards
+        for what in ("logprobs", *LOSSES):
+            for dtype, transform_kw, bias in ((torch.float64, {}, True), (torch.float64, softcap, False),
+                                              (torch.float32, softcap, True)):
+                key = f"{what}/V={n_vocab}/{str(dtype)[6:]}/{'softcap' if transform_kw else 'plain'}/bias={bias}"
+                results[key] = run_case(mesh, n_vocab, dtype, bias, transform_kw, what)
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump({"world": world, "pid": os.getpid(), "errors": results}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
