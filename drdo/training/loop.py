@@ -28,6 +28,7 @@ returns ``{"status": "finished", ...}``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -41,7 +42,8 @@ from typing import Callable
 
 import torch
 
-from drdo.config import TrainConfig, accumulation_steps, resolve, total_steps, warmup_steps_for
+from drdo.config import ConfigError, TrainConfig, accumulation_steps, resolve, total_steps, warmup_steps_for
+from drdo.errors import ModelFormatError
 from drdo.losses import IGNORE_INDEX
 from drdo.process_settings import quiet_libraries, torch_threads
 from drdo.training import checkpoint as ckpt
@@ -52,7 +54,7 @@ from drdo.training.objectives import StageObjective
 from drdo.training.reporting import make_reporter
 from drdo.training.schedule import default_lr, lr_at, set_lr
 
-__all__ = ["TrainConfig", "train", "TrainingDiverged", "step_indices"]
+__all__ = ["TrainConfig", "train", "TrainingDiverged", "RunAborted", "step_indices"]
 
 logger = logging.getLogger("drdo.training.loop")
 
@@ -149,6 +151,7 @@ def _build_policy(config: TrainConfig, device: torch.device, bf16: bool = False)
     )
     if policy.head_trained is False:
         policy.reward_head = new_reward_head(policy.hidden_size, seed=config.seed)
+    _check_finite_start(config, policy)
     if config.stage == "oracle" or (config.stage == "drdo" and config.reward == "head"):
         policy.head_trained = True
     if config.gradient_checkpointing:
@@ -158,6 +161,35 @@ def _build_policy(config: TrainConfig, device: torch.device, bf16: bool = False)
     if attn == "flash_attention_2" and policy.config._attn_implementation != attn:  # else: as loaded
         set_attn_implementation(policy.lm, attn)
     return policy.train()
+
+
+def _check_finite_start(config: TrainConfig, policy) -> None:
+    """ModelFormatError when a weight of the start model (its reward head included, when it is kept) holds
+    NaN or inf: such a model cannot be trained, whatever the learning rate."""
+    for name, tensor in policy.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelFormatError(f"--model {config.model}: the start model is bad: its tensor {name} holds NaN "
+                                   "or inf; train from a model whose weights are finite")
+
+
+def _check_vocabulary(config: TrainConfig, tokenizer, policy) -> None:
+    """ConfigError when the tokenizer has more tokens than the model's input embedding has rows (a token
+    id past the last row would fail at the first step)."""
+    rows = policy.lm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        which = f"--tokenizer {config.tokenizer}" if config.tokenizer else f"the tokenizer of --model {config.model}"
+        raise ConfigError(f"{which} has {len(tokenizer)} tokens but the embedding of --model {config.model} has "
+                          f"{rows} rows; use the model's own tokenizer, or one of at most {rows} tokens")
+
+
+def _check_backend(config: TrainConfig, device: torch.device) -> None:
+    """ConfigError when ``--backend`` cannot run on the run's device (triton on a CPU without the interpreter)."""
+    from drdo_kernels.logprobs import resolve_backend
+
+    try:
+        resolve_backend(config.backend, device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"--backend {config.backend}: {e}") from None
 
 
 def _optimizer(config: TrainConfig, root: torch.nn.Module) -> torch.optim.AdamW:
@@ -170,9 +202,17 @@ def _optimizer(config: TrainConfig, root: torch.nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
 
 
+class RunAborted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: the run stops at once, without a checkpoint; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class _StopFlag:
     """SIGINT and SIGTERM handler: the first signal asks for a clean stop (``signum`` records which),
-    the second raises KeyboardInterrupt."""
+    the second raises :class:`RunAborted` (a KeyboardInterrupt)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -191,7 +231,7 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            raise RunAborted(signum)
         self.signum = signum
         logger.warning("%s: finishing this step, saving a checkpoint and exiting (send it again to abort)",
                        signal.Signals(signum).name)
@@ -216,7 +256,8 @@ class Trainer:
         self.plan = plan or rundir.RunPlan(run_id="unowned")
         self.device = dist_state.device
         self.out = config.output_dir
-        self.data_sha256 = rundir.data_digest(config.data) if dist_state.is_main else None
+        _check_backend(config, self.device)
+        self.digests = rundir.input_digests(config) if dist_state.is_main else {}
         self.tokenizer = get_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
         self.dataset = self._load_data_rank0_first()  # fails fast on data without Oracle scores / ref log-probs
         if config.stage in ("dpo", "edpo"):
@@ -231,6 +272,7 @@ class Trainer:
         self.bf16 = _use_bf16(config, self.device)
         torch.manual_seed(config.seed)
         policy = _build_policy(config, self.device, self.bf16)
+        _check_vocabulary(config, self.tokenizer, policy)
         self.root = StageObjective(policy, config)
         if dist_state.distributed:
             dist_utils.wrap_fsdp(self.root, dist_state, bf16=self.bf16)
@@ -373,7 +415,7 @@ class Trainer:
     # -- checkpoints and outputs
     def save(self, step: int, last_row: dict | None, *, prune: bool = True) -> str:
         state = {"config": self.config.to_dict(), "total_steps": self.total, "last_metrics": last_row or {},
-                 "run_id": self.plan.run_id, "data_sha256": self.data_sha256}
+                 "run_id": self.plan.run_id, **self.digests}
         directory = ckpt.save_checkpoint(self.out, step, root=self.root, optimizer=self.optimizer,
                                          dist_state=self.dist, tokenizer=self.tokenizer, trainer_state=state,
                                          kept=self.last_good)
@@ -458,8 +500,14 @@ class Trainer:
             return
         from drdo.training.plots import plot_training_curves
 
-        plot_training_curves(self.metrics.path, os.path.join(self.out, PLOT_FILE),
-                             title=f"{self.config.stage} ({self.config.model})")
+        path = os.path.join(self.out, PLOT_FILE)
+        try:
+            plot_training_curves(self.metrics.path, path, title=f"{self.config.stage} ({self.config.model})")
+        except OSError as e:
+            cause = "no space left on device" if ckpt.is_disk_full(e) else (e.strerror or str(e))
+            raise rundir.OutputDirError(
+                f"{cause} while drawing {path}; the final model in {self.out} is complete (only the plot is "
+                "missing)") from e
 
 
 def _n_rows(batch: dict) -> int:
@@ -475,12 +523,29 @@ def _progress(enabled: bool, total: int, start: int, stage: str):
     return tqdm(total=total, initial=start, desc=f"drdo {stage}", dynamic_ncols=True)
 
 
-def _outermost_missing(path: str) -> str | None:
-    """The outermost directory on the way to ``path`` that does not exist yet (None: it exists)."""
-    path, missing = os.path.abspath(path), None
+def _missing_directories(path: str) -> list[str]:
+    """The directories on the way to ``path`` (itself included) that do not exist yet, innermost first."""
+    path, missing = os.path.abspath(path), []
     while not os.path.exists(path):
-        path, missing = os.path.dirname(path), path
+        missing.append(path)
+        path = os.path.dirname(path)
     return missing
+
+
+def _remove_own_directories(created: list[str], lock: rundir.RunLock) -> None:
+    """After a failed start: remove the lock file this run made, then each directory it created,
+    innermost first, while the directory is empty (``os.rmdir``). A directory that holds anything
+    else (another run writing beside this one) is left, and so is every directory above it."""
+    if not created:
+        return
+    if lock.held:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(created[0], rundir.LOCK_FILE))
+    for directory in created:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
 
 
 def _start(config: TrainConfig, state, on_step, lock: rundir.RunLock) -> "Trainer | None":
@@ -510,11 +575,14 @@ def _finished_result(config: TrainConfig) -> dict:
 def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run one training stage (see the module docstring); returns the last step's metrics plus
     ``status`` ("completed" | "interrupted" | "finished": already complete, nothing trained),
-    ``output_dir``, ``checkpoint``, ``total_steps`` (and ``signal`` when interrupted).
+    ``output_dir``, ``checkpoint``, ``total_steps``, ``rank`` (this process's; 0 without torchrun)
+    (and ``signal`` when interrupted).
 
     on_step(step, metrics) is called on every rank after each optimizer step (1-based step).
     Raises ConfigError, MissingFieldError (data lacks Oracle scores / reference log-probs),
-    CheckpointError, TrainingDiverged.
+    CheckpointError, TrainingDiverged, ModelFormatError (a start model with NaN/inf weights); RunAborted
+    on a second SIGINT/SIGTERM. A failed start removes the directories it created, while they hold
+    nothing but its own lock file.
     """
     from drdo.hub import require_model_source
 
@@ -525,19 +593,19 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
     require_model_source(config.tokenizer, "--tokenizer")
     state = dist_utils.setup()
     with torch_threads(config.threads), quiet_libraries(not config.progress):
-        created = _outermost_missing(config.output_dir)
+        created = _missing_directories(config.output_dir)
         lock = rundir.RunLock(config.output_dir)
         try:
             trainer = _start(config, state, on_step, lock)
         except BaseException:
             # a failed start (busy or foreign directory, bad data, ...) leaves no directory it created
+            if state.is_main:
+                _remove_own_directories(created, lock)
             lock.release()
-            if created is not None and state.is_main:
-                shutil.rmtree(created, ignore_errors=True)
             raise
         try:
             result = trainer.run() if trainer is not None else _finished_result(config)
         finally:
             lock.release()
     dist_utils.teardown(state)  # on an error the ranks do not wait for each other
-    return result
+    return dict(result, rank=state.rank)
