@@ -67,8 +67,9 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_before_anything_is_wri
     tokenizer.save_pretrained(tmp_path / "big_tok")
     rows_of_model = build_tiny_causal_lm().get_input_embeddings().num_embeddings
     assert len(tokenizer) > rows_of_model
+    with_new_token = write_jsonl(tmp_path / "pairs.jsonl", rows(8, chosen=" a<extra39>"))  # id 302: past row 263
     out = tmp_path / "out"
-    one_error(capsys, _train_cli(data, out, "--tokenizer", tmp_path / "big_tok"), "--tokenizer",
+    one_error(capsys, _train_cli(with_new_token, out, "--tokenizer", tmp_path / "big_tok"), "--tokenizer",
               f"{len(tokenizer)} tokens", f"{rows_of_model} rows")
     assert not out.exists()
     assert main([str(a) for a in _train_cli(data, out)]) == 0  # the corrected command is not blocked
@@ -119,7 +120,7 @@ def test_a_start_model_retrained_in_place_is_another_config(tmp_path, data, caps
 def test_extending_a_finished_run_past_its_kept_checkpoint_is_refused(tmp_path, data):
     out = tmp_path / "out"
     train(cfg(data, out, save_limit=2))  # steps 1-4; the step-4 checkpoint is removed after the export
-    assert [ckpt.read_trainer_state(c)["step"] for c in ckpt.list_checkpoints(str(out))] == [3]
+    assert [ckpt.read_trainer_state(c)["step"] for c in ckpt.list_checkpoints(str(out))] == [2, 3]
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(ckpt.CheckpointError, match="complete at step 4 .* step 3: .*drop the steps after 3"):
         train(cfg(data, out, save_limit=2, max_steps=8, resume=True))

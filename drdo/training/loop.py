@@ -15,14 +15,18 @@ so the gradient is that of the mean over the whole global batch whatever the
 world size or micro-batch size. (FSDP2 averages gradients over ranks, so the
 backward loss is multiplied by the world size to get the sum.)
 
-Failure behaviour: a non-finite loss or gradient norm stops the run before the
+Failure behaviour: everything that can be checked before training is checked before anything is
+written (the data, the backend on this device, the tokenizer against the model's embedding, the
+start model's weights); a failed start removes the directories it created while they hold nothing
+but its own lock file. A non-finite loss or gradient norm stops the run before the
 optimizer step (:class:`TrainingDiverged`), and so do weights that are not finite after
 it (they are never saved), leaving the last good checkpoint in place. The run owns its
 output directory (:mod:`drdo.training.rundir`: lock, run id, config checks); the final
 model is exported after a checkpoint of the last step was written, recorded as complete in
 run.json (:func:`rundir.mark_complete`), and only then is that checkpoint removed. SIGINT (Ctrl-C)
 and SIGTERM (``timeout``, schedulers, ``docker stop``) finish the current step, save a checkpoint
-and return ``{"status": "interrupted", "signal": <its number>, ...}`` (a second signal aborts at once).
+and return ``{"status": "interrupted", "signal": <its number>, ...}`` (a second signal aborts at once:
+:class:`RunAborted`).
 A run of the same config into a directory that already holds it, complete, trains nothing and
 returns ``{"status": "finished", ...}``.
 """
