@@ -32,7 +32,6 @@ returns ``{"status": "finished", ...}``.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -46,13 +45,12 @@ from typing import Callable
 
 import torch
 
-from drdo.config import ConfigError, TrainConfig, accumulation_steps, resolve, total_steps, warmup_steps_for
-from drdo.errors import ModelFormatError
+from drdo.config import TrainConfig, accumulation_steps, resolve, total_steps, warmup_steps_for
 from drdo.losses import IGNORE_INDEX
 from drdo.process_settings import quiet_libraries, torch_threads
 from drdo.training import checkpoint as ckpt
 from drdo.training import distributed as dist_utils
-from drdo.training import rundir
+from drdo.training import rundir, startup
 from drdo.training.metrics import MetricsLog, peak_memory_mb
 from drdo.training.objectives import StageObjective
 from drdo.training.reporting import make_reporter
@@ -155,7 +153,7 @@ def _build_policy(config: TrainConfig, device: torch.device, bf16: bool = False)
     )
     if policy.head_trained is False:
         policy.reward_head = new_reward_head(policy.hidden_size, seed=config.seed)
-    _check_finite_start(config, policy)
+    startup.check_finite_start(config, policy)
     if config.stage == "oracle" or (config.stage == "drdo" and config.reward == "head"):
         policy.head_trained = True
     if config.gradient_checkpointing:
@@ -165,35 +163,6 @@ def _build_policy(config: TrainConfig, device: torch.device, bf16: bool = False)
     if attn == "flash_attention_2" and policy.config._attn_implementation != attn:  # else: as loaded
         set_attn_implementation(policy.lm, attn)
     return policy.train()
-
-
-def _check_finite_start(config: TrainConfig, policy) -> None:
-    """ModelFormatError when a weight of the start model (its reward head included, when it is kept) holds
-    NaN or inf: such a model cannot be trained, whatever the learning rate."""
-    for name, tensor in policy.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ModelFormatError(f"--model {config.model}: the start model is bad: its tensor {name} holds NaN "
-                                   "or inf; train from a model whose weights are finite")
-
-
-def _check_vocabulary(config: TrainConfig, tokenizer, policy) -> None:
-    """ConfigError when the tokenizer has more tokens than the model's input embedding has rows (a token
-    id past the last row would fail at the first step)."""
-    rows = policy.lm.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        which = f"--tokenizer {config.tokenizer}" if config.tokenizer else f"the tokenizer of --model {config.model}"
-        raise ConfigError(f"{which} has {len(tokenizer)} tokens but the embedding of --model {config.model} has "
-                          f"{rows} rows; use the model's own tokenizer, or one of at most {rows} tokens")
-
-
-def _check_backend(config: TrainConfig, device: torch.device) -> None:
-    """ConfigError when ``--backend`` cannot run on the run's device (triton on a CPU without the interpreter)."""
-    from drdo_kernels.logprobs import resolve_backend
-
-    try:
-        resolve_backend(config.backend, device)
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"--backend {config.backend}: {e}") from None
 
 
 def _optimizer(config: TrainConfig, root: torch.nn.Module) -> torch.optim.AdamW:
@@ -260,7 +229,7 @@ class Trainer:
         self.plan = plan or rundir.RunPlan(run_id="unowned")
         self.device = dist_state.device
         self.out = config.output_dir
-        _check_backend(config, self.device)
+        startup.check_backend(config, self.device)
         self.digests = rundir.input_digests(config) if dist_state.is_main else {}
         self.tokenizer = get_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
         self.dataset = self._load_data_rank0_first()  # fails fast on data without Oracle scores / ref log-probs
@@ -276,7 +245,7 @@ class Trainer:
         self.bf16 = _use_bf16(config, self.device)
         torch.manual_seed(config.seed)
         policy = _build_policy(config, self.device, self.bf16)
-        _check_vocabulary(config, self.tokenizer, policy)
+        startup.check_vocabulary(config, self.tokenizer, policy)
         self.root = StageObjective(policy, config)
         if dist_state.distributed:
             dist_utils.wrap_fsdp(self.root, dist_state, bf16=self.bf16)
@@ -527,31 +496,6 @@ def _progress(enabled: bool, total: int, start: int, stage: str):
     return tqdm(total=total, initial=start, desc=f"drdo {stage}", dynamic_ncols=True)
 
 
-def _missing_directories(path: str) -> list[str]:
-    """The directories on the way to ``path`` (itself included) that do not exist yet, innermost first."""
-    path, missing = os.path.abspath(path), []
-    while not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
-
-
-def _remove_own_directories(created: list[str], lock: rundir.RunLock) -> None:
-    """After a failed start: remove the lock file this run made, then each directory it created,
-    innermost first, while the directory is empty (``os.rmdir``). A directory that holds anything
-    else (another run writing beside this one) is left, and so is every directory above it."""
-    if not created:
-        return
-    if lock.held:
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(created[0], rundir.LOCK_FILE))
-    for directory in created:
-        try:
-            os.rmdir(directory)
-        except OSError:
-            return
-
-
 def _start(config: TrainConfig, state, on_step, lock: rundir.RunLock) -> "Trainer | None":
     """Take the output directory (rank 0: lock, check, plan the run; the plan is broadcast) and build the
     trainer; None when the directory already holds this run, finished."""
@@ -597,14 +541,14 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
     require_model_source(config.tokenizer, "--tokenizer")
     state = dist_utils.setup()
     with torch_threads(config.threads), quiet_libraries(not config.progress):
-        created = _missing_directories(config.output_dir)
+        created = startup.missing_directories(config.output_dir)
         lock = rundir.RunLock(config.output_dir)
         try:
             trainer = _start(config, state, on_step, lock)
         except BaseException:
             # a failed start (busy or foreign directory, bad data, ...) leaves no directory it created
             if state.is_main:
-                _remove_own_directories(created, lock)
+                startup.remove_own_directories(created, lock)
             lock.release()
             raise
         try:
