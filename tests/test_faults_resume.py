@@ -78,8 +78,8 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_before_anything_is_wri
 def test_backend_triton_on_a_cpu_is_refused_before_anything_is_written(tmp_path, data, capsys):
     from drdo_kernels.triton_runtime import triton_runs_on
 
-    if triton_runs_on(torch.device("cpu")):
-        pytest.skip("Triton runs on this CPU (the interpreter is on)")
+    if torch.cuda.is_available() or triton_runs_on(torch.device("cpu")):
+        pytest.skip("the run would go to a CUDA device, or Triton runs on this CPU (the interpreter is on)")
     out = tmp_path / "out"
     one_error(capsys, _train_cli(data, out, "--backend", "triton"), "--backend triton", "CUDA")
     assert not out.exists()

@@ -400,8 +400,8 @@ def _plan_resume(directory: str, config: TrainConfig) -> RunPlan:
             "start without --resume (or pass --save-every N to write checkpoints)")
     chosen = candidates[-1]
     state = ckpt.read_trainer_state(chosen)
-    _refuse_to_drop_final_steps(directory, run, state["step"])
     _compare(state, chosen, config)
+    _refuse_to_drop_final_steps(directory, run, state["step"])
     _verified(chosen, candidates + ([parent] if parent and os.path.isdir(parent) else []))
     return RunPlan(run["run_id"], chosen, parent, continues=_is_own(chosen, directory))
 
