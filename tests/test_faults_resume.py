@@ -58,6 +58,28 @@ def test_a_failed_start_removes_only_the_directories_it_created_while_they_hold_
     assert not (tmp_path / "alone").exists()
 
 
+def test_a_lock_taken_on_a_lock_file_removed_meanwhile_is_taken_again_on_the_new_one(tmp_path, monkeypatch):
+    import fcntl
+
+    from drdo.training import rundir
+
+    directory = tmp_path / "run"
+    path = directory / rundir.LOCK_FILE
+    real_flock = fcntl.flock
+
+    def removed_between_open_and_flock(fd, operation):  # a failed start removed its lock file just then
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        os.remove(path)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", removed_between_open_and_flock)
+    lock = rundir.RunLock(str(directory)).acquire()
+    try:
+        assert os.stat(path).st_ino == os.fstat(lock._fd).st_ino  # the lock is held on the file others will open
+    finally:
+        lock.release()
+
+
 # ----------------------------------------------------------------------------- checks before anything is written
 
 
