@@ -58,6 +58,17 @@ def test_a_failed_start_removes_only_the_directories_it_created_while_they_hold_
     assert not (tmp_path / "alone").exists()
 
 
+def test_a_directory_found_unwritable_after_it_was_created_is_removed(tmp_path, data, capsys, monkeypatch):
+    from drdo.training import rundir
+
+    def unwritable(directory):
+        raise rundir.OutputDirError(f"cannot write to --output-dir {directory}: Read-only file system")
+
+    monkeypatch.setattr(rundir, "_probe_writable", unwritable)  # the lock is given up before the error
+    one_error(capsys, _train_cli(data, tmp_path / "new" / "out"), "Read-only")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_lock_taken_on_a_lock_file_removed_meanwhile_is_taken_again_on_the_new_one(tmp_path, monkeypatch):
     import fcntl
 

@@ -9,6 +9,7 @@ each holds nothing but its own lock file; a directory another job writes into is
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 
 import torch
@@ -66,11 +67,29 @@ def remove_own_directories(created: list[str], lock: RunLock) -> None:
     else (another run writing beside this one) is left, and so is every directory above it."""
     if not created:
         return
-    if lock.held:
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(created[0], LOCK_FILE))
+    _remove_lock_file(os.path.join(created[0], LOCK_FILE), lock)
     for directory in created:
         try:
             os.rmdir(directory)
         except OSError:
             return
+
+
+def _remove_lock_file(path: str, lock: RunLock) -> None:
+    """Remove the lock file ``path`` while holding its lock: ``lock``'s, or (when ``lock`` gave it up, e.g. the
+    directory proved unwritable) a fresh non-blocking flock; a lock file that another run holds is left."""
+    if lock.held:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.remove(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
