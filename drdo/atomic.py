@@ -3,8 +3,8 @@
 Every temporary is created beside its target by :func:`tempfile.mkstemp`: a random name opened
 with ``O_CREAT | O_EXCL | O_NOFOLLOW``, so a file or link planted there is never opened. It is
 flushed to disk and renamed over the target with :func:`os.replace`, which replaces a link at the
-target instead of writing through it. A failure removes the temporaries and leaves the targets
-as they were.
+target instead of writing through it. A failure (a full disk at the last flush included) removes the
+temporaries and leaves the targets as they were.
 """
 from __future__ import annotations
 
@@ -60,11 +60,18 @@ def atomic_writes(paths: list[str], mode: str = "w", newline: str | None = None)
             os.replace(tmp, path)
     except BaseException:
         for f in files:
-            f.close()
+            _close_quietly(f)
         for tmp in temps:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
         raise
+
+
+def _close_quietly(f: IO) -> None:
+    """Close ``f`` after an error: its buffered bytes are dropped, as its temporary is removed. (A plain
+    ``close`` flushes them first, and a disk that is full fails again.)"""
+    with contextlib.suppress(Exception):
+        f.close()  # closes the descriptor even when the flush fails
 
 
 @contextlib.contextmanager

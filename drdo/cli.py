@@ -201,10 +201,13 @@ def _run_train(config: TrainConfig) -> int:
     from drdo.training.loop import train
 
     result = train(config)
-    if result.get("status") == "interrupted":
+    status = result.get("status")
+    if result.get("rank", 0) != 0:  # under torchrun, rank 0 speaks for the run
+        return 128 + result.get("signal", signal.SIGINT) if status == "interrupted" else 0
+    if status == "interrupted":
         print(f"interrupted: checkpoint saved to {result.get('checkpoint')}; continue with --resume", file=sys.stderr)
         return 128 + result.get("signal", signal.SIGINT)
-    if result.get("status") == "finished":
+    if status == "finished":
         print(f"{result['output_dir']} already holds this run, complete: nothing to train (pass --overwrite to "
               "train it again)")
         return 0
@@ -331,9 +334,10 @@ def _main(argv: list[str] | None) -> int:
             return run(config)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
-    except KeyboardInterrupt:
-        print("drdo: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or training's second SIGINT/SIGTERM (RunAborted says which)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"drdo: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         line = _error_line(e)
         if line is None:

@@ -176,8 +176,8 @@ def test_resume_errors(tmp_path, data_file):
     assert sorted(os.listdir(out / "checkpoints")) == ["step-0000002", "step-0000003"]  # save_limit
     with open(os.path.join(ckpt, "optimizer.pt"), "wb") as f:
         f.write(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="corrupt"):  # a longer run: the finished one has nothing to resume
-        train(cfg(data_file, out, max_steps=5, resume=True))
+    with pytest.raises(CheckpointError, match="corrupt"):  # the run is complete: name the checkpoint to roll back to
+        train(cfg(data_file, out, max_steps=4, resume=ckpt))
     with pytest.raises(CheckpointError, match="does not exist"):
         train(cfg(data_file, out, max_steps=4, resume=str(tmp_path / "missing")))
     with pytest.raises(CheckpointError, match="batch_size"):

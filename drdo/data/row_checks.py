@@ -173,6 +173,8 @@ def _check_optional_pair(row: dict, fields: tuple[str, str], expected: bool, hin
     if not any(present) and not expected:
         return None, None
     for field, here in zip(fields, present):
+        if not here and field in row:  # a null, e.g. the value Arrow gives a row that lacks the column
+            raise RowProblem("wrong type", f"field {field!r} is None, not a number")
         if not here:
             raise RowProblem("missing field", f"missing field {field!r} ({hint})")
     return tuple(_check_score(f, row[f]) for f in fields)

@@ -13,7 +13,8 @@ What differs from DPO:
 * ``reward="head"`` attaches a float32 reward head (``model.drdo_reward_head``, nn.Linear(H, 1))
   that trains with the model; :meth:`DRDOTrainer.save_model` writes it beside the HF weights as
   ``reward_head.safetensors``, so ``drdo.models.PolicyWithRewardHead.from_pretrained(output_dir)``
-  loads the result (and ``AutoModelForCausalLM`` loads the LM alone);
+  loads the result (and ``AutoModelForCausalLM`` loads the LM alone); every ``checkpoint-N`` holds it too,
+  and ``train(resume_from_checkpoint=...)`` restores it (a checkpoint without it is refused);
 * the loss runs inside the model's forward (as TRL's own fused head does): the backbone's last
   hidden state goes to :func:`drdo_kernels.fused_linear_logprobs` with ``lm_head.weight`` (the
   [tokens, vocab] logits are never built), then :func:`drdo_kernels.drdo_pair_loss`;
@@ -24,6 +25,7 @@ DRDO's metrics go through TRL's own logging (``logps/chosen``, ``rewards/accurac
 """
 from __future__ import annotations
 
+import os
 import types
 import warnings
 from collections import defaultdict
@@ -37,7 +39,14 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from drdo.data.packing import last_token_index, pack_sequences, segment_sum
 from drdo.data.row_checks import ORACLE_FIELDS, check_oracle_rows
 from drdo.losses import IGNORE_INDEX, REWARD_GRADS, REWARDS, UNLIKELIHOOD_SIGN, DRDOSpec, objective_loss
-from drdo.models import last_token_indices, model_logit_transform, new_reward_head, save_head
+from drdo.models import (
+    HEAD_WEIGHTS_NAME,
+    last_token_indices,
+    load_head,
+    model_logit_transform,
+    new_reward_head,
+    save_head,
+)
 from drdo.policy_logprobs import BACKENDS, check_backend
 
 __all__ = ["DRDOConfig", "DRDOTrainer", "DRDODataCollator", "REWARD_HEAD_ATTR"]
@@ -253,6 +262,37 @@ class DRDOTrainer(DPOTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    # ---- checkpoints
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """The HF weights (transformers' loader), then the reward head from reward_head.safetensors: a
+        checkpoint without it is refused, never resumed with a fresh head."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_reward_head(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self._load_reward_head(self.state.best_model_checkpoint)
+
+    def _load_reward_head(self, checkpoint: str) -> None:
+        """Copy the head saved in ``checkpoint`` into :attr:`reward_head` (reward="head"; else nothing)."""
+        head = self.reward_head
+        if head is None:
+            return
+        if not os.path.isfile(os.path.join(checkpoint, HEAD_WEIGHTS_NAME)):
+            raise ValueError(f"DRDOTrainer: checkpoint {checkpoint} has no {HEAD_WEIGHTS_NAME}: its trained reward "
+                             "head cannot be restored; resume from a checkpoint written by DRDOTrainer")
+        saved = load_head(checkpoint, head.in_features)
+        with torch.no_grad():
+            head.weight.copy_(saved.weight)
+            if head.bias is not None and saved.bias is not None:
+                head.bias.copy_(saved.bias)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """transformers' warnings, less the reward head's tensors (not in model.safetensors: loaded next)."""
+        for keys in (load_result.missing_keys, load_result.unexpected_keys):
+            keys[:] = [k for k in keys if f"{REWARD_HEAD_ATTR}." not in k]
+        super()._issue_warnings_after_load(load_result)
 
     # ---- saving
     def _save(self, output_dir: str | None = None, state_dict=None):

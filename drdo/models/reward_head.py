@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from drdo.atomic import write_text
-from drdo.errors import ModelFormatError
+from drdo.errors import ModelFormatError, shown
 
 __all__ = [
     "HEAD_WEIGHTS_NAME",
@@ -172,8 +172,11 @@ def load_head(directory: str, hidden_size: int) -> nn.Linear:
                 meta = json.load(f)
         except (OSError, json.JSONDecodeError) as err:
             raise ModelFormatError(f"{meta_path} is not valid JSON: {err}") from err
-        if not isinstance(meta, dict) or meta.get("hidden_size") != hidden_size:
-            raise ModelFormatError(f"{meta_path} says hidden_size {meta!r}, but the model's is {hidden_size}")
+        if not isinstance(meta, dict):
+            raise ModelFormatError(f"{meta_path} must hold a JSON object, got {type(meta).__name__} {shown(meta)}")
+        if meta.get("hidden_size") != hidden_size or isinstance(meta.get("hidden_size"), bool):
+            raise ModelFormatError(f"{meta_path} says hidden_size {shown(meta.get('hidden_size'))}, but the model's "
+                                   f"is {hidden_size}")
     head = nn.Linear(hidden_size, 1, bias=bias is not None, dtype=torch.float32)
     with torch.no_grad():
         head.weight.copy_(weight.float())

@@ -15,14 +15,18 @@ so the gradient is that of the mean over the whole global batch whatever the
 world size or micro-batch size. (FSDP2 averages gradients over ranks, so the
 backward loss is multiplied by the world size to get the sum.)
 
-Failure behaviour: a non-finite loss or gradient norm stops the run before the
+Failure behaviour: everything that can be checked before training is checked before anything is
+written (the data, the backend on this device, the tokenizer against the model's embedding, the
+start model's weights); a failed start removes the directories it created while they hold nothing
+but its own lock file. A non-finite loss or gradient norm stops the run before the
 optimizer step (:class:`TrainingDiverged`), and so do weights that are not finite after
 it (they are never saved), leaving the last good checkpoint in place. The run owns its
 output directory (:mod:`drdo.training.rundir`: lock, run id, config checks); the final
 model is exported after a checkpoint of the last step was written, recorded as complete in
 run.json (:func:`rundir.mark_complete`), and only then is that checkpoint removed. SIGINT (Ctrl-C)
 and SIGTERM (``timeout``, schedulers, ``docker stop``) finish the current step, save a checkpoint
-and return ``{"status": "interrupted", "signal": <its number>, ...}`` (a second signal aborts at once).
+and return ``{"status": "interrupted", "signal": <its number>, ...}`` (a second signal aborts at once:
+:class:`RunAborted`).
 A run of the same config into a directory that already holds it, complete, trains nothing and
 returns ``{"status": "finished", ...}``.
 """
@@ -46,13 +50,13 @@ from drdo.losses import IGNORE_INDEX
 from drdo.process_settings import quiet_libraries, torch_threads
 from drdo.training import checkpoint as ckpt
 from drdo.training import distributed as dist_utils
-from drdo.training import rundir
+from drdo.training import rundir, startup
 from drdo.training.metrics import MetricsLog, peak_memory_mb
 from drdo.training.objectives import StageObjective
 from drdo.training.reporting import make_reporter
 from drdo.training.schedule import default_lr, lr_at, set_lr
 
-__all__ = ["TrainConfig", "train", "TrainingDiverged", "step_indices"]
+__all__ = ["TrainConfig", "train", "TrainingDiverged", "RunAborted", "step_indices"]
 
 logger = logging.getLogger("drdo.training.loop")
 
@@ -149,6 +153,7 @@ def _build_policy(config: TrainConfig, device: torch.device, bf16: bool = False)
     )
     if policy.head_trained is False:
         policy.reward_head = new_reward_head(policy.hidden_size, seed=config.seed)
+    startup.check_finite_start(config, policy)
     if config.stage == "oracle" or (config.stage == "drdo" and config.reward == "head"):
         policy.head_trained = True
     if config.gradient_checkpointing:
@@ -170,9 +175,17 @@ def _optimizer(config: TrainConfig, root: torch.nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
 
 
+class RunAborted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: the run stops at once, without a checkpoint; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class _StopFlag:
     """SIGINT and SIGTERM handler: the first signal asks for a clean stop (``signum`` records which),
-    the second raises KeyboardInterrupt."""
+    the second raises :class:`RunAborted` (a KeyboardInterrupt)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -191,7 +204,7 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            raise RunAborted(signum)
         self.signum = signum
         logger.warning("%s: finishing this step, saving a checkpoint and exiting (send it again to abort)",
                        signal.Signals(signum).name)
@@ -216,7 +229,8 @@ class Trainer:
         self.plan = plan or rundir.RunPlan(run_id="unowned")
         self.device = dist_state.device
         self.out = config.output_dir
-        self.data_sha256 = rundir.data_digest(config.data) if dist_state.is_main else None
+        startup.check_backend(config, self.device)
+        self.digests = rundir.input_digests(config) if dist_state.is_main else {}
         self.tokenizer = get_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
         self.dataset = self._load_data_rank0_first()  # fails fast on data without Oracle scores / ref log-probs
         if config.stage in ("dpo", "edpo"):
@@ -231,6 +245,7 @@ class Trainer:
         self.bf16 = _use_bf16(config, self.device)
         torch.manual_seed(config.seed)
         policy = _build_policy(config, self.device, self.bf16)
+        startup.check_vocabulary(config, self.tokenizer, policy)
         self.root = StageObjective(policy, config)
         if dist_state.distributed:
             dist_utils.wrap_fsdp(self.root, dist_state, bf16=self.bf16)
@@ -375,7 +390,7 @@ class Trainer:
     # -- checkpoints and outputs
     def save(self, step: int, last_row: dict | None, *, prune: bool = True) -> str:
         state = {"config": self.config.to_dict(), "total_steps": self.total, "last_metrics": last_row or {},
-                 "run_id": self.plan.run_id, "data_sha256": self.data_sha256}
+                 "run_id": self.plan.run_id, **self.digests}
         directory = ckpt.save_checkpoint(self.out, step, root=self.root, optimizer=self.optimizer,
                                          dist_state=self.dist, tokenizer=self.tokenizer, trainer_state=state,
                                          kept=self.last_good)
@@ -460,8 +475,14 @@ class Trainer:
             return
         from drdo.training.plots import plot_training_curves
 
-        plot_training_curves(self.metrics.path, os.path.join(self.out, PLOT_FILE),
-                             title=f"{self.config.stage} ({self.config.model})")
+        path = os.path.join(self.out, PLOT_FILE)
+        try:
+            plot_training_curves(self.metrics.path, path, title=f"{self.config.stage} ({self.config.model})")
+        except OSError as e:
+            cause = "no space left on device" if ckpt.is_disk_full(e) else (e.strerror or str(e))
+            raise rundir.OutputDirError(
+                f"{cause} while drawing {path}; the final model in {self.out} is complete (only the plot is "
+                "missing)") from e
 
 
 def _n_rows(batch: dict) -> int:
@@ -475,14 +496,6 @@ def _progress(enabled: bool, total: int, start: int, stage: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, desc=f"drdo {stage}", dynamic_ncols=True)
-
-
-def _outermost_missing(path: str) -> str | None:
-    """The outermost directory on the way to ``path`` that does not exist yet (None: it exists)."""
-    path, missing = os.path.abspath(path), None
-    while not os.path.exists(path):
-        path, missing = os.path.dirname(path), path
-    return missing
 
 
 def _start(config: TrainConfig, state, on_step, lock: rundir.RunLock) -> "Trainer | None":
@@ -512,11 +525,14 @@ def _finished_result(config: TrainConfig) -> dict:
 def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run one training stage (see the module docstring); returns the last step's metrics plus
     ``status`` ("completed" | "interrupted" | "finished": already complete, nothing trained),
-    ``output_dir``, ``checkpoint``, ``total_steps`` (and ``signal`` when interrupted).
+    ``output_dir``, ``checkpoint``, ``total_steps``, ``rank`` (this process's; 0 without torchrun)
+    (and ``signal`` when interrupted).
 
     on_step(step, metrics) is called on every rank after each optimizer step (1-based step).
     Raises ConfigError, MissingFieldError (data lacks Oracle scores / reference log-probs),
-    CheckpointError, TrainingDiverged.
+    CheckpointError, TrainingDiverged, ModelFormatError (a start model with NaN/inf weights); RunAborted
+    on a second SIGINT/SIGTERM. A failed start removes the directories it created, while they hold
+    nothing but its own lock file.
     """
     from drdo.hub import require_model_source
 
@@ -527,19 +543,19 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
     require_model_source(config.tokenizer, "--tokenizer")
     state = dist_utils.setup()
     with torch_threads(config.threads), quiet_libraries(not config.progress):
-        created = _outermost_missing(config.output_dir)
+        created = startup.missing_directories(config.output_dir)
         lock = rundir.RunLock(config.output_dir)
         try:
             trainer = _start(config, state, on_step, lock)
         except BaseException:
             # a failed start (busy or foreign directory, bad data, ...) leaves no directory it created
+            if state.is_main:
+                startup.remove_own_directories(created, lock)
             lock.release()
-            if created is not None and state.is_main:
-                shutil.rmtree(created, ignore_errors=True)
             raise
         try:
             result = trainer.run() if trainer is not None else _finished_result(config)
         finally:
             lock.release()
     dist_utils.teardown(state)  # on an error the ranks do not wait for each other
-    return result
+    return dict(result, rank=state.rank)

@@ -11,8 +11,12 @@
   does ``--resume`` of a checkpoint of another directory: it starts a new run in this one.
 * ``--resume`` refuses a checkpoint written with another config (naming the fields), except
   for the settings in :data:`RUNTIME_ONLY` and a larger ``max_steps``, unless
-  ``--allow-config-change``. Data is compared by content (sha256) where it is a local file,
-  so ``./x.jsonl`` and ``x.jsonl`` are the same data.
+  ``--allow-config-change``. The data, the start model and the tokenizer are compared by content
+  where they are local (sha256 of the data file; of a model directory's weight, config and tokenizer
+  files), so ``./x.jsonl`` and ``x.jsonl`` are the same data and a model retrained in place is another
+  model; built-in names (``tiny``) and hub ids are compared by name.
+* A plain ``--resume`` of a complete run whose newest checkpoint is older than its final step (the final
+  checkpoint is removed after the export) is refused: it would drop the steps after that checkpoint.
 * ``run.json`` and ``config.yaml`` are written only after every check passed (:func:`commit_run`),
   with ``"complete": false``; :func:`mark_complete` sets it true once the final model is
   exported. That flag is the one fact "this directory holds this run's complete model": every
@@ -29,6 +33,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -81,9 +86,31 @@ class RunLock:
         self.directory = directory
         self._fd: int | None = None
 
+    @property
+    def held(self) -> bool:
+        """True while this object holds the lock."""
+        return self._fd is not None
+
     def acquire(self) -> "RunLock":
         _make_directory(self.directory)
         path = os.path.join(self.directory, LOCK_FILE)
+        fd = self._lock_file(path)
+        while not _same_file(fd, path):  # locked a lock file its creator removed since: take the new one
+            os.close(fd)
+            fd = self._lock_file(path)
+        self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _probe_writable(self.directory)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def _lock_file(self, path: str) -> int:
+        """A descriptor of ``path`` (created if missing) holding its exclusive flock; OutputDirError when
+        another run holds it."""
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
@@ -96,15 +123,7 @@ class RunLock:
             raise OutputDirError(
                 f"--output-dir {self.directory} is in use by another drdo run (pid {holder}); wait for it to "
                 "finish or choose another directory") from None
-        self._fd = fd
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            _probe_writable(self.directory)
-        except BaseException:
-            self.release()
-            raise
-        return self
+        return fd
 
     def release(self) -> None:
         if self._fd is not None:
@@ -118,6 +137,16 @@ class RunLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """True when ``path`` still names the file open as ``fd``."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def _make_directory(directory: str) -> None:
@@ -178,6 +207,14 @@ def _local_file(source) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def _local_directory(source) -> str | None:
+    """The resolved path of a local model directory (None for built-in names such as ``tiny`` and hub ids)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = os.path.realpath(os.path.expanduser(os.fspath(source)))
+    return path if os.path.isdir(path) else None
+
+
 def data_digest(source) -> str | None:
     """sha256 of a local data file (None for hub ids, directories and in-memory data)."""
     path = _local_file(source)
@@ -187,30 +224,72 @@ def data_digest(source) -> str | None:
     return _file_digest(path, st.st_size, st.st_mtime_ns)
 
 
-def _data_difference(old, new, old_digest: str | None) -> str | None:
-    """How the data ``new`` differs from ``old`` (whose sha256 was ``old_digest`` when recorded): by
-    content where both digests are known, else by resolved path; None when they are the same."""
-    new_digest = data_digest(new)
+#: Files of a model directory whose content makes the model (weights, configs, tokenizer, remote code);
+#: a run's own record (run.json) changes when the run finishes, not when the model does.
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken", ".py")
+_NOT_MODEL_FILES = frozenset({RUN_FILE})
+
+
+def model_digest(source) -> str | None:
+    """sha256 over the name and content of each weight, config and tokenizer file of a local model
+    directory (sorted by name); None for a built-in name such as ``tiny``, a hub id, or None."""
+    path = _local_directory(source)
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name in _NOT_MODEL_FILES or not name.endswith(_MODEL_FILE_SUFFIXES) or not os.path.isfile(full):
+            continue
+        st = os.stat(full)
+        digest.update(f"{name}\0{_file_digest(full, st.st_size, st.st_mtime_ns)}\0".encode())
+    return digest.hexdigest()
+
+
+#: The inputs compared by content: config field -> (key of its digest in run.json and trainer_state.json,
+#: the digest function, the resolver of its local path).
+DIGESTED_INPUTS = {
+    "data": ("data_sha256", data_digest, _local_file),
+    "model": ("model_sha256", model_digest, _local_directory),
+    "tokenizer": ("tokenizer_sha256", model_digest, _local_directory),
+}
+
+
+def input_digests(config: TrainConfig) -> dict[str, str | None]:
+    """{"data_sha256", "model_sha256", "tokenizer_sha256"}: the content digests of the run's local inputs
+    (None for built-in names, hub ids and in-memory data), recorded in run.json and every checkpoint."""
+    return {key: digest(getattr(config, name)) for name, (key, digest, _) in DIGESTED_INPUTS.items()}
+
+
+def _input_difference(name: str, old, new, recorded: dict) -> str | None:
+    """How the input ``name`` (data, model, tokenizer) ``new`` differs from ``old``, whose digest ``recorded``
+    holds: by content where both digests are known, else by resolved path; None when they are the same."""
+    key, digest, resolve = DIGESTED_INPUTS[name]
+    old_digest, new_digest = recorded.get(key), digest(new)
     if old_digest and new_digest:
         if old_digest == new_digest:
             return None
-        if _local_file(old) == _local_file(new):
-            return f"data: the content of {new} changed since the run used it"
-        return f"data: {old!r} -> {new!r} (other content)"
-    if old == new or (_local_file(old) or old) == (_local_file(new) or new):
+        if resolve(old) == resolve(new):
+            return f"{name}: the content of {new} changed since the run used it"
+        return f"{name}: {old!r} -> {new!r} (other content)"
+    if old == new or (resolve(old) or old) == (resolve(new) or new):
         return None
-    return f"data: {old!r} -> {new!r}"
+    return f"{name}: {old!r} -> {new!r}"
 
 
-def config_differences(saved: dict, config: TrainConfig, *, resuming: bool,
-                       data_sha256: str | None = None) -> list[str]:
+def config_differences(saved: dict, config: TrainConfig, *, resuming: bool, recorded: dict | None = None) -> list[str]:
     """Fields whose value in ``config`` differs from ``saved`` (a config dict), as "name: old -> new".
-    Settings in :data:`RUNTIME_ONLY` are ignored; when ``resuming``, so is a larger max_steps. The data
-    is compared by :func:`_data_difference` (``data_sha256``: the digest recorded with ``saved``)."""
-    data = _data_difference(saved.get("data"), config.data, data_sha256)
-    out = [data] if data else []
+    Settings in :data:`RUNTIME_ONLY` are ignored; when ``resuming``, so is a larger max_steps. The data,
+    model and tokenizer are compared by :func:`_input_difference` (``recorded``: the run.json or
+    trainer_state.json that holds their digests beside ``saved``)."""
+    recorded = recorded or {}
+    out = []
+    for name in DIGESTED_INPUTS:
+        difference = _input_difference(name, saved.get(name), getattr(config, name), recorded)
+        if difference:
+            out.append(difference)
     for f in dataclasses.fields(TrainConfig):
-        if f.name in RUNTIME_ONLY or f.name == "data":
+        if f.name in RUNTIME_ONLY or f.name in DIGESTED_INPUTS:
             continue
         new = getattr(config, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -239,7 +318,7 @@ def _check_fresh(directory: str, config: TrainConfig) -> dict | None:
         raise OutputDirError(
             f"--output-dir {directory} is not empty ({shown}) and holds no drdo run; choose an empty directory "
             "or pass --overwrite")
-    diffs = config_differences(run["config"], config, resuming=False, data_sha256=run.get("data_sha256"))
+    diffs = config_differences(run["config"], config, resuming=False, recorded=run)
     if diffs:
         raise OutputDirError(
             f"--output-dir {directory} holds a drdo run with another config ({'; '.join(diffs)}); pass --resume to "
@@ -250,7 +329,7 @@ def _check_fresh(directory: str, config: TrainConfig) -> dict | None:
 def _finished(run: dict | None, config: TrainConfig) -> bool:
     """True when ``run`` is complete and has the config of ``config``: there is nothing to train."""
     return run is not None and run.get("complete") is True and not config_differences(
-        run["config"], config, resuming=False, data_sha256=run.get("data_sha256"))
+        run["config"], config, resuming=False, recorded=run)
 
 
 def _new_id() -> str:
@@ -320,14 +399,30 @@ def _plan_resume(directory: str, config: TrainConfig) -> RunPlan:
             f"--resume: no checkpoint of run {run['run_id']} under {os.path.join(directory, ckpt.CHECKPOINTS)}; "
             "start without --resume (or pass --save-every N to write checkpoints)")
     chosen = candidates[-1]
-    _compare(ckpt.read_trainer_state(chosen), chosen, config)
+    state = ckpt.read_trainer_state(chosen)
+    _compare(state, chosen, config)
+    _refuse_to_drop_final_steps(directory, run, state["step"])
     _verified(chosen, candidates + ([parent] if parent and os.path.isdir(parent) else []))
     return RunPlan(run["run_id"], chosen, parent, continues=_is_own(chosen, directory))
 
 
+def _refuse_to_drop_final_steps(directory: str, run: dict, step: int) -> None:
+    """CheckpointError when ``run`` is complete but its newest checkpoint (``step``) is older than its final
+    step (that checkpoint is removed once the final model is exported): resuming would retrain from
+    ``step`` and drop the steps after it."""
+    total = run.get("total_steps")
+    if run.get("complete") is not True or (isinstance(total, int) and step >= total):
+        return
+    ended = f"at step {total}" if isinstance(total, int) else "(its final step is not recorded)"
+    raise ckpt.CheckpointError(
+        f"--resume: the run in {directory} is complete {ended} and its newest checkpoint is step {step}: "
+        f"resuming it with other settings would drop the steps after {step}; to train further, start a new run "
+        f"from its model (--model {directory} --output-dir NEW_DIR)")
+
+
 def _compare(state: dict, chosen: str, config: TrainConfig) -> None:
     saved = state.get("config") or {}
-    diffs = config_differences(saved, config, resuming=True, data_sha256=state.get("data_sha256"))
+    diffs = config_differences(saved, config, resuming=True, recorded=state)
     if isinstance(saved.get("max_steps"), int) and isinstance(config.max_steps, int) \
             and config.max_steps < state["step"]:
         diffs.append(f"max_steps {config.max_steps} is below the checkpoint's step {state['step']}")
@@ -358,7 +453,7 @@ def commit_run(config: TrainConfig, plan: RunPlan) -> None:
     """Record the run as the owner of its directory, its model not complete yet: run.json, then
     config.yaml (both atomic); then remove what a killed run left half-written."""
     directory = config.output_dir
-    _write_run(directory, {"run_id": plan.run_id, "parent": plan.parent, "data_sha256": data_digest(config.data),
+    _write_run(directory, {"run_id": plan.run_id, "parent": plan.parent, **input_digests(config),
                            "complete": False, "config": config.to_dict()})
     save_yaml(config, os.path.join(directory, CONFIG_FILE))
     ckpt.remove_stale_temporaries(directory)
