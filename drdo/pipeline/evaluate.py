@@ -235,7 +235,7 @@ def judge_scores(judge: Judge, prompts: list, responses: list, policy: str = "")
     """``judge(prompts, responses)`` as a list of one finite float per response. JudgeError naming the
     policy, the response and the value when the judge raises (a callable judge: a reward-model judge's
     own errors pass through) or returns anything else (None, strings, a wrong count, NaN)."""
-    where = f" for the responses of {policy!r}" if policy else ""
+    where = f" for policy {policy!r}" if policy else ""
     try:
         values = judge(prompts, responses)
     except Exception as e:
@@ -253,8 +253,8 @@ def judge_scores(judge: Judge, prompts: list, responses: list, policy: str = "")
     scores = [_score_of(v) for v in values]
     bad = next((i for i, v in enumerate(scores) if v is None), None)
     if bad is not None:
-        raise JudgeError(f"the judge returned {shown(values[bad])} for response {bad + 1}{where}; every score must be "
-                         "a finite number")
+        raise JudgeError(f"the judge returned {shown(values[bad])} as the score of response {bad + 1}{where}; every "
+                         "score must be a finite number")
     return scores
 
 
