@@ -197,7 +197,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert f"win rate of drdo over sft: {report['win_rate']['drdo']['sft']:.3f}" in printed
     assert f"report (with every per-prompt score): {os.path.join('runs', reports[0].parent.name, 'report.json')}" \
         in printed
-    assert f"{report['scores']['sft'][0]}" not in printed and len(printed.splitlines()) == 6
+    assert f"{report['scores']['sft'][0]}" not in printed and len(printed.splitlines()) == 7
 
 
 def test_generation_is_seeded():
