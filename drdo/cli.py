@@ -11,7 +11,8 @@
 Every subcommand takes ``--config file.yaml`` (keys = the flag names of its --help, with '_' or '-';
 a training run's own config.yaml is accepted back); flags given on the command line override the
 file, the file overrides the defaults.
-Multi-GPU: ``torchrun --nproc_per_node N -m drdo.cli train ...``.
+Multi-GPU: ``torchrun --nproc_per_node N -m drdo.cli train ...`` (the ranks wait for each other
+for DRDO_DIST_START_TIMEOUT seconds at start-up, default 60). ``drdo --version``: the version.
 
 Exit status: 0 done (or, for training, already done: the output directory holds the same run,
 complete), 2 a usage error or a known failure (bad data, unusable output directory,

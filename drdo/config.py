@@ -249,7 +249,7 @@ class EvalConfig:
     split: str = option("train", "dataset split (hub datasets)")
     output: str | None = option(
         None, "write the report (JSON) here and the generations to <output>.generations.jsonl "
-              "(default: runs/eval-<date>-<time>/report.json)", type=str)
+              "(default: runs/eval-<date>-<time>[-N]/report.json, a new directory per run)", type=str)
     trust_remote_code: bool = option(False, "allow model code from the hub")
     allow_untrained_head: bool = option(
         False, "judge with a reward head that was never trained as a reward model (its scores are noise)")
