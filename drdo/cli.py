@@ -11,7 +11,8 @@
 Every subcommand takes ``--config file.yaml`` (keys = the flag names of its --help, with '_' or '-';
 a training run's own config.yaml is accepted back); flags given on the command line override the
 file, the file overrides the defaults.
-Multi-GPU: ``torchrun --nproc_per_node N -m drdo.cli train ...``.
+Multi-GPU: ``torchrun --nproc_per_node N -m drdo.cli train ...`` (the ranks wait for each other
+for DRDO_DIST_START_TIMEOUT seconds at start-up, default 60). ``drdo --version``: the version.
 
 Exit status: 0 done (or, for training, already done: the output directory holds the same run,
 complete), 2 a usage error or a known failure (bad data, unusable output directory,
@@ -25,12 +26,13 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import json
 import logging
+import re
 import signal
 import sys
 import traceback
 
+from drdo import __version__
 from drdo.config import (
     FIELD_NAMES,
     STUDENT_STAGES,
@@ -53,14 +55,48 @@ from drdo.process_settings import quiet_libraries, torch_threads
 DEMO_TIME = "2 min 35 s on 2 idle CPU cores, no download; `drdo demo --quick` (a smoke run): 25 s"
 
 
+def plain_text(text: str) -> str:
+    """Help text as a terminal shows it: the reST literals ``x`` of the docstrings become x."""
+    return re.sub(r"``(.+?)``", r"\1", text, flags=re.S)
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Shows "(default: X)" after each flag's help unless X is None (those helps say what None means)."""
+    """Shows "(default: X)" after each flag's help unless X is None (those helps say what None means),
+    and the docstrings' ``literals`` plainly."""
+
+    def _fill_text(self, text, width, indent):
+        return super()._fill_text(plain_text(text), width, indent)
 
     def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+        text = plain_text(action.help or "")
+        if action.default not in (None, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings \
+                and not isinstance(action, argparse._VersionAction):
             text += " (default: %(default)s)"
         return text
+
+
+def _show_demo_defaults(parser: argparse.ArgumentParser) -> None:
+    """``drdo demo``'s flags default to None (the setting's default, or --quick's value): their help
+    shows both. A list given as one value shows as a count (--seeds N) or comma-separated (--methods)."""
+    from drdo.demo.run import QUICK, DemoSettings
+
+    def written(action, value) -> str:
+        if not isinstance(value, list):
+            return str(value)
+        if action.nargs is None:
+            return str(len(value)) if action.type is int else ",".join(map(str, value))
+        return " ".join(map(str, value))
+
+    defaults = DemoSettings()
+    for action in parser._actions:
+        default = getattr(defaults, action.dest, None)
+        if action.default is not None or default is None or isinstance(action, DeprecatedFlag) \
+                or "(default" in (action.help or ""):
+            continue
+        text = written(action, default)
+        if action.dest in QUICK and QUICK[action.dest] != default:
+            text += f"; with --quick: {written(action, QUICK[action.dest])}"
+        action.help = f"{action.help} (default: {text})".replace("%", "%%")
 
 
 def _add_config_flag(parser: argparse.ArgumentParser) -> None:
@@ -78,8 +114,9 @@ def _add_flags(parser: argparse.ArgumentParser, cls, stages: tuple[str, ...] | N
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser and its leaf subparsers by command path ("sft", "oracle train", ...)."""
-    parser = argparse.ArgumentParser(prog="drdo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="drdo", description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"drdo {__version__}",
+                        help="show drdo's version and exit")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     leaves: dict[str, argparse.ArgumentParser] = {}
@@ -91,7 +128,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         return p
 
     _add_train_flags(leaf(sub, "sft", "stage 1: supervised fine-tuning on the chosen responses", "sft"), ("sft",))
-    oracle = sub.add_parser("oracle", help="train an Oracle reward model, or score data with reward models")
+    oracle = sub.add_parser("oracle", help="train an Oracle reward model, or score data with reward models",
+                            formatter_class=_Formatter)
     oracle_sub = oracle.add_subparsers(dest="oracle_command", metavar="{train,score}")
     groups = {"oracle": oracle}
     _add_train_flags(leaf(oracle_sub, "train", "stage 2: train the Oracle reward model (paper Eq. 5)", "oracle train"),
@@ -106,6 +144,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                EvalConfig)
     demo = leaf(sub, "demo", f"end-to-end demo on a synthetic task: {DEMO_TIME}", "demo")
     add_demo_arguments(demo)
+    _show_demo_defaults(demo)
     leaves.update({f"{name} (group)": p for name, p in groups.items()})
     return parser, leaves
 
@@ -216,9 +255,14 @@ def _run_train(config: TrainConfig) -> int:
 
 
 def _run_score(config: ScoreConfig) -> int:
-    from drdo.pipeline.scoring import score_dataset
+    from drdo.pipeline.scoring import score_dataset, scored_summary
 
-    print(score_dataset(config))
+    output = score_dataset(config)
+    summary = scored_summary(output)
+    models = f"{summary['models']} reward models (margins averaged)" if summary["models"] > 1 else "1 reward model"
+    print(f"scored {summary['pairs']} pairs with {models}: mean margin (chosen - rejected) "
+          f"{summary['mean_margin']:.4g}, chosen preferred in {100 * summary['chosen_preferred']:.1f}% of pairs")
+    print(f"saved to {output}")
     return 0
 
 
@@ -230,12 +274,11 @@ def _run_reflogps(config: RefLogpsConfig) -> int:
 
 
 def _run_eval(config: EvalConfig) -> int:
-    from drdo.pipeline.evaluate import generations_path, run_eval
+    from drdo.pipeline.evaluate import generations_path, report_summary, run_eval
 
     report, output = run_eval(config)
-    summary = {k: v for k, v in report.items() if k != "generations"}
-    print(json.dumps(summary, indent=2))
-    print(f"report: {output}\ngenerations: {generations_path(output)}", file=sys.stderr)
+    print("\n".join(report_summary(report)))
+    print(f"report (with every per-prompt score): {output}\ngenerations: {generations_path(output)}")
     return 0
 
 
@@ -276,10 +319,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from drdo.pipeline.scoring import RewardModelError
     from drdo.tokenizer import TokenizerError
     from drdo.training.checkpoint import CheckpointError
+    from drdo.training.distributed import DistributedStartError
     from drdo.training.loop import TrainingDiverged
     from drdo.training.rundir import OutputDirError
 
-    return (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError,
+    return (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, DistributedStartError,
             RewardModelError, JudgeError, MissingFieldError, InvalidExampleError, EmptyDatasetError,
             ModelFormatError, OutputDirError, DataSourceError, PermissionError, IsADirectoryError,
             NotADirectoryError, TokenizerError)

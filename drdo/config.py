@@ -146,16 +146,19 @@ class TrainConfig:
     oracle_alpha: float = option(OracleSpec.alpha, "Oracle LM-regulariser weight alpha_O", stages=("oracle",))
     pessimistic: bool = option(EDPOSpec.pessimistic, "e-DPO: max over ensemble members (else mean); with gradient "
                                "accumulation the max is taken per micro-batch", stages=("edpo",))
-    backend: str = option("auto", f"loss path: {', '.join(BACKENDS)} (the fused drdo_kernels backends, or "
-                          "'reference': full logits)", deprecated_flag=DEPRECATED_BACKEND_NAME)
+    backend: str = option("auto", "loss path: 'auto' picks the fastest fused drdo_kernels backend for the device; "
+                          "'reference' computes the full logits", choices=BACKENDS,
+                          deprecated_flag=DEPRECATED_BACKEND_NAME)
     # system
     seed: int = option(0, "random seed (model head init, data order)")
-    precision: str = option("auto", "'auto': bf16 mixed precision on GPU, fp32 on CPU", choices=PRECISIONS)
+    precision: str = option("auto", "'auto': bf16 mixed precision on GPU, fp32 on CPU; 'bf16' needs CUDA",
+                            choices=PRECISIONS)
     gradient_checkpointing: bool = option(False, "recompute activations in backward")
     compile: bool = option(False, "torch.compile the training step (policy forward and loss; each fused loss is one "
                            "opaque operator); turns the DRDO diagnostics off")
     attn_implementation: str | None = option(
-        None, "attention implementation passed to transformers (default: sdpa / flash_attention_2)", type=str)
+        None, "attention implementation passed to transformers: eager, sdpa, flash_attention_2 (CUDA, flash-attn "
+              "installed), ... (default: flash_attention_2 on CUDA when flash-attn imports, else sdpa)", type=str)
     trust_remote_code: bool = option(False, "allow model code from the hub (off by default)")
     save_every: int = option(0, "write a resumable checkpoint every N steps (0: only the final model)")
     save_limit: int = option(2, "keep only the newest N step checkpoints (0: keep all)")
@@ -222,7 +225,7 @@ class RefLogpsConfig(InferenceConfig):
 
     model: str = option("tiny", "reference policy (usually the SFT model): dir, hub id or 'tiny'")
     tokenizer: str | None = option(None, "tokenizer (default: the model's)", type=str)
-    backend: str = option("auto", f"log-prob path: {', '.join(BACKENDS)} (use the one you train with)",
+    backend: str = option("auto", "log-prob path (use the one you train with)", choices=BACKENDS,
                           deprecated_flag=DEPRECATED_BACKEND_NAME)
     seed: int = option(0, "seed of the tiny model")
 
@@ -248,7 +251,7 @@ class EvalConfig:
     split: str = option("train", "dataset split (hub datasets)")
     output: str | None = option(
         None, "write the report (JSON) here and the generations to <output>.generations.jsonl "
-              "(default: runs/eval-<date>-<time>/report.json)", type=str)
+              "(default: runs/eval-<date>-<time>[-N]/report.json, a new directory per run)", type=str)
     trust_remote_code: bool = option(False, "allow model code from the hub")
     allow_untrained_head: bool = option(
         False, "judge with a reward head that was never trained as a reward model (its scores are noise)")
@@ -385,12 +388,14 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.diagnostics_every < 0:
         raise ConfigError(f"diagnostics_every must be >= 0, got {c.diagnostics_every}")
     _check_choice("precision", c.precision, PRECISIONS)
+    _check_machine(c)
     if c.max_steps is None:
         c.max_steps = _DEFAULT_MAX_STEPS.get(c.stage)
     if c.data is None:
         raise ConfigError("no training data: pass --data (a .jsonl/.json/.parquet file or a hub dataset id)")
     if c.output_dir is None:
         raise ConfigError("no output directory: pass --output-dir")
+    check_path_text(c.output_dir, "--output-dir")
     _check_positive(c, "batch_size", "micro_batch_size", "max_length", "max_prompt_length")
     _check_numbers(c)
     if c.max_steps is not None and c.max_steps <= 0:
@@ -499,6 +504,29 @@ def _check_numbers(c: TrainConfig) -> None:
             raise ConfigError(f"{name} must be >= 0, got {getattr(c, name)}")
     if not 0.0 <= c.min_lr_ratio <= 1.0:
         raise ConfigError(f"min_lr_ratio must lie in [0, 1], got {c.min_lr_ratio}")
+
+
+def _check_machine(c: TrainConfig) -> None:
+    """--precision bf16 and --attn-implementation on this machine (:mod:`drdo.models.loading`)."""
+    import torch
+
+    from drdo.models import check_attn_implementation
+
+    if c.precision == "bf16" and not torch.cuda.is_available():
+        raise ConfigError("--precision bf16 needs a CUDA device, and CUDA is not available on this machine; use "
+                          "--precision fp32 (or auto) on a CPU")
+    check_attn_implementation(c.attn_implementation)
+
+
+def check_path_text(path: str, flag: str) -> None:
+    """ConfigError when ``path`` cannot be written as UTF-8 text (bytes that are not UTF-8 in a file
+    name): the run records its paths in UTF-8 files and messages, so it is refused before anything is made."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{flag} {os.fsencode(path)!r} holds bytes that are not UTF-8; use a UTF-8 name") from None
+
+
 def check_threads(threads: int | None) -> None:
     """None or a positive integer; raises ConfigError otherwise."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -532,6 +560,12 @@ def check_options(config) -> None:
     if "top_p" in names and not 0 < config.top_p <= 1:
         raise ConfigError(f"top_p must lie in (0, 1], got {config.top_p}")
     check_threads(config.threads)
+    if "device" in names:
+        from drdo.models import check_device
+
+        check_device(config.device)
+    if config.output:
+        check_path_text(config.output, "--output")
     source = getattr(config, "data", None) or getattr(config, "prompts", None)
     if config.output and source and os.path.exists(config.output) and os.path.exists(source) \
             and os.path.samefile(config.output, source):

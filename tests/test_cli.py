@@ -131,7 +131,14 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
 
     # oracle score: our Oracle (K = 1: floats) and an ensemble with an HF sequence classifier (K = 2: lists)
     scored, scored2 = str(tmp_path / "scored.jsonl"), str(tmp_path / "scored2.jsonl")
+    capsys.readouterr()
     assert main(["oracle", "score", "--reward-model", oracle, "--data", data, "--output", scored, "--no-progress"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    margins = [r["oracle_chosen"] - r["oracle_rejected"] for r in _read(scored)]
+    assert printed[0].startswith("scored 8 pairs with 1 reward model: mean margin (chosen - rejected) ")
+    assert float(printed[0].split("rejected) ")[1].split(",")[0]) == pytest.approx(sum(margins) / 8, rel=1e-3, abs=1e-4)
+    assert f"chosen preferred in {100 * sum(m > 0 for m in margins) / 8:.1f}% of pairs" in printed[0]
+    assert printed[1:] == [f"saved to {scored}"]
     seqcls = _tiny_sequence_classifier(tmp_path / "seqcls")
     assert main(["oracle", "score", "--reward-model", oracle, seqcls, "--data", data, "--output", scored2,
                  "--no-progress", "--batch-size", "3"]) == 0
@@ -178,10 +185,19 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert report["win_rate"]["sft"]["drdo"] + report["win_rate"]["drdo"]["sft"] == pytest.approx(1.0)
     capsys.readouterr()
     monkeypatch.chdir(tmp_path)  # without --output the report goes to runs/eval-<date>-<time>/ under the cwd
-    assert main(["eval", "--policy", f"sft={sft}", "--judge", oracle, *common]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["num_prompts"] == 5 and math.isfinite(printed["reward"]["sft"]["mean"])
-    assert len(list((tmp_path / "runs").glob("eval-*/report.json"))) == 1
+    assert main(["eval", "--policy", f"sft={sft}", "--policy", drdo, "--judge", oracle, *common]) == 0
+    printed = capsys.readouterr().out
+    reports = list((tmp_path / "runs").glob("eval-*/report.json"))
+    assert len(reports) == 1
+    report = json.load(open(reports[0]))
+    assert len(report["scores"]["sft"]) == 5 and math.isfinite(report["reward"]["sft"]["mean"])
+    # a summary and where the report is; the per-prompt scores stay in the report
+    assert printed.splitlines()[0] == "2 policies on 5 prompts; mean judge reward +- std error:"
+    assert f"  sft   {report['reward']['sft']['mean']:.4g} +- " in printed
+    assert f"win rate of drdo over sft: {report['win_rate']['drdo']['sft']:.3f}" in printed
+    assert f"report (with every per-prompt score): {os.path.join('runs', reports[0].parent.name, 'report.json')}" \
+        in printed
+    assert f"{report['scores']['sft'][0]}" not in printed and len(printed.splitlines()) == 7
 
 
 def test_generation_is_seeded():
@@ -191,3 +207,77 @@ def test_generation_is_seeded():
     a = generate("tiny", prompts, max_new_tokens=5, seed=3, progress=False, device="cpu")
     b = generate("tiny", prompts, max_new_tokens=5, seed=3, progress=False, device="cpu")
     assert a == b and len(a) == 2
+
+
+# ----------------------------------------------------------------------------- help and version
+
+
+def _leaves():
+    from drdo.cli import build_parser
+
+    parser, leaves = build_parser()
+    return parser, {path: p for path, p in leaves.items() if not path.endswith("(group)")}
+
+
+def test_version(capsys):
+    import drdo
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"drdo {drdo.__version__}"
+
+
+def test_every_option_with_a_default_shows_it(capsys):
+    """Every flag whose setting has a default says it in --help, the demo's too (its flags default to
+    None so that --quick can set them: the help shows the default and --quick's value)."""
+    import dataclasses
+
+    from drdo.config import DeprecatedFlag, EvalConfig, RefLogpsConfig, ScoreConfig
+    from drdo.demo.run import DemoSettings
+
+    defaults = {"demo": DemoSettings(), "oracle score": ScoreConfig(), "reflogps": RefLogpsConfig(),
+                "eval": EvalConfig()}
+    _, leaves = _leaves()
+    for path, parser in leaves.items():
+        help_text = " ".join(parser.format_help().split())
+        config = defaults.get(path, TrainConfig())
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, DeprecatedFlag) or action.dest in ("help", "config"):
+                continue
+            names = {f.name for f in dataclasses.fields(config)}
+            default = getattr(config, action.dest) if action.dest in names else action.default
+            if default is None:
+                continue
+            flag = action.option_strings[0]
+            entry = help_text.split(f" {flag}", 2)[-1].split("  --", 1)[0]
+            assert "default" in entry, (path, flag, entry)
+    demo = " ".join(leaves["demo"].format_help().split())
+    assert "(default: 3; with --quick: 1)" in demo and "(default: 100; with --quick: 40)" in demo
+    assert "(default: drdo,dpo,edpo)" in demo and "(default: 0.0 0.3)" in demo
+
+
+def test_overwrite_has_one_form_everywhere(tmp_path):
+    _, leaves = _leaves()
+    with_overwrite = [path for path, p in leaves.items() if "--overwrite" in p.format_help()]
+    assert set(with_overwrite) == {"sft", "oracle train", "train", "demo"}
+    for path in with_overwrite:
+        assert "[--overwrite | --no-overwrite]" in " ".join(leaves[path].format_usage().split()), path
+    assert parse_args(["demo", "--no-overwrite"]).overwrite is False
+
+
+def test_backend_lists_its_choices(capsys):
+    from drdo_kernels.logprobs import BACKENDS
+
+    _, leaves = _leaves()
+    choices = "{" + ",".join(BACKENDS) + "}"
+    for path in ("sft", "oracle train", "train", "reflogps", "demo"):
+        assert f"--backend {choices}" in leaves[path].format_help(), path
+    assert main(["reflogps", "--backend", "bogus"]) == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_help_shows_no_rest_literals(capsys):
+    parser, leaves = _leaves()
+    assert main(["oracle", "--help"]) == 0
+    texts = [parser.format_help(), capsys.readouterr().out] + [p.format_help() for p in leaves.values()]
+    assert not [text for text in texts if "``" in text]
+    assert "drdo --debug COMMAND ..." in " ".join(parser.format_help().split())

@@ -83,8 +83,8 @@ def test_judge_module_in_the_current_directory_and_default_eval_output(tmp_path,
     generations = reports[0] + ".generations.jsonl"
     with open(generations) as f:
         assert len(f.readlines()) == 3
-    err = capsys.readouterr().err
-    assert f"report: {reports[0]}" in err and f"generations: {generations}" in err
+    out = capsys.readouterr().out
+    assert f"report (with every per-prompt score): {reports[0]}" in out and f"generations: {generations}" in out
 
 
 def test_a_failed_start_leaves_no_directory_behind(tmp_path, capsys):

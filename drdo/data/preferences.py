@@ -85,6 +85,7 @@ from drdo.data.row_checks import (
 )
 from drdo.data.sources import load_rows, row_label
 from drdo.losses import IGNORE_INDEX
+from drdo.tokenizer import TokenizerError
 
 logger = logging.getLogger("drdo.data")
 
@@ -121,10 +122,13 @@ class _Encoded:
 
 
 def _require_chat_template(tokenizer) -> None:
+    """TokenizerError (a setup error: the ``drdo`` command reports it in one line) for a tokenizer
+    without a chat template, which conversations need."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            "the data holds conversations (lists of messages) but the tokenizer has no chat_template; "
-            "use a tokenizer with a chat template (e.g. drdo.tokenizer.build_byte_tokenizer()) or plain strings"
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise TokenizerError(
+            f"the data holds conversations (lists of messages) but the tokenizer {name} has no chat_template; "
+            "use a tokenizer with a chat template (--tokenizer, e.g. the model's instruct version) or plain strings"
         )
 
 

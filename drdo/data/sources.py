@@ -8,6 +8,7 @@ import json
 import os
 import re
 import stat
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,11 +111,11 @@ def _read_json_file(path: Path) -> Rows:
     as written ("42" stays a string, 42 an int); no schema is inferred across rows. A JSONL line
     that is not valid JSON becomes a :class:`BadJSONLine` so that the error names its line."""
     text = decode_utf8(path.read_bytes(), path)
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError as err:
+    whole = _parse_json(text)
+    if isinstance(whole, BadJSONLine):
         if text.lstrip().startswith("["):
-            raise DataSourceError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+            where = f"line {whole.line}: " if whole.line else ""
+            raise DataSourceError(f"{path}: {where}not valid JSON ({whole.error})")
         whole = None
     if isinstance(whole, list):
         return Rows(whole)
@@ -124,12 +125,24 @@ def _read_json_file(path: Path) -> Rows:
     for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            rows.append(BadJSONLine(line_no, err.msg))
+        parsed = _parse_json(line)
+        rows.append(BadJSONLine(line_no, parsed.error) if isinstance(parsed, BadJSONLine) else parsed)
         lines.append(line_no)
     return Rows(rows, lines)
+
+
+def _parse_json(text: str):
+    """``json.loads(text)``, or a :class:`BadJSONLine` (its line within ``text``, 0 when unknown) for text
+    that is not JSON, nested deeper than Python's parser goes, or holds an integer of more digits than
+    Python converts (``sys.get_int_max_str_digits()``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        return BadJSONLine(err.lineno, err.msg)
+    except RecursionError:
+        return BadJSONLine(0, f"nested more than {sys.getrecursionlimit()} levels deep")
+    except ValueError:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        return BadJSONLine(0, f"a number of more than {sys.get_int_max_str_digits()} digits")
 
 
 def _read_parquet(path: Path) -> Rows:
@@ -157,10 +170,21 @@ def _load_directory(path: Path, split: str):
     """A ``save_to_disk`` directory, or a directory of data files, through ``datasets``."""
     import datasets
 
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        loaded = datasets.load_from_disk(str(path))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(str(path), split=split)
+    try:
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(str(path), split=split)
+    except Exception as err:  # JSONDecodeError, DatasetGenerationError (files of different columns), KeyError, ...
+        raise DataSourceError(f"{path}: cannot read the dataset directory (split {split!r}): {_why(err)}") from err
+
+
+def _why(err: BaseException) -> str:
+    """One line: the error and, when it wraps another (``datasets`` does), the error it wraps."""
+    cause = err.__cause__ or err.__context__
+    text = f"{type(err).__name__}: {err}" + (f" ({type(cause).__name__}: {cause})" if cause is not None else "")
+    text = " ".join(text.split())
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _load_hub(name: str, split: str):

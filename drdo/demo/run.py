@@ -109,7 +109,8 @@ class DemoSettings:
     oracle_lr: float = option(1e-3, "Oracle learning rate")
     alpha: float = derived_option(TrainConfig, "alpha")
     gamma: float = derived_option(TrainConfig, "gamma")
-    beta: float | None = derived_option(TrainConfig, "beta", help="DPO / e-DPO beta (the DRDO variants set their own)")
+    beta: float | None = derived_option(TrainConfig, "beta", help=f"DPO / e-DPO beta (default: {DPOSpec.beta}; the "
+                                                                  "DRDO variants set their own)")
     oracle_alpha: float = derived_option(TrainConfig, "oracle_alpha")
     train_pairs: int = option(1024, f"training pairs {_PER_SEED}")
     val_prompts: int = option(64, "validation prompts for the lr choice")
@@ -123,8 +124,7 @@ class DemoSettings:
                              "--threads threads)")
     output_dir: str = option("runs/demo", "where settings.json, report.md / report.json / report.png and work/ go "
                                           "(default: runs/demo; with --quick: runs/demo-quick)")
-    overwrite: bool = option(False, "use --output-dir even if it holds other files or a demo of other settings",
-                             action="store_true")
+    overwrite: bool = option(False, "use --output-dir even if it holds other files or a demo of other settings")
     progress: bool = option(True, "show progress bars")
     quick: bool = option(False, "a fast smoke run: 1 seed, fewer steps, one lr", action="store_true")
 

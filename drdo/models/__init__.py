@@ -13,6 +13,8 @@ from drdo.errors import ModelFormatError
 from drdo.models.loading import (
     TINY_MODEL_NAME,
     build_tiny_causal_lm,
+    check_attn_implementation,
+    check_device,
     default_attn_implementation,
     dtype_kwarg,
     flash_attn_available,
@@ -54,6 +56,8 @@ __all__ = [
     "flash_attn_available",
     "set_attn_implementation",
     "dtype_kwarg",
+    "check_device",
+    "check_attn_implementation",
     "weights_digest",
     # reward head
     "HEAD_WEIGHTS_NAME",

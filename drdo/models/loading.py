@@ -4,6 +4,8 @@
 built from a config, so tests and the demo never download anything. Anything else goes through
 ``AutoModelForCausalLM.from_pretrained``. Attention: flash-attn on CUDA in 16 bits when the package
 imports, otherwise sdpa (eager for an architecture without sdpa, unless a choice was explicit).
+:func:`check_device` and :func:`check_attn_implementation` refuse a device or an attention that
+this machine cannot run (ConfigError, one line) before anything is loaded.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import os
 import torch
 import torch.nn as nn
 
-from drdo.errors import ModelFormatError
+from drdo.errors import ConfigError, ModelFormatError, shown
 from drdo.hub import looks_like_path
 from drdo.models.reward_head import HEAD_WEIGHTS_NAME
 from drdo.run_record import model_problem
@@ -32,6 +34,8 @@ __all__ = [
     "flash_attn_available",
     "set_attn_implementation",
     "dtype_kwarg",
+    "check_device",
+    "check_attn_implementation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,6 +87,50 @@ def default_attn_implementation(device: torch.device | str | int | None, dtype: 
 def flash_attn_available() -> bool:
     """Whether the flash_attn package is importable (the optional ``[flash]`` extra)."""
     return importlib.util.find_spec("flash_attn") is not None
+
+
+def check_device(device: str | torch.device | None, flag: str = "--device") -> torch.device:
+    """The device ``device`` names, checked on this machine: "auto"/None -> cuda if available, else cpu;
+    "cpu"; "cuda" or "cuda:N" when CUDA is available and has a device N. Anything else (an unknown
+    name, CUDA on a machine without it) raises ConfigError naming ``flag`` and the value."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{flag} {shown(device)} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{flag} {shown(device)}: only 'auto', 'cpu', 'cuda' and 'cuda:N' are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag} {shown(device)}: CUDA is not available on this machine; use --device cpu "
+                              "(or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag} {shown(device)}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+#: Attention implementations that need a package beyond transformers: (import name, pip package).
+_ATTN_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn (pip install 'drdo[flash]')"),
+                  "flash_attention_3": ("flash_attn_interface", "flash-attn 3 (flash_attn_interface)")}
+
+
+def check_attn_implementation(name: str | None, flag: str = "--attn-implementation") -> None:
+    """None (the default choice) or an attention implementation transformers knows ("eager", "sdpa",
+    "flash_attention_2", "flex_attention", ..., or a hub kernel "org/name") whose package imports;
+    flash-attn also needs CUDA. ConfigError naming ``flag`` and the value otherwise."""
+    if name is None or "/" in name:
+        return
+    from transformers import AttentionInterface
+
+    known = ["eager", *AttentionInterface().valid_keys()]
+    if name not in known:
+        raise ConfigError(f"{flag} {shown(name)} is not an attention implementation; use one of {', '.join(known)}")
+    module, package = _ATTN_PACKAGES.get(name, (None, None))
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{flag} {name} needs the {package} package, which is not installed; use sdpa")
+    if module is not None and not torch.cuda.is_available():
+        raise ConfigError(f"{flag} {name} runs on CUDA only, and CUDA is not available on this machine; use sdpa")
 
 
 def training_attn_implementation(

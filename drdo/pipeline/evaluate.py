@@ -24,20 +24,20 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Callable
 
 import torch
 
 from drdo.atomic import atomic_writes
 from drdo.data import encode_prompt
-from drdo.errors import ConfigError
+from drdo.errors import ConfigError, shown
 from drdo.jsonl import write_rows
+from drdo.pipeline.outputs import check_output_file, unique_run_dir
 from drdo.pipeline.scoring import load_reward_model, pick_device
 from drdo.progress import batch_starts
 
-__all__ = ["JudgeError", "RESERVED_NAMES", "generate", "evaluate", "run_eval", "load_judge", "win_rate",
-           "parse_policies", "generations_path"]
+__all__ = ["JudgeError", "RESERVED_NAMES", "generate", "evaluate", "run_eval", "load_judge", "judge_scores",
+           "win_rate", "parse_policies", "generations_path", "report_summary"]
 
 Judge = Callable[[list, list], list]
 
@@ -220,6 +220,44 @@ def load_judge(spec, *, device="auto", trust_remote_code: bool = False, allow_un
                                allow_untrained_head=allow_untrained_head)
 
 
+def _score_of(value) -> float | None:
+    """A judge's score as a finite float, or None when it is not one (a string, None, a bool, NaN)."""
+    if value is None or isinstance(value, (str, bytes, bool)):
+        return None
+    try:
+        score = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return score if math.isfinite(score) else None
+
+
+def judge_scores(judge: Judge, prompts: list, responses: list, policy: str = "") -> list[float]:
+    """``judge(prompts, responses)`` as a list of one finite float per response. JudgeError naming the
+    policy, the response and the value when the judge raises (a callable judge: a reward-model judge's
+    own errors pass through) or returns anything else (None, strings, a wrong count, NaN)."""
+    where = f" for policy {policy!r}" if policy else ""
+    try:
+        values = judge(prompts, responses)
+    except Exception as e:
+        if getattr(judge, "tokenizer", None) is not None:
+            raise
+        raise JudgeError(f"the judge raised {type(e).__name__}{where}: {' '.join(str(e).split())}") from e
+    try:
+        values = list(values)
+    except TypeError:
+        raise JudgeError(f"the judge returned {shown(values)}{where}; it must return a list of one number per "
+                         "response") from None
+    if len(values) != len(responses):
+        raise JudgeError(f"the judge returned {len(values)} scores for {len(responses)} responses{where}; it must "
+                         "return one number per response")
+    scores = [_score_of(v) for v in values]
+    bad = next((i for i, v in enumerate(scores) if v is None), None)
+    if bad is not None:
+        raise JudgeError(f"the judge returned {shown(values[bad])} as the score of response {bad + 1}{where}; every "
+                         "score must be a finite number")
+    return scores
+
+
 def win_rate(a: list[float], b: list[float]) -> float:
     """Fraction of prompts where a beats b (ties count 1/2)."""
     if len(a) != len(b) or not a:
@@ -268,11 +306,7 @@ def evaluate(policies: dict, prompts: list, judge, config=None, *, output: str |
                                      temperature=c.temperature, top_p=c.top_p, seed=c.seed, batch_size=c.batch_size,
                                      max_prompt_length=c.max_prompt_length, device=c.device,
                                      trust_remote_code=c.trust_remote_code, progress=c.progress)
-        values = [float(v) for v in judge_fn(_prompt_texts(prompts, judge_fn), generations[name])]
-        if len(values) != len(prompts) or not all(math.isfinite(v) for v in values):
-            raise JudgeError(f"the judge must return one finite score per response; got {len(values)} for "
-                             f"{len(prompts)} prompts")
-        scores[name] = values
+        scores[name] = judge_scores(judge_fn, _prompt_texts(prompts, judge_fn), generations[name], name)
     report = {"num_prompts": len(prompts), "reward": {}, "win_rate": {}}
     for name, values in scores.items():
         mean = sum(values) / len(values)
@@ -289,7 +323,9 @@ def evaluate(policies: dict, prompts: list, judge, config=None, *, output: str |
 def run_eval(config) -> tuple[dict, str]:
     """``drdo eval``: the policies, prompts, judge and settings of a :class:`drdo.config.EvalConfig`
     (checked here before anything is loaded or written). Returns (report, the report's path:
-    ``config.output`` or runs/eval-<date>-<time>/report.json)."""
+    ``config.output`` or runs/eval-<date>-<time>/report.json, a directory of its own even for two runs
+    started in the same second). A given ``config.output`` is checked before anything is computed
+    (:func:`drdo.pipeline.outputs.check_output_file`)."""
     from drdo.config import check_options, require
     from drdo.data import load_prompts
     from drdo.hub import require_model_source
@@ -301,11 +337,33 @@ def run_eval(config) -> tuple[dict, str]:
         require_model_source(path, "--policy")
     if ":" not in config.judge or os.path.exists(config.judge):
         require_model_source(config.judge, "--judge")
-    output = config.output or os.path.join("runs", time.strftime("eval-%Y%m%d-%H%M%S"), "report.json")
+    if config.output:
+        check_output_file(config.output)
+        check_output_file(generations_path(config.output))
     prompts = load_prompts(config.prompts, split=config.split)
     if config.num_prompts is not None:
         prompts = prompts[: config.num_prompts]
-    return evaluate(policies, prompts, config.judge, config, output=output), output
+    if config.output:
+        return evaluate(policies, prompts, config.judge, config, output=config.output), config.output
+    run_dir = unique_run_dir("runs", "eval")
+    try:
+        output = os.path.join(run_dir, "report.json")
+        return evaluate(policies, prompts, config.judge, config, output=output), output
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rmdir(run_dir)  # only while empty: a failed evaluation leaves no directory behind
+        raise
+
+
+def report_summary(report: dict) -> list[str]:
+    """Lines that sum up an evaluation report (:func:`evaluate`): each policy's mean judge reward with
+    its standard error, then the win rate of each policy over each other one."""
+    lines = [f"{len(report['reward'])} policies on {report['num_prompts']} prompts; mean judge reward +- std error:"]
+    width = max(len(name) for name in report["reward"])
+    lines += [f"  {name:<{width}}  {r['mean']:.4g} +- {r['stderr']:.2g}" for name, r in report["reward"].items()]
+    for a, others in report["win_rate"].items():
+        lines += [f"  win rate of {a} over {b}: {rate:.3f}" for b, rate in others.items()]
+    return lines
 
 
 def write_outputs(report: dict, prompts: list, output: str) -> None:

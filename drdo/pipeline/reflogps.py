@@ -19,6 +19,7 @@ import torch
 
 from drdo.data import PreferenceCollator, load_preference_dataset
 from drdo.jsonl import write_jsonl
+from drdo.pipeline.outputs import check_output_file
 from drdo.pipeline.scoring import pick_device
 from drdo.policy_logprobs import REF_SETTINGS_FIELD, policy_sequence_logprobs, reference_settings
 from drdo.progress import batch_starts
@@ -42,6 +43,7 @@ def compute_reference_logps(config, *, policy=None, tokenizer=None) -> str:
     c = config
     require(c, "data", "output")
     check_options(c)
+    check_output_file(c.output)
     model = c.model if policy is None else policy
     if policy is None:
         require_model_source(c.model, "--model")

@@ -20,9 +20,10 @@ import torch
 from drdo.data import PreferenceCollator, load_preference_dataset
 from drdo.hub import require_model_source
 from drdo.jsonl import write_jsonl
+from drdo.pipeline.outputs import check_output_file
 from drdo.progress import batch_starts
 
-__all__ = ["RewardModelError", "RewardModel", "load_reward_model", "score_dataset", "pick_device"]
+__all__ = ["RewardModelError", "RewardModel", "load_reward_model", "score_dataset", "scored_summary", "pick_device"]
 
 
 class RewardModelError(ValueError):
@@ -30,10 +31,11 @@ class RewardModelError(ValueError):
 
 
 def pick_device(device: str | None = "auto") -> torch.device:
-    """"auto"/None -> cuda if available else cpu; anything else -> torch.device(device)."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """"auto"/None -> cuda if available else cpu; anything else -> that device, when this machine has it
+    (ConfigError otherwise: :func:`drdo.models.check_device`)."""
+    from drdo.models import check_device
+
+    return check_device(device)
 
 
 class RewardModel:
@@ -151,6 +153,7 @@ def score_dataset(config) -> str:
 
     require(config, "reward_models", "data", "output")
     check_options(config)
+    check_output_file(config.output)
     reward_models = config.reward_models
     for name in reward_models:
         require_model_source(name, "--reward-model")
@@ -177,3 +180,24 @@ def score_dataset(config) -> str:
         out["oracle_rejected"] = rejected[0] if len(per_model) == 1 else rejected
         rows.append(out)
     return write_jsonl(rows, c.output)
+
+
+def scored_summary(path: str) -> dict:
+    """What a scored JSONL file (the output of :func:`score_dataset`) holds: ``pairs``, ``models`` (K),
+    ``mean_margin`` (mean of oracle_chosen - oracle_rejected, over the K models too) and
+    ``chosen_preferred`` (fraction of pairs whose margin, averaged over the K models, is > 0).
+    Read line by line."""
+    pairs, models, margin_sum, preferred = 0, 0, 0.0, 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            chosen, rejected = row["oracle_chosen"], row["oracle_rejected"]
+            chosen, rejected = (chosen, rejected) if isinstance(chosen, list) else ([chosen], [rejected])
+            margin = sum(c - r for c, r in zip(chosen, rejected)) / len(chosen)
+            pairs, models = pairs + 1, len(chosen)
+            margin_sum += margin
+            preferred += margin > 0
+    return {"pairs": pairs, "models": models, "mean_margin": margin_sum / pairs if pairs else float("nan"),
+            "chosen_preferred": preferred / pairs if pairs else float("nan")}
