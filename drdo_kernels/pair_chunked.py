@@ -92,9 +92,8 @@ class _Chunks:
 
     def set_coefficients(self, g0: int, g1: int) -> None:
         """dL/dz of groups g0..g1 (their z complete) into self.coeff."""
-        c = self.objective.coefficients(self.z(g0, g1), self.n_tokens[:, g0:g1],
-                                        [s[:, g0:g1] for s in self.scores], self.use_triton)
-        self.rows_of(self.coeff, g0, g1).copy_(c)
+        self.objective.coefficients(self.z(g0, g1), self.n_tokens[:, g0:g1], [s[:, g0:g1] for s in self.scores],
+                                    self.use_triton, out=self.rows_of(self.coeff, g0, g1))
 
     def token_coefficients(self, lo: int, hi: int) -> torch.Tensor:
         return self.coeff.index_select(0, self.token_row[lo:hi])
