@@ -10,15 +10,18 @@ Each loss here is its :mod:`drdo.losses` twin composed on sequence log-probs tha
 Conventions (TRL / Liger-Kernel): rows 0..B-1 are the chosen responses, rows B..2B-1
 the rejected ones; ``labels`` are ALIGNED with ``hidden`` (position t predicts
 labels[t]); ``ignore_index`` marks prompt and padding tokens. Every row that enters a
-loss must hold at least one response token (z of an empty response is meaningless);
-checking that costs one host sync per call.
+loss must hold at least one response token (z of an empty response is meaningless; the
+reference refuses it too); checking that costs one host sync per call. ``reduction`` is
+"mean", "sum" or "none" (the per-pair losses [B]) on every backend.
 
 ``backend`` ("auto" | "chunked" | "torch" | "triton") selects the log-prob kernel.
 With "chunked" and "torch" (the chunked backend, with or without its Triton fold), DRDO,
 DPO and the Oracle loss compute every LM-head gradient during the forward on chunks of
 whole pairs (:mod:`drdo_kernels.pair_chunked`: 6·N·H·V FLOPs, no recompute), and the
 backward only scales them; e-DPO (a max over ensemble members of batch means, not a
-sum over pairs) takes the two passes of :func:`fused_linear_logprobs`. With "triton"
+sum over pairs) takes the two passes of :func:`fused_linear_logprobs`, and so do float16
+compute (its gradients must be rounded after a loss scaler's scale is applied, not before)
+and ``reduction="none"`` (per-pair upstream gradients). With "triton"
 every loss composes :func:`fused_linear_logprobs` with its reference (DRDO with the
 pair-loss kernel :func:`drdo_kernels.drdo_pair_loss`). "auto" resolves per call with
 :func:`drdo_kernels.logprobs.auto_backend`.
