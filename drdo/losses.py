@@ -91,14 +91,11 @@ class LossSpec:
         if unknown:
             raise TypeError(f"{cls.__name__} has no option {unknown[0]!r}; its options: "
                             f"{', '.join(f.name for f in dataclasses.fields(cls)) or 'none'}")
-        if spec is not None and not isinstance(spec, cls):
+        if spec is None:
+            return cls(**given)
+        if not isinstance(spec, cls):
             raise TypeError(f"expected a {cls.__name__}, got {type(spec).__name__}")
-        built = cls(**given) if spec is None else dataclasses.replace(spec, **given) if given else spec
-        built._check_given(given)
-        return built
-
-    def _check_given(self, given: dict) -> None:
-        """Checks of the options given explicitly (a default cannot tell them apart)."""
+        return dataclasses.replace(spec, **given) if given else spec
 
     def _set(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
@@ -131,7 +128,8 @@ class DRDOSpec(LossSpec):
 
     alpha: weight of the focal preference term (>= 0). gamma: focal exponent (>= 0).
     reward: the student's reward rhat, "head" (a linear reward head) or "implicit" (beta * z).
-    beta: the implicit reward's scale (> 0). unlikelihood: U = z_w + s log(1 - e^{z_l}), s = +1
+    beta: the implicit reward's scale (> 0); with reward="head" only its default is accepted (another
+    value would be ignored). unlikelihood: U = z_w + s log(1 - e^{z_l}), s = +1
     ("welleck") or -1 ("paper", the sign as printed). reward_grad: "backbone" (the distillation
     gradient reaches the layers the head shares with the policy) or "head" (it trains the head
     only; needs reward="head"). length_normalize: z is the token-mean response log-prob instead
@@ -156,10 +154,9 @@ class DRDOSpec(LossSpec):
         self._flag("length_normalize")
         if self.reward_grad == "head" and self.reward != "head":
             raise ValueError('reward_grad="head" needs reward="head" (an implicit reward has no head to stop at)')
-
-    def _check_given(self, given: dict) -> None:
-        if "beta" in given and self.reward == "head":
-            raise ValueError(f'beta={given["beta"]!r} scales the implicit reward only; with reward="head" it would be '
+        default_beta = next(f.default for f in dataclasses.fields(self) if f.name == "beta")
+        if self.reward == "head" and self.beta != default_beta:
+            raise ValueError(f'beta={self.beta:g} scales the implicit reward only; with reward="head" it would be '
                              'ignored: drop it or set reward="implicit"')
 
 

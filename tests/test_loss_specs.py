@@ -206,8 +206,9 @@ def test_backend_has_one_name_and_the_old_one_warns(tmp_path, capsys):
 
 
 def test_beta_with_a_reward_head_is_refused_where_it_is_given(tmp_path, capsys):
-    """beta scales the implicit reward only: given explicitly with reward="head" it is refused
-    (library, CLI); a default beta (the spec's, TRL's DPOConfig's) is not a choice and passes."""
+    """beta scales the implicit reward only: another value than the default with reward="head" is
+    refused at every entry point (library, CLI, TRL); the default (the spec's, TRL's DPOConfig's, the
+    one the CLI config records) passes."""
     message = 'beta=0.2 scales the implicit reward only; with reward="head" it would be ignored'
     pairs = [torch.zeros(2) for _ in range(6)]
     weight, hidden = torch.randn(5, 3), torch.randn(2, 3, 3)
@@ -226,6 +227,9 @@ def test_beta_with_a_reward_head_is_refused_where_it_is_given(tmp_path, capsys):
     from drdo.integrations.trl import DRDOConfig
 
     assert DRDOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True).drdo_spec.reward == "head"
+    with pytest.raises(ValueError, match=message):
+        DRDOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, beta=0.2)
+    assert DRDOSpec(beta=DRDOSpec.beta).beta == 0.1  # the default, given: harmless, accepted
 
 
 def test_fused_drdo_refuses_reward_grad_head_it_cannot_apply():

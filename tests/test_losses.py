@@ -180,7 +180,7 @@ def test_drdo_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="gamma"):
         L.drdo_loss(*good, gamma=-1.0)
     with pytest.raises(ValueError, match="reduction"):
-        L.drdo_loss(*good, reduction="none")
+        L.drdo_loss(*good, reduction="avg")
 
 
 # ---------------------------------------------------------------- oracle_loss
