@@ -579,18 +579,15 @@ def objective_loss(
         drdo_fn: the pair loss DRDO uses (default :func:`drdo_loss`; the fused kernels pass
             their Triton twin).
         reduction: "mean", "sum" or "none" (per-pair losses [B]).
-    Returns (loss, metrics) of the objective's reference function. A row that enters the loss
-    with no response token (n_tokens 0) is a ValueError naming it. ``spec.reward_grad`` is the
-    caller's: it says how the rewards were computed.
+    Returns (loss, metrics) of the objective's reference function. ``spec.reward_grad`` is the
+    caller's: it says how the rewards were computed. Rows with no response token are refused
+    where z is computed (:func:`sequence_logprobs`, the fused kernels), not here (no host sync).
     """
     if isinstance(spec, OracleSpec):
         n = rewards.shape[0] // 2
-        check_rows_scored(n_tokens[:n])
         return oracle_loss(rewards[:n], rewards[n:], -logps[:n], chosen_n_tokens=n_tokens[:n], spec=spec,
                            reduction=reduction)
     n = logps.shape[0] // 2
-    if isinstance(spec, (DRDOSpec, DPOSpec, EDPOSpec)):
-        check_rows_scored(n_tokens)
     if isinstance(spec, DRDOSpec):
         z = logps / n_tokens.to(logps.dtype) if spec.length_normalize else logps
         rhat = rewards if spec.reward == "head" else spec.beta * z

@@ -11,6 +11,7 @@ import torch
 
 import drdo_kernels as dk
 from drdo import losses as L
+from drdo.policy_logprobs import hidden_sequence_logprobs
 from drdo_kernels.logprobs import BACKENDS
 
 N_PAIRS, N_POS, N_HIDDEN, N_VOCAB = 3, 5, 8, 40
@@ -43,9 +44,11 @@ def test_reference_composition_raises_naming_the_row(spec):
     logits = hidden @ weight.T
     with pytest.raises(ValueError, match=_MESSAGE.format(row)):
         L.sequence_logprobs(logits, labels)  # the README's composition stops here
-    logps, n_tokens = L.sequence_logprobs(logits, labels, allow_empty_rows=True)
-    with pytest.raises(ValueError, match=_MESSAGE.format(row)):
-        L.objective_loss(spec, logps, n_tokens, **scores)
+    head = torch.nn.Linear(N_HIDDEN, N_VOCAB, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    with pytest.raises(ValueError, match=_MESSAGE.format(row)):  # the policy's log-probs, on the hidden path
+        hidden_sequence_logprobs(hidden, head, labels, backend="torch")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
