@@ -57,11 +57,10 @@ UNLIKELIHOOD_SIGN = {"welleck": 1.0, "paper": -1.0}
 REDUCTIONS = ("mean", "sum", "none")
 REWARDS = ("head", "implicit")
 REWARD_GRADS = ("backbone", "head")
-NLL_REDUCTIONS = ("mean", "sum", "none")
+NLL_REDUCTIONS = ("mean", "sum")
 
 
 # ------------------------------------------------------------------------------------------ loss specs
-#
 # One frozen dataclass per objective holds its hyperparameters: each default is declared here
 # once and each value is checked here once (__post_init__). Everything else (the reference
 # losses below, the fused kernels, the training objective, the CLI, the demo, the TRL config)
@@ -238,11 +237,9 @@ def check_reduction(reduction) -> str:
 
 
 def check_rows_scored(n_tokens, ignore_index: int = IGNORE_INDEX) -> None:
-    """ValueError naming the rows with no response token: the sequence log-prob of an empty response
-    is no log-probability of anything, so no pair loss takes one. n_tokens: [N] int tensor or a list
-    of ints (response tokens per row)."""
-    counts = n_tokens.tolist() if isinstance(n_tokens, torch.Tensor) else list(n_tokens)
-    empty = [r for r, n in enumerate(counts) if n == 0]
+    """ValueError naming the rows with no response token (an empty response has no sequence
+    log-prob). n_tokens: [N] int tensor or list of ints, the response tokens per row."""
+    empty = [r for r, n in enumerate(n_tokens.tolist() if isinstance(n_tokens, torch.Tensor) else n_tokens) if not n]
     if empty:
         raise ValueError(f"rows {empty[:8]} have no response token (every label is ignore_index={ignore_index}); "
                          "a sequence log-prob needs at least one token")
@@ -250,9 +247,7 @@ def check_rows_scored(n_tokens, ignore_index: int = IGNORE_INDEX) -> None:
 
 def _reduce(per_pair: torch.Tensor, reduction: str) -> torch.Tensor:
     """The mean or sum of per_pair [B], or per_pair itself for "none"."""
-    if check_reduction(reduction) == "mean":
-        return per_pair.mean()
-    return per_pair.sum() if reduction == "sum" else per_pair
+    return {"mean": per_pair.mean, "sum": per_pair.sum, "none": lambda: per_pair}[check_reduction(reduction)]()
 
 
 def _detached(**values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -302,10 +297,9 @@ def sequence_logprobs(
     logp = torch.log_softmax(_as_float(logits, dtype), dim=-1)
     token_logp = logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     token_logp = torch.where(mask, token_logp, torch.zeros_like(token_logp))
-    n_tokens = mask.sum(-1)
     if not allow_empty_rows:
-        check_rows_scored(n_tokens, ignore_index)
-    return token_logp.sum(-1), n_tokens
+        check_rows_scored(mask.sum(-1), ignore_index)
+    return token_logp.sum(-1), mask.sum(-1)
 
 
 def drdo_loss(
