@@ -64,7 +64,8 @@ class DRDOConfig(DPOConfig):
     """TRL's ``DPOConfig`` plus DRDO's settings: the fields of :class:`drdo.losses.DRDOSpec` (the
     paper's defaults; ``.drdo_spec`` holds the checked spec) and ``backend``. ``beta`` (DPOConfig's)
     is the scale of the implicit reward (``reward="implicit"``: rhat = beta * log pi(y|x)); with a
-    head only its default is accepted (another value would be ignored). The DPO-only fields (``loss_type``, reference-model settings, ...) are ignored."""
+    head only its default is accepted (another value would be ignored). The DPO-only fields
+    (``loss_type``, reference-model settings, ...) are ignored."""
 
     alpha: float = _spec_field("alpha", "Weight of DRDO's focal preference term.")
     gamma: float = _spec_field("gamma", "Focal exponent (>= 0).")
@@ -355,7 +356,7 @@ def _packed_logprobs(hidden, lm_head, labels, cu_seqlens, backend: str):
     per sequence of ``cu_seqlens``."""
     import drdo_kernels as dk
 
-    token_logps = dk.fused_linear_logprobs(hidden, lm_head.weight, labels, bias=lm_head.bias,
+    token_logps = dk.fused_linear_logprobs(lm_head.weight, hidden, labels, bias=lm_head.bias,
                                            ignore_index=IGNORE_INDEX, backend=backend)
     scored = (labels != IGNORE_INDEX).to(token_logps.dtype)
     z, n_tokens = segment_sum(token_logps, cu_seqlens), segment_sum(scored, cu_seqlens)
