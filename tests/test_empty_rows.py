@@ -64,5 +64,5 @@ def test_token_sums_still_take_empty_rows():
     weight, hidden, labels, _ = _batch(EMPTY_ROW)
     logps, n_tokens = L.sequence_logprobs(hidden @ weight.T, labels, allow_empty_rows=True)
     assert n_tokens[EMPTY_ROW] == 0 and logps[EMPTY_ROW] == 0 and bool(logps.isfinite().all())
-    token_logps = dk.fused_linear_logprobs(hidden, weight, labels)  # per-token: no row needs a token
+    token_logps = dk.fused_linear_logprobs(weight, hidden, labels)  # per-token: no row needs a token
     assert token_logps[EMPTY_ROW].abs().sum() == 0
