@@ -46,6 +46,9 @@ CASES = {
     "drdo_implicit_sum": lambda w, h, b, y, s: dk.fused_linear_drdo_loss(
         w, h, y, s["oracle"], None, b, reward="implicit", beta=0.2, reduction="sum", logit_scale=0.5),
     "dpo": lambda w, h, b, y, s: dk.fused_linear_dpo_loss(w, h, y, s["ref"], b, beta=0.1),
+    "dpo_per_pair": lambda w, h, b, y, s: (
+        (dk.fused_linear_dpo_loss(w, h, y, s["ref"], b, beta=0.1, reduction="none")[0] * s["oracle"][:PAIRS]).sum(),
+        None),
     "edpo": lambda w, h, b, y, s: dk.fused_linear_edpo_loss(w, h, y, s["ref"], s["ensemble"], b, beta=0.1),
     "oracle": lambda w, h, b, y, s: dk.fused_linear_oracle_loss(w, h, y, s["rewards"], b, alpha=0.3),
     "objective": lambda w, h, b, y, s: dk.fused_objective_loss(DRDOSpec(alpha=0.2, gamma=1.0), w, h, y, b,
