@@ -233,12 +233,13 @@ def _fake_run(tmp_path, max_grad_norm, norms):
 
 
 def test_steps_clipped_counts_against_each_runs_own_limit(tmp_path):
-    from drdo.demo.report import clipped_text
     from drdo.demo.run import training_summary
 
     norms = [0.5, 2.0, 5.0, 20.0]
     off, default, ten = (training_summary(_fake_run(tmp_path, limit, norms)) for limit in (0.0, 1.0, 10.0))
     assert (off["clipped_share"], default["clipped_share"], ten["clipped_share"]) == (0.0, 0.75, 0.25)
+    from drdo.demo.report import clipped_text
+
     assert (off["max_grad_norm"], ten["max_grad_norm"]) == (0.0, 10.0)
     assert off["grad_norm_mean"] == pytest.approx(6.875)
     assert clipped_text(off) == "off" and clipped_text(ten) == "25% (at 10)"

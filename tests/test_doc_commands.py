@@ -12,8 +12,9 @@ Every ```bash block of a page is one of three kinds:
   the README's run and reuses its training runs). ``drdo``, ``python`` and ``torchrun`` are this
   checkout's code.
 
-The pages whose blocks run ``drdo demo`` take minutes; they run when ``DRDO_DOC_COMMANDS=all`` is set
-(``.ci/run`` sets it) and are skipped otherwise. Each page's wall time is printed (``-s`` shows it).
+Running the blocks takes minutes of CPU (the full ``drdo demo`` among them), so they run when
+``DRDO_DOC_COMMANDS=1`` is set (``.ci/run`` sets it) and are skipped otherwise; the checks of the
+blocks' form always run. Each page's wall time is printed (``-s`` shows it).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SYNOPSIS = "# synopsis"
-#: Set to "all" to run the pages whose blocks run `drdo demo` (minutes of CPU).
-LONG_ENV = "DRDO_DOC_COMMANDS"
+#: Set to 1 to run the blocks (minutes of CPU).
+RUN_ENV = "DRDO_DOC_COMMANDS"
 #: The longest a page's blocks may run (the full demo, then its cached re-runs, on 2 CPU cores).
 PAGE_TIMEOUT_S = 3600
 _FENCE = re.compile(r"^```(?:bash|sh|shell)\n(.*?)^```", flags=re.S | re.M)
@@ -64,10 +65,6 @@ def runnable_blocks(page: pathlib.Path) -> list[str]:
     return [b for b in shell_blocks(page) if not is_synopsis(b) and not is_test_suite(b)]
 
 
-def _runs_demo(page: pathlib.Path) -> bool:
-    return any(re.search(r"\bdrdo demo\b", c) for b in runnable_blocks(page) for c in commands(b))
-
-
 def _id(page: pathlib.Path) -> str:
     return page.relative_to(ROOT).as_posix()
 
@@ -94,6 +91,35 @@ def test_test_command_blocks_are_what_ci_runs():
 def test_the_marker_is_documented():
     text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
     assert f"first line is `{SYNOPSIS}`" in text and "tests/test_doc_commands.py" in text
+
+
+def _demo_commands() -> list[tuple[str, str]]:
+    """(page, command) of every `drdo demo` command the runnable blocks hold (`a && b` chains split)."""
+    found = []
+    for page in PAGES:
+        for block in runnable_blocks(page):
+            for line in commands(block):
+                parts = (part.strip() for part in line.split("&&"))
+                found += [(_id(page), part) for part in parts if part.startswith("drdo demo")]
+    return found
+
+
+def test_demo_commands_of_other_settings_write_to_other_directories(monkeypatch):
+    """Two documented demos of different settings never share an output directory: the second would be
+    refused (a demo of other settings is there), so a reader following the pages in order could not run it."""
+    import shlex
+
+    from drdo.cli import parse_args
+    from drdo.demo.run import _identity, settings_from_args
+
+    monkeypatch.chdir(ROOT)  # the commands name files relative to the repository root
+    by_dir: dict[str, tuple[str, str, dict]] = {}
+    for page, command in _demo_commands():
+        settings = settings_from_args(parse_args(shlex.split(command)[1:]))
+        seen = by_dir.setdefault(os.path.normpath(settings.output_dir), (page, command, _identity(settings)))
+        assert seen[2] == _identity(settings), (f"`{command}` ({page}) and `{seen[1]}` ({seen[0]}) write demos of "
+                                                f"other settings into {settings.output_dir}: give one --output-dir")
+    assert len(by_dir) >= 3, sorted(by_dir)  # the full demo, --quick and the variants, each in its own directory
 
 
 # ------------------------------------------------------------------------------------------ running the blocks
@@ -147,8 +173,8 @@ EXPECTED_FILES = {
 
 @pytest.mark.parametrize("page", [p for p in PAGES if runnable_blocks(p)], ids=_id)
 def test_page_commands_run_as_written(page, scratch):
-    if _runs_demo(page) and os.environ.get(LONG_ENV) != "all":
-        pytest.skip(f"{_id(page)} runs `drdo demo` (minutes); run it with {LONG_ENV}=all")
+    if os.environ.get(RUN_ENV) != "1":
+        pytest.skip(f"the shell blocks take minutes of CPU; run them with {RUN_ENV}=1")
     repo, env = scratch
     start = time.perf_counter()
     for index, block in enumerate(runnable_blocks(page), 1):
