@@ -485,8 +485,8 @@ def run_cell(s: DemoSettings, seed: int, noise: float, work: str, stages: _Stage
     policies, results = {"sft": sft}, {"sft": {"selected_lr": None, "sweep": {}}}
     for student in students(s):
         name, stage, _ = student
-        policies[name], results[name] = _sweep(s, student, data[stage], sft, work, seed, val_prompts, stages, tag,
-                                                    tally)
+        policies[name], results[name] = _sweep(s, student, data[stage], sft, work, seed, val_prompts, stages,
+                                               tag, tally)
 
     stages.step(f"{tag}: test generations")
     corr = _judge_test(s, policies, oracles[0], test_prompts, seed, work, results)
