@@ -167,3 +167,134 @@ def test_demo_with_two_variants_reports_them_beside_the_baselines(tmp_path):
     assert "`head-only`" in md and "`token-mean`: alpha=1, length_normalize=True" in md
     assert "## Paired differences" in md and "## Why DRDO moves" in md
     assert (out / "report.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------- training options of variants
+
+
+def test_variants_set_their_students_training_options(tmp_path):
+    from drdo.demo.run import _stage_config, lr_grid, student_steps, students
+
+    v = _variants_file(tmp_path, "- name: no-clip\n  max_grad_norm: 0\n"
+                                 "- name: long\n  steps: 200\n  lrs: [1.0e-4, 4.0e-4]\n  max_grad_norm: 10\n")
+    s = _parse("--variants", v)
+    by_name = {name: overrides for name, _, overrides in students(s)}
+    assert by_name["no-clip"] == {"max_grad_norm": 0.0}
+    assert by_name["long"] == {"steps": 200, "lrs": [1e-4, 4e-4], "max_grad_norm": 10.0}
+    assert student_steps(s, by_name["long"]) == 200 and student_steps(s, by_name["no-clip"]) == s.steps
+    assert lr_grid(s, "drdo", by_name["long"]) == pytest.approx([1e-4 * 100 / 200, 4e-4 * 100 / 200])
+    assert lr_grid(s, "drdo", by_name["no-clip"]) == lr_grid(s, "drdo")
+    config = _stage_config(s, "drdo", "d.jsonl", "out", model="tiny", steps=200, lr=1e-3, seed=0,
+                           drdo=by_name["long"])
+    assert config.max_grad_norm == 10.0 and config.max_steps == 200
+    assert _stage_config(s, "drdo", "d.jsonl", "out", model="tiny", steps=9, lr=1e-3, seed=0).max_grad_norm == 1.0
+
+
+@pytest.mark.parametrize("text, match", [
+    ("- name: a\n  max_grad_norm: -1\n", "variant 'a', key 'max_grad_norm': must be a finite number >= 0"),
+    ("- name: a\n  max_grad_norm: .nan\n", "variant 'a', key 'max_grad_norm'"),
+    ("- name: a\n  max_grad_norm: off\n", "variant 'a', key 'max_grad_norm'"),
+    ("- name: a\n  steps: 0\n", "variant 'a', key 'steps': must be an integer >= 1, got 0"),
+    ("- name: a\n  steps: 2.5\n", "variant 'a', key 'steps'"),
+    ("- name: a\n  lrs: 0.001\n", "variant 'a', key 'lrs': must be a non-empty list of positive numbers"),
+    ("- name: a\n  lrs: [0.001, -1]\n", "variant 'a', key 'lrs'"),
+    ("- name: a\n  lrs: []\n", "variant 'a', key 'lrs'"),
+])
+def test_bad_training_options_of_a_variant_raise_one_clear_error(tmp_path, text, match):
+    from drdo.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match.replace("(", r"\(")):
+        _parse("--variants", _variants_file(tmp_path, text))
+
+
+def test_committed_variants_hold_the_clipping_readings():
+    import pathlib
+
+    from drdo.demo.variants import load_variants
+
+    docs = pathlib.Path(__file__).resolve().parents[1] / "docs" / "demo"
+    every = {v["name"]: v for v in load_variants(str(docs / "variants.yaml"))}
+    clipping = load_variants(str(docs / "clipping.yaml"))
+    assert [v["name"] for v in clipping] == ["no-clip", "clip-10"]
+    assert all(every[v["name"]] == v for v in clipping)
+    assert [v["max_grad_norm"] for v in clipping] == [0.0, 10.0]
+
+
+def _fake_run(tmp_path, max_grad_norm, norms):
+    from drdo.run_record import RUN_FILE
+
+    run_dir = tmp_path / f"run{max_grad_norm:g}"
+    run_dir.mkdir()
+    (run_dir / RUN_FILE).write_text(json.dumps({"run_id": "x", "complete": True,
+                                                "config": {"stage": "drdo", "max_grad_norm": max_grad_norm}}))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "grad_norm": n}) + "\n"
+                                                   for i, n in enumerate(norms)))
+    return str(run_dir)
+
+
+def test_steps_clipped_counts_against_each_runs_own_limit(tmp_path):
+    from drdo.demo.run import training_summary
+
+    norms = [0.5, 2.0, 5.0, 20.0]
+    off, default, ten = (training_summary(_fake_run(tmp_path, limit, norms)) for limit in (0.0, 1.0, 10.0))
+    assert (off["clipped_share"], default["clipped_share"], ten["clipped_share"]) == (0.0, 0.75, 0.25)
+    from drdo.demo.report import clipped_text
+
+    assert (off["max_grad_norm"], ten["max_grad_norm"]) == (0.0, 10.0)
+    assert off["grad_norm_mean"] == pytest.approx(6.875)
+    assert clipped_text(off) == "off" and clipped_text(ten) == "25% (at 10)"
+
+
+def test_report_time_says_when_and_what_was_reused():
+    from drdo.demo.readme_table import readme_block
+    from drdo.demo.report import run_time_text
+
+    fresh = {"started_at": "2026-12-06T07:00:00+00:00", "elapsed_s": 684.2, "cpu_count": 2,
+             "training_runs": {"trained": 54, "reused": 0}}
+    cached = dict(fresh, elapsed_s=51.0, training_runs={"trained": 0, "reused": 54})
+    assert run_time_text(fresh) == ("started 2026-12-06T07:00:00+00:00, 684 s wall clock on a machine with 2 CPU "
+                                    "cores, all 54 training runs trained in this run")
+    assert "51 s" in run_time_text(cached) and "54 of 54 training runs reused" in run_time_text(cached)
+    assert "not the time of a whole demo" in run_time_text(cached)
+    undated = {"elapsed_s": 51.0, "cpu_count": 2}
+    assert "51" not in run_time_text(undated) and "no time is given" in run_time_text(undated)
+    report = json.loads((pathlib_root() / "docs" / "demo" / "report.json").read_text())
+    report["settings"].update(cached)
+    assert "54 of 54 training runs reused" in readme_block(report).splitlines()[0]
+
+
+def pathlib_root():
+    import pathlib
+
+    return pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_variant_training_options_end_to_end_and_a_rerun_reports_its_reuse(tmp_path):
+    """A test-sized run: the no-clip variant's run records max_grad_norm 0 and reports no clipped step,
+    the short variant trains its own steps at its own lr; a re-run reuses every training run and says so."""
+    from drdo.cli import main
+
+    v = _variants_file(tmp_path, "- name: no-clip\n  max_grad_norm: 0\n- name: short\n  steps: 2\n  lrs: [2.0e-4]\n")
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--noise", "0", "--steps", "3", "--sft-steps", "4", "--oracle-steps", "2",
+            "--train-pairs", "16", "--batch-size", "16", "--val-prompts", "4", "--test-prompts", "4",
+            "--max-new-tokens", "4", "--methods", "dpo", "--variants", v, "--workers", "1", "--output-dir", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    work = out / "work" / "seed0" / "noise0"
+    no_clip, short = (json.loads(next(work.glob(f"{n}_lr*")).joinpath("run.json").read_text())["config"]
+                      for n in ("no-clip", "short"))
+    assert no_clip["max_grad_norm"] == 0.0 and no_clip["max_steps"] == 3
+    assert short["max_grad_norm"] == 1.0 and short["max_steps"] == 2 and short["lr"] == pytest.approx(2e-4 * 100 / 2)
+    training = report["methods"]["no-clip"]["0.0"]["training"]
+    assert training["max_grad_norm"] == 0.0 and training["clipped_share"] == 0.0
+    assert report["methods"]["dpo"]["0.0"]["training"]["max_grad_norm"] == 1.0
+    runs = report["settings"]["training_runs"]
+    assert runs == {"trained": 1 + 3 + 3, "reused": 0} and report["settings"]["started_at"][:2] == "20"
+    md = (out / "report.md").read_text()
+    assert "| 0 | DRDO variant `no-clip` |" in md and "| off |" in md and "all 7 training runs trained" in md
+    assert main(argv) == 0  # the same settings again: every training run is reused, and the report says so
+    again = json.loads((out / "report.json").read_text())["settings"]
+    assert again["training_runs"] == {"trained": 0, "reused": 7}
+    assert "7 of 7 training runs reused" in (out / "report.md").read_text()

@@ -115,3 +115,54 @@ def test_the_loss_path_is_called_backend():
         mentions = re.findall(r"--kernel\b", text)
         assert not mentions or (page.name == "training.md" and len(mentions) == 1
                                 and "deprecated alias" in text), f"{page.name}: the flag is --backend"
+
+
+#: A measured time written by hand: "2 min 35 s", "25 s", "151 seconds", "3 minutes", "1 h".
+_TIME = re.compile(r"\b\d+(?:\.\d+)?\s*(?:s|secs?|seconds?|mins?|minutes?|h|hours?)\b")
+
+
+def _without_generated_blocks(text: str) -> str:
+    from drdo.demo.readme_table import END, START
+
+    return re.sub(re.escape(START) + ".*?" + re.escape(END), "", text, flags=re.S)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_no_hand_written_times(page):
+    """Times are measured and dated by the run that wrote them (a demo's report, the README's generated
+    table), never written by hand: a hand-written time goes stale with the code and the machine."""
+    found = _TIME.findall(_without_generated_blocks(_text(page)))
+    assert not found, f"{page.name} states a time by hand ({found[0]!r}); quote a dated, generated report instead"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"]], ids=["drdo", "drdo demo"])
+def test_help_states_no_time(argv, capsys):
+    from drdo.cli import main
+
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+    out = " ".join(capsys.readouterr().out.split())
+    assert "demo" in out and not _TIME.findall(out), _TIME.findall(out)
+
+
+def test_shipped_sample_is_the_letters_task_and_fits_the_defaults():
+    """docs/examples/ holds what docs/training.md says: 64 pairs of build_preference_pairs(64, seed=0), at least one
+    default batch, and held-out prompts of the same task."""
+    import json
+
+    from drdo.config import TrainConfig
+    from drdo.demo.bradley_terry import build_preference_pairs
+    from drdo.demo.synthetic import true_rewards
+
+    def rows(name):
+        return [json.loads(line) for line in (DOCS / "examples" / name).read_text(encoding="utf-8").splitlines()]
+
+    pairs, prompts = rows("prefs.jsonl"), rows("prompts.jsonl")
+    expected = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in build_preference_pairs(64, seed=0)]
+    assert pairs == expected and len(pairs) >= TrainConfig().batch_size
+    assert "build_preference_pairs(64, seed=0)" in " ".join(_text(DOCS / "training.md").split())
+    held_out = [p["prompt"] for p in prompts]
+    assert len(set(held_out)) == len(held_out) >= 8 and not set(held_out) & {p["prompt"] for p in pairs}
+    assert all(0.0 <= r <= 1.0 for r in true_rewards(held_out, ["x"] * len(held_out)))

@@ -1,4 +1,4 @@
-"""README figures that cannot go stale: the demo table and figure, the demo's time; and the README's length."""
+"""README figures that cannot go stale: the demo table and figure; and the README's length."""
 from __future__ import annotations
 
 import json
@@ -53,14 +53,6 @@ def test_update_rewrites_only_the_block_and_copies_report_and_plot(tmp_path):
     assert (tmp_path / "docs" / "demo.png").read_bytes() == b"png"
     with pytest.raises(ValueError, match="markers"):
         replace_block("no markers here", block)
-
-
-def test_readme_and_demo_help_give_the_same_time(capsys):
-    from drdo.cli import DEMO_TIME, main
-
-    assert main(["demo", "--help"]) == 0
-    assert DEMO_TIME in " ".join(capsys.readouterr().out.split())
-    assert f"drdo demo                 # {DEMO_TIME}" in README
 
 
 def test_readme_is_a_short_page():

@@ -16,7 +16,7 @@ import shutil
 import sys
 
 from drdo.atomic import atomic_write, write_text
-from drdo.demo.report import LABELS, METHODS, inflation_text, noise_key
+from drdo.demo.report import LABELS, METHODS, inflation_text, noise_key, run_time_text
 
 __all__ = ["START", "END", "COMMITTED_REPORT", "COMMITTED_PLOT", "readme_block", "current_block",
            "replace_block", "update"]
@@ -34,8 +34,7 @@ def _run_line(settings: dict) -> str:
     noise = ", ".join(f"{n:g}" for n in settings["noise"])
     return (f"From `{COMMITTED_REPORT}`, written by `{command}` (model `{settings['model']}`, {seeds} seed(s), "
             f"noise {noise}, {settings['train_pairs']} training pairs and {settings['test_prompts']} test prompts "
-            f"per seed, {settings['steps']} student steps; {settings['elapsed_s']:.0f} s on "
-            f"{settings['cpu_count']} CPU cores):")
+            f"per seed, {settings['steps']} student steps; {run_time_text(settings)}):")
 
 
 def readme_block(report: dict) -> str:

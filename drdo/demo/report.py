@@ -36,7 +36,7 @@ from drdo.atomic import save_figure, write_text
 from drdo.losses import DRDOSpec
 
 __all__ = ["METHODS", "LABELS", "ci95_halfwidth", "summarize", "write_report_json", "write_report_md", "plot_report",
-           "noise_key", "students", "label", "inflation_text"]
+           "noise_key", "students", "label", "inflation_text", "clipped_text", "run_time_text"]
 
 METHODS = ("sft", "drdo", "dpo", "edpo")
 LABELS = {"sft": "SFT (start)", "drdo": "DRDO", "dpo": "DPO", "edpo": "e-DPO (K=3)"}
@@ -243,8 +243,9 @@ def _variants_text(report: dict) -> list[str]:
     s = report["settings"]
     lines = ["", "## DRDO variants", "",
              f"Each variant is the demo's DRDO (alpha {s['alpha']:g}, gamma {s['gamma']:g}, reward head, "
-             f"reward_grad backbone, summed log-probs) with these changes, trained from the same SFT start on the "
-             f"same Oracle scores with DRDO's lr grid:", ""]
+             f"reward_grad backbone, summed log-probs) with these changes, trained from "
+             f"the same SFT start on the same Oracle scores with DRDO's lr grid and {s['steps']} steps unless it sets "
+             f"its own `lrs` (given at {s.get('lr_ref_steps', 100)} steps) or `steps`:", ""]
     lines += [f"- `{spec['name']}`: {describe(spec)}" for spec in specs]
     return lines
 
@@ -276,8 +277,9 @@ def _diagnostics_table(report: dict) -> list[str]:
     lines = ["", "## Why DRDO moves or does not (training readings of the selected runs)", "",
              f"Means over the logged steps (every {report['settings'].get('diagnostics_every', '?')} steps) and "
              "over seeds; `drdo/training/diagnostics.py` defines each reading. Gradient norms are those of "
-             "the batch-mean loss on the LM parameters (every parameter but the reward head), before clipping "
-             "at 1.", "",
+             "the batch-mean loss on the LM parameters (every parameter but the reward head), before clipping; "
+             "a step is clipped when its total norm exceeds its run's own limit (`max_grad_norm`, in the "
+             "column's brackets; 'off': no clipping).", "",
              "| noise | method | " + " | ".join(title for _, title, _ in DIAG_COLUMNS)
              + " | total grad norm | steps clipped |",
              "|---|---|" + "---|" * (len(DIAG_COLUMNS) + 2)]
@@ -287,9 +289,33 @@ def _diagnostics_table(report: dict) -> list[str]:
             if not t:
                 continue
             cells = [format(t[k], f) if k in t else "-" for k, _, f in DIAG_COLUMNS]
-            cells += [f"{t['grad_norm_mean']:.2f}", f"{t['clipped_share']:.0%}"]
+            cells += [f"{t['grad_norm_mean']:.2f}", clipped_text(t)]
             lines.append(f"| {n:g} | {label(report, m)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def clipped_text(training: dict) -> str:
+    """'97% (at 1)', or 'off' for a run without clipping; a summary without its limit (written before the
+    demo recorded it) shows the share alone."""
+    limit = training.get("max_grad_norm")
+    if limit is None:
+        return f"{training['clipped_share']:.0%}"
+    return "off" if limit == 0 else f"{training['clipped_share']:.0%} (at {limit:g})"
+
+
+def run_time_text(settings: dict) -> str:
+    """When the demo ran and how long it took, and how many of its training runs it reused from an earlier
+    run into the same directory (then the time is not that of a whole demo). A report written before
+    the demo recorded its start and its reused runs gives no time: it cannot say what the time measured."""
+    if "started_at" not in settings or "training_runs" not in settings:
+        return "the report records neither its date nor which training runs it reused, so no time is given"
+    runs = settings["training_runs"]
+    total = runs["trained"] + runs["reused"]
+    reuse = (f"all {total} training runs trained in this run" if not runs["reused"] else
+             f"{runs['reused']} of {total} training runs reused from an earlier run into the same directory, "
+             "so this is not the time of a whole demo")
+    return (f"started {settings['started_at']}, {settings['elapsed_s']:.0f} s wall clock on a machine with "
+            f"{settings.get('cpu_count', '?')} CPU cores, {reuse}")
 
 
 def write_report_md(report: dict, path: str, *, plot_name: str | None = None) -> str:
@@ -331,6 +357,8 @@ def write_report_md(report: dict, path: str, *, plot_name: str | None = None) ->
     grids = s.get("lr_grids", {})
     grid_text = "; ".join(f"{LABELS[m]} {{{', '.join(f'{lr:.3g}' for lr in grids[m])}}}" for m in grids
                           if any(stage == m for _, stage in students(report)))
+    own = (" (a DRDO variant that sets its own `steps` or `lrs` trains with those)"
+           if any("steps" in v or "lrs" in v for v in s.get("variant_specs") or []) else "")
     lines += [
         "",
         "## How it was run",
@@ -343,7 +371,7 @@ def write_report_md(report: dict, path: str, *, plot_name: str | None = None) ->
         f"DRDO (Eq. 6, alpha {s['alpha']:g}, gamma {s['gamma']:g}, reward head, distils Oracle 1), "
         f"DPO (beta {s['beta']:g}, reference = SFT) and e-DPO (beta {s['beta']:g}, pessimistic over the 3 Oracles); "
         f"ran here: {', '.join(label(report, m) for m in names)}.",
-        f"- Same budget for every student: {s['steps']} steps of {s['batch_size']} pairs. Learning rates: each "
+        f"- Same budget for every student: {s['steps']} steps of {s['batch_size']} pairs{own}. Learning rates: each "
         f"method's grid is given at {s.get('lr_ref_steps', 100)} steps and scaled by "
         f"{s.get('lr_ref_steps', 100)}/{s['steps']}: {grid_text or '-'}; the lr with the highest mean r_true of "
         f"samples on {s['val_prompts']} validation prompts (disjoint from the test prompts) is kept, per student, "
@@ -351,8 +379,8 @@ def write_report_md(report: dict, path: str, *, plot_name: str | None = None) ->
         f"- Generation: one sample per prompt, temperature {s['temperature']:g}, at most {s['max_new_tokens']} "
         f"new tokens. True reward = r_true of the sample; Oracle-judged = Oracle 1's score of the same sample.",
         f"- Interval: {ci_text}.",
-        f"- Time: {s.get('elapsed_s', float('nan')):.0f} s wall clock ({s.get('workers', 1)} worker process(es) x "
-        f"{s.get('threads', 1)} thread(s); the machine had {s.get('cpu_count', '?')} CPU cores).",
+        f"- Time: {run_time_text(s)} ({s.get('workers', 1)} worker process(es) x {s.get('threads', 1)} "
+        f"thread(s)).",
     ]
     if plot_name:
         lines += ["", f"![true reward vs noise]({plot_name})"]

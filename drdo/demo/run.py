@@ -1,4 +1,4 @@
-"""``drdo demo``: a controlled noisy-preference study with a KNOWN true reward, on CPU, in minutes.
+"""``drdo demo``: a controlled noisy-preference study with a KNOWN true reward, on a CPU.
 
 For every seed and every label-noise level (flip rate):
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -215,12 +216,12 @@ def _check_stages(s: DemoSettings) -> None:
     from drdo.config import resolve
 
     runs = [("SFT", "sft", s.sft_lr, {}), ("the Oracles", "oracle", s.oracle_lr, {})]
-    runs += [(f"the {name} student at lr {lr:g} (its grid x --lr-ref-steps / --steps)", stage, lr, overrides)
-             for name, stage, overrides in students(s) for lr in lr_grid(s, stage)]
+    runs += [(f"the {name} student at lr {lr:g} (its grid x --lr-ref-steps / its steps)", stage, lr, overrides)
+             for name, stage, overrides in students(s) for lr in lr_grid(s, stage, overrides)]
     for what, stage, lr, overrides in runs:
         try:
-            resolve(_stage_config(s, stage, "data.jsonl", s.output_dir, model=s.model, steps=s.steps, lr=lr, seed=0,
-                                  drdo=overrides))
+            resolve(_stage_config(s, stage, "data.jsonl", s.output_dir, model=s.model,
+                                  steps=student_steps(s, overrides), lr=lr, seed=0, drdo=overrides))
         except ConfigError as e:
             raise ConfigError(f"{what}: {e}") from None
 
@@ -234,10 +235,16 @@ def students(s: DemoSettings) -> list[tuple[str, str, dict]]:
     return out + [(m, m, {}) for m in ("dpo", "edpo") if m in s.methods]
 
 
-def lr_grid(s: DemoSettings, stage: str) -> list[float]:
-    """The learning rates a ``stage`` student tries: its grid (or --lrs) x lr_ref_steps / steps."""
-    base = getattr(s, f"{stage}_lrs") or s.lrs
-    return [lr * s.lr_ref_steps / s.steps for lr in base]
+def student_steps(s: DemoSettings, overrides: dict | None = None) -> int:
+    """Optimizer steps of a student: its variant's ``steps``, else --steps."""
+    return (overrides or {}).get("steps", s.steps)
+
+
+def lr_grid(s: DemoSettings, stage: str, overrides: dict | None = None) -> list[float]:
+    """The learning rates a ``stage`` student tries: its variant's ``lrs``, else its method's grid (or --lrs),
+    x lr_ref_steps / its steps (:func:`student_steps`)."""
+    base = (overrides or {}).get("lrs") or getattr(s, f"{stage}_lrs") or s.lrs
+    return [lr * s.lr_ref_steps / student_steps(s, overrides) for lr in base]
 
 
 # ----------------------------------------------------------------------------- data
@@ -281,14 +288,19 @@ def _single_oracle_file(scored: str, path: str) -> str:
 
 def _stage_config(s: DemoSettings, stage: str, data: str, out: str, *, model: str, steps: int, lr: float, seed: int,
                   drdo: dict | None = None):
-    """The TrainConfig of one stage; ``drdo``: overrides of a DRDO variant (see :mod:`drdo.demo.variants`)."""
+    """The TrainConfig of one stage; ``drdo``: overrides of a DRDO variant (see :mod:`drdo.demo.variants`:
+    its loss keys and ``max_grad_norm`` go into the config; its ``lrs`` and ``steps`` arrive as ``lr`` and
+    ``steps``)."""
     from drdo.config import fields_for
+    from drdo.demo.variants import spec_overrides
 
     stage_fields = {f.name for f in fields_for(TrainConfig, (stage,))}
     shared = {name: getattr(s, name) for name in TRAINING_FIELDS if name in stage_fields}
     if stage == "drdo":
         shared.pop("beta", None)  # the demo's --beta is DPO's; a DRDO variant sets its own
-        shared.update(drdo or {})
+        shared.update(spec_overrides(drdo or {}))
+        if "max_grad_norm" in (drdo or {}):
+            shared["max_grad_norm"] = drdo["max_grad_norm"]
     return TrainConfig(
         stage=stage, model=model, data=data, output_dir=out, overwrite=s.overwrite, max_steps=steps,
         micro_batch_size=s.batch_size, lr=lr, warmup_ratio=0.1, max_length=MAX_LENGTH,
@@ -296,13 +308,15 @@ def _stage_config(s: DemoSettings, stage: str, data: str, out: str, *, model: st
     )
 
 
-def _train(s: DemoSettings, stage: str, data: str, out: str, **kwargs) -> str:
-    """Train one stage (:func:`_stage_config`); a run already complete in ``out`` is kept."""
+def _train(s: DemoSettings, stage: str, data: str, out: str, tally: dict, **kwargs) -> str:
+    """Train one stage (:func:`_stage_config`); a run already complete in ``out`` is kept. Counts the
+    run in ``tally["trained"]`` or, when it was kept, ``tally["reused"]``."""
     from drdo.training.loop import train
 
     result = train(_stage_config(s, stage, data, out, **kwargs))
     if result.get("status") not in ("completed", "finished"):
         raise RuntimeError(f"{stage} training in {out} did not complete: {result.get('status')}")
+    tally["reused" if result["status"] == "finished" else "trained"] += 1
     return out
 
 
@@ -327,7 +341,7 @@ def _pearson(a: list[float], b: list[float]) -> float:
 
 def _stages_per_cell(s: DemoSettings) -> int:
     """Ticks of the outer progress bar per cell (see :func:`run_cell`)."""
-    return 1 + 1 + K_ORACLES + 1 + sum(len(lr_grid(s, stage)) for _, stage, _ in students(s)) + 1
+    return 1 + 1 + K_ORACLES + 1 + sum(len(lr_grid(s, stage, o)) for _, stage, o in students(s)) + 1
 
 
 class _Stages:
@@ -372,19 +386,19 @@ def _oracle_data(s: DemoSettings, work: str, sft: str, oracles: list[str], pairs
 
 
 def _sweep(s: DemoSettings, student: tuple, data: str, start: str, work: str, seed: int, val_prompts: list[str],
-           stages: "_Stages", tag: str) -> tuple[str, dict]:
+           stages: "_Stages", tag: str, tally: dict) -> tuple[str, dict]:
     """Train a student (name, stage, overrides) once per lr of its grid; keep the lr whose samples on the
     validation prompts have the highest mean r_true. Returns (selected policy dir,
     {"selected_lr", "sweep": {lr: value}, "training": summary of its metrics.jsonl})."""
     from drdo.demo.synthetic import true_rewards
 
     name, stage, overrides = student
-    lrs = lr_grid(s, stage)
+    lrs = lr_grid(s, stage, overrides)
     sweep, best = {}, None
     for lr in lrs:
         stages.step(f"{tag}: {name} lr {lr:g}")
-        out = _train(s, stage, data, os.path.join(work, f"{name}_lr{lr:g}"), model=start, steps=s.steps, lr=lr,
-                     seed=seed, drdo=overrides)
+        out = _train(s, stage, data, os.path.join(work, f"{name}_lr{lr:g}"), tally, model=start,
+                     steps=student_steps(s, overrides), lr=lr, seed=seed, drdo=overrides)
         val = 0.0
         if len(lrs) > 1:  # a sweep of one needs no validation
             val = _mean(true_rewards(val_prompts, _generate(s, out, val_prompts, seed=seed + 7)))
@@ -395,15 +409,22 @@ def _sweep(s: DemoSettings, student: tuple, data: str, start: str, work: str, se
     return best[2], {"selected_lr": best[1], "sweep": sweep, "training": training_summary(best[2])}
 
 
-def training_summary(run_dir: str, max_grad_norm: float = 1.0) -> dict:
-    """From a run's metrics.jsonl: mean total grad norm (before clipping), the share of steps clipped
-    (norm > ``max_grad_norm``, the training default) and the mean of every ``diag_*`` reading over
-    the steps that logged it (DRDO; see :mod:`drdo.training.diagnostics`)."""
+def training_summary(run_dir: str) -> dict:
+    """From a finished run's record and metrics.jsonl: its clipping limit ``max_grad_norm`` (its own
+    run.json; 0: no clipping), mean total grad norm (before clipping), the share of steps clipped
+    (norm > that limit; 0 without clipping) and the mean of every ``diag_*`` reading over the steps
+    that logged it (DRDO; see :mod:`drdo.training.diagnostics`)."""
+    from drdo.run_record import RUN_FILE, read_run_file
     from drdo.training.metrics import read_metrics
 
+    run = read_run_file(os.path.join(run_dir, RUN_FILE))
+    if run is None or "max_grad_norm" not in run["config"]:
+        raise RuntimeError(f"{run_dir} holds no run record with its max_grad_norm ({RUN_FILE})")
+    limit = float(run["config"]["max_grad_norm"])
     rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     norms = [r["grad_norm"] for r in rows]
-    out = {"grad_norm_mean": _mean(norms), "clipped_share": _mean([float(n > max_grad_norm) for n in norms])}
+    clipped = [float(limit > 0 and n > limit) for n in norms]
+    out = {"max_grad_norm": limit, "grad_norm_mean": _mean(norms), "clipped_share": _mean(clipped)}
     for key in sorted({k for r in rows for k in r if k.startswith("diag_")}):
         out[key] = _mean([r[key] for r in rows if key in r])
     return out
@@ -444,14 +465,16 @@ def run_cell(s: DemoSettings, seed: int, noise: float, work: str, stages: _Stage
     val_prompts, test_prompts = _split_prompts(seed, s.val_prompts, s.test_prompts, {r["prompt"] for r in rows})
     stages.done()
 
+    tally = {"trained": 0, "reused": 0}
     stages.step(f"{tag}: SFT")
-    sft = _train(s, "sft", pairs, os.path.join(work, "sft"), model=s.model, steps=s.sft_steps, lr=s.sft_lr, seed=seed)
+    sft = _train(s, "sft", pairs, os.path.join(work, "sft"), tally, model=s.model, steps=s.sft_steps, lr=s.sft_lr,
+                 seed=seed)
     stages.done()
 
     oracles = []
     for k in range(K_ORACLES):
         stages.step(f"{tag}: Oracle {k + 1}/{K_ORACLES}")
-        oracles.append(_train(s, "oracle", pairs, os.path.join(work, f"oracle{k + 1}"), model=sft,
+        oracles.append(_train(s, "oracle", pairs, os.path.join(work, f"oracle{k + 1}"), tally, model=sft,
                               steps=s.oracle_steps, lr=s.oracle_lr, seed=1000 * seed + k))
         stages.done()
 
@@ -462,13 +485,14 @@ def run_cell(s: DemoSettings, seed: int, noise: float, work: str, stages: _Stage
     policies, results = {"sft": sft}, {"sft": {"selected_lr": None, "sweep": {}}}
     for student in students(s):
         name, stage, _ = student
-        policies[name], results[name] = _sweep(s, student, data[stage], sft, work, seed, val_prompts, stages, tag)
+        policies[name], results[name] = _sweep(s, student, data[stage], sft, work, seed, val_prompts, stages,
+                                               tag, tally)
 
     stages.step(f"{tag}: test generations")
     corr = _judge_test(s, policies, oracles[0], test_prompts, seed, work, results)
     stages.done()
     return {"seed": seed, "noise": noise, "methods": results, "oracle_true_corr": corr,
-            "label_agreement": _mean([float(r["agrees"]) for r in rows])}
+            "label_agreement": _mean([float(r["agrees"]) for r in rows]), "training_runs": tally}
 
 
 def _run_serial(s: DemoSettings, jobs: list, bar) -> list[dict]:
@@ -556,7 +580,7 @@ def run_demo(s: DemoSettings) -> int:
     """Run the demo with settings (:func:`settings_from_args`); writes the report; returns 0."""
     from drdo.demo.report import plot_report, summarize, write_report_json, write_report_md
 
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)
     _claim_output_dir(s)
     jobs = [(seed, noise, os.path.join(s.output_dir, "work", f"seed{seed}", f"noise{noise:g}"))
             for seed in s.seeds for noise in s.noise]
@@ -578,8 +602,10 @@ def run_demo(s: DemoSettings) -> int:
     settings["students"] = [[name, stage] for name, stage, _ in students(s)]
     settings["variant_specs"] = [{"name": name, **o} for name, stage, o in students(s) if o or name != stage]
     settings["lr_grids"] = {stage: lr_grid(s, stage) for stage in METHODS}
+    settings["started_at"] = started_at.isoformat(timespec="seconds")
     settings["elapsed_s"] = time.perf_counter() - start
     settings["cpu_count"] = os.cpu_count()
+    settings["training_runs"] = {k: sum(c["training_runs"][k] for c in cells) for k in ("trained", "reused")}
     report = summarize(cells, settings)
     write_text(os.path.join(s.output_dir, "cells.json"), json.dumps(cells))
     write_report_json(report, os.path.join(s.output_dir, "report.json"))
