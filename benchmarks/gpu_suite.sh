@@ -157,7 +157,7 @@ stages() {  # the five stages, printed or run according to MODE
     run 50 python3 benchmarks/bench_train.py --device "$DEV" "${TRAIN[@]}" --methods ours_auto,trl_dpo_fused \
       --output "$work"
     run 90 python3 benchmarks/bench_train.py --device "$DEV" "${TRAIN[@]}" --append --output "$work" \
-      --methods ours_chunked,ours_triton,full_logits,trl_dpo,trl_dpo_liger,cce
+      --methods ours_chunked,ours_triton,naive,trl_dpo,trl_dpo_liger,cce
   fi
   if stage 5 padding 40; then
     run 40 python3 benchmarks/bench_padding_free.py --device "$DEV" "${PADDING[@]}" --output "$work"

@@ -97,16 +97,16 @@ def test_triton_backend_is_skipped_with_reason_on_cpu_without_interpreter():
 def test_train_smoke_and_max_batch(tmp_path: Path):
     out = bench_train.main(["--device", "cpu", "--quick", "--no-isolate", "--V", "512", "--H", "32", "--heads", "2",
                             "--T", "16", "--B", "1", "--threads", "1", "--min-run-time", "0.01",
-                            "--methods", "ours_torch,full_logits,trl_dpo_fused,trl_dpo_liger",
+                            "--methods", "ours_torch,naive,trl_dpo_fused,trl_dpo_liger",
                             "--output", str(tmp_path)])
     rows = read_csv(out / "train.csv")
-    _check_rows([dict(r, tflops="1") for r in rows], {"ours_torch", "full_logits"})  # no FLOP count for a step
+    _check_rows([dict(r, tflops="1") for r in rows], {"ours_torch", "naive"})  # no FLOP count for a step
     assert all(float(r["tokens_per_s"]) > 0 for r in rows if r["status"] == "ok")
     liger = [r for r in rows if r["method"] == "trl_dpo_liger"]
     assert liger[0]["status"] == "skipped" and "CUDA" in liger[0]["note"]
     fused = [r for r in rows if r["method"] == "trl_dpo_fused"][0]
     assert fused["status"] == ("skipped" if peers.trl_kernels_reason() else "ok"), fused
-    ctx = dict(method="full_logits", device="cpu", dtype="fp32", V=256, H=32, layers=1, heads=2, T=16, seed=0,
+    ctx = dict(method="naive", device="cpu", dtype="fp32", V=256, H=32, layers=1, heads=2, T=16, seed=0,
                quick=True, threads=1, min_run_time=0.01, interpret=False)
     found = bench_train.max_batch(ctx, budget_mb=1e6, limit=2, isolate=False, timeout=60)
     assert found["status"] == "ok" and found["max_batch_pairs"] == 2
@@ -159,6 +159,38 @@ def test_new_methods_are_listed():
     assert {"ours_chunked", "trl_dpo_fused", "trl_dpo", "trl_dpo_liger"} <= set(bench_train.METHODS)
     reason = peers.baseline_reason(dict(device="cpu"), "torch")
     assert reason and "--baseline" in reason
+
+
+def _named_methods(script: str) -> set[str]:
+    """The method names a shell script passes (``--methods a,b`` and ``*METHODS=a,b``)."""
+    import re
+
+    found = re.findall(r"(?:--methods\s+\"?|METHODS=)([a-z_0-9,]+)", script)
+    return {name for group in found for name in group.split(",") if name}
+
+
+def test_every_method_is_named_once_in_the_registry():
+    """The benchmarks, the work model, the analytic model, the scripts and the README use the
+    registry's names, and each benchmark runs exactly the registry's methods for it."""
+    from benchmarks import methods, model, trl_train
+
+    for bench, module in (("logprobs", bench_logprobs), ("loss", bench_loss)):
+        assert tuple(module.METHODS) == methods.names(bench)
+        assert all(m.name == name and m.kind == methods.family(name) for name, m in module.METHODS.items())
+        assert set(work.WORK[bench]) == set(methods.names(bench))
+        assert {m.name for m in model.methods(bench, 1024, 64, 1000, 256)} <= set(methods.REGISTRY)
+    assert sorted(bench_train.METHODS) == sorted(methods.names("train"))
+    assert set(trl_train.METHODS) <= set(methods.names("train"))
+    for script in ("gpu_suite.sh", "run_cpu.sh"):
+        named = _named_methods((ROOT / "benchmarks" / script).read_text())
+        assert named <= set(methods.REGISTRY), f"{script} names unregistered methods {named - set(methods.REGISTRY)}"
+    readme = (ROOT / "benchmarks" / "README.md").read_text().split("## Methods", 1)[1].split("\n## ", 1)[0]
+    listed = [line.split("|")[1].strip().strip("`") for line in readme.splitlines() if line.startswith("| `")]
+    assert sorted(listed) == sorted(methods.REGISTRY), "benchmarks/README.md's Methods table: one row per method"
+    assert {"ours_auto", "ours_chunked", "ours_torch", "ours_triton", "naive", "torch_lce", "liger_flce",
+            "liger_flce_cutedsl", "cce", "trl_chunked", "trl_logprob_entropy"} <= set(methods.REGISTRY)
+    with pytest.raises(ValueError, match="'nope'"):
+        methods.spec_of("nope")
 
 
 @pytest.mark.skipif(peers.trl_kernels_reason() is not None, reason="trl >= 1.16 not installed")
