@@ -1,8 +1,8 @@
 """Benchmark: per-token log-probs of an LM head, log_softmax(hidden @ weight.T)[labels].
 
 Methods (the names of benchmarks.methods.REGISTRY that run here; all return logp [N] float32; their
-backward takes a random upstream gradient [N]; the logits follow --logits, benchmarks.common.LOGIT_REGIMES; ours and base pass --filter-eps, which only the Triton
-backend uses):
+backward takes a random upstream gradient [N]; the logits follow --logits, benchmarks.common.LOGIT_REGIMES;
+ours and base pass --filter-eps, which only the Triton backend uses):
   ours_triton        drdo_kernels.fused_linear_logprobs(backend="triton")  (CUDA, or TRITON_INTERPRET=1)
   ours_chunked       drdo_kernels.fused_linear_logprobs(backend="chunked") (cuBLAS logits chunks + Triton fold)
   ours_torch         drdo_kernels.fused_linear_logprobs(backend="torch")   (chunked PyTorch)

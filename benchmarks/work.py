@@ -45,7 +45,7 @@ def chunk_tokens(ctx: dict) -> int:
 
 
 def pair_path(ctx: dict) -> str:
-    """Our chunked pair losses: one pass if a pair's tokens (2T, with T from benchmarks.heads.rows_and_len) fit a chunk."""
+    """Our chunked pair losses: one pass if a pair's tokens (2T, T from benchmarks.heads.rows_and_len) fit a chunk."""
     from benchmarks.heads import rows_and_len
 
     pair_tokens = 2 * rows_and_len(ctx)[1] * (1.0 - float(ctx.get("ignore_frac", 0.0)))
