@@ -486,3 +486,40 @@ def test_trl_trainer_hashes_no_weights():
     with unhashed_reference_cache():
         keys = {dpo_trainer.hash_module(torch.nn.Linear(2, 2)) for _ in range(2)}
     assert len(keys) == 2 and dpo_trainer.hash_module is saved
+
+
+CPU_RUN = ROOT / "benchmarks" / "results" / "2026-12-06-cpu"
+
+
+def test_docs_cpu_table_is_generated_from_the_committed_csv():
+    """docs/kernels.md's CPU table is what benchmarks.docs_table makes of the committed run, and in that
+    run ours_auto is the fastest of ours, naive full logits and torch's linear_cross_entropy, paired too."""
+    from benchmarks import docs_table
+
+    text = docs_table.DOC.read_text(encoding="utf-8")
+    assert docs_table.render(text, CPU_RUN) == text, "run: python -m benchmarks.docs_table " + str(CPU_RUN)
+    rows = {r["method"]: r for r in read_csv(CPU_RUN / "loss.csv") if r["status"] == "ok"}
+    auto = float(rows["ours_auto"]["median_ms"])
+    assert auto < float(rows["naive"]["median_ms"]) and auto < float(rows["torch_lce"]["median_ms"])
+    assert float(rows["ours_auto"]["peak_mem_mb"]) < float(rows["naive"]["peak_mem_mb"])
+    for path in (CPU_RUN / "paired_loss.csv", CPU_RUN / "found_case" / "paired_loss.csv"):
+        paired = {r["peer"]: r for r in read_csv(path)}
+        for peer in ("naive", "torch_lce"):
+            assert float(paired[peer]["ratio_median"]) < 1 and int(paired[peer]["rounds"]) >= 5, (path, peer)
+
+
+def test_docs_table_lists_every_method_with_its_status(tmp_path: Path):
+    from benchmarks import docs_table
+    from benchmarks.common import write_csv
+
+    base = dict(bench="loss", device="cpu", dtype="fp32", N=64, H=8, V=100, mode="fwd+bwd", note="")
+    write_csv([dict(base, method="naive", median_ms=2000.0, peak_mem_mb=50.0, status="ok"),
+               dict(base, method="ours_auto", median_ms=1500.0, peak_mem_mb=10.0, status="ok"),
+               dict(base, method="cce", status="skipped", note="first call raised RuntimeError: no | driver")],
+              tmp_path / "loss.csv")
+    table = docs_table.table(tmp_path).splitlines()
+    assert table[2] == "| `ours_auto` | 1.50 s | 0.75× | 10 MB | – |"
+    assert table[3] == "| `naive` | 2.00 s | 1.00× | 50 MB | – |"
+    assert table[4].startswith("| `cce` | skipped: first call raised RuntimeError: no / driver |")
+    with pytest.raises(ValueError, match="no <!-- cpu-loss-table -->"):
+        docs_table.render("no markers", tmp_path)

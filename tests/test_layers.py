@@ -40,7 +40,7 @@ LAYERS = (
     ("benchmarks.heads", "benchmarks.peers"),
     ("benchmarks.work", "benchmarks.measure"),
     ("benchmarks.model",),
-    ("benchmarks.report",),
+    ("benchmarks.report", "benchmarks.docs_table"),
     ("benchmarks.runner", "benchmarks.trl_train"),
     ("benchmarks.bench_logprobs", "benchmarks.bench_loss", "benchmarks.bench_padding_free", "benchmarks.paired"),
     ("benchmarks.bench_train", "benchmarks.profile_loss", "benchmarks.dry_run"),
