@@ -323,10 +323,13 @@ _CPU = dict(device="cpu", dtype="fp32", seed=0, H=16, V=32768, ignore_frac=0.0, 
             logits="std2", margins="close", filter_eps=0.0)
 
 
-@pytest.mark.parametrize("seq_len, pairs_fit", [(32, True), (128, False)])  # chunks of 128 tokens on CPU at V=32768
-def test_work_table_matches_the_gemms_each_loss_runs(seq_len, pairs_fit):
+@pytest.mark.parametrize("seq_len, pairs_fit", [(32, True), (128, False)])  # chunks of 128 tokens at V=32768
+def test_work_table_matches_the_gemms_each_loss_runs(seq_len, pairs_fit, monkeypatch):
     """The work model counts the GEMMs the code runs: our pair losses 6 NHV in the forward when a pair fits a
     chunk, 8 NHV (two passes) when it does not; naive 2 + 4; TRL's fused head 2 + 6."""
+    from drdo_kernels import logprobs_chunked
+
+    monkeypatch.setitem(logprobs_chunked.CHUNK_BUDGET_BYTES, "cpu", 16 << 20)  # 128 rows of V=32768 fp32
     ctx = dict(_CPU, N=4 * seq_len, seq_len=seq_len)
     assert work.chunk_tokens(ctx) == 128
     assert work.pair_path(ctx) == ("grads_in_forward" if pairs_fit else "two_pass_in_forward")
@@ -523,3 +526,12 @@ def test_docs_table_lists_every_method_with_its_status(tmp_path: Path):
     assert table[4].startswith("| `cce` | skipped: first call raised RuntimeError: no / driver |")
     with pytest.raises(ValueError, match="no <!-- cpu-loss-table -->"):
         docs_table.render("no markers", tmp_path)
+
+
+def test_append_replaces_a_method_measured_again(tmp_path: Path):
+    """--append keeps the other methods' rows and replaces those of a method measured again at a point."""
+    args = FAST + ["--shapes", "64x16x256", "--seq-len", "16", "--no-plots", "--output", str(tmp_path)]
+    bench_loss.main(args + ["--methods", "ours_torch,naive"])
+    bench_loss.main(args + ["--methods", "naive", "--append"])
+    rows = read_csv(tmp_path / "loss.csv")
+    assert sorted(r["method"] for r in rows) == ["naive", "ours_torch"]
