@@ -1,19 +1,21 @@
 """Benchmark: per-token log-probs of an LM head, log_softmax(hidden @ weight.T)[labels].
 
-Methods (all return logp [N] float32; their backward takes a random upstream gradient [N]; the logits
-follow --logits, benchmarks.heads.LOGIT_REGIMES; ours and base pass --filter-eps, which only the Triton
-backend uses):
+Methods (the names of benchmarks.methods.REGISTRY that run here; all return logp [N] float32; their
+backward takes a random upstream gradient [N]; the logits follow --logits, benchmarks.common.LOGIT_REGIMES;
+ours and base pass --filter-eps, which only the Triton backend uses):
   ours_triton        drdo_kernels.fused_linear_logprobs(backend="triton")  (CUDA, or TRITON_INTERPRET=1)
   ours_chunked       drdo_kernels.fused_linear_logprobs(backend="chunked") (cuBLAS logits chunks + Triton fold)
   ours_torch         drdo_kernels.fused_linear_logprobs(backend="torch")   (chunked PyTorch)
   ours_auto          drdo_kernels.fused_linear_logprobs(backend="auto")    (what users get by default)
   naive              full logits [N, V], float32 log_softmax, gather
   naive_compile      torch.compile(naive)
-  liger_flce         Liger-Kernel LigerFusedLinearCrossEntropyLoss(reduction="none"), negated
+  liger_flce         Liger-Kernel LigerFusedLinearCrossEntropyLoss(reduction="none"), negated (Triton)
+  liger_flce_cutedsl the same on Liger's CuTe DSL kernels (LIGER_KERNEL_IMPL=cutedsl; a command of its own)
   cce                Cut Cross-Entropy linear_cross_entropy(reduction="none", impl="cce"), negated
   cce_torch_compile  the same with impl="torch_compile" (its CPU path)
   torch_lce          torch.nn.functional.linear_cross_entropy(reduction="none") with LinearCrossEntropyOptions()
   trl_chunked        TRL's fused LM head: trl.kernels.ChunkedLogProbFunction (TRL >= 1.16), as its trainers call it
+  trl_logprob_entropy full logits, then TRL's Triton trl.kernels.selective_log_softmax_and_entropy (CUDA)
   base_triton        the triton / chunked / torch backends of an older checkout (--baseline DIR), in a fresh
   base_chunked       process
   base_torch
@@ -31,6 +33,7 @@ if __package__ in (None, ""):
 from benchmarks import peers  # noqa: E402
 from benchmarks.heads import IGNORE_INDEX, logit_stats, make_head_tensors, naive_logprobs, reference_logprobs  # noqa: E402
 from benchmarks.measure import Inputs, Method  # noqa: E402
+from benchmarks.methods import names  # noqa: E402
 
 NAME = "logprobs"
 
@@ -91,11 +94,13 @@ def _naive_compile(inputs, ctx):
 
 
 def _liger(inputs, ctx):
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
     h, w, y = _args(inputs)
-    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="none")
-    return lambda: -loss(w, h, y).float()
+    return lambda: -peers.liger_flce_nll(h, w, y, IGNORE_INDEX).float()
+
+
+def _trl_entropy(inputs, ctx):
+    h, w, y = _args(inputs)
+    return lambda: peers.trl_entropy_logprobs(h, w, y, IGNORE_INDEX)
 
 
 def _cce(impl: str):
@@ -129,12 +134,12 @@ def _base_method(backend: str) -> Method:
                   skip=lambda ctx: peers.baseline_reason(ctx, backend))
 
 
-METHODS = {
-    **{f"ours_{b}": _ours_method(b) for b in ("triton", "chunked", "torch", "auto")},
+_BUILDS = {
     "naive": Method("naive", "naive", _naive),
     "naive_compile": Method("naive_compile", "naive", _naive_compile, skip=peers.compile_reason),
-    "liger_flce": Method("liger_flce", "peer", _liger,
-                         skip=lambda ctx: peers.import_reason("liger_kernel.transformers", "liger-kernel")),
+    "liger_flce": Method("liger_flce", "peer", _liger, skip=lambda ctx: peers.liger_flce_reason(ctx, cutedsl=False)),
+    "liger_flce_cutedsl": Method("liger_flce_cutedsl", "peer", _liger,
+                                 skip=lambda ctx: peers.liger_flce_reason(ctx, cutedsl=True)),
     "cce": Method("cce", "peer", _cce("cce"),
                   skip=lambda ctx: peers.import_reason("cut_cross_entropy", "cut-cross-entropy")),
     "cce_torch_compile": Method(
@@ -142,8 +147,12 @@ METHODS = {
         skip=lambda ctx: peers.import_reason("cut_cross_entropy", "cut-cross-entropy") or peers.compile_reason(ctx)),
     "torch_lce": Method("torch_lce", "peer", _torch_lce, skip=lambda ctx: peers.torch_lce_reason()),
     "trl_chunked": Method("trl_chunked", "peer", _trl, skip=lambda ctx: peers.trl_kernels_reason()),
-    **{f"base_{b}": _base_method(b) for b in ("triton", "chunked", "torch")},
+    "trl_logprob_entropy": Method("trl_logprob_entropy", "peer", _trl_entropy, skip=peers.trl_entropy_reason),
 }
+#: Every method of the registry (benchmarks.methods) that runs here, in its order.
+METHODS = {name: _ours_method(name[len("ours_"):]) if name.startswith("ours_")
+           else _base_method(name[len("base_"):]) if name.startswith("base_") else _BUILDS[name]
+           for name in names(NAME)}
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -2,9 +2,9 @@
 
 Inputs: weight [V, H], hidden [2B, T, H] (N = 2B*T tokens, rows 0..B-1 chosen), aligned labels [2B, T],
 oracle rewards [2B] and policy (reward-head) rewards [2B] float32 with requires_grad. The logits follow
---logits (benchmarks.heads.LOGIT_REGIMES); with --margins close (the default) each rejected row repeats its
+--logits (benchmarks.common.LOGIT_REGIMES); with --margins close (the default) each rejected row repeats its
 chosen row with one label changed, so that every row gets a nonzero dL/dz (input_stats counts them).
-Methods (each returns the scalar loss):
+Methods (the names of benchmarks.methods.REGISTRY that run here; each returns the scalar loss):
   ours_triton        drdo_kernels.FusedLinearDRDOLoss(backend="triton")
   ours_chunked       drdo_kernels.FusedLinearDRDOLoss(backend="chunked")
   ours_torch         drdo_kernels.FusedLinearDRDOLoss(backend="torch")
@@ -13,11 +13,15 @@ Methods (each returns the scalar loss):
   naive_compile      torch.compile(naive)
   liger_dpo          Liger-Kernel LigerFusedLinearDPOLoss(use_ref_model=False): a DPO loss, not DRDO, but the
                      same LM-head work (its chunked-pair log-probs); checked against drdo.losses.dpo_loss
+  liger_flce         Liger-Kernel LigerFusedLinearCrossEntropyLoss(reduction="none") per-token NLL -> row sums ->
+                     drdo_loss (Triton)
+  liger_flce_cutedsl the same on Liger's CuTe DSL kernels (LIGER_KERNEL_IMPL=cutedsl; a command of its own)
   cce                Cut Cross-Entropy linear_cross_entropy(reduction="none", impl="cce") -> row sums -> drdo_loss
   cce_torch_compile  the same with impl="torch_compile"
   torch_lce          torch.nn.functional.linear_cross_entropy(reduction="none") -> row sums -> drdo_loss
   trl_chunked        TRL's fused LM head (trl.kernels.ChunkedLogProbFunction) per-token log-probs -> row sums ->
                      drdo_loss
+  trl_logprob_entropy full logits, then TRL's Triton selective_log_softmax_and_entropy -> row sums -> drdo_loss
   base_triton        FusedLinearDRDOLoss of an older checkout (--baseline DIR), triton / chunked / torch backend, in a
   base_chunked       fresh process
   base_torch
@@ -34,23 +38,19 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import peers  # noqa: E402
-from benchmarks.heads import IGNORE_INDEX, close_pairs, logit_stats, make_head_tensors, reference_logprobs  # noqa: E402
+from benchmarks.heads import (  # noqa: E402
+    IGNORE_INDEX,
+    close_pairs,
+    logit_stats,
+    make_head_tensors,
+    reference_logprobs,
+    rows_and_len,
+)
 from benchmarks.measure import Inputs, Method  # noqa: E402
+from benchmarks.methods import names  # noqa: E402
 
 NAME = "loss"
 ALPHA, GAMMA, DPO_BETA = 0.1, 2.0, 0.1
-SEQ_LEN = {"cuda": 1024, "cpu": 256}
-
-
-def rows_and_len(ctx: dict) -> tuple[int, int]:
-    """(2B rows, T tokens per row) with 2B*T == N: T = min(seq_len, N // 2); raises if N does not split."""
-    n = ctx["N"]
-    t = min(int(ctx.get("seq_len") or SEQ_LEN[ctx["device"]]), n // 2)
-    if t < 1 or n % t or (n // t) % 2:
-        raise ValueError(f"N={n} must be an even multiple of the sequence length {t} (2B rows x T tokens)")
-    return n // t, t
-
-
 def make_inputs(ctx: dict) -> Inputs:
     """weight [V, H], hidden [2B, T, H], labels [2B, T], oracle_rewards [2B], policy_rewards [2B] (grad)."""
     import torch
@@ -194,6 +194,14 @@ def _trl_nll(h, w, y):
     return -peers.trl_logprobs(h, w, y, IGNORE_INDEX)
 
 
+def _liger_flce_nll(h, w, y):
+    return peers.liger_flce_nll(h, w, y, IGNORE_INDEX)
+
+
+def _trl_entropy_nll(h, w, y):
+    return -peers.trl_entropy_logprobs(h, w, y, IGNORE_INDEX)
+
+
 def _liger_note(ctx: dict) -> str | None:
     return peers.import_reason("liger_kernel.chunked_loss", "liger-kernel")
 
@@ -222,12 +230,15 @@ def _base_method(backend: str) -> Method:
                   skip=lambda ctx: peers.baseline_reason(ctx, backend))
 
 
-METHODS = {
-    **{f"ours_{b}": _ours_method(b) for b in ("triton", "chunked", "torch", "auto")},
+_BUILDS = {
     "naive": Method("naive", "naive", _naive),
     "naive_compile": Method("naive_compile", "naive", _naive_compile, skip=peers.compile_reason),
     "liger_dpo": Method("liger_dpo", "peer", _liger_dpo, skip=_liger_note, reference=_dpo_reference,
                         note="DPO (no reference model) loss, not DRDO; torch.compile'd unless --quick on CPU"),
+    "liger_flce": Method("liger_flce", "peer", _per_token(_liger_flce_nll),
+                         skip=lambda ctx: peers.liger_flce_reason(ctx, cutedsl=False)),
+    "liger_flce_cutedsl": Method("liger_flce_cutedsl", "peer", _per_token(_liger_flce_nll),
+                                 skip=lambda ctx: peers.liger_flce_reason(ctx, cutedsl=True)),
     "cce": Method("cce", "peer", _per_token(_cce_nll("cce")),
                   skip=lambda ctx: peers.import_reason("cut_cross_entropy", "cut-cross-entropy")),
     "cce_torch_compile": Method(
@@ -235,8 +246,13 @@ METHODS = {
         skip=lambda ctx: peers.import_reason("cut_cross_entropy", "cut-cross-entropy") or peers.compile_reason(ctx)),
     "torch_lce": Method("torch_lce", "peer", _per_token(_torch_nll), skip=lambda ctx: peers.torch_lce_reason()),
     "trl_chunked": Method("trl_chunked", "peer", _per_token(_trl_nll), skip=lambda ctx: peers.trl_kernels_reason()),
-    **{f"base_{b}": _base_method(b) for b in ("triton", "chunked", "torch")},
+    "trl_logprob_entropy": Method("trl_logprob_entropy", "peer", _per_token(_trl_entropy_nll),
+                                  skip=peers.trl_entropy_reason),
 }
+#: Every method of the registry (benchmarks.methods) that runs here, in its order.
+METHODS = {name: _ours_method(name[len("ours_"):]) if name.startswith("ours_")
+           else _base_method(name[len("base_"):]) if name.startswith("base_") else _BUILDS[name]
+           for name in names(NAME)}
 
 
 def main(argv: list[str] | None = None) -> Path:

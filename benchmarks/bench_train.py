@@ -4,10 +4,10 @@ The model is a LlamaForCausalLM built locally (drdo.models.build_tiny_causal_lm:
 large vocabulary so that the LM head matters; every method starts from a copy of the same weights. A
 step = backbone forward, reward head on the last token, DRDO loss, backward, AdamW step; the batch is
 B pairs (2B rows) of T tokens, the second half of each row is the response. --H takes a list (one
-model per hidden size, --heads or H / head dim heads). Methods:
+model per hidden size, --heads or H / head dim heads). Methods (names of benchmarks.methods.REGISTRY):
   ours_auto / ours_chunked  drdo_kernels.FusedLinearDRDOLoss on the last hidden state (no logits), backend
   ours_triton / ours_torch  "auto" (the default users get), "chunked", "triton", "torch"
-  full_logits               lm_head -> logits [2B, T, V] -> drdo.losses.sequence_logprobs -> drdo_loss
+  naive                     lm_head -> logits [2B, T, V] -> drdo.losses.sequence_logprobs -> drdo_loss
   cce                       Cut Cross-Entropy per-token NLL on the flattened [2B*T, H] hidden states -> drdo_loss
                             ("cce" on CUDA, "torch_compile" on CPU)
   liger_dpo                 Liger-Kernel LigerFusedLinearDPOLoss(use_ref_model=False) (a DPO loss: the head work
@@ -45,11 +45,12 @@ from benchmarks.common import (  # noqa: E402  # noqa: E402
 )
 from benchmarks.heads import IGNORE_INDEX  # noqa: E402
 from benchmarks.measure import PeakMemory, bench_times, run_isolated, sync  # noqa: E402
+from benchmarks.methods import names  # noqa: E402
 from benchmarks.runner import earlier_rows  # noqa: E402
 
 NAME = "train"
-METHODS = ["ours_auto", "ours_triton", "ours_chunked", "ours_torch", "full_logits", "cce", "liger_dpo",
-           *trl_train.METHODS]
+#: The methods of the registry (benchmarks.methods) that run here: ours_auto first, then the rest in its order.
+METHODS = ["ours_auto", *(name for name in names(NAME) if name != "ours_auto")]
 DEFAULTS = {  # per device: model, batch and memory budget
     "cpu": dict(dtype="fp32", V=32000, H=[256], layers=2, head_dim=64, T=128, B=2, budget=768.0, max_batch=16),
     "cuda": dict(dtype="bf16", V=128256, H=[2048], layers=2, head_dim=128, T=1024, B=8, budget=16384.0,
@@ -131,7 +132,7 @@ def _loss_fn(method: str, ctx: dict, lm, head):
 
         fused = FusedLinearDRDOLoss(backend=method[len("ours_"):], ignore_index=IGNORE_INDEX)
         return lambda h, y, o, r: fused(lm.lm_head.weight, h, y, o, r)[0]
-    if method == "full_logits":
+    if method == "naive":
         return lambda h, y, o, r: drdo_from(sequence_logprobs(lm.lm_head(h), y, IGNORE_INDEX)[0], o, r)
     if method == "cce":
         from cut_cross_entropy import linear_cross_entropy

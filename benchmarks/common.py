@@ -53,6 +53,23 @@ QUICK = {
     "cpu": dict(base=(512, 64, 8000), N=[256, 512], V=[], H=[], dtype="fp32", second_dtype=None),
 }
 
+ZIPF_EXPONENT = 1.6
+#: ctx["logits"]: how hidden @ weight.T is distributed. Only the Triton backward's opt-in gradient
+#: filter (and any kernel that skips work on small softmax values) depends on it.
+LOGIT_REGIMES = {
+    "std2": "standard deviation 2, uniform labels (every run up to 2026-11-28)",
+    "init": "standard deviation 0.6, as a freshly initialised head gives; uniform labels",
+    "peaked": f"Zipf-like, as trained models give: a rank-1 direction adds -{ZIPF_EXPONENT} * log(rank) over a "
+              "random token order to noise of standard deviation 1, labels drawn from that Zipf prior",
+}
+#: ctx["margins"] (loss benchmarks): how the rejected rows relate to the chosen ones.
+MARGINS = {
+    "close": "each rejected row repeats its chosen row with one label changed: |z_w - z_l| stays small, "
+             "so no pair's focal factor underflows and every row gets a nonzero dL/dz",
+    "independent": "rejected rows drawn like the chosen ones (every run up to 2026-11-28): |z_w - z_l| in the "
+                   "hundreds, and about a third of the rows get dL/dz = 0 exactly",
+}
+
 
 @dataclass(frozen=True)
 class Point:
@@ -99,8 +116,6 @@ def _str_list(text: str) -> list[str]:
 
 def add_input_args(parser: argparse.ArgumentParser) -> None:
     """The flags that choose the inputs, shared by the grid benchmarks, paired.py and profile_loss.py."""
-    from benchmarks.heads import LOGIT_REGIMES, MARGINS
-
     parser.add_argument("--logits", choices=sorted(LOGIT_REGIMES), default="std2",
                         help="logit regime: " + "; ".join(f"{k}: {v}" for k, v in LOGIT_REGIMES.items()))
     parser.add_argument("--margins", choices=sorted(MARGINS), default="close",

@@ -60,13 +60,14 @@ stamp() { echo "[gpu_suite +$(( $(date +%s) - start ))s] $*"; }
 settings() {  # settings real|toy: the shapes and flags every stage uses
   if [[ "$1" == real ]]; then
     DEV=cuda; LOSS_HEAD=16384x4096x128256; LOSS_MORE=16384x1024x128256,16384x2048x128256; LP=8192x4096x128256
+    LIGER_LP=4096x4096x128256  # the shape of Liger's CuTe DSL figure (18.34 ms fwd+bwd on an H200)
     GRID=(--dtypes bf16 --no-plots --no-isolate)
     PAIRED=(--dtype bf16)
     PROFILE=(--shapes 16384x1024x128256,16384x4096x128256 --dtype bf16)
     TRAIN=(--dtype bf16 --V 128256 --H 1024,4096 --layers 2 --T 1024 --B 4 --no-max-batch)
     PADDING=()
   else
-    DEV=cpu; LOSS_HEAD=64x32x256; LOSS_MORE=64x16x256,64x24x256; LP=32x32x256
+    DEV=cpu; LOSS_HEAD=64x32x256; LOSS_MORE=64x16x256,64x24x256; LP=32x32x256; LIGER_LP=32x32x256
     GRID=(--dtypes bf16 --no-plots --no-isolate --quick --seq-len 16 --reps 1 --min-run-time 0 --threads 1 --gemm-n 64)
     PAIRED=(--dtype bf16 --quick --seq-len 16 --rounds 1 --threads 1)
     PROFILE=(--shapes 64x16x256,64x32x256 --dtype bf16 --seq-len 16 --steps 1 --threads 1)
@@ -150,6 +151,12 @@ stages() {  # the five stages, printed or run according to MODE
       "${BASE[@]}" --methods "$OURS_LP,trl_chunked,naive_compile" --output "$work"
     run 15 python3 benchmarks/paired.py --bench logprobs --device "$DEV" --shapes "$LP" "${PAIRED[@]}" \
       --methods ours_auto,trl_chunked,naive_compile --output "$work"
+    # Liger's CuTe DSL path in a process of its own (LIGER_KERNEL_IMPL is read once, when liger_kernel is
+    # imported), then its Triton path and TRL's Triton log-prob + entropy kernel beside ours
+    run 20 env LIGER_KERNEL_IMPL=cutedsl python3 benchmarks/bench_logprobs.py --device "$DEV" --shapes "$LIGER_LP" \
+      "${GRID[@]}" --modes fwd+bwd --methods liger_flce_cutedsl --append --output "$work"
+    run 25 python3 benchmarks/bench_logprobs.py --device "$DEV" --shapes "$LIGER_LP" "${GRID[@]}" --modes fwd+bwd \
+      --methods ours_auto,liger_flce,trl_logprob_entropy --append --output "$work"
     run 60 python3 benchmarks/bench_loss.py --device "$DEV" --shapes "$LOSS_MORE" "${GRID[@]}" "${BASE[@]}" \
       --methods "$LOSS_METHODS" --append --output "$work"
   fi
@@ -157,13 +164,23 @@ stages() {  # the five stages, printed or run according to MODE
     run 50 python3 benchmarks/bench_train.py --device "$DEV" "${TRAIN[@]}" --methods ours_auto,trl_dpo_fused \
       --output "$work"
     run 90 python3 benchmarks/bench_train.py --device "$DEV" "${TRAIN[@]}" --append --output "$work" \
-      --methods ours_chunked,ours_triton,full_logits,trl_dpo,trl_dpo_liger,cce
+      --methods ours_chunked,ours_triton,naive,trl_dpo,trl_dpo_liger,cce
   fi
   if stage 5 padding 40; then
     run 40 python3 benchmarks/bench_padding_free.py --device "$DEV" "${PADDING[@]}" --output "$work"
   fi
   [[ "$MODE" == exec ]] && close_stage
   return 0
+}
+
+peer_notes() {  # what the peers added for the CuTe DSL and TRL Triton paths need, and whether they travel here
+  echo "  liger_flce_cutedsl: liger-kernel >= 0.8.5 with LIGER_KERNEL_IMPL=cutedsl needs nvidia-cutlass-dsl (its libs-base"
+  echo "    and libs-cu12 wheels are CUDA binaries, far over the 64 MiB that travels with the checkout) and"
+  echo "    apache-tvm-ffi; $(python3 -c 'import cutlass.cute' 2> /dev/null && echo 'cutlass.cute imports here' \
+    || echo 'cutlass.cute does not import here: its rows are recorded as skipped with that reason')"
+  echo "  trl_logprob_entropy: trl >= 1.16's Triton kernel (trl.kernels.selective_log_softmax_and_entropy), pure Python on"
+  echo "    the machine's Triton; $(python3 -c 'from trl.kernels import selective_log_softmax_and_entropy' 2> /dev/null \
+    && echo 'it imports here' || echo 'it does not import here: recorded as skipped with the reason')"
 }
 
 install_peers() {  # the peers' wheels into a private site-packages (no network, no dependencies resolved)
@@ -184,6 +201,7 @@ settings real
 echo "plan: BUDGET_S=${budget}s (setup ${SETUP_S}s, then the stages; unused time passes on)${BASELINE:+, baseline $BASELINE}"
 stages
 echo "  flash-attn: skipped, not built (no network; a build takes longer than the whole budget)"
+peer_notes
 echo "| stage | budget s | used s | status |" > "$work/suite.md"
 echo "|---|---|---|---|" >> "$work/suite.md"
 MODE=exec
@@ -199,7 +217,7 @@ else
   python3 - <<'EOF' || true
 import importlib, torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(0))
-for m in ("liger_kernel", "cut_cross_entropy", "trl", "trl.kernels", "datasets", "transformers", "hypothesis"):
+for m in ("liger_kernel", "cutlass", "cut_cross_entropy", "trl", "trl.kernels", "datasets", "transformers", "hypothesis"):
     try:
         mod = importlib.import_module(m)
         print(f"  {m}: {getattr(mod, '__version__', 'ok')}")

@@ -10,29 +10,26 @@ import math
 
 import torch
 
-from benchmarks.common import torch_dtype
+from benchmarks.common import LOGIT_REGIMES, MARGINS, ZIPF_EXPONENT, torch_dtype
 
 IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "LOGIT_REGIMES", "MARGINS", "ZIPF_EXPONENT", "SEQ_LEN", "rows_and_len", "make_head_tensors",
+           "close_pairs", "logit_stats", "naive_logprobs", "reference_logprobs"]
+#: Tokens per row of the loss benchmarks (2B rows of T tokens), by device, unless ctx["seq_len"] says.
+SEQ_LEN = {"cuda": 1024, "cpu": 256}
 
-ZIPF_EXPONENT = 1.6
-#: ctx["logits"]: how hidden @ weight.T is distributed. Only the Triton backward's opt-in gradient
-#: filter (and any kernel that skips work on small softmax values) depends on it.
-LOGIT_REGIMES = {
-    "std2": "standard deviation 2, uniform labels (every run up to 2026-11-28)",
-    "init": "standard deviation 0.6, as a freshly initialised head gives; uniform labels",
-    "peaked": f"Zipf-like, as trained models give: a rank-1 direction adds -{ZIPF_EXPONENT} * log(rank) over a "
-              "random token order to noise of standard deviation 1, labels drawn from that Zipf prior",
-}
 LOGIT_STD = {"std2": 2.0, "init": 0.6, "peaked": 1.0}
 #: The tile a filtering backward skips or keeps, and the bf16 filter threshold (default_filter_eps).
 TILE, FILTER_EPS_BF16 = 128, 2.0**-12
-#: ctx["margins"] (loss benchmarks): how the rejected rows relate to the chosen ones.
-MARGINS = {
-    "close": "each rejected row repeats its chosen row with one label changed: |z_w - z_l| stays small, "
-             "so no pair's focal factor underflows and every row gets a nonzero dL/dz",
-    "independent": "rejected rows drawn like the chosen ones (every run up to 2026-11-28): |z_w - z_l| in the "
-                   "hundreds, and about a third of the rows get dL/dz = 0 exactly",
-}
+
+
+def rows_and_len(ctx: dict) -> tuple[int, int]:
+    """(2B rows, T tokens per row) with 2B*T == N: T = min(seq_len, N // 2); raises if N does not split."""
+    n = ctx["N"]
+    t = min(int(ctx.get("seq_len") or SEQ_LEN[ctx["device"]]), n // 2)
+    if t < 1 or n % t or (n // t) % 2:
+        raise ValueError(f"N={n} must be an even multiple of the sequence length {t} (2B rows x T tokens)")
+    return n // t, t
 
 
 def make_head_tensors(ctx: dict, shape: tuple[int, ...]):

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+
+from benchmarks.methods import LIGER_CUTEDSL, LIGER_IMPL_ENV
 
 
 def import_reason(module: str, pip_name: str) -> str | None:
@@ -81,3 +85,77 @@ def trl_logprobs(hidden, weight, labels, ignore_index: int = -100):
     logps = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, TRL_VOCAB_CHUNK,
                                          None, 1.0, ("log_probs",))[0]
     return logps.float().new_zeros(labels.shape).masked_scatter(mask, logps.float())
+
+
+def triton_kernel_reason(ctx: dict, what: str) -> str | None:
+    """Why a peer's Triton kernel ``what`` cannot run at ctx (CPU tensors), or None."""
+    if ctx["device"] != "cuda":
+        return f"{what} is a Triton kernel: it needs CUDA tensors (no CPU path)"
+    return None
+
+
+def liger_impl() -> str:
+    """The implementation Liger-Kernel's ops run in this process ("cutedsl" or "triton"), importing
+    ``liger_kernel.ops`` (which reads LIGER_KERNEL_IMPL once, on its first import)."""
+    ops = importlib.import_module("liger_kernel.ops")
+    return LIGER_CUTEDSL if LIGER_CUTEDSL in ops.LigerFusedLinearCrossEntropyFunction.__module__ else "triton"
+
+
+def liger_flce_reason(ctx: dict, cutedsl: bool) -> str | None:
+    """Why Liger's fused linear cross-entropy cannot run at ctx on its Triton (``cutedsl=False``) or
+    CuTe DSL kernels, or None. The CuTe DSL path is chosen by LIGER_KERNEL_IMPL=cutedsl before
+    liger_kernel is imported: this sets it when liger_kernel is not imported yet, and reports a
+    process that already runs the other implementation (run each in its own command). The Triton
+    path is tried on any device: on a CPU its first call fails, and the row records why."""
+    if cutedsl and ctx["device"] != "cuda":
+        return "Liger's CuTe DSL kernels run on CUDA only (Hopper/Blackwell)"
+    reason = import_reason("liger_kernel", "liger-kernel")
+    if reason:
+        return reason
+    if cutedsl:
+        reason = import_reason("cutlass.cute", "nvidia-cutlass-dsl")
+        if reason:
+            return reason
+        import torch
+
+        if torch.cuda.get_device_capability() < (9, 0):
+            return f"Liger's CuTe DSL kernels need Hopper or Blackwell (sm90+), got {torch.cuda.get_device_name()}"
+        if "liger_kernel.ops" not in sys.modules:
+            os.environ[LIGER_IMPL_ENV] = LIGER_CUTEDSL
+    try:
+        impl = liger_impl()
+    except Exception as exc:  # noqa: BLE001 - an explicit LIGER_KERNEL_IMPL that fails to load raises here
+        return f"liger_kernel.ops does not import ({type(exc).__name__}: {str(exc)[:150]})"
+    wanted = LIGER_CUTEDSL if cutedsl else "triton"
+    if impl != wanted:
+        return (f"this process runs Liger's {impl} kernels ({LIGER_IMPL_ENV} is read once, on import): "
+                f"run {'liger_flce_cutedsl' if cutedsl else 'liger_flce'} in a command of its own")
+    return None
+
+
+def liger_flce_nll(hidden, weight, labels, ignore_index: int = -100):
+    """Liger's fused linear cross-entropy per token (the implementation the process loaded):
+    hidden [N, H], weight [V, H], labels [N] -> NLL [N] (0 where ignored)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="none")(weight, hidden, labels)
+
+
+def trl_entropy_logprobs(hidden, weight, labels, ignore_index: int = -100):
+    """Full logits [N, V] in the input dtype (as TRL's trainers build them), then TRL's Triton
+    log-prob + entropy kernel (trl.kernels.selective_log_softmax_and_entropy, TRL >= 1.16) with the
+    ignored tokens masked: hidden [N, H], weight [V, H], labels [N] -> log-probs [N] float32 (0 where
+    ignored). The entropy it also returns is computed and dropped."""
+    from trl.kernels import selective_log_softmax_and_entropy
+
+    mask = labels != ignore_index
+    logps, _ = selective_log_softmax_and_entropy(hidden @ weight.T, labels.clamp_min(0), row_mask=mask)
+    return logps.float()
+
+
+def trl_entropy_reason(ctx: dict) -> str | None:
+    """Why TRL's Triton log-prob + entropy kernel cannot run at ctx, or None."""
+    reason = trl_kernels_reason() or triton_kernel_reason(ctx, "trl.kernels.selective_log_softmax_and_entropy")
+    if reason is None and not hasattr(importlib.import_module("trl.kernels"), "selective_log_softmax_and_entropy"):
+        return "this trl has no trl.kernels.selective_log_softmax_and_entropy (TRL >= 1.16 with Triton)"
+    return reason

@@ -18,11 +18,14 @@ from importlib import metadata
 from pathlib import Path
 
 from benchmarks.common import portable, read_csv, write_csv
+from benchmarks.methods import LIGER_IMPL_ENV, packages
 from drdo.atomic import save_figure, write_text
 
 RATIO_COLUMNS = ["bench", "ours", "peer", "device", "dtype", "N", "H", "V", "mode",
                  "time_ratio", "mem_ratio", "time_ratio_p20", "ours_ms", "peer_ms", "ours_mb", "peer_mb"]
-PACKAGES = ["torch", "triton", "liger-kernel", "cut-cross-entropy", "transformers", "trl", "numpy", "matplotlib"]
+#: The distributions whose versions a run records: torch, triton, every registered method's library
+#: (benchmarks.methods.packages(): liger-kernel, nvidia-cutlass-dsl for Liger's CuTe DSL path, CCE, trl), and the rest.
+PACKAGES = ["torch", "triton", *packages(), "transformers", "numpy", "matplotlib"]
 TEXT_SUFFIXES = (".csv", ".md", ".json", ".log", ".txt", ".xml")
 
 
@@ -63,6 +66,7 @@ def environment(device: str, gemm: dict, started: float, isolate: bool) -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "versions": {p: _version(p) for p in PACKAGES},
+        "liger_kernel_impl": os.environ.get(LIGER_IMPL_ENV, ""),
         "torch_version": torch.__version__,
         "gemm_peak_tflops": gemm,
         "isolated_subprocess_per_point": isolate,

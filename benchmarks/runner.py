@@ -86,6 +86,8 @@ def run_grid(bench, argv: list[str] | None, description: str, default_modes: tup
     out_dir = Path(args.output) if args.output else default_output(device)
     csv_path, meta_path = out_dir / f"{bench.NAME}.csv", out_dir / f"{bench.NAME}_meta.json"
     kept, commands = earlier_rows(csv_path, meta_path) if args.append else ([], [])
+    remeasured = {(m, p.N, p.H, p.V, p.dtype) for m in methods for p in points}  # their earlier rows are replaced
+    kept = [r for r in kept if (r["method"], int(r["N"]), int(r["H"]), int(r["V"]), r["dtype"]) not in remeasured]
     isolate = args.isolate and device == "cpu"
     started = time.time()
     if args.threads is None and args.quick and device == "cpu":

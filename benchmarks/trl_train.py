@@ -22,7 +22,9 @@ import random
 import tempfile
 import uuid
 
-METHODS = ("trl_dpo_fused", "trl_dpo", "trl_dpo_liger")
+from benchmarks.methods import names
+
+METHODS = tuple(name for name in names("train") if name.startswith("trl_"))
 
 
 def skip_reason(method: str, ctx: dict) -> str | None:

@@ -12,11 +12,14 @@ its time, so a method that skips a recompute is not credited with FLOPs it never
   torch's chunked ``linear_cross_entropy`` with ``reduction="none"``.
 - ``full_logits``: the [N, V] logits kept for the backward (2 + 4 NHV): naive and its compiled forms.
 
-:data:`WORK` maps every method of ``bench_loss`` / ``bench_logprobs`` to a path or to a resolver
+:data:`WORK` maps every method of ``bench_loss`` / ``bench_logprobs`` (each method's ``work`` in
+:mod:`benchmarks.methods`) to a path or to a resolver
 ("pairs": decided by the chunk size this checkout's ``drdo_kernels`` picks; "auto": the backend
 ``auto_backend`` picks). Baseline rows (``base_*``) are modelled with this checkout's chunk sizes.
 """
 from __future__ import annotations
+
+from benchmarks.methods import REGISTRY
 
 #: path -> (forward, backward) FLOPs in units of N·H·V
 PATHS = {
@@ -26,16 +29,9 @@ PATHS = {
     "full_logits": (2, 4),
 }
 
-_PEERS = {"naive": "full_logits", "naive_compile": "full_logits", "cce": "recompute",
-          "cce_torch_compile": "full_logits", "torch_lce": "recompute", "trl_chunked": "recompute"}
-WORK = {
-    "loss": {**_PEERS, "ours_chunked": "pairs", "ours_torch": "pairs", "ours_triton": "recompute", "ours_auto": "auto",
-             "base_chunked": "pairs", "base_torch": "pairs", "base_triton": "recompute",
-             "liger_dpo": "grads_in_forward"},
-    "logprobs": {**_PEERS, "ours_chunked": "recompute", "ours_torch": "recompute", "ours_triton": "recompute",
-                 "ours_auto": "recompute", "base_chunked": "recompute", "base_torch": "recompute",
-                 "base_triton": "recompute", "liger_flce": "grads_in_forward"},
-}
+#: bench -> method -> path or resolver, read from the method registry (benchmarks.methods).
+WORK = {bench: {name: spec.work[bench] for name, spec in REGISTRY.items() if bench in spec.work}
+        for bench in ("loss", "logprobs")}
 
 
 def chunk_tokens(ctx: dict) -> int:
@@ -49,8 +45,8 @@ def chunk_tokens(ctx: dict) -> int:
 
 
 def pair_path(ctx: dict) -> str:
-    """Our chunked pair losses: one pass if a pair's tokens (2T, with T from bench_loss) fit a chunk."""
-    from benchmarks.bench_loss import rows_and_len
+    """Our chunked pair losses: one pass if a pair's tokens (2T, T from benchmarks.heads.rows_and_len) fit a chunk."""
+    from benchmarks.heads import rows_and_len
 
     pair_tokens = 2 * rows_and_len(ctx)[1] * (1.0 - float(ctx.get("ignore_frac", 0.0)))
     return "grads_in_forward" if pair_tokens <= chunk_tokens(ctx) else "two_pass_in_forward"

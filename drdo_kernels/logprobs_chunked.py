@@ -42,8 +42,10 @@ __all__ = ["CHUNK_BUDGET_BYTES", "chunk_rows", "compute_dtype", "LMHeadGemms", "
 #: new value (e.g. ``CHUNK_BUDGET_BYTES["cuda"] = 1 << 30``) to change the chunk size, or pass
 #: ``chunk_tokens`` to a fused function. 2 GiB on CUDA holds 2688 tokens at V = 128256 in bf16: a
 #: pair of two 1024-token responses fits whole (one pass, 6·N·H·V FLOPs; a pair larger than a
-#: chunk takes two passes, 8·N·H·V).
-CHUNK_BUDGET_BYTES = {"cuda": 2 << 30, "cpu": 16 << 20}
+#: chunk takes two passes, 8·N·H·V). 128 MiB on the CPU holds 1024 tokens at V = 32000 in fp32 (two
+#: pairs of 256-token rows): the DRDO loss forward+backward at H = 512 ran 1.6x faster than with 16 MiB
+#: (two passes per pair) and faster than full logits (benchmarks/results/2026-12-06-cpu/).
+CHUNK_BUDGET_BYTES = {"cuda": 2 << 30, "cpu": 128 << 20}
 #: Chunks of at least this many tokens are a multiple of it: whole 128-row tiles of the GEMMs.
 ROW_TILE = 128
 

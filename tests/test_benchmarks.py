@@ -97,16 +97,16 @@ def test_triton_backend_is_skipped_with_reason_on_cpu_without_interpreter():
 def test_train_smoke_and_max_batch(tmp_path: Path):
     out = bench_train.main(["--device", "cpu", "--quick", "--no-isolate", "--V", "512", "--H", "32", "--heads", "2",
                             "--T", "16", "--B", "1", "--threads", "1", "--min-run-time", "0.01",
-                            "--methods", "ours_torch,full_logits,trl_dpo_fused,trl_dpo_liger",
+                            "--methods", "ours_torch,naive,trl_dpo_fused,trl_dpo_liger",
                             "--output", str(tmp_path)])
     rows = read_csv(out / "train.csv")
-    _check_rows([dict(r, tflops="1") for r in rows], {"ours_torch", "full_logits"})  # no FLOP count for a step
+    _check_rows([dict(r, tflops="1") for r in rows], {"ours_torch", "naive"})  # no FLOP count for a step
     assert all(float(r["tokens_per_s"]) > 0 for r in rows if r["status"] == "ok")
     liger = [r for r in rows if r["method"] == "trl_dpo_liger"]
     assert liger[0]["status"] == "skipped" and "CUDA" in liger[0]["note"]
     fused = [r for r in rows if r["method"] == "trl_dpo_fused"][0]
     assert fused["status"] == ("skipped" if peers.trl_kernels_reason() else "ok"), fused
-    ctx = dict(method="full_logits", device="cpu", dtype="fp32", V=256, H=32, layers=1, heads=2, T=16, seed=0,
+    ctx = dict(method="naive", device="cpu", dtype="fp32", V=256, H=32, layers=1, heads=2, T=16, seed=0,
                quick=True, threads=1, min_run_time=0.01, interpret=False)
     found = bench_train.max_batch(ctx, budget_mb=1e6, limit=2, isolate=False, timeout=60)
     assert found["status"] == "ok" and found["max_batch_pairs"] == 2
@@ -159,6 +159,38 @@ def test_new_methods_are_listed():
     assert {"ours_chunked", "trl_dpo_fused", "trl_dpo", "trl_dpo_liger"} <= set(bench_train.METHODS)
     reason = peers.baseline_reason(dict(device="cpu"), "torch")
     assert reason and "--baseline" in reason
+
+
+def _named_methods(script: str) -> set[str]:
+    """The method names a shell script passes (``--methods a,b`` and ``*METHODS=a,b``)."""
+    import re
+
+    found = re.findall(r"(?:--methods\s+\"?|METHODS=)([a-z_0-9,]+)", script)
+    return {name for group in found for name in group.split(",") if name}
+
+
+def test_every_method_is_named_once_in_the_registry():
+    """The benchmarks, the work model, the analytic model, the scripts and the README use the
+    registry's names, and each benchmark runs exactly the registry's methods for it."""
+    from benchmarks import methods, model, trl_train
+
+    for bench, module in (("logprobs", bench_logprobs), ("loss", bench_loss)):
+        assert tuple(module.METHODS) == methods.names(bench)
+        assert all(m.name == name and m.kind == methods.family(name) for name, m in module.METHODS.items())
+        assert set(work.WORK[bench]) == set(methods.names(bench))
+        assert {m.name for m in model.methods(bench, 1024, 64, 1000, 256)} <= set(methods.REGISTRY)
+    assert sorted(bench_train.METHODS) == sorted(methods.names("train"))
+    assert set(trl_train.METHODS) <= set(methods.names("train"))
+    for script in ("gpu_suite.sh", "run_cpu.sh"):
+        named = _named_methods((ROOT / "benchmarks" / script).read_text())
+        assert named <= set(methods.REGISTRY), f"{script} names unregistered methods {named - set(methods.REGISTRY)}"
+    readme = (ROOT / "benchmarks" / "README.md").read_text().split("## Methods", 1)[1].split("\n## ", 1)[0]
+    listed = [line.split("|")[1].strip().strip("`") for line in readme.splitlines() if line.startswith("| `")]
+    assert sorted(listed) == sorted(methods.REGISTRY), "benchmarks/README.md's Methods table: one row per method"
+    assert {"ours_auto", "ours_chunked", "ours_torch", "ours_triton", "naive", "torch_lce", "liger_flce",
+            "liger_flce_cutedsl", "cce", "trl_chunked", "trl_logprob_entropy"} <= set(methods.REGISTRY)
+    with pytest.raises(ValueError, match="'nope'"):
+        methods.spec_of("nope")
 
 
 @pytest.mark.skipif(peers.trl_kernels_reason() is not None, reason="trl >= 1.16 not installed")
@@ -291,10 +323,13 @@ _CPU = dict(device="cpu", dtype="fp32", seed=0, H=16, V=32768, ignore_frac=0.0, 
             logits="std2", margins="close", filter_eps=0.0)
 
 
-@pytest.mark.parametrize("seq_len, pairs_fit", [(32, True), (128, False)])  # chunks of 128 tokens on CPU at V=32768
-def test_work_table_matches_the_gemms_each_loss_runs(seq_len, pairs_fit):
+@pytest.mark.parametrize("seq_len, pairs_fit", [(32, True), (128, False)])  # chunks of 128 tokens at V=32768
+def test_work_table_matches_the_gemms_each_loss_runs(seq_len, pairs_fit, monkeypatch):
     """The work model counts the GEMMs the code runs: our pair losses 6 NHV in the forward when a pair fits a
     chunk, 8 NHV (two passes) when it does not; naive 2 + 4; TRL's fused head 2 + 6."""
+    from drdo_kernels import logprobs_chunked
+
+    monkeypatch.setitem(logprobs_chunked.CHUNK_BUDGET_BYTES, "cpu", 16 << 20)  # 128 rows of V=32768 fp32
     ctx = dict(_CPU, N=4 * seq_len, seq_len=seq_len)
     assert work.chunk_tokens(ctx) == 128
     assert work.pair_path(ctx) == ("grads_in_forward" if pairs_fit else "two_pass_in_forward")
@@ -454,3 +489,49 @@ def test_trl_trainer_hashes_no_weights():
     with unhashed_reference_cache():
         keys = {dpo_trainer.hash_module(torch.nn.Linear(2, 2)) for _ in range(2)}
     assert len(keys) == 2 and dpo_trainer.hash_module is saved
+
+
+CPU_RUN = ROOT / "benchmarks" / "results" / "2026-12-06-cpu"
+
+
+def test_docs_cpu_table_is_generated_from_the_committed_csv():
+    """docs/kernels.md's CPU table is what benchmarks.docs_table makes of the committed run, and in that
+    run ours_auto is the fastest of ours, naive full logits and torch's linear_cross_entropy, paired too."""
+    from benchmarks import docs_table
+
+    text = docs_table.DOC.read_text(encoding="utf-8")
+    assert docs_table.render(text, CPU_RUN) == text, "run: python -m benchmarks.docs_table " + str(CPU_RUN)
+    rows = {r["method"]: r for r in read_csv(CPU_RUN / "loss.csv") if r["status"] == "ok"}
+    auto = float(rows["ours_auto"]["median_ms"])
+    assert auto < float(rows["naive"]["median_ms"]) and auto < float(rows["torch_lce"]["median_ms"])
+    assert float(rows["ours_auto"]["peak_mem_mb"]) < float(rows["naive"]["peak_mem_mb"])
+    for path in (CPU_RUN / "paired_loss.csv", CPU_RUN / "found_case" / "paired_loss.csv"):
+        paired = {r["peer"]: r for r in read_csv(path)}
+        for peer in ("naive", "torch_lce"):
+            assert float(paired[peer]["ratio_median"]) < 1 and int(paired[peer]["rounds"]) >= 5, (path, peer)
+
+
+def test_docs_table_lists_every_method_with_its_status(tmp_path: Path):
+    from benchmarks import docs_table
+    from benchmarks.common import write_csv
+
+    base = dict(bench="loss", device="cpu", dtype="fp32", N=64, H=8, V=100, mode="fwd+bwd", note="")
+    write_csv([dict(base, method="naive", median_ms=2000.0, peak_mem_mb=50.0, status="ok"),
+               dict(base, method="ours_auto", median_ms=1500.0, peak_mem_mb=10.0, status="ok"),
+               dict(base, method="cce", status="skipped", note="first call raised RuntimeError: no | driver")],
+              tmp_path / "loss.csv")
+    table = docs_table.table(tmp_path).splitlines()
+    assert table[2] == "| `ours_auto` | 1.50 s | 0.75× | 10 MB | – |"
+    assert table[3] == "| `naive` | 2.00 s | 1.00× | 50 MB | – |"
+    assert table[4].startswith("| `cce` | skipped: first call raised RuntimeError: no / driver |")
+    with pytest.raises(ValueError, match="no <!-- cpu-loss-table -->"):
+        docs_table.render("no markers", tmp_path)
+
+
+def test_append_replaces_a_method_measured_again(tmp_path: Path):
+    """--append keeps the other methods' rows and replaces those of a method measured again at a point."""
+    args = FAST + ["--shapes", "64x16x256", "--seq-len", "16", "--no-plots", "--output", str(tmp_path)]
+    bench_loss.main(args + ["--methods", "ours_torch,naive"])
+    bench_loss.main(args + ["--methods", "naive", "--append"])
+    rows = read_csv(tmp_path / "loss.csv")
+    assert sorted(r["method"] for r in rows) == ["naive", "ours_torch"]

@@ -26,13 +26,22 @@ def test_dry_run_plans_five_stages_and_runs_every_command(tmp_path: Path):
         assert f"stage {k}/5 {name}: until +{end}s" in log
     assert "would run (needs CUDA): " in log and "TRITON_INTERPRET=0 python3 -m pytest" in log
     assert "flash-attn: skipped, not built" in log
-    assert log.count("[dry run] ok") == 9 and "FAILED" not in log
+    assert log.count("[dry run] ok") == 11 and "FAILED" not in log
+    # the CuTe DSL and TRL Triton peers: what each needs, whether it travels, and their rows with the reason
+    assert "liger_flce_cutedsl: liger-kernel >= 0.8.5 with LIGER_KERNEL_IMPL=cutedsl" in log
+    assert "far over the 64 MiB" in log and "trl_logprob_entropy: trl >= 1.16's Triton kernel" in log
+    assert "LIGER_KERNEL_IMPL=cutedsl python3 benchmarks/bench_logprobs.py" in log
+    logprobs = {r["method"]: r for r in read_csv(out / "logprobs.csv")}
+    assert logprobs["liger_flce_cutedsl"]["status"] == "skipped" and "CUDA" in logprobs["liger_flce_cutedsl"]["note"]
+    assert logprobs["trl_logprob_entropy"]["status"] == "skipped" and "CUDA" in logprobs["trl_logprob_entropy"]["note"]
+    versions = json.loads((out / "logprobs_meta.json").read_text())["versions"]
+    assert {"liger-kernel", "nvidia-cutlass-dsl", "trl"} <= set(versions)
 
     loss = read_csv(out / "loss.csv")
     assert {r["H"] for r in loss} == {"16", "24", "32"}  # the headline, then the other sizes appended
     assert {r["method"] for r in loss if r["status"] == "ok"} >= {"ours_auto", "ours_chunked"}
     assert all(r["work_nhv"] and r["logits"] == "std2" for r in loss)
-    assert {r["method"] for r in read_csv(out / "train.csv") if r["status"] == "ok"} >= {"ours_auto", "full_logits"}
+    assert {r["method"] for r in read_csv(out / "train.csv") if r["status"] == "ok"} >= {"ours_auto", "naive"}
     assert [r["status"] for r in read_csv(out / "profile.csv") if r["backend"] == "chunked"][0] == "ok"
     assert json.loads((out / "padding_free.json").read_text())["speedup"] > 0
     suite = (out / "suite.md").read_text()

@@ -4,6 +4,7 @@
   drdo module but the reference losses.
 * No module imports another module's private names (a leading underscore).
 * No module of drdo or drdo_kernels is over :data:`MAX_LINES` lines.
+* The import graph of each package (benchmarks' modules included) has no cycle.
 """
 from __future__ import annotations
 
@@ -32,7 +33,17 @@ LAYERS = (
     ("drdo.demo",),
     ("drdo.cli",),
     ("drdo.__main__",),
+    # benchmarks, bottom up: the package, the method registry and shared constants, the inputs, the work
+    # model and the timing, the analytic model, the reports, the grid runner, then the scripts
     ("benchmarks",),
+    ("benchmarks.methods", "benchmarks.common"),
+    ("benchmarks.heads", "benchmarks.peers"),
+    ("benchmarks.work", "benchmarks.measure"),
+    ("benchmarks.model",),
+    ("benchmarks.report", "benchmarks.docs_table"),
+    ("benchmarks.runner", "benchmarks.trl_train"),
+    ("benchmarks.bench_logprobs", "benchmarks.bench_loss", "benchmarks.bench_padding_free", "benchmarks.paired"),
+    ("benchmarks.bench_train", "benchmarks.profile_loss", "benchmarks.dry_run"),
 )
 _GROUPS = {group: level for level, groups in enumerate(LAYERS) for group in groups}
 #: The only drdo groups a drdo_kernels module may import, although more of drdo lies below it.
@@ -139,6 +150,61 @@ def test_a_planted_import_is_flagged_in_every_package(module, planted, flagged):
     path = _path_of(module)
     source = path.read_text(encoding="utf-8") + "\n\n" + planted + "\n"
     assert _violations(module, _imports(source, module, path.name == "__init__.py")) == flagged
+
+
+def _graph(package: str, planted: dict[str, str] | None = None) -> dict[str, set[str]]:
+    """module -> the modules of ``package`` it imports (at the top or inside functions); ``planted``:
+    module -> a line appended to its source."""
+    graph = {}
+    for path in _sources(package):
+        module = _module_name(path)
+        source = path.read_text(encoding="utf-8") + "\n\n" + (planted or {}).get(module, "") + "\n"
+        found = _imports(source, module, path.name == "__init__.py")
+        graph[module] = {name for name in found if _is_ours(name) and name != module and name != package}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of ``graph`` as [a, b, ..., a], or [] when it has none (depth-first search)."""
+    state, stack = {}, []
+
+    def visit(node: str) -> list[str]:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = "done"
+        stack.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_import_cycle(package):
+    cycle = _cycle(_graph(package))
+    assert not cycle, f"{package} has an import cycle: {' -> '.join(cycle)}"
+
+
+@pytest.mark.parametrize("module, planted", [
+    ("benchmarks.work", "from benchmarks.bench_loss import rows_and_len"),
+    ("benchmarks.common", "def f():\n    from benchmarks.heads import LOGIT_REGIMES"),
+    ("benchmarks.methods", "from benchmarks import runner"),
+])
+def test_a_planted_benchmarks_cycle_is_found(module, planted):
+    """One import added to a low benchmarks module closes a cycle: the cycle check finds it, and the
+    layer check flags that import."""
+    cycle = _cycle(_graph("benchmarks", {module: planted}))
+    assert cycle and module in cycle
+    path = _path_of(module)
+    source = path.read_text(encoding="utf-8") + "\n\n" + planted + "\n"
+    assert _violations(module, _imports(source, module, path.name == "__init__.py"))
 
 
 def _private_imports(source: str, module: str, is_package: bool = False) -> list[str]:

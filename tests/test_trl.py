@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import copy
 import math
+import pathlib
 import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
@@ -176,3 +178,118 @@ def test_drdo_forward_packed_equals_padded_and_normalizes(tmp_path, length_norma
     assert torch.allclose(a["metrics"]["logps_chosen"], expected_z[:3].mean(), rtol=1e-5)
     assert torch.allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
     assert torch.allclose(a["chosen_rewards"], b["chosen_rewards"], rtol=1e-5, atol=1e-6)
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts what would make a GPU wait for the host, by the package whose code asked for it
+    ("transformers", "drdo_kernels", "drdo", "other": the innermost of these on the stack): a
+    scalar read (``.item()``, ``bool``, ``float``, ``int``: aten._local_scalar_dense), an output
+    whose size depends on the data (nonzero, masked_select, unique, boolean-mask indexing), and
+    ``.tolist()`` / ``.numpy()`` (patched by :func:`host_syncs`: they read the memory directly).
+    Works on CPU tensors, where nothing waits but the same ops run."""
+
+    DATA_DEPENDENT = ("aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
+                      "aten::unique_consecutive", "aten::repeat_interleave")
+    PACKAGES = ("transformers", "drdo_kernels", "drdo")
+
+    def __init__(self):
+        super().__init__()
+        self.counts, self.active = {}, False
+
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
+
+    def count(self, op: str) -> None:
+        import traceback
+
+        owner = "other"
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            parts = pathlib.Path(frame.filename).parts
+            found = [p for p in self.PACKAGES if p in parts]
+            if found:
+                owner = found[0]
+                break
+        self.counts[owner] = self.counts.get(owner, 0) + 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name == "aten::_local_scalar_dense" or name in self.DATA_DEPENDENT:
+            self.count(name)
+        elif name in ("aten::index.Tensor", "aten::index_put_", "aten::index_put") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+            self.count(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_syncs(monkeypatch):
+    """A :class:`_HostSyncs` counter, with Tensor.tolist / Tensor.numpy counted while it is entered."""
+    counter = _HostSyncs()
+    for method in ("tolist", "numpy"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, _method=method, **kwargs):
+            if counter.active:
+                counter.count(f"Tensor.{_method}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    return counter
+
+
+def _step_syncs(tmp_path, counter, steps: int, logging_steps: int, **config):
+    """Host syncs counted inside each of ``steps`` ``training_step`` calls (forward, DRDO loss,
+    metrics, backward) of a DRDOTrainer on a tiny Llama, by package; and the log history."""
+    from drdo.integrations.trl import DRDOTrainer
+
+    trainer = DRDOTrainer(model=build_tiny_causal_lm(), processing_class=get_tokenizer("tiny"),
+                          args=_config(tmp_path, max_steps=steps, logging_steps=logging_steps,
+                                       per_device_train_batch_size=4, **config),
+                          train_dataset=Dataset.from_list(make_rows(12)))
+    original, counts = trainer.training_step, []
+
+    def training_step(*args, **kwargs):
+        with counter:
+            loss = original(*args, **kwargs)
+        counts.append(dict(counter.counts))
+        counter.counts.clear()
+        return loss
+
+    trainer.training_step = training_step
+    trainer.train()
+    return counts, trainer.state.log_history
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_a_training_step_makes_only_the_planning_sync(tmp_path, host_syncs, padding_free):
+    """Three steps with logging_steps=10 (no log on the way): in each, our code (drdo, the DRDO loss,
+    its metrics and backward) makes no host sync (padding-free: one, the empty-response check), and
+    the kernels make the one of their planning (the valid tokens per row); the backbone's own
+    (transformers' attention-mask checks) are not ours.
+    A run that logs every step still logs the metrics, as numbers."""
+    counts, _ = _step_syncs(tmp_path, host_syncs, steps=3, logging_steps=10, padding_free=padding_free)
+    assert [c.get("drdo_kernels", 0) for c in counts] == [1, 1, 1], counts
+    ours = 1 if padding_free else 0  # packed: the check that no response lost every token to truncation
+    assert [c.get("drdo", 0) + c.get("other", 0) for c in counts] == [ours] * 3, counts
+    _, history = _step_syncs(tmp_path / "logged", host_syncs, steps=2, logging_steps=1, padding_free=padding_free)
+    logged = [entry for entry in history if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        for key in ("logps/chosen", "rewards/accuracies", "rewards/chosen", "drdo/distill", "num_tokens"):
+            assert isinstance(entry[key], (int, float)) and math.isfinite(entry[key]), (key, entry[key])
+    assert logged[1]["num_tokens"] > logged[0]["num_tokens"] > 0
+
+
+def test_metrics_to_host_takes_each_keys_mean():
+    from drdo.integrations.trl import metrics_to_host
+
+    metrics = {"a": [torch.tensor(1.0), torch.tensor(3.0)], "b": [torch.tensor(0.5)], "c": [2.0, 4.0],
+               "num_tokens": [torch.tensor(7)]}
+    metrics_to_host(metrics)
+    assert metrics["a"] == [2.0] and metrics["b"] == [0.5] and metrics["c"] == [2.0, 4.0]
+    assert isinstance(metrics["num_tokens"][0], torch.Tensor)

@@ -21,7 +21,9 @@ What differs from DPO:
 * ``padding_free=True`` packs each batch into one row (:mod:`drdo.data.packing`).
 
 DRDO's metrics go through TRL's own logging (``logps/chosen``, ``rewards/accuracies``,
-``drdo/distill``, ...), to every ``report_to`` backend.
+``drdo/distill``, ...), to every ``report_to`` backend. They stay tensors on the device between logs
+and reach the host only when TRL logs (every ``logging_steps``): a training step makes no host sync
+of its own beyond the kernels' planning (the count of valid tokens).
 """
 from __future__ import annotations
 
@@ -41,7 +43,6 @@ from drdo.data.row_checks import ORACLE_FIELDS, check_oracle_rows
 from drdo.losses import IGNORE_INDEX, REWARD_GRADS, REWARDS, UNLIKELIHOOD_SIGN, DRDOSpec, objective_loss
 from drdo.models import (
     HEAD_WEIGHTS_NAME,
-    last_token_indices,
     load_head,
     model_logit_transform,
     new_reward_head,
@@ -244,19 +245,32 @@ class DRDOTrainer(DPOTrainer):
                                                                    if f not in self._signature_columns]
 
     def _compute_loss(self, model, inputs, return_outputs):
+        """The DRDO loss of one batch. Its metrics stay tensors on the device (no host sync per step):
+        :meth:`log` brings them to the host when TRL logs, every ``logging_steps``."""
         mode = "train" if self.model.training else "eval"
         out = model(drdo_batch=inputs)
         gather = self.accelerator.gather_for_metrics
         for key, value in out["metrics"].items():
-            self._metrics[mode][_METRIC_NAMES.get(key, f"drdo/{key}")].append(
-                gather(value.detach()).float().mean().item())
+            self._metrics[mode][_METRIC_NAMES.get(key, f"drdo/{key}")].append(gather(value.detach()).float().mean())
         for key, value in (("rewards/chosen", out["chosen_rewards"]), ("rewards/rejected", out["rejected_rewards"])):
-            self._metrics[mode][key].append(gather(value.detach()).float().mean().item())
+            self._metrics[mode][key].append(gather(value.detach()).float().mean())
         if mode == "train":
             n_tokens = inputs["input_ids"].numel() if "cu_seqlens" in inputs else inputs["attention_mask"].sum()
-            self._total_train_tokens += int(gather(torch.as_tensor(n_tokens, device=self.accelerator.device)).sum())
+            n_tokens = gather(torch.as_tensor(n_tokens, device=self.accelerator.device).reshape(1)).sum()
+            self._total_train_tokens = n_tokens + self._total_train_tokens  # int64 [] tensor
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (out["loss"], out) if return_outputs else out["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's ``log`` with the metrics kept as tensors since the last log brought to the host first:
+        the float metrics in one transfer (each key's mean), the token count in another."""
+        mode = "train" if self.model.training else "eval"
+        metrics_to_host(self._metrics[mode])
+        if isinstance(self._total_train_tokens, torch.Tensor):
+            self._total_train_tokens = int(self._total_train_tokens)
+        if "num_tokens" in self._metrics[mode]:
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -309,6 +323,21 @@ class DRDOTrainer(DPOTrainer):
             head = nn.Linear(head_state["weight"].shape[1], 1, bias="bias" in head_state)
             head.load_state_dict({k: v.float().cpu() for k, v in head_state.items()})
             save_head(head, output_dir)
+
+
+def metrics_to_host(metrics: dict[str, list]) -> None:
+    """Replace, in place, every list of ``metrics`` holding tensors (one [] tensor per step) by
+    ``[its mean]`` as a Python float, for all keys in one device-to-host transfer. ``num_tokens``
+    (an integer count) is left to the caller; lists of plain numbers are left as they are."""
+    keys = [k for k, values in metrics.items()
+            if k != "num_tokens" and values and any(isinstance(v, torch.Tensor) for v in values)]
+    if not keys:
+        return
+    device = next(v for v in metrics[keys[0]] if isinstance(v, torch.Tensor)).device
+    means = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
+                                      for v in metrics[k]]).mean() for k in keys])
+    for key, mean in zip(keys, means.tolist()):
+        metrics[key] = [mean]
 
 
 def _check_finite(state_dict: dict, output_dir: str) -> None:
@@ -364,7 +393,8 @@ def drdo_forward(model: nn.Module, batch: dict, args: DRDOConfig, transform: dic
     rewards = _head_rewards(model, hidden, batch, packed, spec) if spec.reward == "head" else None
     oracle = batch["oracle_rewards"].to(hidden.device)
     if packed:
-        z, n_tokens = _packed_logprobs(hidden, lm_head, labels, batch["cu_seqlens"], args.backend, transform)
+        z, n_tokens = _packed_logprobs(hidden, lm_head, labels, batch["cu_seqlens"], args.backend, transform,
+                                       batch.get("seq_idx"))
         loss, metrics = objective_loss(spec, z, n_tokens, rewards=rewards, oracle=oracle, reduction="mean",
                                        drdo_fn=_pair_kernel(args.backend))
     else:
@@ -386,23 +416,39 @@ def _head_rewards(model, hidden, batch, packed: bool, spec: DRDOSpec) -> torch.T
         h_last = hidden[0, last_token_index(batch["cu_seqlens"]).to(hidden.device)]
     else:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        h_last = hidden[rows, last_token_indices(batch["attention_mask"]).to(hidden.device)]
+        h_last = hidden[rows, _last_positions(batch["attention_mask"]).to(hidden.device)]
     if spec.reward_grad == "head":
         h_last = h_last.detach()
     with torch.autocast(hidden.device.type, enabled=False):
         return getattr(model, REWARD_HEAD_ATTR)(h_last.float()).squeeze(-1)
 
 
-def _packed_logprobs(hidden, lm_head, labels, cu_seqlens, backend: str, transform: dict):
+def _last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask [B, T] -> [B] int64 index of each row's last attended position, with no host
+    sync (unlike :func:`drdo.models.last_token_indices`, which checks for empty rows): a row with no
+    token has no response token either, and the kernels' planning names it (ValueError)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), positions, -1).amax(dim=1).clamp_min(0)
+
+
+def _packed_logprobs(hidden, lm_head, labels, cu_seqlens, backend: str, transform: dict, seq_idx=None):
     """Summed response log-probs and token counts per sequence of a packed row (hidden [1, L, H],
     labels [1, L]): the fused per-token log-probs (full logits for backend="reference") summed
-    per sequence of ``cu_seqlens``."""
+    per sequence, by ``seq_idx`` ([1, L] int64, the sequence of each token, as the collator
+    writes it: no host sync) or else by ``cu_seqlens``. One host sync checks that no response is
+    empty."""
     import drdo_kernels as dk
 
     token_logps = dk.fused_linear_logprobs(lm_head.weight, hidden, labels, bias=lm_head.bias,
                                            ignore_index=IGNORE_INDEX, backend=backend, **transform)
     scored = (labels != IGNORE_INDEX).to(token_logps.dtype)
-    z, n_tokens = segment_sum(token_logps, cu_seqlens), segment_sum(scored, cu_seqlens)
+    if seq_idx is None:
+        z, n_tokens = segment_sum(token_logps, cu_seqlens), segment_sum(scored, cu_seqlens)
+    else:
+        index = seq_idx.reshape(-1).to(token_logps.device)
+        n_seq = cu_seqlens.shape[0] - 1
+        z = token_logps.new_zeros(n_seq).index_add(0, index, token_logps.reshape(-1))
+        n_tokens = scored.new_zeros(n_seq).index_add(0, index, scored.reshape(-1))
     if bool((n_tokens == 0).any()):
         raise ValueError("a response has no token left after truncation; raise max_length")
     return z, n_tokens
