@@ -29,6 +29,15 @@ VOCAB = 32000
 TOL = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def chunks_of_128_tokens(monkeypatch):
+    """A 16 MiB CPU budget: 128-token chunks of the 32k vocabulary, so that chunks hold several
+    pairs but not all of them (the default CPU budget holds this whole batch in one chunk)."""
+    from drdo_kernels import logprobs_chunked
+
+    monkeypatch.setitem(logprobs_chunked.CHUNK_BUDGET_BYTES, "cpu", 16 << 20)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama32k")
