@@ -73,6 +73,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .logit_transform import (
+    IDENTITY,
+    TRANSFORM_LINEAR,
+    TRANSFORM_NONE,
+    TRANSFORM_SOFTCAP,
+    LogitTransform,
+    transform_grad,
+    transform_logits,
+)
 from .rounding import to_16bit
 from .triton_runtime import triton_interpreting
 
@@ -180,8 +189,8 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, row0, col0, M, V, H,
 
 @triton.jit
 def _logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_lse_ptr, part_tgt_ptr,
-                         M, V, H, TILES_PER_SPLIT, N_SPLITS,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         M, V, H, TILES_PER_SPLIT, N_SPLITS, pre, post,
+                         HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          UPCAST_DOT: tl.constexpr):
     """Partial LSE / target logit of BLOCK_M tokens over one vocab split -> [splits, M]."""
@@ -198,7 +207,7 @@ def _logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_lse_ptr, part_tgt_pt
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         logits = _logits_tile(h_ptr, w_ptr, b_ptr, pid_m * BLOCK_M, tile * BLOCK_N, M, V, H,
                               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-        logits = tl.where((cols < V)[None, :], logits, float("-inf"))
+        logits = tl.where((cols < V)[None, :], transform_logits(logits, pre, post, TRANSFORM), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp(-inf - 0) = 0
         s_i = s_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
@@ -255,8 +264,9 @@ def _grad_weight(d_in, h_ptr, dw_ptr, row0, col0, M, V, H, BLOCK_M: tl.constexpr
 
 @triton.jit
 def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-                         M, V, H, filter_eps,
-                         HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                         M, V, H, filter_eps, pre, post, slope,
+                         HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, COMPUTE_DH: tl.constexpr,
+                         COMPUTE_DW: tl.constexpr,
                          COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
@@ -266,6 +276,7 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, d
     col0 = pid_n * BLOCK_N
     logits = _logits_tile(h_ptr, w_ptr, b_ptr, row0, col0, M, V, H,
                           HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+    logits = transform_logits(logits, pre, post, TRANSFORM)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     row_mask = offs_m < M - row0
@@ -275,7 +286,7 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, d
     g = tl.load(g_ptr + row0 + offs_m, mask=row_mask, other=0.0)
     onehot = tl.where((col0 + offs_n)[None, :] == labels[:, None], 1.0, 0.0)
     diff = tl.where(row_mask[:, None] & col_mask[None, :], onehot - tl.exp(logits - lse[:, None]), 0.0)
-    d_logits = diff * g[:, None]
+    d_logits = transform_grad(diff * g[:, None], logits, post, slope, TRANSFORM)  # d/d(h W^T + b)
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + col0 + offs_n, tl.sum(d_logits, axis=0), mask=col_mask, sem="relaxed")
     if FILTER:
@@ -326,10 +337,11 @@ def _bias_arg(bias: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     return dummy if bias is None else bias.detach().float().contiguous()
 
 
-def logprobs_forward(hidden, weight, bias, labels):
+def logprobs_forward(hidden, weight, bias, labels, *, transform: LogitTransform = IDENTITY):
     """hidden: [M, H] bf16/fp16/fp32 contiguous; weight: [V, H] contiguous, hidden's dtype or fp32
-    (16-bit hidden: computed in hidden's dtype); bias: [V] | None; labels: [M] int64 in [0, V).
-    Returns (logp [M] fp32 <= 0, lse [M] fp32)."""
+    (16-bit hidden: computed in hidden's dtype); bias: [V] | None; labels: [M] int64 in [0, V);
+    transform: the logit transform (:mod:`drdo_kernels.logit_transform`).
+    Returns (logp [M] fp32 <= 0, lse [M] fp32) of the transformed logits."""
     dtype = compute_dtype(hidden.dtype, weight.dtype)
     precision = dot_precision(dtype)
     fwd, _ = _config(dtype, precision)
@@ -343,7 +355,8 @@ def logprobs_forward(hidden, weight, bias, labels):
     grid = (triton.cdiv(m, fwd.block_m) * splits,)
     _logprobs_fwd_kernel[grid](
         hidden, weight, _bias_arg(bias, part_lse), labels, part_lse, part_tgt, m, v, h, tiles_per_split, splits,
-        HAS_BIAS=bias is not None, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k,
+        transform.pre, transform.post, HAS_BIAS=bias is not None, TRANSFORM=transform.kind, BLOCK_M=fwd.block_m,
+        BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k,
         GROUP_M=fwd.group_m, DOT_PRECISION=precision, UPCAST_DOT=_upcast_dot(dtype, hidden.device),
         num_warps=fwd.num_warps, num_stages=fwd.num_stages,
     )
@@ -353,8 +366,10 @@ def logprobs_forward(hidden, weight, bias, labels):
 
 
 def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=True, *,
-                      need_hidden_grad=True, need_bias_grad=True, filter_eps=0.0):
-    """grad: [M] upstream gradient; other args as saved by :func:`logprobs_forward`.
+                      need_hidden_grad=True, need_bias_grad=True, filter_eps=0.0,
+                      transform: LogitTransform = IDENTITY):
+    """grad: [M] upstream gradient; other args as saved by :func:`logprobs_forward` (the same
+    ``transform``).
 
     filter_eps: skip the gradient dots of tiles whose |softmax - onehot| are all below it
     (0, the default: exact; see :func:`default_filter_eps`).
@@ -377,8 +392,9 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
     if m > 0 and (need_hidden_grad or need_weight_grad or need_bias_grad):
         _logprobs_bwd_kernel[grid](
             hidden, weight, _bias_arg(bias, lse), labels, lse, grad.float().contiguous(),
-            d_hidden, d_weight, d_bias, m, v, h, eps,
-            HAS_BIAS=bias is not None, COMPUTE_DH=need_hidden_grad, COMPUTE_DW=need_weight_grad,
+            d_hidden, d_weight, d_bias, m, v, h, eps, transform.pre, transform.post, transform.slope,
+            HAS_BIAS=bias is not None, TRANSFORM=transform.kind, COMPUTE_DH=need_hidden_grad,
+            COMPUTE_DW=need_weight_grad,
             COMPUTE_DB=need_bias_grad, FILTER=eps > 0.0, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
             BLOCK_K=bwd.block_k, GROUP_M=bwd.group_m, DOT_PRECISION=precision,
             UPCAST_DOT=_upcast_dot(dtype, hidden.device), num_warps=bwd.num_warps, num_stages=bwd.num_stages,
@@ -393,13 +409,15 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
 def _fwd_signature(dt: str, wt: str) -> dict:
     return {"h_ptr": f"*{dt}", "w_ptr": f"*{wt}", "b_ptr": "*fp32", "lab_ptr": "*i64",
             "part_lse_ptr": "*fp32", "part_tgt_ptr": "*fp32",
-            "M": "i32", "V": "i32", "H": "i32", "TILES_PER_SPLIT": "i32", "N_SPLITS": "i32"}
+            "M": "i32", "V": "i32", "H": "i32", "TILES_PER_SPLIT": "i32", "N_SPLITS": "i32",
+            "pre": "fp32", "post": "fp32"}
 
 
 def _bwd_signature(dt: str, wt: str) -> dict:
     return {"h_ptr": f"*{dt}", "w_ptr": f"*{wt}", "b_ptr": "*fp32", "lab_ptr": "*i64", "lse_ptr": "*fp32",
             "g_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
-            "M": "i32", "V": "i32", "H": "i32", "filter_eps": "fp32"}
+            "M": "i32", "V": "i32", "H": "i32", "filter_eps": "fp32", "pre": "fp32", "post": "fp32",
+            "slope": "fp32"}
 
 
 #: Integer arguments that are multiples of 16 at LM-head shapes (H = 4096, V = 128256), which
@@ -408,18 +426,22 @@ ALIGNED_INTS = ("V", "H")
 
 
 def _variants():
-    """(tag, compute dtype, weight dtype, dot precision, has_bias, bwd flag overrides) launched by default
-    settings: same-dtype inputs with and without bias, 16-bit hidden + fp32 weight, TF32, a frozen weight;
-    and the opt-in gradient filter (bf16)."""
+    """(tag, compute dtype, weight dtype, dot precision, has_bias, transform kind, bwd flag overrides)
+    launched by default settings: same-dtype inputs with and without bias, 16-bit hidden + fp32 weight,
+    TF32, a frozen weight; a logit scale or temperature and a softcap (bf16); and the opt-in gradient
+    filter (bf16)."""
     out = []
     for dtype in CONFIGS:
         for has_bias in (False, True):
             out.append((f"{_TL_DTYPE[dtype]}_bias{int(has_bias)}", dtype, dtype, dot_precision_for(dtype, False),
-                        has_bias, {}))
-    out.append(("bf16_w32_bias0", torch.bfloat16, torch.float32, "tf32", False, {}))
-    out.append(("fp32_tf32_bias0", torch.float32, torch.float32, "tf32", False, {}))
-    out.append(("bf16_frozenw_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, {"COMPUTE_DW": False}))
-    out.append(("bf16_filter_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, {"FILTER": True}))
+                        has_bias, TRANSFORM_NONE, {}))
+    out.append(("bf16_w32_bias0", torch.bfloat16, torch.float32, "tf32", False, TRANSFORM_NONE, {}))
+    out.append(("fp32_tf32_bias0", torch.float32, torch.float32, "tf32", False, TRANSFORM_NONE, {}))
+    out.append(("bf16_scaled_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, TRANSFORM_LINEAR, {}))
+    out.append(("bf16_softcap_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, TRANSFORM_SOFTCAP, {}))
+    out.append(("bf16_frozenw_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, TRANSFORM_NONE,
+                {"COMPUTE_DW": False}))
+    out.append(("bf16_filter_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, TRANSFORM_NONE, {"FILTER": True}))
     return out
 
 
@@ -434,18 +456,19 @@ def aot_specs() -> list[tuple]:
     aligned_ints)] (forward of a frozen-weight variant is the plain forward, so it is listed once).
     """
     specs = []
-    for tag, dtype, wdtype, prec, has_bias, overrides in _variants():
+    for tag, dtype, wdtype, prec, has_bias, transform, overrides in _variants():
         fwd, bwd = _config(dtype, prec)
         dt, wt = _TL_DTYPE[dtype], _TL_DTYPE[wdtype]
         if not overrides:
             specs.append((f"logprobs_fwd_{tag}", _logprobs_fwd_kernel, _fwd_signature(dt, wt),
-                          dict(HAS_BIAS=has_bias, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k,
+                          dict(HAS_BIAS=has_bias, TRANSFORM=transform, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n,
+                               BLOCK_K=fwd.block_k,
                                GROUP_M=fwd.group_m, DOT_PRECISION=prec, UPCAST_DOT=False),
                           fwd.num_warps, fwd.num_stages, ALIGNED_INTS))
         flags = dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=has_bias, FILTER=False)
         flags.update(overrides)
         specs.append((f"logprobs_bwd_{tag}", _logprobs_bwd_kernel, _bwd_signature(dt, wt),
-                      dict(HAS_BIAS=has_bias, **flags, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
+                      dict(HAS_BIAS=has_bias, TRANSFORM=transform, **flags, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
                            BLOCK_K=bwd.block_k, GROUP_M=bwd.group_m, DOT_PRECISION=prec, UPCAST_DOT=False),
                       bwd.num_warps, bwd.num_stages, ALIGNED_INTS))
     return specs
