@@ -350,7 +350,9 @@ def fused_loss(case: Case, leaves: dict, data: dict) -> torch.Tensor:
     common["reduction"] = case.reduction
     if case.loss == "drdo":
         rewards = _policy_rewards(case, leaves) if o["reward"] == "head" else None
-        kw = {k: o[k] for k in ("alpha", "gamma", "reward", "beta", "unlikelihood", "length_normalize")}
+        kw = {k: o[k] for k in ("alpha", "gamma", "reward", "unlikelihood", "length_normalize")}
+        if o["reward"] == "implicit":  # a reward head's loss has no beta
+            kw["beta"] = o["beta"]
         return dk.fused_linear_drdo_loss(w, h, labels, oracle[0], rewards, b, **kw, **common)[0]
     if case.loss == "dpo":
         return dk.fused_linear_dpo_loss(w, h, labels, ref, b, beta=o["beta"], **common)[0]
