@@ -41,6 +41,8 @@ __all__ = [
     "log1mexp",
     "LOGP_CLAMP_MAX",
     "REDUCTIONS",
+    "check_reduction",
+    "check_rows_scored",
     "UNLIKELIHOOD_SIGN",
     "check_pair_shapes",
 ]
@@ -52,14 +54,13 @@ IGNORE_INDEX = -100  # label of a token that is not scored (prompt, padding), as
 LOGP_CLAMP_MAX = -1e-6
 
 UNLIKELIHOOD_SIGN = {"welleck": 1.0, "paper": -1.0}
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "none")
 REWARDS = ("head", "implicit")
 REWARD_GRADS = ("backbone", "head")
 NLL_REDUCTIONS = ("mean", "sum")
 
 
 # ------------------------------------------------------------------------------------------ loss specs
-#
 # One frozen dataclass per objective holds its hyperparameters: each default is declared here
 # once and each value is checked here once (__post_init__). Everything else (the reference
 # losses below, the fused kernels, the training objective, the CLI, the demo, the TRL config)
@@ -126,7 +127,8 @@ class DRDOSpec(LossSpec):
 
     alpha: weight of the focal preference term (>= 0). gamma: focal exponent (>= 0).
     reward: the student's reward rhat, "head" (a linear reward head) or "implicit" (beta * z).
-    beta: the implicit reward's scale (> 0). unlikelihood: U = z_w + s log(1 - e^{z_l}), s = +1
+    beta: the implicit reward's scale (> 0); with reward="head" only its default is accepted (another
+    value would be ignored). unlikelihood: U = z_w + s log(1 - e^{z_l}), s = +1
     ("welleck") or -1 ("paper", the sign as printed). reward_grad: "backbone" (the distillation
     gradient reaches the layers the head shares with the policy) or "head" (it trains the head
     only; needs reward="head"). length_normalize: z is the token-mean response log-prob instead
@@ -151,6 +153,10 @@ class DRDOSpec(LossSpec):
         self._flag("length_normalize")
         if self.reward_grad == "head" and self.reward != "head":
             raise ValueError('reward_grad="head" needs reward="head" (an implicit reward has no head to stop at)')
+        default_beta = next(f.default for f in dataclasses.fields(self) if f.name == "beta")
+        if self.reward == "head" and self.beta != default_beta:
+            raise ValueError(f'beta={self.beta:g} scales the implicit reward only; with reward="head" it would be '
+                             'ignored: drop it or set reward="implicit"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,16 +228,31 @@ def check_pair_shapes(**tensors: torch.Tensor) -> int:
     return first[0]
 
 
+def check_reduction(reduction) -> str:
+    """``reduction`` must be one of :data:`REDUCTIONS` ("mean", "sum", "none": the per-pair
+    losses [B]); returns it. The one check of every loss, reference and fused."""
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {shown(reduction)}")
+    return reduction
+
+
+def check_rows_scored(n_tokens, ignore_index: int = IGNORE_INDEX) -> None:
+    """ValueError naming the rows with no response token (an empty response has no sequence
+    log-prob). n_tokens: [N] int tensor or list of ints, the response tokens per row."""
+    empty = [r for r, n in enumerate(n_tokens.tolist() if isinstance(n_tokens, torch.Tensor) else n_tokens) if not n]
+    if empty:
+        raise ValueError(f"rows {empty[:8]} have no response token (every label is ignore_index={ignore_index}); "
+                         "a sequence log-prob needs at least one token")
+
+
 def _reduce(per_pair: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return per_pair.mean()
-    if reduction == "sum":
-        return per_pair.sum()
-    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    """The mean or sum of per_pair [B], or per_pair itself for "none"."""
+    return {"mean": per_pair.mean, "sum": per_pair.sum, "none": lambda: per_pair}[check_reduction(reduction)]()
 
 
 def _detached(**values: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in values.items()}
+    """Detached scalar metrics (a per-pair loss [B] of reduction="none" is logged as its mean)."""
+    return {k: v.detach().mean() for k, v in values.items()}
 
 
 def log1mexp(z: torch.Tensor) -> torch.Tensor:
@@ -248,16 +269,19 @@ def log1mexp(z: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, *, allow_empty_rows: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of the labelled tokens of each row.
 
     Args:
         logits: [N, T, V] (any float dtype), aligned with ``labels``.
         labels: [N, T] int64; ``ignore_index`` marks tokens that do not count.
+        allow_empty_rows: a row with no counted token is a ValueError naming it (its log-prob
+            is meaningless to a pair loss, as in the fused losses), unless True (token sums, as
+            SFT's NLL: such a row sums to 0).
     Returns:
         logps_sum: [N] float32 (float64 for float64 logits), sum over counted tokens
-            of log_softmax(logits)[label]; 0 for a row with no counted token.
+            of log_softmax(logits)[label].
         n_tokens: [N] int64, the number of counted tokens per row.
     """
     if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
@@ -273,6 +297,8 @@ def sequence_logprobs(
     logp = torch.log_softmax(_as_float(logits, dtype), dim=-1)
     token_logp = logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     token_logp = torch.where(mask, token_logp, torch.zeros_like(token_logp))
+    if not allow_empty_rows:
+        check_rows_scored(mask.sum(-1), ignore_index)
     return token_logp.sum(-1), mask.sum(-1)
 
 
@@ -304,13 +330,14 @@ def drdo_loss(
         oracle_chosen_rewards, oracle_rejected_rewards: r*_w, r*_l.
         spec / options: a :class:`DRDOSpec`, or its fields as keywords (alpha, gamma,
             unlikelihood are read here; the others say how the caller forms z and rhat).
-        reduction: "mean" (default) or "sum" over pairs.
+        reduction: "mean" (default) or "sum" over pairs, or "none" (the per-pair losses [B]).
     Returns:
-        loss: scalar float32 (float64 for float64 inputs);
+        loss: scalar float32 (float64 for float64 inputs), [B] for reduction="none";
         metrics: distill, pref, p_w, reward_acc, focal, unlikelihood,
             reward_margin, oracle_margin, logps_chosen, logps_rejected (means).
     """
     spec = DRDOSpec.build(spec, **options)
+    check_reduction(reduction)
     alpha, gamma = spec.alpha, spec.gamma
     inputs = dict(
         policy_chosen_logps=policy_chosen_logps,
@@ -373,12 +400,13 @@ def oracle_loss(
             ``nll_reduction="mean"`` (the default: per-sequence token-mean NLL,
             the usual SFT loss), ignored for ``"sum"``.
         spec / options: an :class:`OracleSpec`, or its fields (alpha, nll_reduction).
-        reduction: "mean" or "sum" over pairs.
+        reduction: "mean" or "sum" over pairs, or "none" (the per-pair losses [B]).
     Returns:
         loss, metrics: loss, bt (the Bradley-Terry term), nll, reward_acc,
         reward_margin, rewards_chosen, rewards_rejected.
     """
     spec = OracleSpec.build(spec, **options)
+    check_reduction(reduction)
     alpha = spec.alpha
     check_pair_shapes(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, chosen_nll=chosen_nll)
     dtype = _compute_dtype(chosen_rewards, rejected_rewards, chosen_nll)
@@ -424,7 +452,8 @@ def dpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO (Rafailov et al. 2023), per pair: -log sigmoid(beta * ((z_w - zref_w) - (z_l - zref_l))).
 
-    Args: four [B] tensors of summed response log-probs; a :class:`DPOSpec` or its field (beta).
+    Args: four [B] tensors of summed response log-probs; a :class:`DPOSpec` or its field (beta);
+        reduction: "mean", "sum" or "none" (the per-pair losses [B]).
     Returns: loss, metrics: loss, rewards_chosen, rewards_rejected, reward_margin,
         reward_acc (implicit reward of y_w above that of y_l), logps_chosen, logps_rejected.
     """
@@ -435,6 +464,7 @@ def dpo_loss(
         ref_rejected_logps=ref_rejected_logps,
     )
     spec = DPOSpec.build(spec, **options)
+    check_reduction(reduction)
     check_pair_shapes(**inputs)
     dtype = _compute_dtype(*inputs.values())
     margin, chosen, rejected = _implicit_margin(*inputs.values(), spec.beta, dtype)
@@ -474,6 +504,10 @@ def edpo_loss(
         policy_*/ref_*: [B] summed response log-probs.
         oracle_chosen_rewards, oracle_rejected_rewards: [K, B] (a [B] tensor is K = 1).
         spec / options: an :class:`EDPOSpec`, or its fields (beta, pessimistic).
+        reduction: "mean" or "sum" (each member's reduction over pairs), or "none": the per-pair
+            terms [B] of the member the loss selects (pessimistic: the member of the largest mean;
+            else the mean over members of each pair's squared errors), so that their mean is the
+            loss of reduction="mean".
     Returns: loss, metrics: loss, distill_min, distill_max, worst_member (index, float),
         reward_margin, oracle_margin, reward_acc.
     """
@@ -484,6 +518,7 @@ def edpo_loss(
         ref_rejected_logps=ref_rejected_logps,
     )
     spec = EDPOSpec.build(spec, **options)
+    check_reduction(reduction)
     n_pairs = check_pair_shapes(**inputs)
     oracle_w = oracle_chosen_rewards if oracle_chosen_rewards.dim() == 2 else oracle_chosen_rewards.unsqueeze(0)
     oracle_l = oracle_rejected_rewards if oracle_rejected_rewards.dim() == 2 else oracle_rejected_rewards.unsqueeze(0)
@@ -496,8 +531,12 @@ def edpo_loss(
     dtype = _compute_dtype(*inputs.values(), oracle_w, oracle_l)
     margin, _, _ = _implicit_margin(*inputs.values(), spec.beta, dtype)
     oracle_margin = _as_float(oracle_w, dtype) - _as_float(oracle_l, dtype)  # [K, B]
-    per_member = torch.stack([_reduce((om - margin) ** 2, reduction) for om in oracle_margin])  # [K]
-    loss = per_member.max() if spec.pessimistic else per_member.mean()
+    squared = (oracle_margin - margin) ** 2  # [K, B]
+    per_member = squared.sum(1) if reduction == "sum" else squared.mean(1)  # [K]
+    if reduction != "none":
+        loss = per_member.max() if spec.pessimistic else per_member.mean()
+    else:
+        loss = squared[per_member.argmax()] if spec.pessimistic else squared.mean(0)
     metrics = _detached(
         loss=loss,
         distill_min=per_member.min(),
@@ -533,7 +572,10 @@ def objective_loss(
         ref_logps: [2B] reference log-probs (DPO, e-DPO).
         drdo_fn: the pair loss DRDO uses (default :func:`drdo_loss`; the fused kernels pass
             their Triton twin).
-    Returns (loss, metrics) of the objective's reference function.
+        reduction: "mean", "sum" or "none" (per-pair losses [B]).
+    Returns (loss, metrics) of the objective's reference function. ``spec.reward_grad`` is the
+    caller's: it says how the rewards were computed. Rows with no response token are refused
+    where z is computed (:func:`sequence_logprobs`, the fused kernels), not here (no host sync).
     """
     if isinstance(spec, OracleSpec):
         n = rewards.shape[0] // 2

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from drdo.errors import ConfigError
-from drdo.losses import IGNORE_INDEX, sequence_logprobs
+from drdo.losses import IGNORE_INDEX, check_rows_scored, sequence_logprobs
 from drdo_kernels.logprobs import BACKENDS, check_backend
 
 __all__ = ["BACKENDS", "DEPRECATED_BACKEND_NAME", "check_backend", "REF_SETTINGS_FIELD", "head_params",
@@ -48,14 +48,16 @@ def head_params(head: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torc
 
 
 def hidden_sequence_logprobs(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, *,
-                             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                             backend: str = "auto",
+                             allow_empty_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the labelled tokens of each row, from the last hidden state.
 
     hidden: [R, T, H] any float dtype; head: the LM head (``.weight`` [V, H], optional ``.bias``);
     labels: [R, T] int64, aligned (position t predicts labels[t]), IGNORE_INDEX where not counted.
     Returns (logps [R] float32 (float64 for float64 inputs), differentiable w.r.t. hidden and the head;
     n_tokens [R] int64).
-    A row with no counted token sums to 0, as :func:`drdo.losses.sequence_logprobs`.
+    A row with no counted token is a ValueError naming it unless ``allow_empty_rows`` (then it sums
+    to 0), as :func:`drdo.losses.sequence_logprobs`.
     """
     import drdo_kernels
 
@@ -65,23 +67,30 @@ def hidden_sequence_logprobs(hidden: torch.Tensor, head: nn.Module, labels: torc
     weight, bias = head_params(head, hidden.dtype)
     token_logps = drdo_kernels.fused_linear_logprobs(weight, hidden, labels, bias=bias,  # [R, T], 0 where ignored
                                                      ignore_index=IGNORE_INDEX, backend=backend)
-    return token_logps.sum(-1), (labels != IGNORE_INDEX).sum(-1)
+    n_tokens = (labels != IGNORE_INDEX).sum(-1)
+    if not allow_empty_rows:
+        check_rows_scored(n_tokens)
+    return token_logps.sum(-1), n_tokens
 
 
 def policy_sequence_logprobs(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                             labels: torch.Tensor, *, backend: str = "auto"):
+                             labels: torch.Tensor, *, backend: str = "auto", allow_empty_rows: bool = False):
     """Run ``policy`` (a :class:`drdo.models.PolicyWithRewardHead`) once and sum its response log-probs.
 
     input_ids / attention_mask / labels: [R, T] int64 (labels aligned). backend: one of :data:`BACKENDS`.
+    allow_empty_rows: as :func:`drdo.losses.sequence_logprobs` (False: a row with no response token
+    is a ValueError naming it; True for token sums such as SFT's NLL).
     Returns (logps [R] float32 or wider, n_tokens [R] int64, the policy's output: hidden states, rewards,
     and logits for ``backend="reference"``).
     """
     reference = check_backend(backend) == "reference"
     out = policy(input_ids, attention_mask, return_logits=reference)
     if reference:
-        logps, n_tokens = sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX)
+        logps, n_tokens = sequence_logprobs(out.logits, labels, ignore_index=IGNORE_INDEX,
+                                            allow_empty_rows=allow_empty_rows)
         return logps, n_tokens, out
-    logps, n_tokens = hidden_sequence_logprobs(out.hidden_states, policy.lm_head, labels, backend=backend)
+    logps, n_tokens = hidden_sequence_logprobs(out.hidden_states, policy.lm_head, labels, backend=backend,
+                                               allow_empty_rows=allow_empty_rows)
     return logps, n_tokens, out
 
 

@@ -10,8 +10,9 @@ Each loss here is its :mod:`drdo.losses` twin composed on sequence log-probs tha
 Conventions (TRL / Liger-Kernel): rows 0..B-1 are the chosen responses, rows B..2B-1
 the rejected ones; ``labels`` are ALIGNED with ``hidden`` (position t predicts
 labels[t]); ``ignore_index`` marks prompt and padding tokens. Every row that enters a
-loss must hold at least one response token (z of an empty response is meaningless);
-checking that costs one host sync per call.
+loss must hold at least one response token (z of an empty response is meaningless; the
+reference refuses it too); checking that costs one host sync per call. ``reduction`` is
+"mean", "sum" or "none" (the per-pair losses [B]) on every backend.
 
 ``temperature``, ``softcap`` and ``logit_scale`` (keyword-only everywhere) are the model's logit
 transform (:mod:`drdo_kernels.logit_transform`), applied exactly on every backend.
@@ -21,19 +22,22 @@ With "chunked" and "torch" (the chunked backend, with or without its Triton fold
 DPO and the Oracle loss compute every LM-head gradient during the forward on chunks of
 whole pairs (:mod:`drdo_kernels.pair_chunked`: 6·N·H·V FLOPs, no recompute), and the
 backward only scales them; e-DPO (a max over ensemble members of batch means, not a
-sum over pairs) takes the two passes of :func:`fused_linear_logprobs`. With "triton"
+sum over pairs) takes the two passes of :func:`fused_linear_logprobs`, and so do float16
+compute (its gradients must be rounded after a loss scaler's scale is applied, not before)
+and ``reduction="none"`` (per-pair upstream gradients). With "triton"
 every loss composes :func:`fused_linear_logprobs` with its reference (DRDO with the
 pair-loss kernel :func:`drdo_kernels.drdo_pair_loss`). "auto" resolves per call with
 :func:`drdo_kernels.logprobs.auto_backend`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from drdo.losses import DPOSpec, DRDOSpec, EDPOSpec, OracleSpec, drdo_loss, objective_loss
+from drdo.losses import DPOSpec, DRDOSpec, EDPOSpec, OracleSpec, check_reduction, drdo_loss, objective_loss
 
 from . import logprobs_chunked as chunked
 from .compiled import compilable
@@ -144,18 +148,31 @@ def _fused_pair_loss(spec, lm_head_weight, hidden, labels, bias, *, ignore_index
                      reduction: str, chunk_tokens, transform: LogitTransform, **named_scores):
     """(loss, metrics) of ``spec`` from hidden states and the named per-row scores of
     :func:`drdo.losses.objective_loss` (rewards, oracle, ref_logps): on the chunked backends in
-    closed form with every gradient computed in the forward; on "triton" and "reference" as
-    ``objective_loss`` of the rows' summed log-probs, DRDO on "triton" with the Triton pair kernel."""
+    closed form with every gradient computed in the forward (mean and sum in float32, bfloat16,
+    float64); otherwise as ``objective_loss`` of the rows' summed log-probs, DRDO on "triton"
+    with the Triton pair kernel."""
     objective = objective_for(spec)
     head = _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index, backend, chunk_tokens,
                       objective.rows_per_group)
-    if head.backend in ("chunked", "torch") and head.shard is None:
+    if head.backend in ("chunked", "torch") and head.shard is None and \
+            _gradients_in_forward(head.hidden, head.weight, reduction):
         return chunked_pair_loss(objective, head.weight, head.hidden, labels, objective.scores(**named_scores),
                                  head.bias, head.plan, backend=head.backend, reduction=reduction,
                                  chunk_tokens=chunk_tokens, transform=transform)
     z = _planned_row_logprobs(head, labels, chunk_tokens, transform)
     return objective_loss(spec, z, head.plan.counts, reduction=reduction,
                           drdo_fn=_triton_drdo if head.backend == "triton" else None, **named_scores)
+
+
+def _gradients_in_forward(hidden, weight, reduction: str) -> bool:
+    """Whether the chunked pair path (every gradient in the forward, 6·N·H·V FLOPs) is exact here.
+
+    Not for reduction="none" (per-pair upstream gradients cannot scale a d_weight summed over
+    pairs) nor for float16 compute (its gradient of the logits, c·(onehot - softmax), would be
+    rounded to float16 before the upstream scale is known: a loss scaler's 2^16 then multiplies
+    values that underflowed). Those take the log-probs forward and the backward that recomputes
+    the logits with the upstream gradient applied (8·N·H·V), as an unfused float16 model does."""
+    return reduction != "none" and chunked.compute_dtype(hidden.dtype, weight.dtype) != torch.float16
 
 
 def _triton_drdo(*pair, spec, reduction):
@@ -200,6 +217,9 @@ def _check_ensemble(name: str, t: torch.Tensor, n_pairs: int) -> torch.Tensor:
     return t
 
 
+_REWARD_GRAD_REFUSED = ('reward_grad="head" is not applied by the loss: compute policy_rewards with the reward head '
+                        'on the detached hidden state (reward_head(hidden.detach())) and leave reward_grad="backbone"')
+
 _CHUNK_DOC = """chunk_tokens: chunked backends: at most this many tokens per chunk (None: from
             ``drdo_kernels.logprobs_chunked.CHUNK_BUDGET_BYTES``); chunks hold whole pairs,
             and a longer pair is split into chunks of this size and takes two passes."""
@@ -233,13 +253,20 @@ def fused_linear_drdo_loss(
             reward="head", ignored for reward="implicit" (rhat = beta * z);
         bias: [V] or None;
         spec / options: a :class:`drdo.losses.DRDOSpec`, or its fields as keywords (alpha,
-            gamma, reward, beta, unlikelihood, length_normalize; reward_grad is the caller's);
+            gamma, reward, beta (reward="implicit" only), unlikelihood, length_normalize).
+            reward_grad="head" is refused: the loss sees policy_rewards, not the graph that made
+            them; compute them from ``hidden.detach()`` to keep the distillation gradient out of
+            the backbone;
+        reduction: "mean", "sum" or "none" (the per-pair losses [B], any upstream gradient);
         {chunk}
         temperature, softcap, logit_scale: the model's logit transform, as
             :func:`drdo_kernels.fused_linear_logprobs` (every backend).
     Returns: (loss, metrics) as drdo.losses.drdo_loss.
     """
     spec = DRDOSpec.build(spec, **options)
+    if spec.reward_grad != "backbone":
+        raise ValueError(_REWARD_GRAD_REFUSED)
+    check_reduction(reduction)
     n_pairs = _n_pairs(hidden, labels)
     if isinstance(oracle_rewards, torch.Tensor) and oracle_rewards.dim() == 2:
         raise ValueError(
@@ -280,6 +307,7 @@ def fused_linear_dpo_loss(
     row; spec / options: a :class:`drdo.losses.DPOSpec` or its field (beta); chunk_tokens: as
     :func:`fused_linear_drdo_loss`."""
     spec = DPOSpec.build(spec, **options)
+    check_reduction(reduction)
     n_pairs = _n_pairs(hidden, labels)
     _check_rows("ref_logps", ref_logps, n_pairs)
     return _fused_pair_loss(spec, lm_head_weight, hidden, labels, bias, ignore_index=ignore_index,
@@ -314,6 +342,7 @@ def fused_linear_edpo_loss(
     :func:`fused_linear_logprobs` (chunk_tokens: tokens per chunk there).
     """
     spec = EDPOSpec.build(spec, **options)
+    check_reduction(reduction)
     n_pairs = _n_pairs(hidden, labels)
     _check_rows("ref_logps", ref_logps, n_pairs)
     _check_ensemble("oracle_rewards", oracle_rewards, n_pairs)
@@ -349,6 +378,7 @@ def fused_linear_oracle_loss(
     hidden[:B] goes through the LM head. chunk_tokens: as :func:`fused_linear_drdo_loss`.
     """
     spec = OracleSpec.build(spec, **options)
+    check_reduction(reduction)
     n_pairs = _n_pairs(hidden, labels)
     _check_rows("rewards", rewards, n_pairs)
     return _fused_pair_loss(spec, lm_head_weight, hidden[:n_pairs], labels[:n_pairs], bias,
@@ -373,6 +403,7 @@ class _FusedLoss(nn.Module):
         super().__init__()
         check_chunk_tokens(chunk_tokens)
         check_backend(backend)
+        check_reduction(reduction)
         self.spec = self.spec_type.build(spec, **options)
         self.ignore_index, self.backend = ignore_index, backend
         self.reduction, self.chunk_tokens = reduction, chunk_tokens
@@ -430,6 +461,8 @@ class FusedLinearDRDOLoss(_FusedLoss):
                          chunk_tokens=chunk_tokens, temperature=temperature, softcap=softcap,
                          logit_scale=logit_scale, alpha=alpha, gamma=gamma, reward=reward, beta=beta,
                          unlikelihood=unlikelihood, reward_grad=reward_grad, length_normalize=length_normalize)
+        if self.spec.reward_grad != "backbone":
+            raise ValueError(_REWARD_GRAD_REFUSED)
 
     def forward(self, lm_head_weight, hidden, labels, oracle_rewards, policy_rewards=None, bias=None):
         return self._call(lm_head_weight, hidden, labels, oracle_rewards, policy_rewards, bias)
@@ -521,11 +554,14 @@ def fused_objective_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`drdo.losses.objective_loss` from hidden states: the loss of a DRDO, DPO, e-DPO or
     Oracle spec, with the inputs it reads (hidden [2B, T, H], labels [2B, T]; rewards, oracle,
-    ref_logps as there; DRDO averages an Oracle ensemble [K, 2B]); temperature, softcap,
-    logit_scale: the model's logit transform, as :func:`drdo_kernels.fused_linear_logprobs`."""
+    ref_logps as there; DRDO averages an Oracle ensemble [K, 2B]). As there, a DRDO spec's
+    reward_grad is the caller's: ``rewards`` come from a detached hidden state for "head".
+    temperature, softcap, logit_scale: the model's logit transform, as
+    :func:`drdo_kernels.fused_linear_logprobs`."""
     common = dict(spec=spec, ignore_index=ignore_index, backend=backend, reduction=reduction, chunk_tokens=chunk_tokens,
                   temperature=temperature, softcap=softcap, logit_scale=logit_scale)
     if isinstance(spec, DRDOSpec):
+        common["spec"] = dataclasses.replace(spec, reward_grad="backbone")  # applied by the caller's rewards
         single = oracle.mean(0) if oracle.dim() == 2 else oracle
         return fused_linear_drdo_loss(lm_head_weight, hidden, labels, single,
                                       rewards if spec.reward == "head" else None, bias, **common)

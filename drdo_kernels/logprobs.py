@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from drdo import losses
 from drdo.errors import shown
 
 from . import logprobs_chunked as chunked
@@ -213,10 +214,7 @@ def plan_tokens(labels: torch.Tensor, n_vocab: int, ignore_index: int, order: to
 
 def check_rows_scored(plan: TokenPlan, ignore_index: int) -> None:
     """ValueError naming the rows of ``plan`` with no valid token: a sequence log-prob needs one."""
-    empty = [r for r, n in enumerate(plan.row_counts) if n == 0]
-    if empty:
-        raise ValueError(f"rows {empty[:8]} have no response token (every label is ignore_index={ignore_index}); "
-                         "a sequence log-prob needs at least one token")
+    losses.check_rows_scored(plan.row_counts, ignore_index)
 
 
 class _TritonLogprobs(torch.autograd.Function):

@@ -10,7 +10,7 @@ pairs (the chosen and rejected rows of the same pairs together) and, per chunk:
     d = c[row] * (onehot - softmax(x))  (in place)  ->  d_hidden[chunk] = d @ W, d_weight += d.T @ h
 
 6·H·V FLOPs per token, no recompute, and about 15 launches per chunk (the logits GEMM, the
-fold, four small ops for z, two to five for c, the gather, the softmax gradient, the two
+fold, four small ops for z, one to four for c, the gather, the softmax gradient, the two
 gradient GEMMs; the first chunk writes d_weight, the others add to it). A pair whose tokens
 alone exceed the chunk size is split into sub-chunks and takes two passes instead (its
 log-sum-exps first, then its gradients with the logits recomputed: 8·H·V FLOPs for its
@@ -21,7 +21,8 @@ only); it leaves them intact, so ``backward(retain_graph=True)`` can be called a
 memory until the graph is freed: d_hidden of the valid tokens, the fp32 d_weight and the
 per-row score gradients (and, during the backward, their copies in the inputs' dtypes).
 When no input needs a gradient (``torch.no_grad()``, evaluation, frozen inputs) only the
-log-probs are computed: 2·H·V FLOPs per token.
+log-probs are computed: 2·H·V FLOPs per token. Float16 compute and ``reduction="none"`` do
+not come here (:mod:`drdo_kernels.fused_losses` routes them to the log-probs and autograd).
 """
 from __future__ import annotations
 
@@ -94,9 +95,8 @@ class _Chunks:
 
     def set_coefficients(self, g0: int, g1: int) -> None:
         """dL/dz of groups g0..g1 (their z complete) into self.coeff."""
-        c = self.objective.coefficients(self.z(g0, g1), self.n_tokens[:, g0:g1],
-                                        [s[:, g0:g1] for s in self.scores], self.use_triton)
-        self.rows_of(self.coeff, g0, g1).copy_(c)
+        self.objective.coefficients(self.z(g0, g1), self.n_tokens[:, g0:g1], [s[:, g0:g1] for s in self.scores],
+                                    self.use_triton, out=self.rows_of(self.coeff, g0, g1))
 
     def token_coefficients(self, lo: int, hi: int) -> torch.Tensor:
         return self.coeff.index_select(0, self.token_row[lo:hi])

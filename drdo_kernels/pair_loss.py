@@ -36,7 +36,15 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from drdo.losses import LOGP_CLAMP_MAX, REDUCTIONS, UNLIKELIHOOD_SIGN, DRDOSpec, check_pair_shapes, log1mexp
+from drdo.losses import (
+    LOGP_CLAMP_MAX,
+    UNLIKELIHOOD_SIGN,
+    DRDOSpec,
+    check_pair_shapes,
+    check_reduction,
+    drdo_loss,
+    log1mexp,
+)
 
 from .logprobs import resolve_backend
 from .triton_runtime import triton_available
@@ -300,8 +308,7 @@ class _DRDOPairLossFn(torch.autograd.Function):
 
 
 def _check_inputs(inputs: dict, reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     for name, t in inputs.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
@@ -346,7 +353,8 @@ def drdo_pair_loss(
             reward="implicit": pass the same tensors, autograd adds both paths).
         oracle_chosen_rewards, oracle_rejected_rewards: r*_w, r*_l.
         spec / options: a :class:`drdo.losses.DRDOSpec` or its fields (alpha, gamma and
-            unlikelihood are read here); reduction ("mean" | "sum").
+            unlikelihood are read here); reduction ("mean" | "sum" | "none": the per-pair
+            losses [B], computed by :func:`drdo.losses.drdo_loss`).
         backend: "auto" | "triton" | "torch" (see the module docstring).
     Returns:
         loss: scalar float32 (float64 on the torch backend for float64 inputs);
@@ -363,6 +371,8 @@ def drdo_pair_loss(
     spec = DRDOSpec.build(spec, **options)
     _check_inputs(inputs, reduction)
     tensors = list(inputs.values())
+    if reduction == "none":  # the kernel writes sums; per-pair losses come from the reference
+        return drdo_loss(*tensors, spec=spec, reduction=reduction)
     backend = _resolve_backend(backend, tensors)
     loss, sums = _DRDOPairLossFn.apply(
         *tensors, spec.alpha, spec.gamma, UNLIKELIHOOD_SIGN[spec.unlikelihood], reduction, backend

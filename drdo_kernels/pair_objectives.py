@@ -48,8 +48,9 @@ class PairObjective:
         """[R, G] dL/dz when it does not depend on z (computed once), else None."""
         return None
 
-    def coefficients(self, z, n_tokens, scores, use_triton: bool) -> torch.Tensor:
-        """dL/dz [R, g] of g pairs from z, n_tokens [R, g] and scores (each [2, g])."""
+    def coefficients(self, z, n_tokens, scores, use_triton: bool, out: torch.Tensor) -> None:
+        """dL/dz [R, g] of g pairs from z, n_tokens [R, g] and scores (each [2, g]), written into
+        ``out`` [R, g] (a strided view of the per-row buffer)."""
         raise NotImplementedError
 
     def finish(self, z, n_tokens, scores, reduction: str, use_triton: bool):
@@ -79,13 +80,15 @@ class DRDOObjective(PairObjective):
         sums, grads = terms(x.contiguous(), spec.alpha, spec.gamma, self.sign, grads_only)
         return z_eff, sums, grads
 
-    def _dz(self, grads, n_tokens):
+    def coefficients(self, z, n_tokens, scores, use_triton: bool, out: torch.Tensor) -> None:
         spec = self.spec
-        dz = grads[:2] if spec.reward == "head" else torch.add(grads[:2], grads[2:], alpha=spec.beta)
-        return dz / n_tokens if spec.length_normalize else dz
-
-    def coefficients(self, z, n_tokens, scores, use_triton: bool):
-        return self._dz(self._terms(z, n_tokens, scores, use_triton, grads_only=True)[2], n_tokens)
+        grads = self._terms(z, n_tokens, scores, use_triton, grads_only=True)[2]
+        if spec.reward == "head":
+            out.copy_(grads[:2])
+        else:
+            torch.add(grads[:2], grads[2:], alpha=spec.beta, out=out)
+        if spec.length_normalize:
+            out.div_(n_tokens)
 
     def finish(self, z, n_tokens, scores, reduction: str, use_triton: bool):
         _, sums, grads = self._terms(z, n_tokens, scores, use_triton)
@@ -106,20 +109,25 @@ class DPOObjective(PairObjective):
     def scores(self, *, rewards=None, oracle=None, ref_logps=None):
         return [ref_logps]
 
-    def _d_margin(self, z, ref):
-        """beta * dL/dm [g] for m = beta ((z_w - ref_w) - (z_l - ref_l))."""
-        d = z - ref.to(z.dtype)
-        return torch.sigmoid(self.spec.beta * (d[1] - d[0])).mul_(-self.spec.beta)
+    def _signs(self, z: torch.Tensor) -> torch.Tensor:
+        """[2] (-beta, +beta) in z's dtype and device, made once."""
+        signs = getattr(self, "_signs_cache", None)
+        if signs is None or signs.dtype != z.dtype or signs.device != z.device:
+            signs = self._signs_cache = torch.tensor([-self.spec.beta, self.spec.beta], dtype=z.dtype, device=z.device)
+        return signs
 
-    def coefficients(self, z, n_tokens, scores, use_triton: bool):
-        g = self._d_margin(z, scores[0])
-        return torch.stack([g, -g])
+    def coefficients(self, z, n_tokens, scores, use_triton: bool, out: torch.Tensor) -> None:
+        """dL/dz_w = -beta sigmoid(-m) = -dL/dz_l, with -m = (-beta, beta) . (z - ref): four launches."""
+        signs = self._signs(z)
+        neg_margin = torch.matmul(signs, z - scores[0].to(z.dtype)).sigmoid_()  # [g]
+        torch.mul(signs[:, None], neg_margin, out=out)
 
     def finish(self, z, n_tokens, scores, reduction: str, use_triton: bool):
         ref = scores[0]
         loss, metrics = dpo_loss(z[0], z[1], ref[0], ref[1], spec=self.spec, reduction=reduction)
-        g = self._d_margin(z, ref)
-        return loss, metrics, [torch.stack([-g, g])]
+        d_z = torch.empty_like(z)
+        self.coefficients(z, n_tokens, scores, use_triton, out=d_z)
+        return loss, metrics, [d_z.neg_()]
 
 
 class OracleObjective(PairObjective):

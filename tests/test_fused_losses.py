@@ -114,6 +114,11 @@ def _assert_matches(fused_fn, ref_fn, batch, dtype):
     return ratios
 
 
+def _beta(reward: str, beta: float) -> dict:
+    """beta for an implicit reward; a reward head takes none (another value than the default is refused)."""
+    return {"beta": beta} if reward == "implicit" else {}
+
+
 def _drdo_pair(reward, unlikelihood, beta=0.5, alpha=0.5, gamma=2.0):
     kw = dict(alpha=alpha, gamma=gamma, unlikelihood=unlikelihood)
 
@@ -124,7 +129,7 @@ def _drdo_pair(reward, unlikelihood, beta=0.5, alpha=0.5, gamma=2.0):
         return drdo_loss(z[:N_PAIRS], z[N_PAIRS:], rhat[:N_PAIRS], rhat[N_PAIRS:], o[:N_PAIRS], o[N_PAIRS:], **kw)
 
     def fused(backend):
-        module = FusedLinearDRDOLoss(reward=reward, beta=beta, backend=backend, **kw)
+        module = FusedLinearDRDOLoss(reward=reward, **_beta(reward, beta), backend=backend, **kw)
         return lambda b: module(b["weight"], b["hidden"], b["labels"], b["oracle"],
                                 b["policy_rewards"] if reward == "head" else None, b["bias"])
 
@@ -285,7 +290,7 @@ def _loss_pairs(reduction):
             return drdo_loss(*_split(z), *_split(rhat), *_split(b["oracle"]), **kw)
 
         def fused(backend):
-            module = FusedLinearDRDOLoss(reward=reward, beta=0.5, backend=backend, **kw)
+            module = FusedLinearDRDOLoss(reward=reward, **_beta(reward, 0.5), backend=backend, **kw)
             return lambda b: module(b["weight"], b["hidden"], b["labels"], b["oracle"],
                                     b["policy_rewards"] if reward == "head" else None, b["bias"])
         return fused, ref
@@ -393,7 +398,8 @@ def test_drdo_length_normalize_is_the_reference_on_token_means(backend, reward):
     """length_normalize=True: z = summed log-prob / token count, then drdo_loss as usual."""
     batch = _batch(seed=4)
     kw = dict(alpha=0.5, gamma=2.0, unlikelihood="welleck")
-    module = FusedLinearDRDOLoss(reward=reward, beta=0.5, length_normalize=True, backend=backend, **kw)
+    module = FusedLinearDRDOLoss(reward=reward, **_beta(reward, 0.5), length_normalize=True, backend=backend,
+                                 **kw)
 
     def fused(b):
         return module(b["weight"], b["hidden"], b["labels"], b["oracle"],

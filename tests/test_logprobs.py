@@ -25,8 +25,10 @@ def test_hidden_path_matches_float64_with_ignored_tokens_and_an_empty_row(bias):
     labels = torch.randint(0, v, (rows, t), generator=g)
     labels[:, :3] = IGNORE_INDEX  # prompt
     labels[1, 5:] = IGNORE_INDEX  # padding
-    labels[3] = IGNORE_INDEX  # a row with no counted token sums to 0
-    logps, n_tokens = hidden_sequence_logprobs(hidden, head, labels, backend="torch")
+    labels[3] = IGNORE_INDEX  # a row with no counted token: an error naming it, or 0 when allowed
+    with pytest.raises(ValueError, match=r"rows \[3\] have no response token"):
+        hidden_sequence_logprobs(hidden, head, labels, backend="torch")
+    logps, n_tokens = hidden_sequence_logprobs(hidden, head, labels, backend="torch", allow_empty_rows=True)
     expected, expected_n = _float64_logps(hidden.detach(), head.weight.detach(), head.bias, labels)
     assert logps.dtype == torch.float32 and logps.shape == (rows,)
     assert torch.equal(n_tokens, expected_n) and n_tokens[3] == 0 and logps[3] == 0

@@ -203,3 +203,48 @@ def test_backend_has_one_name_and_the_old_one_warns(tmp_path, capsys):
     with pytest.warns(FutureWarning, match="kernel_backend"):
         config = DRDOConfig(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, kernel_backend="torch")
     assert config.backend == "torch"
+
+
+def test_beta_with_a_reward_head_is_refused_where_it_is_given(tmp_path, capsys):
+    """beta scales the implicit reward only: another value than the default with reward="head" is
+    refused at every entry point (library, CLI, TRL); the default (the spec's, TRL's DPOConfig's, the
+    one the CLI config records) passes."""
+    message = 'beta=0.2 scales the implicit reward only; with reward="head" it would be ignored'
+    pairs = [torch.zeros(2) for _ in range(6)]
+    weight, hidden = torch.randn(5, 3), torch.randn(2, 3, 3)
+    labels, oracle = torch.tensor([[0, 1, 2], [3, 4, 0]]), torch.zeros(2)
+    for call in (lambda: DRDOSpec.build(beta=0.2), lambda: drdo_loss(*pairs, beta=0.2),
+                 lambda: FusedLinearDRDOLoss(beta=0.2),
+                 lambda: drdo_kernels.fused_linear_drdo_loss(weight, hidden, labels, oracle, oracle, beta=0.2),
+                 lambda: DRDOSpec.build(DRDOSpec(reward="head"), beta=0.2)):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert DRDOSpec.build(reward="implicit", beta=0.2).beta == 0.2
+    assert DRDOSpec.build(DRDOSpec(reward="implicit"), beta=0.2).beta == 0.2
+    assert main(["train", "--beta", "0.2", "--data", "d.jsonl", "--output-dir", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    pytest.importorskip("trl")
+    from drdo.integrations.trl import DRDOConfig
+
+    assert DRDOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True).drdo_spec.reward == "head"
+    with pytest.raises(ValueError, match=message):
+        DRDOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, beta=0.2)
+    assert DRDOSpec(beta=DRDOSpec.beta).beta == 0.1  # the default, given: harmless, accepted
+
+
+def test_fused_drdo_refuses_reward_grad_head_it_cannot_apply():
+    """The fused loss sees the rewards, not the graph that made them: reward_grad="head" is refused
+    there; the training objective (fused_objective_loss) applies it to the rewards it passes."""
+    g = torch.Generator().manual_seed(0)
+    weight, hidden = torch.randn(5, 3, generator=g), torch.randn(2, 3, 3, generator=g)
+    labels, oracle, rewards = torch.tensor([[0, 1, 2], [3, 4, 0]]), torch.zeros(2), torch.randn(2, generator=g)
+    spec = DRDOSpec(reward_grad="head")
+    for call in (lambda: FusedLinearDRDOLoss(reward_grad="head"), lambda: FusedLinearDRDOLoss(spec=spec),
+                 lambda: drdo_kernels.fused_linear_drdo_loss(weight, hidden, labels, oracle, rewards,
+                                                             reward_grad="head"),
+                 lambda: drdo_kernels.fused_linear_drdo_loss(weight, hidden, labels, oracle, rewards, spec=spec)):
+        with pytest.raises(ValueError, match=r'reward_grad="head" is not applied by the loss'):
+            call()
+    loss, _ = drdo_kernels.fused_objective_loss(spec, weight, hidden, labels, rewards=rewards, oracle=oracle)
+    want, _ = drdo_kernels.fused_objective_loss(DRDOSpec(), weight, hidden, labels, rewards=rewards, oracle=oracle)
+    torch.testing.assert_close(loss, want)

@@ -65,8 +65,10 @@ def test_sequence_logprobs_equals_explicit_loop():
     logits = torch.randn(n, t, v, dtype=torch.float64) * 3
     labels = torch.randint(0, v, (n, t))
     labels[0, :3] = -100
-    labels[2, :] = -100  # a fully ignored row
-    logps, counts = L.sequence_logprobs(logits, labels)
+    labels[2, :] = -100  # a fully ignored row: an error naming it, unless allowed (then it sums to 0)
+    with pytest.raises(ValueError, match=r"rows \[2\] have no response token"):
+        L.sequence_logprobs(logits, labels)
+    logps, counts = L.sequence_logprobs(logits, labels, allow_empty_rows=True)
     for i in range(n):
         total, count = 0.0, 0
         for j in range(t):
@@ -178,7 +180,7 @@ def test_drdo_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="gamma"):
         L.drdo_loss(*good, gamma=-1.0)
     with pytest.raises(ValueError, match="reduction"):
-        L.drdo_loss(*good, reduction="none")
+        L.drdo_loss(*good, reduction="avg")
 
 
 # ---------------------------------------------------------------- oracle_loss

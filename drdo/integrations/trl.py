@@ -63,8 +63,9 @@ def _spec_field(name: str, help_text: str, **metadata):
 class DRDOConfig(DPOConfig):
     """TRL's ``DPOConfig`` plus DRDO's settings: the fields of :class:`drdo.losses.DRDOSpec` (the
     paper's defaults; ``.drdo_spec`` holds the checked spec) and ``backend``. ``beta`` (DPOConfig's)
-    is the scale of the implicit reward (``reward="implicit"``: rhat = beta * log pi(y|x)); unused
-    with a head. The DPO-only fields (``loss_type``, reference-model settings, ...) are ignored."""
+    is the scale of the implicit reward (``reward="implicit"``: rhat = beta * log pi(y|x)); with a
+    head only its default is accepted (another value would be ignored). The DPO-only fields
+    (``loss_type``, reference-model settings, ...) are ignored."""
 
     alpha: float = _spec_field("alpha", "Weight of DRDO's focal preference term.")
     gamma: float = _spec_field("gamma", "Focal exponent (>= 0).")

@@ -50,7 +50,7 @@ class SFTStage:
             logps, n_tokens = root.packed_logps(out, labels, cu_seqlens)
         else:
             logps, n_tokens, _ = policy_sequence_logprobs(root.policy, input_ids, attention_mask, labels,
-                                                          backend=root.backend)
+                                                          backend=root.backend, allow_empty_rows=True)
         nll_sum = -logps.sum().float()
         return nll_sum, {"nll": (nll_sum / n_tokens.sum().clamp(min=1)).detach()}
 
