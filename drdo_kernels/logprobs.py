@@ -288,7 +288,8 @@ def _full_logits_logprobs(hidden, weight, labels, bias, dtype, transform: LogitT
     logp = log_p.gather(-1, labels[:, None]).squeeze(-1)
     if not entropy:
         return logp
-    return logp, -(log_p.exp() * log_p.clamp_min(torch.finfo(log_p.dtype).min)).sum(-1)
+    p = log_p.exp()
+    return logp, -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)
 
 
 def valid_logprobs(hidden, weight, labels, bias, backend: str, rows: int | None = None,

@@ -123,7 +123,7 @@ def _options(loss: str):
     if loss == "oracle":
         return st.fixed_dictionaries(dict(alpha=st.sampled_from([0.0, 0.01, 0.5]),
                                           nll_reduction=st.sampled_from(["mean", "sum"])))
-    return st.just({})
+    return st.fixed_dictionaries(dict(entropy=st.booleans()))  # per-token log-probs, and their entropy
 
 
 def _grad_choices(loss: str, options: dict) -> tuple[str, ...]:
@@ -261,6 +261,7 @@ def inputs(case: Case) -> dict:
         oracle=rounded(torch.randn(k, n_rows, generator=gen, dtype=torch.float64), torch.float32),
         ref=rounded(-3.0 * scored.sum(-1) + torch.randn(n_rows, generator=gen, dtype=torch.float64), torch.float32),
         upstream=torch.randn(n_rows, case.n_pos, generator=gen, dtype=torch.float64),
+        upstream_entropy=torch.randn(n_rows, case.n_pos, generator=gen, dtype=torch.float64),
     )
 
 
@@ -324,9 +325,15 @@ def full_logits_loss(case: Case, leaves: dict, data: dict, mode: str) -> torch.T
     """The loss on full logits by the formulas of ``gradient_reference``, mode as :func:`_logits`."""
     o, labels = dict(case.opts, reduction=case.reduction), data["labels"]
     if case.loss == "logprobs":
-        logp = reference.token_logprobs(_float_logits(case, leaves, mode, labels.shape[0]), labels)
+        logits = _float_logits(case, leaves, mode, labels.shape[0])
+        logp = reference.token_logprobs(logits, labels)
         upstream = data["upstream"].to(logp.dtype)
-        return (logp * (upstream.abs() if mode == "magnitude" else upstream)).sum()
+        loss = (logp * (upstream.abs() if mode == "magnitude" else upstream)).sum()
+        if not o["entropy"]:
+            return loss
+        up_entropy = data["upstream_entropy"].to(logp.dtype)  # magnitude: -|g_H| H <= 0 as |g| logp is
+        return loss + (reference.token_entropy(logits, labels) *
+                       (-up_entropy.abs() if mode == "magnitude" else up_entropy)).sum()
     rows = lm_rows(case)
     z, counts = reference.sequence_logprobs(_float_logits(case, leaves, mode, rows), labels[:rows])
     if case.loss == "drdo":
@@ -345,8 +352,11 @@ def fused_loss(case: Case, leaves: dict, data: dict) -> torch.Tensor:
     common = dict(backend=case.backend, chunk_tokens=chunk_tokens(case, data["labels"]))
     w, h, b, oracle, ref = leaves["weight"], leaves["hidden"], leaves["bias"], leaves["oracle"], leaves["ref"]
     if case.loss == "logprobs":
-        logp = dk.fused_linear_logprobs(w, h, labels, bias=b, **common)
-        return (logp * data["upstream"].to(logp)).sum()
+        if not o["entropy"]:
+            logp = dk.fused_linear_logprobs(w, h, labels, bias=b, **common)
+            return (logp * data["upstream"].to(logp)).sum()
+        logp, entropy = dk.fused_linear_logprobs(w, h, labels, bias=b, return_entropy=True, **common)
+        return (logp * data["upstream"].to(logp)).sum() + (entropy * data["upstream_entropy"].to(entropy)).sum()
     common["reduction"] = case.reduction
     if case.loss == "drdo":
         rewards = _policy_rewards(case, leaves) if o["reward"] == "head" else None

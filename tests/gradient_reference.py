@@ -31,6 +31,16 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(scored, target - lse, torch.zeros_like(lse))
 
 
+def token_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[R, T] entropy of softmax(logits), H = LSE - sum_v p_v logit_v with p = softmax(logits) (0 where
+    ignored), in logits' dtype."""
+    top = logits.detach().amax(-1, keepdim=True)
+    lse = top + torch.log(torch.exp(logits - top).sum(-1, keepdim=True))
+    p = torch.exp(logits - lse)
+    entropy = (lse - (p * logits).sum(-1, keepdim=True)).squeeze(-1)
+    return torch.where(labels != IGNORED, entropy, torch.zeros_like(entropy))
+
+
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(z [R]: summed log-probs of each row's scored tokens, counts [R] int64)."""
     return token_logprobs(logits, labels).sum(-1), (labels != IGNORED).sum(-1)
