@@ -199,7 +199,7 @@ def test_cases_cross_every_boundary(max_tokens):
     assert any(t > gc.TILE_TOKENS and c.layout == "tile" for t, c in zip(tokens, drawn))
     assert any(c.layout == "split" and c.n_pos > 16 for c in drawn)
     assert any(c.n_vocab >= 32000 for c in drawn)
-    assert any(c.loss == "logprobs" and c.opts["entropy"] for c in drawn)  # log-probs with their entropy
+    assert any(c.entropy for c in drawn) and any(c.loss == "logprobs" and not c.entropy for c in drawn)
     assert all(gc.case_cost(2 * c.n_pairs, c.n_pos, c.n_hidden, c.n_vocab) <= gc.COST_CAP for c in drawn)
     assert max_tokens is None or max(tokens) <= max_tokens
     small = sum(c.n_pairs <= 5 and c.n_pos <= 9 and c.n_hidden <= 24 for c in drawn)
