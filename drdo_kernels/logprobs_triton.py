@@ -23,6 +23,14 @@ Backward (:func:`_logprobs_bwd_kernel`), 1-D grid over (row block, vocab tile) p
     Atomic accumulation makes d_hidden / d_weight non-deterministic in the last bits.
     Padded rows load lse = +inf, so they contribute exactly 0 whatever the bias.
 
+Entropy (``ENTROPY`` constexpr, ``return_entropy=True``; off, the kernels are those of plain
+log-probs): the forward also keeps, per token, the online sum of exp(l - m) * (l - m), rescaled
+as the sum of exponentials is when the running max m moves, and writes each split's own entropy
+log s - u / s; :func:`merge_split_entropy` merges the splits. The backward subtracts
+``ge * p * (log p + H)`` (the entropy's gradient times its upstream gradient ge) from d_logits
+before the transform's derivative; with ``filter_eps`` a tile is skipped only if that term is
+below it too (rows with ge = 0 ignored).
+
 Program order: both grids are walked in groups of GROUP_M row blocks (as in the Triton
 matmul tutorial), so the ~one program per SM that are resident at a time share a few
 row blocks and a few vocab tiles in L2: in the backward they add into the same d_hidden

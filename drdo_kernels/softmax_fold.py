@@ -198,9 +198,10 @@ def _torch_softmax_grad(x, labels, lse, g, transform: LogitTransform, raw: bool,
         x.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g * softmax
         x.scatter_add_(1, labels[:, None], g[:, None])  # + g * onehot
         return
-    quarters = [_quarters(t) for t in (x, labels, lse, g)]
-    quarters += [_quarters(t) for t in (ent, g_ent)] if ent is not None else [[None] * len(quarters[0])] * 2
-    for part, part_labels, part_lse, part_g, part_ent, part_ge in zip(*quarters):
+    no_entropy = [None] * len(_quarters(x))
+    entropy_parts = (_quarters(ent), _quarters(g_ent)) if ent is not None else (no_entropy, no_entropy)
+    for part, part_labels, part_lse, part_g, part_ent, part_ge in zip(
+            _quarters(x), _quarters(labels), _quarters(lse), _quarters(g), *entropy_parts):
         slope = transform.derivative(part) if transform.softcap is not None else None
         part.sub_(part_lse[:, None])  # log p
         if part_ent is None:

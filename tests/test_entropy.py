@@ -309,6 +309,23 @@ def test_negative_infinite_logits_add_nothing_and_stay_finite(backend):
     torch.testing.assert_close(masked[3][:30], kept[3], rtol=0, atol=1e-5)
 
 
+@pytest.mark.triton
+def test_the_gradient_filter_keeps_tiles_that_only_the_entropy_needs():
+    """An upstream gradient on the entropy alone (g = 0 on every log-prob): the Triton backward's
+    opt-in tile filter must not skip its tiles (the entropy term is tested against filter_eps too)."""
+    weight, hidden, labels = _head(300, seed=6)
+    up = torch.randn(3, 5, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for eps in (0.0, 1e-6):
+        w, h = weight.clone().requires_grad_(), hidden.clone().requires_grad_()
+        _, entropy = dk.fused_linear_logprobs(w, h, labels, backend="triton", filter_eps=eps, return_entropy=True)
+        (entropy * up).sum().backward()
+        grads.append((w.grad, h.grad))
+    assert grads[0][1].abs().max() > 1e-2
+    for exact, filtered in zip(*grads):
+        torch.testing.assert_close(filtered, exact, rtol=0, atol=1e-4)
+
+
 def test_return_entropy_must_be_a_bool():
     weight, hidden, labels = _head()
     with pytest.raises(TypeError, match="return_entropy must be a bool, got 1"):
