@@ -4,7 +4,9 @@
 
 ``transform`` is the model's logit transform (``temperature``, ``softcap``, ``logit_scale``:
 :mod:`drdo_kernels.logit_transform`); every backend applies it exactly, with exact gradients,
-and the identity (the default) costs nothing.
+and the identity (the default) costs nothing. ``return_entropy=True`` adds each token's
+entropy ``H[t] = -sum_v p_v log p_v`` of the same distribution (0.0 where ignored), from the
+same pass over the logits (one more float32 per token saved), with its exact gradient.
 
 Ignored tokens (``labels == ignore_index``) are dropped before any matmul (one host
 synchronisation per call counts them and checks the labels); the valid ones go through
@@ -219,23 +221,25 @@ def check_rows_scored(plan: TokenPlan, ignore_index: int) -> None:
 
 
 class _TritonLogprobs(torch.autograd.Function):
-    """hidden [M, H], weight [V, H], bias [V] | None, labels [M] int64 (all valid) -> logp [M] fp32."""
+    """hidden [M, H], weight [V, H], bias [V] | None, labels [M] int64 (all valid) -> logp [M] fp32,
+    or with ``entropy`` (logp, entropy) [M] fp32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, filter_eps, transform):
+    def forward(ctx, hidden, weight, bias, labels, filter_eps, transform, entropy=False):
         from . import logprobs_triton
 
-        logp, lse = logprobs_triton.logprobs_forward(hidden, weight, bias, labels, transform=transform)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.filter_eps, ctx.transform = filter_eps, transform
-        return logp
+        out = logprobs_triton.logprobs_forward(hidden, weight, bias, labels, transform=transform, entropy=entropy)
+        ctx.save_for_backward(hidden, weight, bias, labels, *out[1:])
+        ctx.filter_eps, ctx.transform, ctx.entropy = filter_eps, transform, entropy
+        return (out[0], out[2]) if entropy else out[0]
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_entropy=None):
         from . import logprobs_triton
 
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, *ent = ctx.saved_tensors
         need_w = ctx.needs_input_grad[1]
+        extra = dict(entropy=ent[0], grad_entropy=grad_entropy) if ctx.entropy else {}
         if hidden.shape[0] == 0:
             d_h = torch.zeros_like(hidden)
             d_w = torch.zeros_like(weight) if need_w else None
@@ -243,58 +247,67 @@ class _TritonLogprobs(torch.autograd.Function):
         else:
             d_h, d_w, d_b = logprobs_triton.logprobs_backward(
                 grad, hidden, weight, bias, labels, lse, need_w, need_hidden_grad=ctx.needs_input_grad[0],
-                need_bias_grad=ctx.needs_input_grad[2], filter_eps=ctx.filter_eps, transform=ctx.transform)
+                need_bias_grad=ctx.needs_input_grad[2], filter_eps=ctx.filter_eps, transform=ctx.transform, **extra)
         return (d_h if ctx.needs_input_grad[0] else None, d_w,
-                d_b if ctx.needs_input_grad[2] else None, None, None, None)
+                d_b if ctx.needs_input_grad[2] else None, None, None, None, None)
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
     """hidden [M, H] (compute dtype), weight [V, H] (any float), bias [V] | None, labels [M]
-    (all valid) -> logp [M] float32 (float64); backward recomputes the logits chunk by chunk."""
+    (all valid) -> logp [M] float32 (float64), or with ``entropy`` (logp, entropy) [M]; backward
+    recomputes the logits chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, use_triton, transform):
+    def forward(ctx, hidden, weight, bias, labels, rows, use_triton, transform, entropy=False):
         gemms = chunked.LMHeadGemms(weight, hidden.dtype)
         with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs' precision is LMHeadGemms' choice
-            logp, lse = chunked.logprobs_forward(hidden, labels, gemms, bias, rows, use_triton, transform)
-        ctx.save_for_backward(hidden, bias, labels, lse)
+            out = chunked.logprobs_forward(hidden, labels, gemms, bias, rows, use_triton, transform, entropy=entropy)
+        ctx.save_for_backward(hidden, bias, labels, *out[1:])
         ctx.gemms, ctx.rows, ctx.use_triton, ctx.weight_dtype = gemms, rows, use_triton, weight.dtype
-        ctx.transform = transform
-        return logp
+        ctx.transform, ctx.entropy = transform, entropy
+        return (out[0], out[2]) if entropy else out[0]
 
     @staticmethod
-    def backward(ctx, grad):
-        hidden, bias, labels, lse = ctx.saved_tensors
+    def backward(ctx, grad, grad_entropy=None):
+        hidden, bias, labels, lse, *ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        extra = dict(entropy=ent[0], grad_entropy=grad_entropy) if ctx.entropy else {}
         with torch.autocast(hidden.device.type, enabled=False):
             d_h, d_w, d_b = chunked.logprobs_backward(grad, hidden, labels, lse, ctx.gemms, bias, ctx.rows,
-                                                      ctx.use_triton, need_h, need_w, need_b, ctx.transform)
+                                                      ctx.use_triton, need_h, need_w, need_b, ctx.transform, **extra)
         return (None if d_h is None else d_h.to(hidden.dtype), None if d_w is None else d_w.to(ctx.weight_dtype),
-                None if d_b is None else d_b.to(bias.dtype), None, None, None, None)
+                None if d_b is None else d_b.to(bias.dtype), None, None, None, None, None)
 
 
-def _full_logits_logprobs(hidden, weight, labels, bias, dtype, transform: LogitTransform) -> torch.Tensor:
+def _full_logits_logprobs(hidden, weight, labels, bias, dtype, transform: LogitTransform, entropy: bool = False):
     """The "reference" backend: log_softmax of the full [M, V] logits (computed in ``dtype``, as
     an unfused model does; the transform and the log-softmax in float32 at least, in plain torch
-    ops: :meth:`LogitTransform.apply`), gathered at the labels."""
+    ops: :meth:`LogitTransform.apply`), gathered at the labels; with ``entropy`` also
+    -sum softmax * log_softmax per token (differentiable; p = 0 adds 0)."""
     b = None if bias is None else bias.to(dtype)
     logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), b)
     logits = transform.apply(logits if logits.dtype == torch.float64 else logits.float())
-    return torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)
+    log_p = torch.log_softmax(logits, -1)
+    logp = log_p.gather(-1, labels[:, None]).squeeze(-1)
+    if not entropy:
+        return logp
+    p = log_p.exp()
+    return logp, -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)
 
 
 def valid_logprobs(hidden, weight, labels, bias, backend: str, rows: int | None = None,
                    filter_eps: float = 0.0, transform: LogitTransform = IDENTITY,
-                   shard: VocabShard | None = None) -> torch.Tensor:
+                   shard: VocabShard | None = None, entropy: bool = False):
     """The log-probs of compacted tokens: hidden [M, H] (any float), labels [M] int64 all
     valid, backend already resolved, ``transform`` the logit transform -> [M] float32 (float64),
-    differentiable. ``shard``: weight and bias are this rank's rows of a vocabulary-parallel head
-    (:mod:`drdo_kernels.vocab_parallel`)."""
+    differentiable; with ``entropy`` (logp, entropy), both [M]. ``shard``: weight and bias are
+    this rank's rows of a vocabulary-parallel head (:mod:`drdo_kernels.vocab_parallel`)."""
     dtype = chunked.compute_dtype(hidden.dtype, weight.dtype)
     if shard is not None:
-        return vocab_parallel_logprobs(hidden.to(dtype), weight, labels, bias, shard, rows=rows, transform=transform)
+        return vocab_parallel_logprobs(hidden.to(dtype), weight, labels, bias, shard, rows=rows, transform=transform,
+                                       entropy=entropy)
     if backend == "reference":
-        return _full_logits_logprobs(hidden, weight, labels, bias, dtype, transform)
+        return _full_logits_logprobs(hidden, weight, labels, bias, dtype, transform, entropy)
     if backend == "triton":
         if dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports float16/bfloat16/float32 inputs, got {dtype}")
@@ -302,10 +315,11 @@ def valid_logprobs(hidden, weight, labels, bias, backend: str, rows: int | None 
         keep_fp32_weight = dtype != torch.float32 and weight.dtype == torch.float32
         w = weight if keep_fp32_weight else weight.to(dtype)
         return _TritonLogprobs.apply(hidden.to(dtype).contiguous(), w.contiguous(), bias, labels, filter_eps,
-                                     transform)
+                                     transform, entropy)
     rows = rows or chunked.chunk_rows(weight.shape[0], dtype, hidden.device)
     use_triton = uses_triton_fold(backend, hidden.device, dtype)
-    return _ChunkedLogprobs.apply(hidden.to(dtype).contiguous(), weight, bias, labels, rows, use_triton, transform)
+    return _ChunkedLogprobs.apply(hidden.to(dtype).contiguous(), weight, bias, labels, rows, use_triton, transform,
+                                  entropy)
 
 
 def _old_weight_keyword(fn):
@@ -341,9 +355,11 @@ def fused_linear_logprobs(
     temperature: float = 1.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
+    return_entropy: bool = False,
     chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Per-token log-probs of the LM head, never materialising the [N, V] logits.
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the LM head (and optionally the entropy of each token's
+    distribution), never materialising the [N, V] logits.
 
     Args:
         lm_head_weight: [V, H] (e.g. ``lm_head.weight``; deprecated keyword: ``weight=``).
@@ -353,7 +369,7 @@ def fused_linear_logprobs(
         labels: [N] or [*] integer, ALIGNED with hidden (position t predicts labels[t]);
             each entry in [0, V) or ``ignore_index``.
         bias: optional [V] (positional or keyword, as ``F.linear_cross_entropy``'s linear_bias).
-        backend: "auto" (:func:`auto_backend`), "chunked", "torch" or "triton".
+        backend: "auto" (:func:`auto_backend`), "chunked", "torch", "triton" or "reference".
         chunk_tokens: chunked/torch backends: tokens per chunk, i.e. the [chunk_tokens, V]
             float32 buffer (None: from ``drdo_kernels.logprobs_chunked.CHUNK_BUDGET_BYTES``).
         filter_eps: triton backend only, opt-in: skip the backward's gradient dots for vocab
@@ -369,15 +385,22 @@ def fused_linear_logprobs(
             (Gemma 2/3: ``softcap=config.final_logit_softcapping``; Cohere:
             ``logit_scale=config.logit_scale``; Granite: ``logit_scale=1 / config.logits_scaling``).
             temperature finite > 0, softcap None or finite > 0, logit_scale finite and non-zero.
+        return_entropy: also return each token's entropy ``H = -sum_v p_v log p_v`` of the
+            transformed distribution p = softmax(l) (an entropy bonus of RL trainers), with its
+            exact gradient ``dH/dl = -p * (l - sum_v p_v l_v)``; no [N, V] tensor on any fused backend.
 
     Returns:
         logp: labels.shape, float32 (float64 for float64 inputs), <= 0, 0.0 at ignored
-        positions; differentiable w.r.t. hidden, weight and bias.
+        positions; differentiable w.r.t. hidden, weight and bias. With ``return_entropy=True``
+        the tuple ``(logp, entropy)``, entropy shaped and typed as logp, >= 0, 0.0 at ignored
+        positions, differentiable too (gradients flow through both).
     """
     if chunk_size is not None:
         warnings.warn("fused_linear_logprobs(chunk_size=...) is deprecated; use chunk_tokens=...",
                       FutureWarning, stacklevel=2)
         chunk_tokens = chunk_tokens or chunk_size
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {shown(return_entropy)}")
     transform = logit_transform(temperature, softcap, logit_scale)
     # a vocabulary-parallel head keeps each rank's rows; an FSDP2-sharded (DTensor) head is all-gathered
     weight, hidden, bias, shard = head_inputs(lm_head_weight, hidden, bias)
@@ -391,9 +414,16 @@ def fused_linear_logprobs(
     backend = resolve_backend(backend, hidden.device, chunked.compute_dtype(hidden.dtype, weight.dtype), plan.n_valid,
                               n_hidden, shard)
     flat_labels = labels.reshape(-1)
-    logp_valid = valid_logprobs(
+    valid = valid_logprobs(
         hidden.reshape(-1, n_hidden).index_select(0, plan.index), weight,
         flat_labels.index_select(0, plan.index).long(), bias, backend, chunk_tokens, filter_eps, transform, shard,
+        entropy=return_entropy,
     )
-    out = logp_valid.new_zeros(flat_labels.shape[0]).index_copy(0, plan.index, logp_valid)
-    return out.reshape(labels.shape)
+
+    def scattered(values: torch.Tensor) -> torch.Tensor:
+        """[n_valid] -> labels.shape, 0.0 at ignored positions (differentiable)."""
+        return values.new_zeros(flat_labels.shape[0]).index_copy(0, plan.index, values).reshape(labels.shape)
+
+    if return_entropy:
+        return scattered(valid[0]), scattered(valid[1])
+    return scattered(valid)

@@ -5,8 +5,9 @@ in [0, V)). Per chunk of ``rows`` tokens:
 
     x  = hidden[chunk] @ weight.T            # cuBLAS, [rows, V] float32 out (fp64 for fp64)
     l  = transform(x + bias)                  # in place, in the same pass as the stats
-    lse, target = row_stats(l)                # one read of x (softmax_fold)
+    lse, target = row_stats(l)                # one read of x (softmax_fold); + the entropy H
     d  = g * (onehot - exp(l - lse)) * dl/dx  # in place (fp32) or into a 16-bit copy
+                                              # (with H: - g_H * p * (log p + H) inside the bracket)
     d_hidden[chunk] = d @ weight              # cuBLAS
     d_weight       += d.T @ hidden[chunk]     # cuBLAS, float32 accumulator
 
@@ -149,29 +150,37 @@ def _bias_acc(bias, acc):
 
 
 def logprobs_forward(hidden, labels, gemms: LMHeadGemms, bias, rows: int, use_triton: bool,
-                     transform: LogitTransform = IDENTITY):
+                     transform: LogitTransform = IDENTITY, *, entropy: bool = False):
     """hidden: [M, H] compute dtype; labels: [M] int64 in [0, V); bias: [V] | None; transform:
     the logit transform (:mod:`drdo_kernels.logit_transform`).
 
-    Returns (logp [M], lse [M]) float32 (float64 for float64), logp <= 0.
+    Returns (logp [M], lse [M]) float32 (float64 for float64), logp <= 0; with ``entropy``
+    (logp, lse, entropy [M]), the entropy of each token's transformed distribution (>= 0).
     """
     m = hidden.shape[0]
     logp = hidden.new_empty(m, dtype=gemms.acc)
     lse = hidden.new_empty(m, dtype=gemms.acc)
+    ent = hidden.new_empty(m, dtype=gemms.acc) if entropy else None
     b = _bias_acc(bias, gemms.acc)
     for lo in range(0, m, rows):
         hi = min(m, lo + rows)
         x = gemms.logits(hidden[lo:hi])
-        lse[lo:hi], target = row_stats(x, b, labels[lo:hi], use_triton, transform)
+        stats = row_stats(x, b, labels[lo:hi], use_triton, transform, entropy=entropy)
+        lse[lo:hi], target = stats[0], stats[1]
+        if entropy:
+            ent[lo:hi] = stats[2]
         logp[lo:hi] = (target - lse[lo:hi]).clamp_max(0.0)
         del x
-    return logp, lse
+    return (logp, lse, ent) if entropy else (logp, lse)
 
 
 def logprobs_backward(grad, hidden, labels, lse, gemms: LMHeadGemms, bias, rows: int, use_triton: bool,
                       need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
-                      transform: LogitTransform = IDENTITY):
-    """Recompute each chunk's logits and return the gradients of sum(grad * logp).
+                      transform: LogitTransform = IDENTITY, *, entropy: torch.Tensor | None = None,
+                      grad_entropy: torch.Tensor | None = None):
+    """Recompute each chunk's logits and return the gradients of sum(grad * logp)
+    (+ sum(grad_entropy * entropy) when the forward's ``entropy`` and its upstream gradient
+    ``grad_entropy`` are given).
 
     grad, lse: [M]; other args as :func:`logprobs_forward`. Returns float32 (float64)
     (d_hidden [M, H] | None, d_weight [V, H] | None, d_bias [V] | None). The clamp at 0 of the
@@ -189,7 +198,9 @@ def logprobs_backward(grad, hidden, labels, lse, gemms: LMHeadGemms, bias, rows:
         x = gemms.logits(hidden[lo:hi])
         if b is not None:
             x.add_(b)
-        d = softmax_grad(x, labels[lo:hi], lse[lo:hi], grad[lo:hi], gemms.dtype, use_triton, transform, raw=True)
+        extra = {} if entropy is None else dict(entropy=entropy[lo:hi], grad_entropy=grad_entropy[lo:hi])
+        d = softmax_grad(x, labels[lo:hi], lse[lo:hi], grad[lo:hi], gemms.dtype, use_triton, transform, raw=True,
+                         **extra)
         del x
         if d_hidden is not None:
             gemms.write_d_hidden(d, d_hidden[lo:hi])

@@ -23,6 +23,14 @@ Backward (:func:`_logprobs_bwd_kernel`), 1-D grid over (row block, vocab tile) p
     Atomic accumulation makes d_hidden / d_weight non-deterministic in the last bits.
     Padded rows load lse = +inf, so they contribute exactly 0 whatever the bias.
 
+Entropy (``ENTROPY`` constexpr, ``return_entropy=True``; off, the kernels are those of plain
+log-probs): the forward also keeps, per token, the online sum of exp(l - m) * (l - m), rescaled
+as the sum of exponentials is when the running max m moves, and writes each split's own entropy
+log s - u / s; :func:`merge_split_entropy` merges the splits. The backward subtracts
+``ge * p * (log p + H)`` (the entropy's gradient times its upstream gradient ge) from d_logits
+before the transform's derivative; with ``filter_eps`` a tile is skipped only if that term is
+below it too (rows with ge = 0 ignored).
+
 Program order: both grids are walked in groups of GROUP_M row blocks (as in the Triton
 matmul tutorial), so the ~one program per SM that are resident at a time share a few
 row blocks and a few vocab tiles in L2: in the backward they add into the same d_hidden
@@ -188,12 +196,14 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, row0, col0, M, V, H,
 
 
 @triton.jit
-def _logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_lse_ptr, part_tgt_ptr,
+def _logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_lse_ptr, part_tgt_ptr, part_ent_ptr,
                          M, V, H, TILES_PER_SPLIT, N_SPLITS, pre, post,
-                         HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, ENTROPY: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          UPCAST_DOT: tl.constexpr):
-    """Partial LSE / target logit of BLOCK_M tokens over one vocab split -> [splits, M]."""
+    """Partial LSE / target logit of BLOCK_M tokens over one vocab split -> [splits, M]; ENTROPY: also
+    the entropy of the split's own softmax (from the online sum of exp(l - m) * (l - m))."""
     pid_m, pid_s = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), N_SPLITS, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -201,6 +211,7 @@ def _logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_lse_ptr, part_tgt_pt
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     t_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    u_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # ENTROPY: sum of exp(l - m) * (l - m), <= 0
     tile_start = pid_s * TILES_PER_SPLIT
     tile_stop = tl.minimum(tile_start + TILES_PER_SPLIT, tl.cdiv(V, BLOCK_N))
     for tile in range(tile_start, tile_stop):
@@ -210,12 +221,20 @@ def _logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_lse_ptr, part_tgt_pt
         logits = tl.where((cols < V)[None, :], transform_logits(logits, pre, post, TRANSFORM), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp(-inf - 0) = 0
-        s_i = s_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
+        alpha = tl.exp(m_i - m_safe)
+        e = tl.exp(logits - m_safe[:, None])
+        if ENTROPY:  # rescaled to the new max; -inf logits add 0
+            m_old_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+            u_i = alpha * (u_i + (m_old_safe - m_safe) * s_i) + \
+                tl.sum(e * tl.where(e > 0.0, logits - m_safe[:, None], 0.0), axis=1)
+        s_i = s_i * alpha + tl.sum(e, axis=1)
         m_i = m_new
         t_i += tl.sum(tl.where(cols[None, :] == labels[:, None], logits, 0.0), axis=1)
     out = pid_s * M + rows
     tl.store(part_lse_ptr + out, m_i + tl.log(s_i), mask=row_mask)
     tl.store(part_tgt_ptr + out, t_i, mask=row_mask)
+    if ENTROPY:
+        tl.store(part_ent_ptr + out, tl.where(s_i > 0.0, tl.log(s_i) - u_i / s_i, 0.0), mask=row_mask)
 
 
 @triton.jit
@@ -263,14 +282,16 @@ def _grad_weight(d_in, h_ptr, dw_ptr, row0, col0, M, V, H, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
+def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, ent_ptr, ge_ptr, dh_ptr, dw_ptr, db_ptr,
                          M, V, H, filter_eps, pre, post, slope,
-                         HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, COMPUTE_DH: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, ENTROPY: tl.constexpr,
+                         COMPUTE_DH: tl.constexpr,
                          COMPUTE_DW: tl.constexpr,
                          COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Recompute one logits tile, add its d_hidden / d_weight / d_bias share (fp32 atomics)."""
+    """Recompute one logits tile, add its d_hidden / d_weight / d_bias share (fp32 atomics); ENTROPY:
+    the logits' gradient has the entropy's term -ge * p * (log p + H) too."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
@@ -285,12 +306,23 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, d
     lse = tl.load(lse_ptr + row0 + offs_m, mask=row_mask, other=float("inf"))  # padded rows: p = 0
     g = tl.load(g_ptr + row0 + offs_m, mask=row_mask, other=0.0)
     onehot = tl.where((col0 + offs_n)[None, :] == labels[:, None], 1.0, 0.0)
-    diff = tl.where(row_mask[:, None] & col_mask[None, :], onehot - tl.exp(logits - lse[:, None]), 0.0)
-    d_logits = transform_grad(diff * g[:, None], logits, post, slope, TRANSFORM)  # d/d(h W^T + b)
+    in_tile = row_mask[:, None] & col_mask[None, :]
+    p = tl.exp(logits - lse[:, None])
+    diff = tl.where(in_tile, onehot - p, 0.0)
+    d_logp = diff * g[:, None]
+    if ENTROPY:  # dH/dl = -p * (log p + H); p = 0 (a -inf logit, a padded row) adds 0
+        ent = tl.load(ent_ptr + row0 + offs_m, mask=row_mask, other=0.0)
+        ge = tl.load(ge_ptr + row0 + offs_m, mask=row_mask, other=0.0)
+        ent_term = p * tl.where(in_tile & (p > 0.0), logits - lse[:, None] + ent[:, None], 0.0)
+        d_logp -= ge[:, None] * ent_term
+    d_logits = transform_grad(d_logp, logits, post, slope, TRANSFORM)  # d/d(h W^T + b)
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + col0 + offs_n, tl.sum(d_logits, axis=0), mask=col_mask, sem="relaxed")
     if FILTER:
-        keep = tl.max(tl.max(tl.where(g[:, None] != 0.0, tl.abs(diff), 0.0), axis=1), axis=0) >= filter_eps
+        size = tl.where(g[:, None] != 0.0, tl.abs(diff), 0.0)
+        if ENTROPY:
+            size = tl.maximum(size, tl.where(ge[:, None] != 0.0, tl.abs(ent_term), 0.0))
+        keep = tl.max(tl.max(size, axis=1), axis=0) >= filter_eps
     else:
         keep = True
     if keep:
@@ -337,39 +369,56 @@ def _bias_arg(bias: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     return dummy if bias is None else bias.detach().float().contiguous()
 
 
-def logprobs_forward(hidden, weight, bias, labels, *, transform: LogitTransform = IDENTITY):
+def logprobs_forward(hidden, weight, bias, labels, *, transform: LogitTransform = IDENTITY, entropy: bool = False):
     """hidden: [M, H] bf16/fp16/fp32 contiguous; weight: [V, H] contiguous, hidden's dtype or fp32
     (16-bit hidden: computed in hidden's dtype); bias: [V] | None; labels: [M] int64 in [0, V);
     transform: the logit transform (:mod:`drdo_kernels.logit_transform`).
-    Returns (logp [M] fp32 <= 0, lse [M] fp32) of the transformed logits."""
+    Returns (logp [M] fp32 <= 0, lse [M] fp32) of the transformed logits; with ``entropy``
+    (logp, lse, entropy [M] fp32 >= 0)."""
     dtype = compute_dtype(hidden.dtype, weight.dtype)
     precision = dot_precision(dtype)
     fwd, _ = _config(dtype, precision)
     (m, h), v = hidden.shape, weight.shape[0]
     if m == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
-        return empty, empty.clone()
+        return (empty, empty.clone(), empty.clone()) if entropy else (empty, empty.clone())
     splits, tiles_per_split = _vocab_splits(m, v, fwd, hidden.device)
     part_lse = torch.empty((splits, m), dtype=torch.float32, device=hidden.device)
     part_tgt = torch.empty((splits, m), dtype=torch.float32, device=hidden.device)
+    part_ent = torch.empty((splits, m), dtype=torch.float32, device=hidden.device) if entropy else part_tgt
     grid = (triton.cdiv(m, fwd.block_m) * splits,)
     _logprobs_fwd_kernel[grid](
-        hidden, weight, _bias_arg(bias, part_lse), labels, part_lse, part_tgt, m, v, h, tiles_per_split, splits,
-        transform.pre, transform.post, HAS_BIAS=bias is not None, TRANSFORM=transform.kind, BLOCK_M=fwd.block_m,
+        hidden, weight, _bias_arg(bias, part_lse), labels, part_lse, part_tgt, part_ent, m, v, h, tiles_per_split,
+        splits, transform.pre, transform.post, HAS_BIAS=bias is not None, TRANSFORM=transform.kind, ENTROPY=entropy,
+        BLOCK_M=fwd.block_m,
         BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k,
         GROUP_M=fwd.group_m, DOT_PRECISION=precision, UPCAST_DOT=_upcast_dot(dtype, hidden.device),
         num_warps=fwd.num_warps, num_stages=fwd.num_stages,
     )
     lse = torch.logsumexp(part_lse, dim=0)
     logp = (part_tgt.sum(0) - lse).clamp_max(0.0)
-    return logp, lse
+    if not entropy:
+        return logp, lse
+    return logp, lse, merge_split_entropy(part_lse, part_ent, lse)
+
+
+def merge_split_entropy(part_lse: torch.Tensor, part_ent: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The entropy [M] of the whole softmax from its vocab splits' [splits, M] log-sum-exps and
+    entropies (each of the split's own softmax), lse [M] the whole log-sum-exp: with split weights
+    w_k = exp(lse_k - lse), H = sum_k w_k * (H_k + lse - lse_k), non-negative terms; an empty
+    split (lse_k = -inf) adds 0."""
+    weight = (part_lse - lse).exp()
+    term = weight * (part_ent + lse - part_lse)
+    return torch.where(weight > 0, term, torch.zeros_like(term)).sum(0)
 
 
 def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=True, *,
                       need_hidden_grad=True, need_bias_grad=True, filter_eps=0.0,
-                      transform: LogitTransform = IDENTITY):
+                      transform: LogitTransform = IDENTITY, entropy: torch.Tensor | None = None,
+                      grad_entropy: torch.Tensor | None = None):
     """grad: [M] upstream gradient; other args as saved by :func:`logprobs_forward` (the same
-    ``transform``).
+    ``transform``); entropy, grad_entropy: [M] the forward's entropy and its upstream gradient
+    (both or neither: the gradients are then those of sum(grad * logp + grad_entropy * entropy)).
 
     filter_eps: skip the gradient dots of tiles whose |softmax - onehot| are all below it
     (0, the default: exact; see :func:`default_filter_eps`).
@@ -389,11 +438,17 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
     d_weight = torch.zeros((v, h), **f32) if need_weight_grad else lse
     d_bias = torch.zeros(v, **f32) if need_bias_grad else lse
     grid = (triton.cdiv(m, bwd.block_m) * triton.cdiv(v, bwd.block_n),)
+    if (entropy is None) != (grad_entropy is None):
+        raise ValueError("logprobs_backward takes entropy and grad_entropy together")
+    g = grad.float().contiguous()
+    ent = g if entropy is None else entropy.float().contiguous()
+    g_ent = g if entropy is None else grad_entropy.float().contiguous()
     if m > 0 and (need_hidden_grad or need_weight_grad or need_bias_grad):
         _logprobs_bwd_kernel[grid](
-            hidden, weight, _bias_arg(bias, lse), labels, lse, grad.float().contiguous(),
+            hidden, weight, _bias_arg(bias, lse), labels, lse, g, ent, g_ent,
             d_hidden, d_weight, d_bias, m, v, h, eps, transform.pre, transform.post, transform.slope,
-            HAS_BIAS=bias is not None, TRANSFORM=transform.kind, COMPUTE_DH=need_hidden_grad,
+            HAS_BIAS=bias is not None, TRANSFORM=transform.kind, ENTROPY=entropy is not None,
+            COMPUTE_DH=need_hidden_grad,
             COMPUTE_DW=need_weight_grad,
             COMPUTE_DB=need_bias_grad, FILTER=eps > 0.0, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
             BLOCK_K=bwd.block_k, GROUP_M=bwd.group_m, DOT_PRECISION=precision,
@@ -408,14 +463,15 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
 
 def _fwd_signature(dt: str, wt: str) -> dict:
     return {"h_ptr": f"*{dt}", "w_ptr": f"*{wt}", "b_ptr": "*fp32", "lab_ptr": "*i64",
-            "part_lse_ptr": "*fp32", "part_tgt_ptr": "*fp32",
+            "part_lse_ptr": "*fp32", "part_tgt_ptr": "*fp32", "part_ent_ptr": "*fp32",
             "M": "i32", "V": "i32", "H": "i32", "TILES_PER_SPLIT": "i32", "N_SPLITS": "i32",
             "pre": "fp32", "post": "fp32"}
 
 
 def _bwd_signature(dt: str, wt: str) -> dict:
     return {"h_ptr": f"*{dt}", "w_ptr": f"*{wt}", "b_ptr": "*fp32", "lab_ptr": "*i64", "lse_ptr": "*fp32",
-            "g_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
+            "g_ptr": "*fp32", "ent_ptr": "*fp32", "ge_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32",
+            "db_ptr": "*fp32",
             "M": "i32", "V": "i32", "H": "i32", "filter_eps": "fp32", "pre": "fp32", "post": "fp32",
             "slope": "fp32"}
 
@@ -429,7 +485,7 @@ def _variants():
     """(tag, compute dtype, weight dtype, dot precision, has_bias, transform kind, bwd flag overrides)
     launched by default settings: same-dtype inputs with and without bias, 16-bit hidden + fp32 weight,
     TF32, a frozen weight; a logit scale or temperature and a softcap (bf16); and the opt-in gradient
-    filter (bf16)."""
+    filter (bf16); log-probs with the entropy (``return_entropy=True``, bf16: forward and backward)."""
     out = []
     for dtype in CONFIGS:
         for has_bias in (False, True):
@@ -442,6 +498,7 @@ def _variants():
     out.append(("bf16_frozenw_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, TRANSFORM_NONE,
                 {"COMPUTE_DW": False}))
     out.append(("bf16_filter_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, TRANSFORM_NONE, {"FILTER": True}))
+    out.append(("bf16_entropy_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, TRANSFORM_NONE, {"ENTROPY": True}))
     return out
 
 
@@ -453,19 +510,20 @@ def dot_precision_for(dtype: torch.dtype, tf32: bool) -> str:
 def aot_specs() -> list[tuple]:
     """The variants :func:`logprobs_forward` / :func:`logprobs_backward` launch, for
     ``python -m drdo_kernels.aot``: [(name, jit_fn, signature, constexprs, num_warps, num_stages,
-    aligned_ints)] (forward of a frozen-weight variant is the plain forward, so it is listed once).
+    aligned_ints)] (forward of a frozen-weight or filtered variant is the plain forward, so it is listed once).
     """
     specs = []
     for tag, dtype, wdtype, prec, has_bias, transform, overrides in _variants():
         fwd, bwd = _config(dtype, prec)
         dt, wt = _TL_DTYPE[dtype], _TL_DTYPE[wdtype]
-        if not overrides:
+        entropy = overrides.get("ENTROPY", False)
+        if set(overrides) <= {"ENTROPY"}:
             specs.append((f"logprobs_fwd_{tag}", _logprobs_fwd_kernel, _fwd_signature(dt, wt),
-                          dict(HAS_BIAS=has_bias, TRANSFORM=transform, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n,
-                               BLOCK_K=fwd.block_k,
-                               GROUP_M=fwd.group_m, DOT_PRECISION=prec, UPCAST_DOT=False),
+                          dict(HAS_BIAS=has_bias, TRANSFORM=transform, ENTROPY=entropy, BLOCK_M=fwd.block_m,
+                               BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k, GROUP_M=fwd.group_m, DOT_PRECISION=prec,
+                               UPCAST_DOT=False),
                           fwd.num_warps, fwd.num_stages, ALIGNED_INTS))
-        flags = dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=has_bias, FILTER=False)
+        flags = dict(ENTROPY=False, COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=has_bias, FILTER=False)
         flags.update(overrides)
         specs.append((f"logprobs_bwd_{tag}", _logprobs_bwd_kernel, _bwd_signature(dt, wt),
                       dict(HAS_BIAS=has_bias, TRANSFORM=transform, **flags, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,

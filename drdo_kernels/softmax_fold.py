@@ -6,7 +6,13 @@ Two steps, both IN PLACE on the buffer a cuBLAS GEMM just wrote:
   is not the identity: :mod:`drdo_kernels.logit_transform`) and returns, per row, the
   log-sum-exp (an online max / rescaled sum over vocab blocks) and the target logit
   ``l[r, labels[r]]``: one read of the buffer (and one write with a bias or a transform).
-* :func:`softmax_grad` turns each row into ``g[r] * (onehot(labels[r]) - softmax(l[r]))``,
+* With ``entropy=True`` :func:`row_stats` also returns each row's entropy
+  ``H = lse - sum_v p_v * l_v`` (p = softmax(l)), from an online ``sum exp(l - m) * (l - m)``
+  rescaled with the running max as the sum of exponentials is: ``H = log s - t / s``, two
+  non-negative terms, no cancellation.
+* :func:`softmax_grad` turns each row into ``g[r] * (onehot(labels[r]) - softmax(l[r]))``
+  (given the entropy and its upstream gradient ``ge``, minus ``ge[r] * p * (log p + H[r])``,
+  the entropy's gradient ``dH/dl = -p * (l - E_p[l])``),
   times the transform's derivative ``dl/dx`` (recovered from the transformed logit ``l`` itself),
   given that row's log-sum-exp: one read and one write, into the buffer itself
   (float32) or into a 16-bit buffer of the same shape that feeds the 16-bit GEMMs. Given
@@ -52,15 +58,18 @@ _TL_OUT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 if triton is not None:
 
     @triton.jit
-    def _row_stats_kernel(x_ptr, b_ptr, lab_ptr, lse_ptr, tgt_ptr, V, stride, pre, post,
-                          HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, BLOCK: tl.constexpr):
-        """One row: x = transform(x + bias) (stored back), lse = logsumexp(x), tgt = x[label]."""
+    def _row_stats_kernel(x_ptr, b_ptr, lab_ptr, lse_ptr, tgt_ptr, ent_ptr, V, stride, pre, post,
+                          HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, ENTROPY: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        """One row: x = transform(x + bias) (stored back), lse = logsumexp(x), tgt = x[label];
+        ENTROPY: also ent = -sum softmax(x) * log_softmax(x), from the online sum of exp(x - m) * (x - m)."""
         row = tl.program_id(0)
         x_row = x_ptr + row.to(tl.int64) * stride
         label = tl.load(lab_ptr + row)
         cols = tl.arange(0, BLOCK)
         m = tl.full([BLOCK], float("-inf"), tl.float32)  # per-lane running max
         s = tl.zeros([BLOCK], tl.float32)  # per-lane sum of exp(x - m)
+        t = tl.zeros([BLOCK], tl.float32)  # ENTROPY: per-lane sum of exp(x - m) * (x - m), <= 0
         tgt = tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
             offs = start + cols
@@ -75,21 +84,31 @@ if triton is not None:
             tgt += tl.where(offs == label, x, 0.0)
             m_new = tl.maximum(m, x)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: add exact zeros
-            s = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+            alpha = tl.exp(m - m_safe)
+            e = tl.exp(x - m_safe)
+            if ENTROPY:  # rescaled to the new max: sum e * (x - m_old) -> sum e * (x - m_new); -inf adds 0
+                m_old_safe = tl.where(m == float("-inf"), 0.0, m)
+                t = alpha * (t + (m_old_safe - m_safe) * s) + e * tl.where(e > 0.0, x - m_safe, 0.0)
+            s = s * alpha + e
             m = m_new
         m_row = tl.max(m, axis=0)
         m_row_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
-        total = tl.sum(s * tl.exp(m - m_row_safe), axis=0)
+        lane_scale = tl.exp(m - m_row_safe)
+        total = tl.sum(s * lane_scale, axis=0)
         tl.store(lse_ptr + row, m_row_safe + tl.log(total))
         tl.store(tgt_ptr + row, tl.sum(tgt, axis=0))
+        if ENTROPY:
+            m_lane_safe = tl.where(m == float("-inf"), 0.0, m)
+            t_row = tl.sum(lane_scale * (t + (m_lane_safe - m_row_safe) * s), axis=0)
+            tl.store(ent_ptr + row, tl.where(total > 0.0, tl.log(total) - t_row / total, 0.0))
 
     @triton.jit
-    def _softmax_grad_kernel(x_ptr, out_ptr, lab_ptr, lse_ptr, g_ptr, V, x_stride, out_stride, pre, post, slope,
-                             IN_PLACE: tl.constexpr, TRANSFORM: tl.constexpr, RAW: tl.constexpr,
-                             BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
-        """One row: out = g * (onehot(label) - exp(l - lse)) * dl/dx, into x itself or into out
-        (l = x, or transform(x) with RAW; ROUND_BY_HAND: bf16 under the interpreter, see
-        :mod:`drdo_kernels.rounding`)."""
+    def _softmax_grad_kernel(x_ptr, out_ptr, lab_ptr, lse_ptr, g_ptr, ent_ptr, ge_ptr, V, x_stride, out_stride,
+                             pre, post, slope, IN_PLACE: tl.constexpr, TRANSFORM: tl.constexpr, RAW: tl.constexpr,
+                             ENTROPY: tl.constexpr, BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
+        """One row: out = (g * (onehot(label) - p) - ge * p * (log p + ent)) * dl/dx, p = exp(l - lse),
+        into x itself or into out (l = x, or transform(x) with RAW; the ge term only with ENTROPY;
+        ROUND_BY_HAND: bf16 under the interpreter, see :mod:`drdo_kernels.rounding`)."""
         row = tl.program_id(0)
         x_row = x_ptr + row.to(tl.int64) * x_stride
         out_row = out_ptr + row.to(tl.int64) * out_stride
@@ -97,6 +116,9 @@ if triton is not None:
         lse = tl.load(lse_ptr + row)
         lse = tl.where(lse == float("-inf"), 0.0, lse)
         g = tl.load(g_ptr + row)
+        if ENTROPY:
+            ent = tl.load(ent_ptr + row)
+            ge = tl.load(ge_ptr + row)
         cols = tl.arange(0, BLOCK)
         for start in range(0, V, BLOCK):
             offs = start + cols
@@ -104,7 +126,11 @@ if triton is not None:
             x = tl.load(x_row + offs, mask=mask, other=0.0)  # lanes past V: finite, never stored
             if RAW:
                 x = transform_logits(x, pre, post, TRANSFORM)
-            d = transform_grad(g * (tl.where(offs == label, 1.0, 0.0) - tl.exp(x - lse)), x, post, slope, TRANSFORM)
+            p = tl.exp(x - lse)
+            d = g * (tl.where(offs == label, 1.0, 0.0) - p)
+            if ENTROPY:  # dH/dl = -p * (l - E_p[l]) = -p * (log p + H); p = 0 (l = -inf) adds 0
+                d -= ge * p * tl.where(p > 0.0, x - lse + ent, 0.0)
+            d = transform_grad(d, x, post, slope, TRANSFORM)
             if IN_PLACE:
                 tl.store(x_row + offs, d, mask=mask)
             else:
@@ -116,100 +142,140 @@ def _quarters(x: torch.Tensor):
     return x.split(max(1, -(-x.shape[0] // 4)))
 
 
-def _torch_row_stats(x, bias, labels, transform: LogitTransform):
-    """row_stats in torch ops; logsumexp over quarters of the rows, so its temporary is at
-    most a quarter of the buffer."""
+def _torch_entropy(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """-sum_v p * log p per row of x [c, V] given its lse [c], p = exp(x - lse); a quarter of the
+    rows at a time (p = 0 adds 0)."""
+    parts = []
+    for part, part_lse in zip(_quarters(x), _quarters(lse)):
+        log_p = part - part_lse.masked_fill(part_lse == float("-inf"), 0.0)[:, None]
+        p = log_p.exp()
+        parts.append(-(p * log_p.masked_fill_(p == 0, 0.0)).sum(-1))
+    return torch.cat(parts) if parts else x.new_zeros(0)
+
+
+def _torch_row_stats(x, bias, labels, transform: LogitTransform, entropy: bool):
+    """row_stats in torch ops; logsumexp (and the entropy) over quarters of the rows, so a
+    temporary is at most a quarter of the buffer."""
     if bias is not None:
         x.add_(bias.to(x.dtype))
     transform.apply_(x)
     lse = torch.cat([torch.logsumexp(part, dim=-1) for part in _quarters(x)]) \
         if x.shape[0] else x.new_zeros(0)
-    return lse, x.gather(1, labels[:, None]).squeeze(1)
+    target = x.gather(1, labels[:, None]).squeeze(1)
+    return (lse, target, _torch_entropy(x, lse)) if entropy else (lse, target)
 
 
 def row_stats(x: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, use_triton: bool,
-              transform: LogitTransform = IDENTITY):
+              transform: LogitTransform = IDENTITY, *, entropy: bool = False):
     """x: [c, V] float32 (float64 with use_triton=False) contiguous, modified in place
     (x = transform(x + bias)); bias: [V] | None; labels: [c] int64 in [0, V).
 
-    Returns (lse [c], target [c]) in x.dtype; afterwards x holds the transformed logits.
+    Returns (lse [c], target [c]) in x.dtype, and with ``entropy`` (lse, target, entropy [c]),
+    entropy = -sum_v softmax(l) * log_softmax(l) >= 0; afterwards x holds the transformed logits.
     """
     if not use_triton or x.shape[0] == 0:
-        return _torch_row_stats(x, bias, labels, transform)
+        return _torch_row_stats(x, bias, labels, transform, entropy)
     rows, n_vocab = x.shape
     lse = torch.empty(rows, dtype=torch.float32, device=x.device)
     tgt = torch.empty_like(lse)
+    ent = torch.empty_like(lse) if entropy else lse
     b = lse if bias is None else bias.to(torch.float32).contiguous()
-    _row_stats_kernel[(rows,)](x, b, labels, lse, tgt, n_vocab, x.stride(0), transform.pre, transform.post,
-                               HAS_BIAS=bias is not None, TRANSFORM=transform.kind, BLOCK=BLOCK,
+    _row_stats_kernel[(rows,)](x, b, labels, lse, tgt, ent, n_vocab, x.stride(0), transform.pre, transform.post,
+                               HAS_BIAS=bias is not None, TRANSFORM=transform.kind, ENTROPY=entropy, BLOCK=BLOCK,
                                num_warps=NUM_WARPS)
-    return lse, tgt
+    return (lse, tgt, ent) if entropy else (lse, tgt)
 
 
-def _torch_softmax_grad(x, labels, lse, g, transform: LogitTransform, raw: bool) -> None:
+def _torch_softmax_grad(x, labels, lse, g, transform: LogitTransform, raw: bool, ent=None, g_ent=None) -> None:
     """softmax_grad in torch ops, in place on x. Without a softcap dl/dx is the constant
     ``transform.slope`` (folded into g); with one it is taken from each quarter of the rows
-    before that quarter is overwritten (a temporary of a quarter of x)."""
+    before that quarter is overwritten (a temporary of a quarter of x), as is p for the entropy term."""
     if raw:
         transform.apply_(x)
     lse = lse.masked_fill(lse == float("-inf"), 0.0)
-    if transform.softcap is None:
+    if transform.softcap is None and ent is None:
         g = g * transform.slope if not transform.is_identity else g
         x.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g * softmax
         x.scatter_add_(1, labels[:, None], g[:, None])  # + g * onehot
         return
-    for part, part_labels, part_lse, part_g in zip(_quarters(x), _quarters(labels), _quarters(lse), _quarters(g)):
-        slope = transform.derivative(part)
-        part.sub_(part_lse[:, None]).exp_().mul_(-part_g[:, None])
+    no_entropy = [None] * len(_quarters(x))
+    entropy_parts = (_quarters(ent), _quarters(g_ent)) if ent is not None else (no_entropy, no_entropy)
+    for part, part_labels, part_lse, part_g, part_ent, part_ge in zip(
+            _quarters(x), _quarters(labels), _quarters(lse), _quarters(g), *entropy_parts):
+        slope = transform.derivative(part) if transform.softcap is not None else None
+        part.sub_(part_lse[:, None])  # log p
+        if part_ent is None:
+            part.exp_().mul_(-part_g[:, None])
+        else:  # -p * (g + ge * (log p + H)); p = 0 adds 0
+            p = part.exp()
+            part.add_(part_ent[:, None]).mul_(part_ge[:, None]).add_(part_g[:, None]).mul_(p).neg_()
+            part.masked_fill_(p == 0, 0.0)
         part.scatter_add_(1, part_labels[:, None], part_g[:, None])
-        part.mul_(slope)
+        if slope is not None:
+            part.mul_(slope)
+        elif not transform.is_identity:
+            part.mul_(transform.slope)
 
 
 def softmax_grad(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
                  out_dtype: torch.dtype, use_triton: bool, transform: LogitTransform = IDENTITY,
-                 raw: bool = False) -> torch.Tensor:
+                 raw: bool = False, *, entropy: torch.Tensor | None = None,
+                 grad_entropy: torch.Tensor | None = None) -> torch.Tensor:
     """x: [c, V] transformed logits l (float32/float64, contiguous), or with ``raw`` the biased
-    logits before the transform; lse, g: [c] x.dtype.
+    logits before the transform; lse, g: [c] x.dtype; entropy, grad_entropy: [c] (both or
+    neither) the rows' entropy H (:func:`row_stats`) and the upstream gradient on it.
 
-    Returns d_x = g * (onehot(labels) - softmax(l)) * dl/dx [c, V] in ``out_dtype``:
-    x itself when out_dtype == x.dtype (overwritten), else a new 16-bit tensor.
+    Returns d_x = (g * (onehot(labels) - p) - grad_entropy * p * (log p + H)) * dl/dx [c, V],
+    p = softmax(l), in ``out_dtype``: x itself when out_dtype == x.dtype (overwritten), else a
+    new 16-bit tensor.
     """
+    if (entropy is None) != (grad_entropy is None):
+        raise ValueError("softmax_grad takes entropy and grad_entropy together")
     if not use_triton or x.shape[0] == 0:
-        _torch_softmax_grad(x, labels, lse, g, transform, raw)
+        ent, g_ent = (None, None) if entropy is None else (entropy.to(x.dtype), grad_entropy.to(x.dtype))
+        _torch_softmax_grad(x, labels, lse, g, transform, raw, ent, g_ent)
         return x if out_dtype == x.dtype else x.to(out_dtype)
     rows, n_vocab = x.shape
     in_place = out_dtype == x.dtype
     out = x if in_place else torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    _softmax_grad_kernel[(rows,)](x, out, labels, lse, g.to(torch.float32).contiguous(), n_vocab,
+    g = g.to(torch.float32).contiguous()
+    ent = g if entropy is None else entropy.to(torch.float32).contiguous()
+    g_ent = g if entropy is None else grad_entropy.to(torch.float32).contiguous()
+    _softmax_grad_kernel[(rows,)](x, out, labels, lse, g, ent, g_ent, n_vocab,
                                   x.stride(0), out.stride(0), transform.pre, transform.post, transform.slope,
                                   IN_PLACE=in_place, TRANSFORM=transform.kind, RAW=raw and not transform.is_identity,
-                                  BLOCK=BLOCK, ROUND_BY_HAND=emulate_rounding(out_dtype, x.device),
-                                  num_warps=NUM_WARPS)
+                                  ENTROPY=entropy is not None, BLOCK=BLOCK,
+                                  ROUND_BY_HAND=emulate_rounding(out_dtype, x.device), num_warps=NUM_WARPS)
     return out
 
 
 def aot_specs() -> list[tuple]:
     """Every variant :func:`row_stats` and :func:`softmax_grad` launch, for ahead-of-time
-    compilation: [(name, jit_fn, signature, constexprs, num_warps, num_stages)]."""
+    compilation: [(name, jit_fn, signature, constexprs, num_warps, num_stages)]. The entropy
+    variants (``ENTROPY=True``) are listed apart; without it the kernels are those of plain log-probs."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     specs = []
     stats_sig = {"x_ptr": "*fp32", "b_ptr": "*fp32", "lab_ptr": "*i64", "lse_ptr": "*fp32",
-                 "tgt_ptr": "*fp32", "V": "i32", "stride": "i32", "pre": "fp32", "post": "fp32"}
+                 "tgt_ptr": "*fp32", "ent_ptr": "*fp32", "V": "i32", "stride": "i32", "pre": "fp32", "post": "fp32"}
     for has_bias in (False, True):
         specs.append((f"fold_row_stats_bias{int(has_bias)}", _row_stats_kernel, stats_sig,
-                      dict(HAS_BIAS=has_bias, TRANSFORM=TRANSFORM_NONE, BLOCK=BLOCK), NUM_WARPS, 1))
+                      dict(HAS_BIAS=has_bias, TRANSFORM=TRANSFORM_NONE, ENTROPY=False, BLOCK=BLOCK), NUM_WARPS, 1))
     specs.append(("fold_row_stats_softcap", _row_stats_kernel, stats_sig,
-                  dict(HAS_BIAS=False, TRANSFORM=TRANSFORM_SOFTCAP, BLOCK=BLOCK), NUM_WARPS, 1))
+                  dict(HAS_BIAS=False, TRANSFORM=TRANSFORM_SOFTCAP, ENTROPY=False, BLOCK=BLOCK), NUM_WARPS, 1))
+    specs.append(("fold_row_stats_entropy", _row_stats_kernel, stats_sig,
+                  dict(HAS_BIAS=False, TRANSFORM=TRANSFORM_NONE, ENTROPY=True, BLOCK=BLOCK), NUM_WARPS, 1))
     for dtype, dt in _TL_OUT.items():
         grad_sig = {"x_ptr": "*fp32", "out_ptr": f"*{dt}", "lab_ptr": "*i64", "lse_ptr": "*fp32",
-                    "g_ptr": "*fp32", "V": "i32", "x_stride": "i32", "out_stride": "i32", "pre": "fp32",
-                    "post": "fp32", "slope": "fp32"}
-        for tag, kind, raw in (("", TRANSFORM_NONE, False), ("_softcap", TRANSFORM_SOFTCAP, False),
-                               ("_softcap_raw", TRANSFORM_SOFTCAP, True)):
-            if tag and dtype != torch.bfloat16:
+                    "g_ptr": "*fp32", "ent_ptr": "*fp32", "ge_ptr": "*fp32", "V": "i32", "x_stride": "i32",
+                    "out_stride": "i32", "pre": "fp32", "post": "fp32", "slope": "fp32"}
+        for tag, kind, raw, entropy in (("", TRANSFORM_NONE, False, False),
+                                        ("_entropy", TRANSFORM_NONE, False, True),
+                                        ("_softcap", TRANSFORM_SOFTCAP, False, False),
+                                        ("_softcap_raw", TRANSFORM_SOFTCAP, True, False)):
+            if "softcap" in tag and dtype != torch.bfloat16:
                 continue
             specs.append((f"fold_softmax_grad_{dt}{tag}", _softmax_grad_kernel, grad_sig,
-                          dict(IN_PLACE=dtype == torch.float32, TRANSFORM=kind, RAW=raw, BLOCK=BLOCK,
-                               ROUND_BY_HAND=False), NUM_WARPS, 1))
+                          dict(IN_PLACE=dtype == torch.float32, TRANSFORM=kind, RAW=raw, ENTROPY=entropy,
+                               BLOCK=BLOCK, ROUND_BY_HAND=False), NUM_WARPS, 1))
     return specs

@@ -11,9 +11,13 @@ builds the [N, V] logits or gathers the weight. Per chunk of c tokens (fp32 buff
     s, t = all_reduce((sum_v exp(x - m), x[label] or 0), SUM)  [2, c]   (the label lives on one rank)
     logp = t - (m + log s)
 
+and with ``return_entropy=True`` one more row of that all-reduce, u = sum_v exp(x - m) * (x - m)
+([3, c]), for the entropy H = log s - u / s of each token's whole softmax;
+
 and in the backward, the logits recomputed per chunk:
 
     d = g * (onehot_r - exp(x - lse)) * dtransform          [c, V_r]
+        (with the entropy: - g_H * p * (log p + H) inside the bracket, p = exp(x - lse))
     d_W_r += d.T @ h,  d_b_r += sum d                       local, no communication
     d_h = all_reduce(sum over chunks of d @ W_r, SUM)       one all-reduce of [N, H] per call
 
@@ -118,46 +122,64 @@ def _local_labels(labels: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor
     return torch.where(held, local, torch.zeros_like(local)), held
 
 
-def _forward_chunk(x, labels, shard: VocabShard):
-    """lse [c] and target logit [c] of a chunk's slice x [c, V_r], completed over the ranks."""
+def _forward_chunk(x, labels, shard: VocabShard, entropy: bool = False):
+    """lse [c] and target logit [c] of a chunk's slice x [c, V_r], completed over the ranks; with
+    ``entropy`` also the entropy [c] of the whole softmax, H = log s - u / s from the all-reduced
+    s = sum exp(x - m) and u = sum exp(x - m) * (x - m) (one more row of the same all-reduce)."""
     m = x.amax(1) if x.shape[1] else x.new_full((x.shape[0],), float("-inf"))
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=shard.group)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     local, held = _local_labels(labels, shard)
     target = x.gather(1, local[:, None]).squeeze(1) if x.shape[1] else torch.zeros_like(m)
-    sums = torch.stack([(x - m_safe[:, None]).exp().sum(1), torch.where(held, target, torch.zeros_like(target))])
+    shifted = x - m_safe[:, None]
+    e = shifted.exp()
+    rows = [e.sum(1), torch.where(held, target, torch.zeros_like(target))]
+    if entropy:
+        rows.append((e * shifted.masked_fill_(e == 0, 0.0)).sum(1))  # exp(-inf) * -inf adds 0
+    sums = torch.stack(rows)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)
-    return m_safe + sums[0].log(), sums[1]
+    lse = m_safe + sums[0].log()
+    if not entropy:
+        return lse, sums[1]
+    ent = torch.where(sums[0] > 0, sums[0].log() - sums[2] / sums[0], torch.zeros_like(lse))
+    return lse, sums[1], ent
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
     """hidden [M, H] (compute dtype, replicated), weight [V_r, H] (the rank's rows), bias [V_r] |
-    None, labels [M] int64 global ids (all valid) -> logp [M] float32 (float64)."""
+    None, labels [M] int64 global ids (all valid) -> logp [M] float32 (float64), or with
+    ``entropy`` (logp, entropy) [M]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, shard, rows, transform):
+    def forward(ctx, hidden, weight, bias, labels, shard, rows, transform, entropy=False):
         gemms = chunked.LMHeadGemms(weight, hidden.dtype)
         b = None if bias is None else bias.detach().to(gemms.acc)
         lse = hidden.new_empty(hidden.shape[0], dtype=gemms.acc)
         logp = torch.empty_like(lse)
+        ent = torch.empty_like(lse) if entropy else None
         with torch.autocast(hidden.device.type, enabled=False):
             for lo in range(0, hidden.shape[0], rows):
                 hi = min(hidden.shape[0], lo + rows)
                 x = _local_logits(gemms, hidden[lo:hi], b, transform)
-                lse[lo:hi], target = _forward_chunk(x, labels[lo:hi], shard)
+                stats = _forward_chunk(x, labels[lo:hi], shard, entropy)
+                lse[lo:hi], target = stats[0], stats[1]
+                if entropy:
+                    ent[lo:hi] = stats[2]
                 logp[lo:hi] = (target - lse[lo:hi]).clamp_max(0.0)
-        ctx.save_for_backward(hidden, bias, labels, lse)
+        ctx.save_for_backward(hidden, bias, labels, lse, *([ent] if entropy else []))
         ctx.gemms, ctx.shard, ctx.rows, ctx.transform, ctx.weight_dtype = gemms, shard, rows, transform, weight.dtype
-        return logp
+        ctx.entropy = entropy
+        return (logp, ent) if entropy else logp
 
     @staticmethod
-    def backward(ctx, grad):
-        hidden, bias, labels, lse = ctx.saved_tensors
+    def backward(ctx, grad, grad_entropy=None):
+        hidden, bias, labels, lse, *ent = ctx.saved_tensors
         gemms, shard, transform = ctx.gemms, ctx.shard, ctx.transform
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = gemms.acc
         b = None if bias is None else bias.detach().to(acc)
         grad = grad.to(acc)
+        ent = (ent[0], grad_entropy.to(acc)) if ctx.entropy else None
         d_h = hidden.new_zeros(hidden.shape, dtype=acc) if need_h else None
         d_w = torch.zeros(gemms.weight.shape, dtype=acc, device=hidden.device) if need_w else None
         d_b = torch.zeros(gemms.weight.shape[0], dtype=acc, device=hidden.device) if need_b else None
@@ -165,7 +187,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             for lo in range(0, hidden.shape[0], ctx.rows):
                 hi = min(hidden.shape[0], lo + ctx.rows)
                 x = _local_logits(gemms, hidden[lo:hi], b, transform)
-                d = _logits_grad(x, labels[lo:hi], lse[lo:hi], grad[lo:hi], shard, transform).to(gemms.dtype)
+                chunk_ent = None if ent is None else (ent[0][lo:hi], ent[1][lo:hi])
+                d = _logits_grad(x, labels[lo:hi], lse[lo:hi], grad[lo:hi], shard, transform,
+                                 chunk_ent).to(gemms.dtype)
                 if d_h is not None:
                     gemms.write_d_hidden(d, d_h[lo:hi])
                 if d_w is not None:
@@ -175,12 +199,18 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         if d_h is not None:
             dist.all_reduce(d_h, op=dist.ReduceOp.SUM, group=shard.group)
         return (None if d_h is None else d_h.to(hidden.dtype), None if d_w is None else d_w.to(ctx.weight_dtype),
-                None if d_b is None else d_b.to(bias.dtype), None, None, None, None)
+                None if d_b is None else d_b.to(bias.dtype), None, None, None, None, None)
 
 
-def _logits_grad(x, labels, lse, g, shard: VocabShard, transform: LogitTransform) -> torch.Tensor:
-    """g * (onehot_r - softmax_r) * dl/dx of a chunk's slice x [c, V_r] (transformed logits)."""
-    d = (x - lse[:, None]).exp_().mul_(-g[:, None])
+def _logits_grad(x, labels, lse, g, shard: VocabShard, transform: LogitTransform, ent=None) -> torch.Tensor:
+    """g * (onehot_r - softmax_r) * dl/dx of a chunk's slice x [c, V_r] (transformed logits); with
+    ``ent`` = (H [c], g_H [c]) minus g_H * p * (log p + H) inside the bracket (the entropy's gradient)."""
+    if ent is None:
+        d = (x - lse[:, None]).exp_().mul_(-g[:, None])
+    else:
+        log_p = x - lse[:, None]
+        p = log_p.exp()
+        d = log_p.add_(ent[0][:, None]).mul_(ent[1][:, None]).add_(g[:, None]).mul_(p).neg_().masked_fill_(p == 0, 0.0)
     local, held = _local_labels(labels, shard)
     if x.shape[1]:
         d.scatter_add_(1, local[:, None], torch.where(held, g, torch.zeros_like(g))[:, None])
@@ -220,13 +250,14 @@ def check_vocab_parallel_backend(backend: str) -> None:
 
 
 def vocab_parallel_logprobs(hidden, weight, labels, bias, shard: VocabShard, *, rows: int | None = None,
-                            transform: LogitTransform = IDENTITY) -> torch.Tensor:
+                            transform: LogitTransform = IDENTITY, entropy: bool = False):
     """Per-token log-probs [M] float32 (float64) of valid tokens, vocabulary-parallel.
 
     hidden: [M, H] the replicated hidden states (plain, :func:`local_head`), in the compute dtype;
     weight: [V_r, H] and bias: [V_r] | None, the rank's rows; labels: [M] int64 global ids, all
     valid; shard: :func:`vocab_shard` of the call; rows: tokens per chunk (None: the memory budget
-    of ``logprobs_chunked.chunk_rows`` for V_r). The result is the same on every rank.
+    of ``logprobs_chunked.chunk_rows`` for V_r); entropy: return (logp, entropy [M]), the
+    entropy of each token's whole softmax. The result is the same on every rank.
     """
     rows = rows or chunked.chunk_rows(max(1, shard.size), hidden.dtype, hidden.device)
-    return _VocabParallelLogprobs.apply(hidden.contiguous(), weight, bias, labels, shard, rows, transform)
+    return _VocabParallelLogprobs.apply(hidden.contiguous(), weight, bias, labels, shard, rows, transform, entropy)

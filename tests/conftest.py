@@ -12,6 +12,11 @@ Two markers split the suite by what a test exercises:
 * ``chunked``: the chunked backend (a ``backend`` parameter equal to "chunked"). In the default
   run on a CPU it folds each chunk with PyTorch, as users' CPUs do; the interpreter run above
   repeats it with the Triton fold.
+
+Property-based tests (``hypothesis``) run under the profile "ci": derandomized where the test
+asks for it, no example database, no deadline, and no shrinking, so that a failure prints the
+case it failed on at once instead of minutes later. ``HYPOTHESIS_PROFILE=shrink`` shrinks a
+failure to a smaller case.
 """
 import os
 import tempfile
@@ -25,6 +30,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="drdo-tests-datasets-"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+try:
+    from hypothesis import HealthCheck, Phase, settings
+except ImportError:  # only tests/test_gradients.py needs it (a [dev] dependency)
+    pass
+else:
+    settings.register_profile("ci", phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target],
+                              deadline=None, database=None, print_blob=True, suppress_health_check=list(HealthCheck))
+    settings.register_profile("shrink", settings.get_profile("ci"), phases=list(Phase))
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 INTERPRETER_COMMAND = 'TRITON_INTERPRET=1 python -m pytest -q -m "triton or chunked" tests'
 
@@ -80,5 +95,5 @@ def pytest_report_header(config):
 
 def pytest_terminal_summary(terminalreporter):
     harness = __import__("sys").modules.get("gradient_cases")
-    if harness is not None and harness.WORST.cases:
+    if harness is not None and harness.WORST.by_dtype:
         terminalreporter.write_line(harness.WORST.summary())

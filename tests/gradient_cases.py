@@ -1,32 +1,40 @@
 """Generated cases for the differential gradient harness (``tests/test_gradients.py``).
 
 A case is every choice a user can make when calling a fused loss: the loss and its options,
-the backend, the dtypes, the shapes (pairs, positions, hidden size, a small vocabulary or one
-of 32k and more), the mask (an ignored prompt, padding, rows with a single scored token), a
-bias or none, which inputs require a gradient, the reduction, and the chunk layout: one pair
-per chunk, several, all of them, a pair larger than a chunk, and the memory budget's own size.
+the backend, the dtypes, the shapes, the mask (an ignored prompt, padding, rows with a single
+scored token), a bias or none, which inputs require a gradient, the reduction, and the chunk
+layout: one pair per chunk, several, all of them, a pair larger than a chunk, whole 128-token
+GEMM tiles, and the memory budget's own size.
+
+Shapes come in size classes (:data:`SIZE_CLASSES`): mostly small ones (where a bug shows
+cheapest), and, drawn rarely, many pairs (past the Triton pair kernel's 32-pair block), long
+rows (up to 64 positions: several GEMM row tiles and chunks), wide hidden states (up to 128:
+several K steps of the Triton tiles) and all of them at once. What a case costs is its full
+logits, [2B, T, V] per path, four times over (:func:`case_cost`); a case over :data:`COST_CAP`
+is drawn with a smaller vocabulary, hidden size or length, so that the run time stays bounded.
 
 :func:`run_case` computes the loss and every gradient four ways, on the same inputs rounded
 to the case's dtypes: the fused function under test; the float64 reference on full logits
-(``drdo.losses`` on ``hidden @ W.T + b``); and two yardsticks of the error a correct 16-bit
-path makes: the plain PyTorch path in the case's dtypes (the same composition, logits in that
-dtype), and the float64 reference with the gradient of the logits rounded to the compute
-dtype (what feeding 16-bit gradient GEMMs costs, cancellation included: a bias gradient is a
-sum over tokens of such rounded values). Errors are measured against the size of what was
-summed, not of the sum (which cancellation can make arbitrarily small): a "magnitude" run of
-the reference propagates |d loss / d logits| through |W| and |hidden|.
+(the formulas of ``tests/gradient_reference.py`` on ``hidden @ W.T + b``, differentiated by
+autograd); and two yardsticks of the error a correct 16-bit path makes: the plain PyTorch path
+in the case's dtypes (the same formulas, logits in that dtype), and the float64 reference with
+the gradient of the logits rounded to the compute dtype (what feeding 16-bit gradient GEMMs
+costs, cancellation included: a bias gradient is a sum over tokens of such rounded values).
+Errors are measured against the size of what was summed, not of the sum (which cancellation
+can make arbitrarily small): a "magnitude" run of the reference propagates |d loss / d logits|
+through |W| and |hidden|.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 
+import gradient_reference as reference
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
 import drdo_kernels as dk
-from drdo.losses import IGNORE_INDEX, dpo_loss, drdo_loss, edpo_loss, oracle_loss, sequence_logprobs
 from drdo_kernels.triton_runtime import triton_interpreting
 
 LOSSES = ("drdo", "dpo", "oracle", "edpo", "logprobs")
@@ -34,9 +42,42 @@ BIG_VOCABS = (32000, 32003, 32771)
 #: dtype name -> (hidden dtype, LM-head weight dtype); "bf16_w32" is autocast training (fp32 master weight).
 DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
           "fp16": (torch.float16, torch.float16), "bf16_w32": (torch.bfloat16, torch.float32)}
-LAYOUTS = ("split", "one", "several", "all", "budget")
+LAYOUTS = ("split", "one", "several", "all", "tile", "budget")
+#: Tokens per chunk of the "tile" layout: one GEMM row tile of the chunked backends.
+TILE_TOKENS = 128
 #: Where the fused path runs: the GPU when there is one (and Triton is compiled, not interpreted).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeClass:
+    """Inclusive ranges of pairs B, positions T and hidden size H; ``weight``: how often it is drawn
+    (out of the sum of the weights)."""
+
+    name: str
+    pairs: tuple[int, int]
+    positions: tuple[int, int]
+    hidden: tuple[int, int]
+    weight: int
+
+
+SIZE_CLASSES = (
+    SizeClass("small", (1, 5), (1, 9), (1, 24), 12),
+    SizeClass("many pairs", (30, 44), (1, 6), (1, 32), 4),
+    SizeClass("long rows", (1, 4), (10, 64), (1, 48), 2),
+    SizeClass("wide", (1, 6), (1, 12), (33, 128), 2),
+    SizeClass("large", (33, 48), (16, 64), (33, 128), 1),
+)
+#: Most multiply-adds one case may cost (:func:`case_cost`): a V = 32k case holds about 36
+#: positions at H = 24; a large one (96 rows of 64 positions, H = 128) about 40 vocabulary entries.
+COST_CAP = 5e8
+
+
+def case_cost(n_rows: int, n_pos: int, n_hidden: int, n_vocab: int) -> float:
+    """Multiply-adds of a case: four full-logits paths (reference, plain, rounded, magnitude),
+    each a logits GEMM and two gradient GEMMs plus about ten element-wise passes over the
+    [rows, T, V] logits, and the fused path (at most as much again)."""
+    return n_rows * n_pos * n_vocab * (16 * n_hidden + 40)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +85,7 @@ class Case:
     """One generated call. ``rows[r] = (prompt, response)`` tokens of row r (the rest is padding);
     ``grads``: the leaves that require a gradient, among weight, bias, hidden, head (the reward
     head's weight, through which policy rewards reach the hidden states) and scores (Oracle
-    scores / reference log-probs)."""
+    scores / reference log-probs); ``spread``: the logits' standard deviation (before the bias)."""
 
     loss: str
     options: tuple
@@ -59,12 +100,19 @@ class Case:
     grads: frozenset
     reduction: str
     layout: str
-    logit_scale: float
+    spread: float
     seed: int
 
     @property
     def opts(self) -> dict:
         return dict(self.options)
+
+    @property
+    def entropy(self) -> bool:
+        """Whether the call also returns the per-token entropy (``return_entropy=True``), with an
+        upstream gradient on it: per-token log-prob cases of odd seed (a choice derived from the
+        seed, so the drawn cases stay those of the runs before it)."""
+        return self.loss == "logprobs" and self.seed % 2 == 1
 
 
 def _options(loss: str):
@@ -96,18 +144,37 @@ def _grad_choices(loss: str, options: dict) -> tuple[str, ...]:
 
 
 EITHER_VOCAB = st.booleans()  # the default of ``cases``: small and big vocabularies
+_WEIGHTED_CLASSES = st.sampled_from([c for c in SIZE_CLASSES for _ in range(c.weight)])
+
+
+@st.composite
+def _shape(draw, big_vocab, max_tokens: int | None) -> tuple[int, int, int, int]:
+    """(pairs, positions, hidden size, vocabulary) of one size class, within :data:`COST_CAP` and
+    ``max_tokens`` (2B * T): past them the vocabulary shrinks (a small one), else, where the
+    vocabulary must be big, the hidden size and then the positions do."""
+    size = draw(_WEIGHTED_CLASSES)
+    n_pairs, n_pos, n_hidden = (draw(st.integers(*r)) for r in (size.pairs, size.positions, size.hidden))
+    if max_tokens is not None:
+        n_pos = max(1, min(n_pos, max_tokens // (2 * n_pairs)))
+    if draw(big_vocab):
+        n_vocab = draw(st.sampled_from(BIG_VOCABS))
+        while case_cost(2 * n_pairs, n_pos, n_hidden, n_vocab) > COST_CAP and n_hidden > 1:
+            n_hidden = max(1, n_hidden // 2)
+        while case_cost(2 * n_pairs, n_pos, n_hidden, n_vocab) > COST_CAP and n_pos > 1:
+            n_pos -= 1
+        return n_pairs, n_pos, n_hidden, n_vocab
+    most = int(COST_CAP // case_cost(2 * n_pairs, n_pos, n_hidden, 1))
+    return n_pairs, n_pos, n_hidden, draw(st.integers(2, max(2, min(300, most))))
 
 
 @st.composite
 def cases(draw, losses=LOSSES, backends=("auto", "torch", "chunked", "reference"), dtypes=tuple(DTYPES),
-          big_vocab=EITHER_VOCAB) -> Case:
-    """A :class:`Case` drawn across every option; ``big_vocab`` draws whether V >= 32k."""
+          big_vocab=EITHER_VOCAB, max_tokens: int | None = None) -> Case:
+    """A :class:`Case` drawn across every option; ``big_vocab`` draws whether V >= 32k;
+    ``max_tokens``: at most this many positions in all (2B * T)."""
     loss = draw(st.sampled_from(losses))
     options = draw(_options(loss))
-    big = draw(big_vocab)
-    n_vocab = draw(st.sampled_from(BIG_VOCABS)) if big else draw(st.integers(2, 300))
-    n_pairs = draw(st.integers(1, 3 if big else 5))
-    n_pos = draw(st.integers(1, 6 if big else 9))
+    n_pairs, n_pos, n_hidden, n_vocab = draw(_shape(big_vocab, max_tokens))
     n_rows = 2 * n_pairs
     rows = []
     for _ in range(n_rows):
@@ -119,10 +186,10 @@ def cases(draw, losses=LOSSES, backends=("auto", "torch", "chunked", "reference"
     grads = frozenset(draw(st.sets(st.sampled_from(_grad_choices(loss, options)), min_size=1)))
     return Case(
         loss=loss, options=tuple(sorted(options.items())), backend=draw(st.sampled_from(backends)),
-        dtype=draw(st.sampled_from(dtypes)), n_pairs=n_pairs, n_pos=n_pos,
-        n_hidden=draw(st.integers(1, 24)), n_vocab=n_vocab, rows=tuple(rows), bias=draw(st.booleans()),
-        grads=grads, reduction=draw(st.sampled_from(["mean", "sum"])), layout=draw(st.sampled_from(LAYOUTS)),
-        logit_scale=draw(st.sampled_from([0.3, 1.0, 4.0])), seed=draw(st.integers(0, 2**31 - 1)),
+        dtype=draw(st.sampled_from(dtypes)), n_pairs=n_pairs, n_pos=n_pos, n_hidden=n_hidden, n_vocab=n_vocab,
+        rows=tuple(rows), bias=draw(st.booleans()), grads=grads, reduction=draw(st.sampled_from(["mean", "sum"])),
+        layout=draw(st.sampled_from(LAYOUTS)), spread=draw(st.sampled_from([0.3, 1.0, 4.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
     )
 
 
@@ -150,7 +217,7 @@ WORST = _Worst()
 
 
 def _labels(case: Case, gen: torch.Generator) -> torch.Tensor:
-    labels = torch.full((2 * case.n_pairs, case.n_pos), IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full((2 * case.n_pairs, case.n_pos), reference.IGNORED, dtype=torch.long)
     for r, (prompt, response) in enumerate(case.rows):
         labels[r, prompt:prompt + response] = torch.randint(0, case.n_vocab, (response,), generator=gen)
     return labels
@@ -165,8 +232,8 @@ def chunk_tokens(case: Case, labels: torch.Tensor) -> int | None:
     """The case's chunk layout as a ``chunk_tokens`` value (None: the memory budget). DRDO, DPO
     and the Oracle loss chunk whole pairs: "split" makes the largest pair exceed a chunk, "one"
     fits the largest pair exactly, "several" about half the pairs, "all" every pair. e-DPO and
-    plain log-probs chunk tokens: 1, 2, half and all of them."""
-    scored = (labels[:lm_rows(case)] != IGNORE_INDEX).sum(-1).tolist()
+    plain log-probs chunk tokens: 1, 2, half and all of them. "tile": :data:`TILE_TOKENS`."""
+    scored = (labels[:lm_rows(case)] != reference.IGNORED).sum(-1).tolist()
     total = sum(scored)
     if case.loss in ("edpo", "logprobs"):
         sizes = {"split": 1, "one": 2, "several": max(1, total // 2), "all": total}
@@ -175,6 +242,7 @@ def chunk_tokens(case: Case, labels: torch.Tensor) -> int | None:
         per_pair = [sum(scored[s * case.n_pairs + p] for s in range(sides)) for p in range(case.n_pairs)]
         largest = max(per_pair)
         sizes = {"split": max(1, largest - 1), "one": largest, "several": max(largest, total // 2), "all": total}
+    sizes["tile"] = TILE_TOKENS
     return sizes.get(case.layout)
 
 
@@ -187,8 +255,9 @@ def inputs(case: Case) -> dict:
     def rounded(t, dtype):
         return t.to(dtype).double()
 
-    scale = case.logit_scale / math.sqrt(case.n_hidden)
+    scale = case.spread / math.sqrt(case.n_hidden)
     labels = _labels(case, gen)
+    scored = labels != reference.IGNORED
     return dict(
         labels=labels,
         weight=rounded(torch.randn(case.n_vocab, case.n_hidden, generator=gen, dtype=torch.float64) * scale, w_dtype),
@@ -197,9 +266,9 @@ def inputs(case: Case) -> dict:
         head=rounded(torch.randn(case.n_hidden, generator=gen, dtype=torch.float64) / math.sqrt(case.n_hidden),
                      torch.float32),
         oracle=rounded(torch.randn(k, n_rows, generator=gen, dtype=torch.float64), torch.float32),
-        ref=rounded(-3.0 * (labels != IGNORE_INDEX).sum(-1) + torch.randn(n_rows, generator=gen, dtype=torch.float64),
-                    torch.float32),
+        ref=rounded(-3.0 * scored.sum(-1) + torch.randn(n_rows, generator=gen, dtype=torch.float64), torch.float32),
         upstream=torch.randn(n_rows, case.n_pos, generator=gen, dtype=torch.float64),
+        upstream_entropy=torch.randn(n_rows, case.n_pos, generator=gen, dtype=torch.float64),
     )
 
 
@@ -253,42 +322,35 @@ def _logits(case: Case, leaves: dict, mode: str, rows: int) -> torch.Tensor:
     return logits
 
 
-def _full_logprobs(case: Case, leaves: dict, labels: torch.Tensor, mode: str):
-    """Summed log-probs [R] and counts [R] on full logits (log-softmax in float32 at least)."""
-    return sequence_logprobs(_logits(case, leaves, mode, lm_rows(case)), labels[:lm_rows(case)])
-
-
-def _token_logprobs(case: Case, leaves: dict, labels: torch.Tensor, mode: str) -> torch.Tensor:
-    logits = _logits(case, leaves, mode, labels.shape[0])
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    mask = labels != IGNORE_INDEX
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    return torch.where(mask, logp, torch.zeros_like(logp))
+def _float_logits(case: Case, leaves: dict, mode: str, rows: int) -> torch.Tensor:
+    """:func:`_logits` in float32 at least (what a plain path's log-softmax computes in)."""
+    logits = _logits(case, leaves, mode, rows)
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def full_logits_loss(case: Case, leaves: dict, data: dict, mode: str) -> torch.Tensor:
-    """The loss on full logits (``drdo.losses``), mode as :func:`_logits`."""
-    o, labels, n = case.opts, data["labels"], case.n_pairs
+    """The loss on full logits by the formulas of ``gradient_reference``, mode as :func:`_logits`."""
+    o, labels = dict(case.opts, reduction=case.reduction), data["labels"]
     if case.loss == "logprobs":
-        logp = _token_logprobs(case, leaves, labels, mode)
+        logits = _float_logits(case, leaves, mode, labels.shape[0])
+        logp = reference.token_logprobs(logits, labels)
         upstream = data["upstream"].to(logp.dtype)
-        return (logp * (upstream.abs() if mode == "magnitude" else upstream)).sum()
-    z, counts = _full_logprobs(case, leaves, labels, mode)
-    oracle, ref = leaves["oracle"], leaves["ref"]
+        loss = (logp * (upstream.abs() if mode == "magnitude" else upstream)).sum()
+        if not case.entropy:
+            return loss
+        up_entropy = data["upstream_entropy"].to(logp.dtype)  # magnitude: -|g_H| H <= 0 as |g| logp is
+        return loss + (reference.token_entropy(logits, labels) *
+                       (-up_entropy.abs() if mode == "magnitude" else up_entropy)).sum()
+    rows = lm_rows(case)
+    z, counts = reference.sequence_logprobs(_float_logits(case, leaves, mode, rows), labels[:rows])
     if case.loss == "drdo":
-        if o["length_normalize"]:
-            z = z / counts.to(z.dtype)
-        rhat = _policy_rewards(case, leaves) if o["reward"] == "head" else o["beta"] * z
-        return drdo_loss(z[:n], z[n:], rhat[:n], rhat[n:], oracle[0, :n], oracle[0, n:], alpha=o["alpha"],
-                         gamma=o["gamma"], unlikelihood=o["unlikelihood"], reduction=case.reduction)[0]
+        rewards = _policy_rewards(case, leaves) if o["reward"] == "head" else None
+        return reference.drdo(z, counts, rewards, leaves["oracle"][0], **o)
     if case.loss == "dpo":
-        return dpo_loss(z[:n], z[n:], ref[:n], ref[n:], beta=o["beta"], reduction=case.reduction)[0]
+        return reference.dpo(z, leaves["ref"], **o)
     if case.loss == "edpo":
-        return edpo_loss(z[:n], z[n:], ref[:n], ref[n:], oracle[:, :n], oracle[:, n:], beta=o["beta"],
-                         pessimistic=o["pessimistic"], reduction=case.reduction)[0]
-    rewards = _policy_rewards(case, leaves)
-    return oracle_loss(rewards[:n], rewards[n:], -z, alpha=o["alpha"], chosen_n_tokens=counts,
-                       nll_reduction=o["nll_reduction"], reduction=case.reduction)[0]
+        return reference.edpo(z, leaves["ref"], leaves["oracle"], **o)
+    return reference.oracle_loss(z, counts, _policy_rewards(case, leaves), **o)
 
 
 def fused_loss(case: Case, leaves: dict, data: dict) -> torch.Tensor:
@@ -297,8 +359,11 @@ def fused_loss(case: Case, leaves: dict, data: dict) -> torch.Tensor:
     common = dict(backend=case.backend, chunk_tokens=chunk_tokens(case, data["labels"]))
     w, h, b, oracle, ref = leaves["weight"], leaves["hidden"], leaves["bias"], leaves["oracle"], leaves["ref"]
     if case.loss == "logprobs":
-        logp = dk.fused_linear_logprobs(w, h, labels, bias=b, **common)
-        return (logp * data["upstream"].to(logp)).sum()
+        if not case.entropy:
+            logp = dk.fused_linear_logprobs(w, h, labels, bias=b, **common)
+            return (logp * data["upstream"].to(logp)).sum()
+        logp, entropy = dk.fused_linear_logprobs(w, h, labels, bias=b, return_entropy=True, **common)
+        return (logp * data["upstream"].to(logp)).sum() + (entropy * data["upstream_entropy"].to(entropy)).sum()
     common["reduction"] = case.reduction
     if case.loss == "drdo":
         rewards = _policy_rewards(case, leaves) if o["reward"] == "head" else None
@@ -335,3 +400,13 @@ def run_case(case: Case) -> tuple[dict, dict, list[dict], dict]:
     yardsticks = [_evaluate(case, data, mode) for mode in ("plain", "rounded")]
     return (_evaluate(case, data, "fused"), _evaluate(case, data, "reference"), yardsticks,
             _evaluate(case, data, "magnitude"))
+
+
+def reduction_length(case: Case, name: str) -> int:
+    """How many terms the longest chain of sums behind result ``name`` adds up: the logits (H), the
+    log-sum-exp (V), and for all but the hidden states' gradient (a sum over V) the sum over the
+    scored tokens (the LM head's gradients, z, the loss and what it feeds)."""
+    length = case.n_hidden + case.n_vocab
+    if name != "hidden":
+        length += sum(response for _, response in case.rows)
+    return length
