@@ -76,8 +76,8 @@ def _traced_call(name: str, args, kwargs):
     call, metric_names = _call_key(name, given)
     placeholder = next(t for t in inputs if t is not None).new_empty(0)
     outputs = torch.ops.drdo.fused([placeholder if t is None else t for t in inputs], missing, needs, call)
-    if kind == "logprobs":
-        return outputs[0]
+    if kind == "logprobs":  # (logp, entropy) with return_entropy=True
+        return outputs[0] if len(outputs) == 1 else (outputs[0], outputs[1])
     loss, values = outputs[0], outputs[1]
     metrics = dict(zip(metric_names, values.unbind(0)))
     metrics["loss"] = loss.detach()
@@ -150,6 +150,15 @@ def _scalar_loss(desc) -> bool:
     return desc["kind"] == "loss" and desc["options"].get("reduction", "mean") != "none"
 
 
+def _differentiable_outputs(desc) -> int:
+    """How many leading outputs carry gradients: logp (and the entropy), or the loss."""
+    return 1 + bool(desc["kind"] == "logprobs" and desc["options"].get("return_entropy"))
+
+
+def _as_list(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, tuple) else [out]
+
+
 def _out_dtype(inputs) -> torch.dtype:
     floats = [t.dtype for t in inputs[:2] if t is not None]
     return torch.float64 if torch.float64 in floats else torch.float32
@@ -194,14 +203,15 @@ def _grads(outputs, leaves, needs, grad_outputs=None) -> list[torch.Tensor]:
 @torch.library.custom_op("drdo::fused", mutates_args=())
 def fused(inputs: list[torch.Tensor], missing: list[bool], needs: list[bool], call: str) -> list[torch.Tensor]:
     """Run the eager function of ``call`` on ``inputs`` (``missing``: passed as None; the list holds
-    an empty placeholder). Outputs: logprobs -> [logp]; loss -> [loss, metric values [n], and for
-    a scalar loss the gradient of each input (needed ones; [0]-shaped empties elsewhere)]."""
+    an empty placeholder). Outputs: logprobs -> [logp] (or [logp, entropy]); loss -> [loss, metric
+    values [n], and for a scalar loss the gradient of each input (needed ones; [0]-shaped empties
+    elsewhere)]."""
     inputs = _given(inputs, missing)
     fn, kwargs, desc = _unpack(call, inputs)
     dtype = _out_dtype(inputs)
     if desc["kind"] == "logprobs":
         with torch.no_grad():
-            return [fn(**kwargs).to(dtype)]
+            return [out.to(dtype) for out in _as_list(fn(**kwargs))]
     in_forward = _scalar_loss(desc) and any(needs)
     if not in_forward:
         with torch.no_grad():
@@ -231,7 +241,8 @@ def _fused_fake(inputs, missing, needs, call):
     named = dict(zip(desc["tensors"], inputs))
     dtype = _out_dtype(inputs)
     if desc["kind"] == "logprobs":
-        return [named["labels"].new_empty(named["labels"].shape, dtype=dtype)]
+        labels = named["labels"]
+        return [labels.new_empty(labels.shape, dtype=dtype) for _ in range(_differentiable_outputs(desc))]
     rows = named["hidden"].shape[0]
     loss_shape = () if _scalar_loss(desc) else (rows // 2,)
     out = [named["hidden"].new_empty(loss_shape, dtype=dtype),
@@ -244,38 +255,42 @@ def _fused_fake(inputs, missing, needs, call):
 
 @torch.library.custom_op("drdo::fused_vjp", mutates_args=())
 def fused_vjp(inputs: list[torch.Tensor], missing: list[bool], needs: list[bool], call: str,
-              grad_output: torch.Tensor) -> list[torch.Tensor]:
-    """The gradient of each needed input of ``call``'s first output (log-probs or per-pair
-    losses) against ``grad_output``, by rerunning the eager function under autograd."""
+              grad_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradient of each needed input of ``call``'s differentiable outputs (log-probs and
+    entropies, or per-pair losses) against ``grad_outputs``, by rerunning the eager function
+    under autograd."""
     inputs = _given(inputs, missing)
     fn, kwargs, desc = _unpack(call, inputs)
     leaves = _leaves(inputs, needs)
     kwargs.update(zip(desc["tensors"], leaves))
     with _autograd_recorded():
-        out = fn(**kwargs)
-        first = out if desc["kind"] == "logprobs" else out[0]
-        return _grads(first, leaves, needs, grad_output.to(first.dtype))
+        out = _as_list(fn(**kwargs))[:_differentiable_outputs(desc)]
+        return _grads(out, leaves, needs, [g.to(o.dtype) for g, o in zip(grad_outputs, out)])
 
 
 @fused_vjp.register_fake
-def _fused_vjp_fake(inputs, missing, needs, call, grad_output):
-    return [t.new_empty(t.shape) if need else grad_output.new_empty(0) for t, need in zip(inputs, needs)]
+def _fused_vjp_fake(inputs, missing, needs, call, grad_outputs):
+    return [t.new_empty(t.shape) if need else t.new_empty(0) for t, need in zip(inputs, needs)]
 
 
 def _setup_context(ctx, inputs, output):
     tensors, missing, needs, call = inputs
     ctx.missing, ctx.needs, ctx.call = missing, needs, call
-    ctx.in_forward = _scalar_loss(json.loads(call)) and any(needs)
+    desc = json.loads(call)
+    ctx.in_forward = _scalar_loss(desc) and any(needs)
+    ctx.outputs = [(o.shape, o.dtype, o.device) for o in output[:_differentiable_outputs(desc)]]
     ctx.dtypes = [t.dtype for t in tensors]
     ctx.save_for_backward(*(output[2:] if ctx.in_forward else tensors))
 
 
 def _backward(ctx, grad_outputs):
-    g = grad_outputs[0]
+    upstream = [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                for g, (shape, dtype, device) in zip(grad_outputs, ctx.outputs)]
     if ctx.in_forward:
+        g = upstream[0]
         grads = [d * g.to(d.dtype) if need else None for d, need in zip(ctx.saved_tensors, ctx.needs)]
     else:
-        raw = torch.ops.drdo.fused_vjp(list(ctx.saved_tensors), ctx.missing, ctx.needs, ctx.call, g)
+        raw = torch.ops.drdo.fused_vjp(list(ctx.saved_tensors), ctx.missing, ctx.needs, ctx.call, upstream)
         grads = [d if need else None for d, need in zip(raw, ctx.needs)]
     grads = [None if d is None else d.to(dtype) for d, dtype in zip(grads, ctx.dtypes)]
     return grads, None, None, None

@@ -40,6 +40,9 @@ def inputs(seed: int = 0):
 #: name -> f(weight, hidden, bias, labels, scores) -> (scalar to differentiate, metrics or None)
 CASES = {
     "logprobs": lambda w, h, b, y, s: ((dk.fused_linear_logprobs(w, h, y, b) * s["upstream"]).sum(), None),
+    "logprobs_entropy": lambda w, h, b, y, s: (
+        sum((out * s["upstream"] * k).sum() for k, out in zip((1.0, -0.3), dk.fused_linear_logprobs(
+            w, h, y, b, return_entropy=True, temperature=0.8))), None),
     "logprobs_softcap": lambda w, h, b, y, s: (
         (dk.fused_linear_logprobs(w, h, y, b, softcap=2.0, temperature=0.7) * s["upstream"]).sum(), None),
     "drdo": lambda w, h, b, y, s: dk.fused_linear_drdo_loss(w, h, y, s["oracle"], s["rewards"], b, alpha=0.5),
