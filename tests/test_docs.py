@@ -122,9 +122,12 @@ _TIME = re.compile(r"\b\d+(?:\.\d+)?\s*(?:s|secs?|seconds?|mins?|minutes?|h|hour
 
 
 def _without_generated_blocks(text: str) -> str:
+    """``text`` less the blocks a script writes: the demo table, and benchmark tables between
+    ``<!-- name -->`` and ``<!-- /name -->`` (their dated run is named beside them)."""
     from drdo.demo.readme_table import END, START
 
-    return re.sub(re.escape(START) + ".*?" + re.escape(END), "", text, flags=re.S)
+    text = re.sub(re.escape(START) + ".*?" + re.escape(END), "", text, flags=re.S)
+    return re.sub(r"<!-- ([\w-]+) -->.*?<!-- /\1 -->", "", text, flags=re.S)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
