@@ -2,9 +2,11 @@
 
 A case is every choice a user can make when calling a fused loss: the loss and its options,
 the backend, the dtypes, the shapes, the mask (an ignored prompt, padding, rows with a single
-scored token), a bias or none, which inputs require a gradient, the reduction, and the chunk
-layout: one pair per chunk, several, all of them, a pair larger than a chunk, whole 128-token
-GEMM tiles, and the memory budget's own size.
+scored token), a bias or none, the model's logit transform (temperature, soft cap, logit scale),
+which inputs require a gradient, the reduction ("none": the per-pair losses, under a random
+upstream gradient [B]), a loss scale (as float16 training applies), and the chunk layout: one
+pair per chunk, several, all of them, a pair larger than a chunk, whole 128-token GEMM tiles,
+and the memory budget's own size.
 
 Shapes come in size classes (:data:`SIZE_CLASSES`): mostly small ones (where a bug shows
 cheapest), and, drawn rarely, many pairs (past the Triton pair kernel's 32-pair block), long
@@ -85,7 +87,8 @@ class Case:
     """One generated call. ``rows[r] = (prompt, response)`` tokens of row r (the rest is padding);
     ``grads``: the leaves that require a gradient, among weight, bias, hidden, head (the reward
     head's weight, through which policy rewards reach the hidden states) and scores (Oracle
-    scores / reference log-probs); ``spread``: the logits' standard deviation (before the bias)."""
+    scores / reference log-probs); ``spread``: the standard deviation of hidden @ W.T; temperature,
+    softcap, logit_scale: the logit transform; ``loss_scale`` multiplies the upstream gradient."""
 
     loss: str
     options: tuple
@@ -102,10 +105,19 @@ class Case:
     layout: str
     spread: float
     seed: int
+    temperature: float = 1.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    loss_scale: float = 1.0
 
     @property
     def opts(self) -> dict:
         return dict(self.options)
+
+    @property
+    def transform(self) -> dict:
+        """The logit transform as the fused functions' keywords."""
+        return dict(temperature=self.temperature, softcap=self.softcap, logit_scale=self.logit_scale)
 
 
 def _options(loss: str):
@@ -180,9 +192,12 @@ def cases(draw, losses=LOSSES, backends=("auto", "torch", "chunked", "reference"
     return Case(
         loss=loss, options=tuple(sorted(options.items())), backend=draw(st.sampled_from(backends)),
         dtype=draw(st.sampled_from(dtypes)), n_pairs=n_pairs, n_pos=n_pos, n_hidden=n_hidden, n_vocab=n_vocab,
-        rows=tuple(rows), bias=draw(st.booleans()), grads=grads, reduction=draw(st.sampled_from(["mean", "sum"])),
-        layout=draw(st.sampled_from(LAYOUTS)), spread=draw(st.sampled_from([0.3, 1.0, 4.0])),
-        seed=draw(st.integers(0, 2**31 - 1)),
+        rows=tuple(rows), bias=draw(st.booleans()), grads=grads,
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])), layout=draw(st.sampled_from(LAYOUTS)),
+        spread=draw(st.sampled_from([0.3, 1.0, 4.0])), seed=draw(st.integers(0, 2**31 - 1)),
+        # the identity half the time (it skips the transform everywhere), each factor otherwise
+        temperature=draw(st.sampled_from([1.0, 1.0, 0.5, 2.0])), softcap=draw(st.sampled_from([None, None, 3.0, 30.0])),
+        logit_scale=draw(st.sampled_from([1.0, 1.0, 0.25, -1.5])), loss_scale=draw(st.sampled_from([1.0, 1024.0])),
     )
 
 
@@ -261,6 +276,7 @@ def inputs(case: Case) -> dict:
         oracle=rounded(torch.randn(k, n_rows, generator=gen, dtype=torch.float64), torch.float32),
         ref=rounded(-3.0 * scored.sum(-1) + torch.randn(n_rows, generator=gen, dtype=torch.float64), torch.float32),
         upstream=torch.randn(n_rows, case.n_pos, generator=gen, dtype=torch.float64),
+        pair_upstream=torch.randn(case.n_pairs, generator=gen, dtype=torch.float64),
     )
 
 
@@ -315,9 +331,11 @@ def _logits(case: Case, leaves: dict, mode: str, rows: int) -> torch.Tensor:
 
 
 def _float_logits(case: Case, leaves: dict, mode: str, rows: int) -> torch.Tensor:
-    """:func:`_logits` in float32 at least (what a plain path's log-softmax computes in)."""
+    """:func:`_logits` in float32 at least (what a plain path's log-softmax computes in), through
+    the case's logit transform."""
     logits = _logits(case, leaves, mode, rows)
-    return logits if logits.dtype == torch.float64 else logits.float()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return reference.transform_logits(logits, **case.transform)
 
 
 def full_logits_loss(case: Case, leaves: dict, data: dict, mode: str) -> torch.Tensor:
@@ -342,7 +360,7 @@ def full_logits_loss(case: Case, leaves: dict, data: dict, mode: str) -> torch.T
 def fused_loss(case: Case, leaves: dict, data: dict) -> torch.Tensor:
     """The fused function under test on the case's backend and chunk layout."""
     o, labels = case.opts, data["labels"].to(DEVICE)
-    common = dict(backend=case.backend, chunk_tokens=chunk_tokens(case, data["labels"]))
+    common = dict(backend=case.backend, chunk_tokens=chunk_tokens(case, data["labels"]), **case.transform)
     w, h, b, oracle, ref = leaves["weight"], leaves["hidden"], leaves["bias"], leaves["oracle"], leaves["ref"]
     if case.loss == "logprobs":
         logp = dk.fused_linear_logprobs(w, h, labels, bias=b, **common)
@@ -363,13 +381,22 @@ def fused_loss(case: Case, leaves: dict, data: dict) -> torch.Tensor:
                                        nll_reduction=o["nll_reduction"], **common)[0]
 
 
+def upstream_gradient(case: Case, data: dict, mode: str) -> torch.Tensor:
+    """What the loss's backward receives: the loss scale, times a random [B] for reduction="none"
+    (its absolute value in the "magnitude" run; plain log-probs carry theirs, [2B, T], already)."""
+    if case.reduction != "none" or case.loss == "logprobs":
+        return torch.tensor(case.loss_scale, dtype=torch.float64)
+    pair = data["pair_upstream"]
+    return case.loss_scale * (pair.abs() if mode == "magnitude" else pair)
+
+
 def _evaluate(case: Case, data: dict, mode: str) -> dict:
     """{"loss": float64 value, leaf name: float64 gradient or None} of one path."""
     leaves = _leaves(case, data, mode)
     loss = fused_loss(case, leaves, data) if mode == "fused" else full_logits_loss(case, leaves, data, mode)
     out = {"loss": loss.detach().cpu().double().abs() if mode == "magnitude" else loss.detach().cpu().double()}
     if loss.requires_grad:
-        loss.backward()
+        loss.backward(upstream_gradient(case, data, mode).to(loss).expand_as(loss))
     for name, t in leaves.items():
         if t is not None and t.requires_grad:
             out[name] = t.grad
