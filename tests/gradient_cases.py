@@ -63,16 +63,15 @@ class SizeClass:
     weight: int
 
 
-SIZE_CLASSES = (
-    SizeClass("small", (1, 5), (1, 9), (1, 24), 12),
-    SizeClass("many pairs", (30, 44), (1, 6), (1, 32), 4),
-    SizeClass("long rows", (1, 4), (10, 64), (1, 48), 2),
-    SizeClass("wide", (1, 6), (1, 12), (33, 128), 2),
-    SizeClass("large", (33, 48), (16, 64), (33, 128), 1),
-)
+SMALL = SizeClass("small", (1, 5), (1, 9), (1, 24), 10)
+#: Past the Triton pair kernel's block of 32 pairs (drdo_kernels.pair_loss.BLOCK_PAIRS).
+MANY_PAIRS = SizeClass("many pairs", (31, 44), (1, 6), (1, 32), 5)
+LARGE = SizeClass("large", (33, 48), (16, 64), (33, 128), 1)
+SIZE_CLASSES = (SMALL, MANY_PAIRS, SizeClass("long rows", (1, 4), (10, 64), (1, 48), 2),
+                SizeClass("wide", (1, 6), (1, 12), (33, 128), 2), LARGE)
 #: Most multiply-adds one case may cost (:func:`case_cost`): a V = 32k case holds about 36
-#: positions at H = 24; a large one (96 rows of 64 positions, H = 128) about 40 vocabulary entries.
-COST_CAP = 5e8
+#: positions at H = 11; a large one (96 rows of 64 positions, H = 128) about 20 vocabulary entries.
+COST_CAP = 2.5e8
 
 
 def case_cost(n_rows: int, n_pos: int, n_hidden: int, n_vocab: int) -> float:
@@ -149,15 +148,14 @@ def _grad_choices(loss: str, options: dict) -> tuple[str, ...]:
 
 
 EITHER_VOCAB = st.booleans()  # the default of ``cases``: small and big vocabularies
-_WEIGHTED_CLASSES = st.sampled_from([c for c in SIZE_CLASSES for _ in range(c.weight)])
 
 
 @st.composite
-def _shape(draw, big_vocab, max_tokens: int | None) -> tuple[int, int, int, int]:
+def _shape(draw, big_vocab, max_tokens: int | None, size_classes) -> tuple[int, int, int, int]:
     """(pairs, positions, hidden size, vocabulary) of one size class, within :data:`COST_CAP` and
     ``max_tokens`` (2B * T): past them the vocabulary shrinks (a small one), else, where the
     vocabulary must be big, the hidden size and then the positions do."""
-    size = draw(_WEIGHTED_CLASSES)
+    size = draw(st.sampled_from([c for c in size_classes for _ in range(c.weight)]))
     n_pairs, n_pos, n_hidden = (draw(st.integers(*r)) for r in (size.pairs, size.positions, size.hidden))
     if max_tokens is not None:
         n_pos = max(1, min(n_pos, max_tokens // (2 * n_pairs)))
@@ -174,12 +172,12 @@ def _shape(draw, big_vocab, max_tokens: int | None) -> tuple[int, int, int, int]
 
 @st.composite
 def cases(draw, losses=LOSSES, backends=("auto", "torch", "chunked", "reference"), dtypes=tuple(DTYPES),
-          big_vocab=EITHER_VOCAB, max_tokens: int | None = None) -> Case:
+          big_vocab=EITHER_VOCAB, max_tokens: int | None = None, size_classes=SIZE_CLASSES) -> Case:
     """A :class:`Case` drawn across every option; ``big_vocab`` draws whether V >= 32k;
-    ``max_tokens``: at most this many positions in all (2B * T)."""
+    ``max_tokens``: at most this many positions in all (2B * T); shapes of ``size_classes``."""
     loss = draw(st.sampled_from(losses))
     options = draw(_options(loss))
-    n_pairs, n_pos, n_hidden, n_vocab = draw(_shape(big_vocab, max_tokens))
+    n_pairs, n_pos, n_hidden, n_vocab = draw(_shape(big_vocab, max_tokens, size_classes))
     n_rows = 2 * n_pairs
     rows = []
     for _ in range(n_rows):
@@ -403,9 +401,25 @@ def _evaluate(case: Case, data: dict, mode: str) -> dict:
     return out
 
 
+def _loss_scale_that_fits(case: Case, data: dict) -> float:
+    """The case's loss scale, halved until every reference gradient times it fits its dtype 16 times
+    over (a float16 gradient past 65504 is inf: a GradScaler skips such a step and lowers its scale)."""
+    if case.loss_scale == 1.0:
+        return 1.0
+    unscaled = _evaluate(dataclasses.replace(case, loss_scale=1.0), data, "reference")
+    scale = case.loss_scale
+    for name, grad in unscaled.items():
+        if name != "loss" and grad is not None:
+            dtype = _leaves(case, data, "plain")[name].dtype
+            while scale > 1.0 and float(grad.abs().max()) * scale * 16 > torch.finfo(dtype).max:
+                scale /= 2
+    return scale
+
+
 def run_case(case: Case) -> tuple[dict, dict, list[dict], dict]:
     """(fused, reference, [plain, rounded], magnitude) results of :func:`_evaluate`."""
     data = inputs(case)
+    case = dataclasses.replace(case, loss_scale=_loss_scale_that_fits(case, data))
     WORST.cases += 1
     yardsticks = [_evaluate(case, data, mode) for mode in ("plain", "rounded")]
     return (_evaluate(case, data, "fused"), _evaluate(case, data, "reference"), yardsticks,

@@ -167,6 +167,15 @@ def test_chunked_with_triton_fold(case):
     check(case, *run_case(case))
 
 
+@pytest.mark.triton
+@_settings(20)
+@given(cases(losses=("drdo",), backends=("triton", "chunked"), size_classes=(gc.MANY_PAIRS, gc.LARGE),
+             max_tokens=INTERPRETED_TOKENS))
+def test_drdo_past_the_pair_block(case):
+    """DRDO on more than 32 pairs where the Triton pair kernel computes it: several blocks of pairs."""
+    check(case, *run_case(case))
+
+
 # ---------------------------------------------------------------------------------------------- the harness itself
 
 
@@ -192,7 +201,8 @@ def test_cases_cross_every_boundary(max_tokens):
 
     drawn = _drawn(cases(max_tokens=max_tokens))
     tokens = [2 * c.n_pairs * c.n_pos for c in drawn]
-    assert any(c.n_pairs > BLOCK_PAIRS and c.loss == "drdo" for c in drawn)
+    assert any(c.n_pairs > BLOCK_PAIRS for c in drawn)
+    assert any(c.n_pairs > BLOCK_PAIRS for c in _drawn(cases(losses=("drdo",), size_classes=(gc.MANY_PAIRS,)), 20))
     assert max(c.n_pairs for c in drawn) >= 40 and max(c.n_pos for c in drawn) > 32
     assert any(c.n_hidden > 64 and c.n_vocab > 128 for c in drawn)
     assert any(t > gc.TILE_TOKENS and c.layout == "tile" for t, c in zip(tokens, drawn))
@@ -200,8 +210,7 @@ def test_cases_cross_every_boundary(max_tokens):
     assert any(c.n_vocab >= 32000 for c in drawn)
     assert all(gc.case_cost(2 * c.n_pairs, c.n_pos, c.n_hidden, c.n_vocab) <= gc.COST_CAP for c in drawn)
     assert max_tokens is None or max(tokens) <= max_tokens
-    small = sum(c.n_pairs <= 5 and c.n_pos <= 9 and c.n_hidden <= 24 for c in drawn)
-    assert small > len(drawn) / 2, "large shapes must stay rare"
+    assert sum(t > 1024 for t in tokens) < 0.1 * len(drawn), "long batches must stay rare"
 
 
 #: fp32 cases the planted bugs are tried on: the long dot product above; many pairs, every gradient,
