@@ -168,7 +168,7 @@ def test_chunked_with_triton_fold(case):
 
 
 @pytest.mark.triton
-@_settings(20)
+@_settings(8)
 @given(cases(losses=("drdo",), backends=("triton", "chunked"), size_classes=(gc.MANY_PAIRS, gc.LARGE),
              max_tokens=INTERPRETED_TOKENS))
 def test_drdo_past_the_pair_block(case):
