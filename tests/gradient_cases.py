@@ -2,9 +2,11 @@
 
 A case is every choice a user can make when calling a fused loss: the loss and its options,
 the backend, the dtypes, the shapes, the mask (an ignored prompt, padding, rows with a single
-scored token), a bias or none, which inputs require a gradient, the reduction, and the chunk
-layout: one pair per chunk, several, all of them, a pair larger than a chunk, whole 128-token
-GEMM tiles, and the memory budget's own size.
+scored token), a bias or none, the model's logit transform (temperature, soft cap, logit scale),
+which inputs require a gradient, the reduction ("none": the per-pair losses, under a random
+upstream gradient [B]), a loss scale (as float16 training applies), and the chunk layout: one
+pair per chunk, several, all of them, a pair larger than a chunk, whole 128-token GEMM tiles,
+and the memory budget's own size.
 
 Shapes come in size classes (:data:`SIZE_CLASSES`): mostly small ones (where a bug shows
 cheapest), and, drawn rarely, many pairs (past the Triton pair kernel's 32-pair block), long
@@ -61,16 +63,15 @@ class SizeClass:
     weight: int
 
 
-SIZE_CLASSES = (
-    SizeClass("small", (1, 5), (1, 9), (1, 24), 12),
-    SizeClass("many pairs", (30, 44), (1, 6), (1, 32), 4),
-    SizeClass("long rows", (1, 4), (10, 64), (1, 48), 2),
-    SizeClass("wide", (1, 6), (1, 12), (33, 128), 2),
-    SizeClass("large", (33, 48), (16, 64), (33, 128), 1),
-)
+SMALL = SizeClass("small", (1, 5), (1, 9), (1, 24), 10)
+#: Past the Triton pair kernel's block of 32 pairs (drdo_kernels.pair_loss.BLOCK_PAIRS).
+MANY_PAIRS = SizeClass("many pairs", (31, 44), (1, 6), (1, 32), 5)
+LARGE = SizeClass("large", (33, 48), (16, 64), (33, 128), 1)
+SIZE_CLASSES = (SMALL, MANY_PAIRS, SizeClass("long rows", (1, 4), (10, 64), (1, 48), 2),
+                SizeClass("wide", (1, 6), (1, 12), (33, 128), 2), LARGE)
 #: Most multiply-adds one case may cost (:func:`case_cost`): a V = 32k case holds about 36
-#: positions at H = 24; a large one (96 rows of 64 positions, H = 128) about 40 vocabulary entries.
-COST_CAP = 5e8
+#: positions at H = 11; a large one (96 rows of 64 positions, H = 128) about 20 vocabulary entries.
+COST_CAP = 2.5e8
 
 
 def case_cost(n_rows: int, n_pos: int, n_hidden: int, n_vocab: int) -> float:
@@ -85,7 +86,8 @@ class Case:
     """One generated call. ``rows[r] = (prompt, response)`` tokens of row r (the rest is padding);
     ``grads``: the leaves that require a gradient, among weight, bias, hidden, head (the reward
     head's weight, through which policy rewards reach the hidden states) and scores (Oracle
-    scores / reference log-probs); ``spread``: the logits' standard deviation (before the bias)."""
+    scores / reference log-probs); ``spread``: the standard deviation of hidden @ W.T; temperature,
+    softcap, logit_scale: the logit transform; ``loss_scale`` multiplies the upstream gradient."""
 
     loss: str
     options: tuple
@@ -102,6 +104,10 @@ class Case:
     layout: str
     spread: float
     seed: int
+    temperature: float = 1.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    loss_scale: float = 1.0
 
     @property
     def opts(self) -> dict:
@@ -113,6 +119,11 @@ class Case:
         upstream gradient on it: per-token log-prob cases of odd seed (a choice derived from the
         seed, so the drawn cases stay those of the runs before it)."""
         return self.loss == "logprobs" and self.seed % 2 == 1
+
+    @property
+    def transform(self) -> dict:
+        """The logit transform as the fused functions' keywords."""
+        return dict(temperature=self.temperature, softcap=self.softcap, logit_scale=self.logit_scale)
 
 
 def _options(loss: str):
@@ -144,15 +155,14 @@ def _grad_choices(loss: str, options: dict) -> tuple[str, ...]:
 
 
 EITHER_VOCAB = st.booleans()  # the default of ``cases``: small and big vocabularies
-_WEIGHTED_CLASSES = st.sampled_from([c for c in SIZE_CLASSES for _ in range(c.weight)])
 
 
 @st.composite
-def _shape(draw, big_vocab, max_tokens: int | None) -> tuple[int, int, int, int]:
+def _shape(draw, big_vocab, max_tokens: int | None, size_classes) -> tuple[int, int, int, int]:
     """(pairs, positions, hidden size, vocabulary) of one size class, within :data:`COST_CAP` and
     ``max_tokens`` (2B * T): past them the vocabulary shrinks (a small one), else, where the
     vocabulary must be big, the hidden size and then the positions do."""
-    size = draw(_WEIGHTED_CLASSES)
+    size = draw(st.sampled_from([c for c in size_classes for _ in range(c.weight)]))
     n_pairs, n_pos, n_hidden = (draw(st.integers(*r)) for r in (size.pairs, size.positions, size.hidden))
     if max_tokens is not None:
         n_pos = max(1, min(n_pos, max_tokens // (2 * n_pairs)))
@@ -169,12 +179,12 @@ def _shape(draw, big_vocab, max_tokens: int | None) -> tuple[int, int, int, int]
 
 @st.composite
 def cases(draw, losses=LOSSES, backends=("auto", "torch", "chunked", "reference"), dtypes=tuple(DTYPES),
-          big_vocab=EITHER_VOCAB, max_tokens: int | None = None) -> Case:
+          big_vocab=EITHER_VOCAB, max_tokens: int | None = None, size_classes=SIZE_CLASSES) -> Case:
     """A :class:`Case` drawn across every option; ``big_vocab`` draws whether V >= 32k;
-    ``max_tokens``: at most this many positions in all (2B * T)."""
+    ``max_tokens``: at most this many positions in all (2B * T); shapes of ``size_classes``."""
     loss = draw(st.sampled_from(losses))
     options = draw(_options(loss))
-    n_pairs, n_pos, n_hidden, n_vocab = draw(_shape(big_vocab, max_tokens))
+    n_pairs, n_pos, n_hidden, n_vocab = draw(_shape(big_vocab, max_tokens, size_classes))
     n_rows = 2 * n_pairs
     rows = []
     for _ in range(n_rows):
@@ -187,9 +197,12 @@ def cases(draw, losses=LOSSES, backends=("auto", "torch", "chunked", "reference"
     return Case(
         loss=loss, options=tuple(sorted(options.items())), backend=draw(st.sampled_from(backends)),
         dtype=draw(st.sampled_from(dtypes)), n_pairs=n_pairs, n_pos=n_pos, n_hidden=n_hidden, n_vocab=n_vocab,
-        rows=tuple(rows), bias=draw(st.booleans()), grads=grads, reduction=draw(st.sampled_from(["mean", "sum"])),
-        layout=draw(st.sampled_from(LAYOUTS)), spread=draw(st.sampled_from([0.3, 1.0, 4.0])),
-        seed=draw(st.integers(0, 2**31 - 1)),
+        rows=tuple(rows), bias=draw(st.booleans()), grads=grads,
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])), layout=draw(st.sampled_from(LAYOUTS)),
+        spread=draw(st.sampled_from([0.3, 1.0, 4.0])), seed=draw(st.integers(0, 2**31 - 1)),
+        # the identity half the time (it skips the transform everywhere), each factor otherwise
+        temperature=draw(st.sampled_from([1.0, 1.0, 0.5, 2.0])), softcap=draw(st.sampled_from([None, None, 3.0, 30.0])),
+        logit_scale=draw(st.sampled_from([1.0, 1.0, 0.25, -1.5])), loss_scale=draw(st.sampled_from([1.0, 1024.0])),
     )
 
 
@@ -269,6 +282,7 @@ def inputs(case: Case) -> dict:
         ref=rounded(-3.0 * scored.sum(-1) + torch.randn(n_rows, generator=gen, dtype=torch.float64), torch.float32),
         upstream=torch.randn(n_rows, case.n_pos, generator=gen, dtype=torch.float64),
         upstream_entropy=torch.randn(n_rows, case.n_pos, generator=gen, dtype=torch.float64),
+        pair_upstream=torch.randn(case.n_pairs, generator=gen, dtype=torch.float64),
     )
 
 
@@ -323,9 +337,11 @@ def _logits(case: Case, leaves: dict, mode: str, rows: int) -> torch.Tensor:
 
 
 def _float_logits(case: Case, leaves: dict, mode: str, rows: int) -> torch.Tensor:
-    """:func:`_logits` in float32 at least (what a plain path's log-softmax computes in)."""
+    """:func:`_logits` in float32 at least (what a plain path's log-softmax computes in), through
+    the case's logit transform."""
     logits = _logits(case, leaves, mode, rows)
-    return logits if logits.dtype == torch.float64 else logits.float()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return reference.transform_logits(logits, **case.transform)
 
 
 def full_logits_loss(case: Case, leaves: dict, data: dict, mode: str) -> torch.Tensor:
@@ -356,7 +372,7 @@ def full_logits_loss(case: Case, leaves: dict, data: dict, mode: str) -> torch.T
 def fused_loss(case: Case, leaves: dict, data: dict) -> torch.Tensor:
     """The fused function under test on the case's backend and chunk layout."""
     o, labels = case.opts, data["labels"].to(DEVICE)
-    common = dict(backend=case.backend, chunk_tokens=chunk_tokens(case, data["labels"]))
+    common = dict(backend=case.backend, chunk_tokens=chunk_tokens(case, data["labels"]), **case.transform)
     w, h, b, oracle, ref = leaves["weight"], leaves["hidden"], leaves["bias"], leaves["oracle"], leaves["ref"]
     if case.loss == "logprobs":
         if not case.entropy:
@@ -380,22 +396,47 @@ def fused_loss(case: Case, leaves: dict, data: dict) -> torch.Tensor:
                                        nll_reduction=o["nll_reduction"], **common)[0]
 
 
+def upstream_gradient(case: Case, data: dict, mode: str) -> torch.Tensor:
+    """What the loss's backward receives: the loss scale, times a random [B] for reduction="none"
+    (its absolute value in the "magnitude" run; plain log-probs carry theirs, [2B, T], already)."""
+    if case.reduction != "none" or case.loss == "logprobs":
+        return torch.tensor(case.loss_scale, dtype=torch.float64)
+    pair = data["pair_upstream"]
+    return case.loss_scale * (pair.abs() if mode == "magnitude" else pair)
+
+
 def _evaluate(case: Case, data: dict, mode: str) -> dict:
     """{"loss": float64 value, leaf name: float64 gradient or None} of one path."""
     leaves = _leaves(case, data, mode)
     loss = fused_loss(case, leaves, data) if mode == "fused" else full_logits_loss(case, leaves, data, mode)
     out = {"loss": loss.detach().cpu().double().abs() if mode == "magnitude" else loss.detach().cpu().double()}
     if loss.requires_grad:
-        loss.backward()
+        loss.backward(upstream_gradient(case, data, mode).to(loss).expand_as(loss))
     for name, t in leaves.items():
         if t is not None and t.requires_grad:
             out[name] = t.grad
     return out
 
 
+def _loss_scale_that_fits(case: Case, data: dict) -> float:
+    """The case's loss scale, halved until every reference gradient times it fits its dtype 16 times
+    over (a float16 gradient past 65504 is inf: a GradScaler skips such a step and lowers its scale)."""
+    if case.loss_scale == 1.0:
+        return 1.0
+    unscaled = _evaluate(dataclasses.replace(case, loss_scale=1.0), data, "reference")
+    scale = case.loss_scale
+    for name, grad in unscaled.items():
+        if name != "loss" and grad is not None:
+            dtype = _leaves(case, data, "plain")[name].dtype
+            while scale > 1.0 and float(grad.abs().max()) * scale * 16 > torch.finfo(dtype).max:
+                scale /= 2
+    return scale
+
+
 def run_case(case: Case) -> tuple[dict, dict, list[dict], dict]:
     """(fused, reference, [plain, rounded], magnitude) results of :func:`_evaluate`."""
     data = inputs(case)
+    case = dataclasses.replace(case, loss_scale=_loss_scale_that_fits(case, data))
     WORST.cases += 1
     yardsticks = [_evaluate(case, data, mode) for mode in ("plain", "rounded")]
     return (_evaluate(case, data, "fused"), _evaluate(case, data, "reference"), yardsticks,

@@ -22,6 +22,16 @@ LOGP_CEILING = -1e-6
 UNLIKELIHOOD_SIGNS = {"welleck": 1.0, "paper": -1.0}
 
 
+def transform_logits(x: torch.Tensor, *, temperature: float, softcap: float | None, logit_scale: float
+                     ) -> torch.Tensor:
+    """The model's logits from the LM head's output x: logit_scale * x, then softcap * tanh(. / softcap)
+    when a soft cap is set, then divided by the temperature (the identity when all are defaults)."""
+    x = logit_scale * x
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    return x / temperature
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[R, T] log softmax(logits)[label] = logit[label] - LSE (0 where ignored), in logits' dtype."""
     scored = labels != IGNORED
@@ -92,11 +102,14 @@ def dpo(z, ref, *, beta, reduction, **_unused):
 
 def edpo(z, ref, oracle, *, beta, pessimistic, reduction, **_unused):
     """e-DPO: L_k = reduce_b (m*_k - h)^2 per member k of oracle [K, 2B]; max_k L_k (pessimistic)
-    or mean_k."""
+    or mean_k. reduction="none": the [B] squared errors of the member the max selects (its mean
+    largest, held fixed), or their mean over members."""
     h = implicit_margin(z, ref, beta)
     n = h.shape[0]
     oracle = oracle.to(z.dtype)
     per_member = torch.stack([(o[:n] - o[n:] - h) ** 2 for o in oracle])  # [K, B]
+    if reduction == "none":
+        return per_member[per_member.detach().mean(-1).argmax()] if pessimistic else per_member.mean(0)
     totals = per_member.mean(-1) if reduction == "mean" else per_member.sum(-1)
     return totals.amax() if pessimistic else totals.mean()
 
