@@ -60,9 +60,10 @@ The same flag rounds the kernels' casts to bf16 to nearest even by hand
 (:func:`drdo_kernels.rounding.to_16bit`): the interpreter truncates where the GPU rounds.
 The interpreter does not emulate TF32 rounding.
 
-Block configurations per compute dtype are in :data:`CONFIGS`; :func:`aot_specs` lists the
-variants :func:`logprobs_forward` / :func:`logprobs_backward` launch (every dtype with and
-without bias, 16-bit hidden with an fp32 weight, TF32, a frozen weight). The launchers
+Block configurations per compute dtype are in :data:`CONFIGS`. The row count, the vocabulary
+size and the split counts are not specialised on (``do_not_specialize``): only H (a multiple of
+16 or not) and the dtype / bias / gradient constexprs make compiled variants, which
+``python -m drdo_kernels.aot`` derives from dry runs of the launchers and compiles. The launchers
 never synchronise with the host (no ``.item()``, no data-dependent shapes).
 """
 from __future__ import annotations
@@ -99,7 +100,6 @@ CONFIGS = {
 TF32_CONFIGS = (KernelConfig(128, 128, 32, 8, 8, 3), KernelConfig(128, 128, 32, 8, 8, 3))
 #: Most vocab tiles one forward program walks; more splits give grouped programs to share L2.
 MAX_TILES_PER_SPLIT = 16
-_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def compute_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.dtype:
@@ -178,7 +178,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, row0, col0, M, V, H,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "V", "TILES_PER_SPLIT", "N_SPLITS"])
 def _logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_lse_ptr, part_tgt_ptr,
                          M, V, H, TILES_PER_SPLIT, N_SPLITS,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -253,14 +253,18 @@ def _grad_weight(d_in, h_ptr, dw_ptr, row0, col0, M, V, H, BLOCK_M: tl.constexpr
         dw_ptrs += BLOCK_K
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "V"])
 def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-                         M, V, H, filter_eps,
+                         M, V, H, filter_eps, compute_db,
                          HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                         COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Recompute one logits tile, add its d_hidden / d_weight / d_bias share (fp32 atomics)."""
+    """Recompute one logits tile, add its d_hidden / d_weight / d_bias share (fp32 atomics).
+
+    ``compute_db`` (bool) and ``filter_eps`` (> 0: filter) are runtime arguments, not constexprs:
+    a d_bias atomic and the filter test cost nothing next to the gradient loops, and one
+    compiled variant serves both settings (COMPUTE_DH / COMPUTE_DW decide those loops)."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
@@ -276,12 +280,12 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, d
     onehot = tl.where((col0 + offs_n)[None, :] == labels[:, None], 1.0, 0.0)
     diff = tl.where(row_mask[:, None] & col_mask[None, :], onehot - tl.exp(logits - lse[:, None]), 0.0)
     d_logits = diff * g[:, None]
-    if COMPUTE_DB:
-        tl.atomic_add(db_ptr + col0 + offs_n, tl.sum(d_logits, axis=0), mask=col_mask, sem="relaxed")
-    if FILTER:
+    if HAS_BIAS:
+        if compute_db:
+            tl.atomic_add(db_ptr + col0 + offs_n, tl.sum(d_logits, axis=0), mask=col_mask, sem="relaxed")
+    keep = filter_eps <= 0.0
+    if filter_eps > 0.0:
         keep = tl.max(tl.max(tl.where(g[:, None] != 0.0, tl.abs(diff), 0.0), axis=1), axis=0) >= filter_eps
-    else:
-        keep = True
     if keep:
         d_in = to_16bit(d_logits, h_ptr.dtype.element_ty, UPCAST_DOT)
         if COMPUTE_DH:
@@ -377,9 +381,9 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
     if m > 0 and (need_hidden_grad or need_weight_grad or need_bias_grad):
         _logprobs_bwd_kernel[grid](
             hidden, weight, _bias_arg(bias, lse), labels, lse, grad.float().contiguous(),
-            d_hidden, d_weight, d_bias, m, v, h, eps,
+            d_hidden, d_weight, d_bias, m, v, h, eps, bool(need_bias_grad),
             HAS_BIAS=bias is not None, COMPUTE_DH=need_hidden_grad, COMPUTE_DW=need_weight_grad,
-            COMPUTE_DB=need_bias_grad, FILTER=eps > 0.0, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
+            BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
             BLOCK_K=bwd.block_k, GROUP_M=bwd.group_m, DOT_PRECISION=precision,
             UPCAST_DOT=_upcast_dot(dtype, hidden.device), num_warps=bwd.num_warps, num_stages=bwd.num_stages,
         )
@@ -388,64 +392,3 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
         d_weight.to(weight.dtype) if need_weight_grad else None,
         d_bias.to(bias.dtype) if need_bias_grad else None,
     )
-
-
-def _fwd_signature(dt: str, wt: str) -> dict:
-    return {"h_ptr": f"*{dt}", "w_ptr": f"*{wt}", "b_ptr": "*fp32", "lab_ptr": "*i64",
-            "part_lse_ptr": "*fp32", "part_tgt_ptr": "*fp32",
-            "M": "i32", "V": "i32", "H": "i32", "TILES_PER_SPLIT": "i32", "N_SPLITS": "i32"}
-
-
-def _bwd_signature(dt: str, wt: str) -> dict:
-    return {"h_ptr": f"*{dt}", "w_ptr": f"*{wt}", "b_ptr": "*fp32", "lab_ptr": "*i64", "lse_ptr": "*fp32",
-            "g_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
-            "M": "i32", "V": "i32", "H": "i32", "filter_eps": "fp32"}
-
-
-#: Integer arguments that are multiples of 16 at LM-head shapes (H = 4096, V = 128256), which
-#: the JIT then specialises on, as it does for 16-byte-aligned pointers.
-ALIGNED_INTS = ("V", "H")
-
-
-def _variants():
-    """(tag, compute dtype, weight dtype, dot precision, has_bias, bwd flag overrides) launched by default
-    settings: same-dtype inputs with and without bias, 16-bit hidden + fp32 weight, TF32, a frozen weight;
-    and the opt-in gradient filter (bf16)."""
-    out = []
-    for dtype in CONFIGS:
-        for has_bias in (False, True):
-            out.append((f"{_TL_DTYPE[dtype]}_bias{int(has_bias)}", dtype, dtype, dot_precision_for(dtype, False),
-                        has_bias, {}))
-    out.append(("bf16_w32_bias0", torch.bfloat16, torch.float32, "tf32", False, {}))
-    out.append(("fp32_tf32_bias0", torch.float32, torch.float32, "tf32", False, {}))
-    out.append(("bf16_frozenw_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, {"COMPUTE_DW": False}))
-    out.append(("bf16_filter_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, {"FILTER": True}))
-    return out
-
-
-def dot_precision_for(dtype: torch.dtype, tf32: bool) -> str:
-    """The DOT_PRECISION constexpr for `dtype` when TF32 is (not) allowed."""
-    return "tf32" if dtype != torch.float32 or tf32 else "ieee"
-
-
-def aot_specs() -> list[tuple]:
-    """The variants :func:`logprobs_forward` / :func:`logprobs_backward` launch, for
-    ``python -m drdo_kernels.aot``: [(name, jit_fn, signature, constexprs, num_warps, num_stages,
-    aligned_ints)] (forward of a frozen-weight variant is the plain forward, so it is listed once).
-    """
-    specs = []
-    for tag, dtype, wdtype, prec, has_bias, overrides in _variants():
-        fwd, bwd = _config(dtype, prec)
-        dt, wt = _TL_DTYPE[dtype], _TL_DTYPE[wdtype]
-        if not overrides:
-            specs.append((f"logprobs_fwd_{tag}", _logprobs_fwd_kernel, _fwd_signature(dt, wt),
-                          dict(HAS_BIAS=has_bias, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k,
-                               GROUP_M=fwd.group_m, DOT_PRECISION=prec, UPCAST_DOT=False),
-                          fwd.num_warps, fwd.num_stages, ALIGNED_INTS))
-        flags = dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=has_bias, FILTER=False)
-        flags.update(overrides)
-        specs.append((f"logprobs_bwd_{tag}", _logprobs_bwd_kernel, _bwd_signature(dt, wt),
-                      dict(HAS_BIAS=has_bias, **flags, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
-                           BLOCK_K=bwd.block_k, GROUP_M=bwd.group_m, DOT_PRECISION=prec, UPCAST_DOT=False),
-                      bwd.num_warps, bwd.num_stages, ALIGNED_INTS))
-    return specs

@@ -28,18 +28,16 @@ else:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
 
-__all__ = ["row_stats", "softmax_grad", "aot_specs", "BLOCK", "NUM_WARPS"]
+__all__ = ["row_stats", "softmax_grad", "BLOCK", "NUM_WARPS"]
 
 #: Vocab entries per block of the row loop, and warps per program (one row each).
 BLOCK = 2048
 NUM_WARPS = 8
 
-_TL_OUT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize_on_alignment=["lab_ptr", "lse_ptr", "tgt_ptr"])
     def _row_stats_kernel(x_ptr, b_ptr, lab_ptr, lse_ptr, tgt_ptr, V, stride,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
         """One row: x += bias (stored back), lse = logsumexp(x), tgt = x[label]."""
@@ -68,7 +66,7 @@ if triton is not None:
         tl.store(lse_ptr + row, m_row_safe + tl.log(total))
         tl.store(tgt_ptr + row, tl.sum(tgt, axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize_on_alignment=["lab_ptr", "lse_ptr", "g_ptr"])
     def _softmax_grad_kernel(x_ptr, out_ptr, lab_ptr, lse_ptr, g_ptr, V, x_stride, out_stride,
                              IN_PLACE: tl.constexpr, BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
         """One row: out = g * (onehot(label) - exp(x - lse)), into x itself or into out
@@ -138,22 +136,3 @@ def softmax_grad(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: to
                                   x.stride(0), out.stride(0), IN_PLACE=in_place, BLOCK=BLOCK,
                                   ROUND_BY_HAND=emulate_rounding(out_dtype, x.device), num_warps=NUM_WARPS)
     return out
-
-
-def aot_specs() -> list[tuple]:
-    """Every variant :func:`row_stats` and :func:`softmax_grad` launch, for ahead-of-time
-    compilation: [(name, jit_fn, signature, constexprs, num_warps, num_stages)]."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    specs = []
-    stats_sig = {"x_ptr": "*fp32", "b_ptr": "*fp32", "lab_ptr": "*i64", "lse_ptr": "*fp32",
-                 "tgt_ptr": "*fp32", "V": "i32", "stride": "i32"}
-    for has_bias in (False, True):
-        specs.append((f"fold_row_stats_bias{int(has_bias)}", _row_stats_kernel, stats_sig,
-                      dict(HAS_BIAS=has_bias, BLOCK=BLOCK), NUM_WARPS, 1))
-    for dtype, dt in _TL_OUT.items():
-        grad_sig = {"x_ptr": "*fp32", "out_ptr": f"*{dt}", "lab_ptr": "*i64", "lse_ptr": "*fp32",
-                    "g_ptr": "*fp32", "V": "i32", "x_stride": "i32", "out_stride": "i32"}
-        specs.append((f"fold_softmax_grad_{dt}", _softmax_grad_kernel, grad_sig,
-                      dict(IN_PLACE=dtype == torch.float32, BLOCK=BLOCK, ROUND_BY_HAND=False), NUM_WARPS, 1))
-    return specs
