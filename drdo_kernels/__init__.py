@@ -1,11 +1,14 @@
 """drdo_kernels: fused LM-head log-probs and DRDO/DPO/EDPO/Oracle losses that never
 materialise the [tokens, vocab] logits.
 
-* ``fused_linear_logprobs(hidden, weight, labels)`` -> per-token log-probs (float32).
+* ``fused_linear_logprobs(lm_head_weight, hidden, labels, bias=None)`` -> per-token log-probs (float32).
   Backends: "chunked" (cuBLAS GEMMs on token chunks sized from
   ``logprobs_chunked.CHUNK_BUDGET_BYTES``, a Triton fold per chunk), "torch" (the same
   with a PyTorch fold), "triton" (tiled Triton kernels), and "auto"
   (``logprobs.auto_backend``: "chunked" on CUDA, "torch" elsewhere).
+* ``temperature=``, ``softcap=``, ``logit_scale=`` (every fused function and module) -> the
+  model's logit transform (Gemma's soft cap, Cohere's / Granite's scale, a sampling
+  temperature), exact on every backend; ``LogitTransform`` holds and checks the three.
 * ``drdo_pair_loss`` -> the DRDO loss and its per-pair gradients in one Triton kernel.
 * ``FusedLinear*Loss`` -> the losses of ``drdo.losses`` computed straight from the last
   hidden state and ``lm_head.weight`` (on the chunked backends, DRDO / DPO / Oracle
@@ -28,6 +31,7 @@ from .fused_losses import (
     row_logprobs,
 )
 from .inputs import align_labels, gather_lm_head
+from .logit_transform import LogitTransform
 from .logprobs import auto_backend, fused_linear_logprobs
 from .pair_loss import drdo_pair_loss
 
@@ -47,4 +51,5 @@ __all__ = [
     "row_logprobs",
     "align_labels",
     "gather_lm_head",
+    "LogitTransform",
 ]

@@ -220,36 +220,60 @@ def _gradient_flags(has_bias: bool):
     return [f for f in flags if any(f) and (has_bias or not f[2])]
 
 
+def _transforms():
+    """The identity, a linear transform (temperature / logit scale) and a softcap."""
+    from .logit_transform import IDENTITY, logit_transform
+
+    return IDENTITY, logit_transform(temperature=0.7), logit_transform(softcap=30.0)
+
+
 def _fused_launches(n_vocab: int, n_hidden: int) -> None:
+    """The Triton backend's forward and backward: every dtype pair, no bias or a bias of the
+    weight's dtype, every transform, TF32 on and off for fp32, every gradient subset, the filter."""
     from . import logprobs_triton as lt
 
-    for (hdt, wdt), bias_dtype in itertools.product(_dtype_pairs(), (None, *_DTYPES)):
+    for (hdt, wdt), has_bias, transform in itertools.product(_dtype_pairs(), (False, True), _transforms()):
         for tf32 in ((False, True) if hdt == torch.float32 else (False,)):
             with _tf32(tf32):
-                _fused_case(lt, hdt, wdt, bias_dtype, n_vocab, n_hidden)
+                _fused_case(lt, hdt, wdt, has_bias, transform, n_vocab, n_hidden)
 
 
-def _fused_case(lt, hdt, wdt, bias_dtype, n_vocab, n_hidden):
+def _fused_case(lt, hdt, wdt, has_bias, transform, n_vocab, n_hidden):
     weight = _meta(n_vocab, n_hidden, dtype=wdt)
-    bias = None if bias_dtype is None else _meta(n_vocab, dtype=bias_dtype)
+    bias = _meta(n_vocab, dtype=wdt) if has_bias else None
     for m in ROW_COUNTS:
         hidden, labels = _meta(m, n_hidden, dtype=hdt), _meta(m, dtype=torch.int64)
-        _, lse = lt.logprobs_forward(hidden, weight, bias, labels)
-        for (need_h, need_w, need_b), eps in itertools.product(_gradient_flags(bias is not None), (0.0, 2.0**-12)):
+        _, lse = lt.logprobs_forward(hidden, weight, bias, labels, transform=transform)
+        for (need_h, need_w, need_b), eps in itertools.product(_gradient_flags(has_bias), (0.0, 2.0**-12)):
             lt.logprobs_backward(_meta(m), hidden, weight, bias, labels, lse, need_w, need_hidden_grad=need_h,
-                                 need_bias_grad=need_b, filter_eps=eps)
+                                 need_bias_grad=need_b, filter_eps=eps, transform=transform)
+
+
+def _fold_launches(n_vocab: int) -> None:
+    """The fold kernels over their whole API (bias, transform, output dtype, raw or transformed
+    logits), on a fresh [c, V] buffer with labels / lse / g sliced at every row offset mod 4."""
+    from . import softmax_fold
+
+    for rows, lo in itertools.product((1, 5), range(4)):
+        labels, stats = _meta(lo + rows, dtype=torch.int64)[lo:], _meta(lo + rows)[lo:]
+        for has_bias, transform in itertools.product((False, True), _transforms()):
+            softmax_fold.row_stats(_meta(rows, n_vocab), _meta(n_vocab) if has_bias else None, labels, True,
+                                   transform)
+        for out_dtype, transform, raw in itertools.product(_DTYPES, _transforms(), (False, True)):
+            softmax_fold.softmax_grad(_meta(rows, n_vocab), labels, stats, stats, out_dtype, True, transform, raw)
 
 
 def _chunked_launches(n_vocab: int, n_hidden: int) -> None:
+    """The chunked backend's passes with the Triton fold, as they call it."""
     from . import logprobs_chunked as chunked
 
-    for (hdt, wdt), has_bias in itertools.product(_dtype_pairs(), (False, True)):
+    for (hdt, wdt), has_bias, transform in itertools.product(_dtype_pairs(), (False, True), _transforms()):
         gemms = chunked.LMHeadGemms(_meta(n_vocab, n_hidden, dtype=wdt), hdt)
         bias = _meta(n_vocab) if has_bias else None
         for m, rows in CHUNKINGS:
             hidden, labels = _meta(m, n_hidden, dtype=hdt), _meta(m, dtype=torch.int64)
-            _, lse = chunked.logprobs_forward(hidden, labels, gemms, bias, rows, True)
-            chunked.logprobs_backward(_meta(m), hidden, labels, lse, gemms, bias, rows, True)
+            _, lse = chunked.logprobs_forward(hidden, labels, gemms, bias, rows, True, transform)
+            chunked.logprobs_backward(_meta(m), hidden, labels, lse, gemms, bias, rows, True, transform=transform)
 
 
 def _pair_launches() -> None:
@@ -263,9 +287,11 @@ def launched_variants(capability: int, vocab_sizes=VOCAB_SIZES, hidden_sizes=HID
     """Every variant the launchers request over the grid, deduplicated by specialisation key,
     in first-launch order."""
     with dry_run(capability) as seen:
-        for n_vocab, n_hidden in itertools.product(vocab_sizes, hidden_sizes):
-            _fused_launches(n_vocab, n_hidden)
-            _chunked_launches(n_vocab, n_hidden)
+        for n_vocab in vocab_sizes:
+            _fold_launches(n_vocab)
+            for n_hidden in hidden_sizes:
+                _fused_launches(n_vocab, n_hidden)
+                _chunked_launches(n_vocab, n_hidden)
         _pair_launches()
     return list(seen.values())
 
@@ -357,18 +383,24 @@ def _compile_one(job):
     return result
 
 
-def compile_all(variants, capability: int, jobs: int | None = None) -> list[Result]:
+def iter_compiled(variants, capability: int, jobs: int | None = None):
     """compile_and_measure over `variants` in `jobs` forked processes (a fresh Triton cache, so
-    every compile runs ptxas), in order."""
+    every compile runs ptxas); yields the Results in order, as they come."""
+    variants = list(variants)
     _WORK[:] = variants
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(variants)))
     with tempfile.TemporaryDirectory(prefix="drdo-aot-cache-") as cache, \
             mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": cache}):
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            results = list(pool.map(_compile_one, [(i, capability) for i in range(len(variants))]))
-    for result, variant in zip(results, variants):
-        result.variant = variant
-    return results
+            jobs = [(i, capability) for i in range(len(variants))]
+            for result, variant in zip(pool.map(_compile_one, jobs), variants):
+                result.variant = variant
+                yield result
+
+
+def compile_all(variants, capability: int, jobs: int | None = None) -> list[Result]:
+    """The Results of :func:`iter_compiled`, as a list."""
+    return list(iter_compiled(variants, capability, jobs))
 
 
 # --------------------------------------------------------------------------- report
@@ -378,15 +410,16 @@ def _fmt(value) -> str:
     return "n/a" if value is None else str(value)
 
 
-HEADER = (f"{'digest':<10} {'kernel':<16} {'warps':>5} {'stages':>6} {'shared_B':>9} {'regs':>5} {'frame_B':>7} {'spill_B':>7} "
-          f"{'mma':<28} {'secs':>5}  {'status':<6}  variant")
+HEADER = (f"{'digest':<10} {'kernel':<16} {'warps':>5} {'stages':>6} {'shared_B':>9} {'regs':>5} {'frame_B':>7} "
+          f"{'spill_B':>7} {'mma':<28} {'secs':>5}  {'status':<6}  variant")
 
 
 def format_row(result: Result) -> str:
     v = result.variant
     status = "ok" if not result.error else f"FAILED: {result.error}"
-    return (f"{v.digest:<10} {v.kernel:<16} {v.num_warps:>5} {v.num_stages:>6} {_fmt(result.shared):>9} {_fmt(result.regs):>5} "
-            f"{_fmt(result.frame):>7} {_fmt(result.spills):>7} {result.mma or '-':<28} {result.secs:>5.1f}  "
+    return (f"{v.digest:<10} {v.kernel:<16} {v.num_warps:>5} {v.num_stages:>6} {_fmt(result.shared):>9} "
+            f"{_fmt(result.regs):>5} {_fmt(result.frame):>7} {_fmt(result.spills):>7} {result.mma or '-':<28} "
+            f"{result.secs:>5.1f}  "
             f"{status:<6}  {v.summary()}")
 
 
@@ -400,9 +433,10 @@ def run(capability: int, out=sys.stdout, jobs: int | None = None) -> int:
     print(f"AOT compile for sm_{capability} (shared memory limit {SHARED_LIMITS[capability] // 1024} KiB): "
           f"{len(variants)} launched variants", file=out)
     print(HEADER, file=out, flush=True)
-    results = compile_all(variants, capability, jobs)
-    for result in results:
-        print(format_row(result), file=out)
+    results = []
+    for result in iter_compiled(variants, capability, jobs):
+        results.append(result)
+        print(format_row(result), file=out, flush=True)
     failures = sum(bool(r.error) for r in results)
     print(f"{len(results) - failures}/{len(results)} variants ok", file=out)
     return 1 if failures else 0

@@ -13,7 +13,10 @@ labels[t]); ``ignore_index`` marks prompt and padding tokens. Every row that ent
 loss must hold at least one response token (z of an empty response is meaningless);
 checking that costs one host sync per call.
 
-``backend`` ("auto" | "chunked" | "torch" | "triton") selects the log-prob kernel.
+``temperature``, ``softcap`` and ``logit_scale`` (keyword-only everywhere) are the model's logit
+transform (:mod:`drdo_kernels.logit_transform`), applied exactly on every backend.
+
+``backend`` ("auto" | "chunked" | "torch" | "triton" | "reference") selects the log-prob kernel.
 With "chunked" and "torch" (the chunked backend, with or without its Triton fold), DRDO,
 DPO and the Oracle loss compute every LM-head gradient during the forward on chunks of
 whole pairs (:mod:`drdo_kernels.pair_chunked`: 6·N·H·V FLOPs, no recompute), and the
@@ -32,6 +35,7 @@ from drdo.losses import DPOSpec, DRDOSpec, EDPOSpec, OracleSpec, drdo_loss, obje
 
 from . import logprobs_chunked as chunked
 from .inputs import gather_lm_head
+from .logit_transform import IDENTITY, LogitTransform, logit_transform
 from .logprobs import (
     TokenPlan,
     check_backend,
@@ -68,12 +72,16 @@ def row_logprobs(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_tokens: int | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of each row, via the fused LM-head kernel.
 
     Args:
         lm_head_weight: [V, H]; hidden: [N, T, H] (any float dtype); labels: [N, T] int,
-            aligned with hidden; bias: [V] or None; chunk_tokens: as :func:`fused_linear_logprobs`.
+            aligned with hidden; bias: [V] or None; chunk_tokens, temperature, softcap,
+            logit_scale: as :func:`fused_linear_logprobs`.
     Returns:
         logps: [N] float32 (float64 for float64 inputs), differentiable w.r.t.
             hidden, weight and bias;
@@ -84,16 +92,19 @@ def row_logprobs(
         raise ValueError(
             f"expected hidden [N, T, H] and labels [N, T], got {tuple(hidden.shape)} and {tuple(labels.shape)}"
         )
+    transform = logit_transform(temperature, softcap, logit_scale)
     weight, bias, plan, backend = _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index, backend,
                                              chunk_tokens, rows_per_group=1)
-    return _planned_row_logprobs(weight, hidden, labels, bias, plan, backend, chunk_tokens), plan.counts
+    return _planned_row_logprobs(weight, hidden, labels, bias, plan, backend, chunk_tokens, transform), plan.counts
 
 
-def _planned_row_logprobs(weight, hidden, labels, bias, plan: TokenPlan, backend: str, chunk_tokens) -> torch.Tensor:
+def _planned_row_logprobs(weight, hidden, labels, bias, plan: TokenPlan, backend: str, chunk_tokens,
+                          transform: LogitTransform = IDENTITY) -> torch.Tensor:
     """[N] summed log-probs of the rows of hidden [N, T, H] over the valid tokens of ``plan``."""
     n_rows, n_pos, n_hidden = hidden.shape
     logp = valid_logprobs(hidden.reshape(-1, n_hidden).index_select(0, plan.index), weight,
-                          labels.reshape(-1).index_select(0, plan.index).long(), bias, backend, chunk_tokens)
+                          labels.reshape(-1).index_select(0, plan.index).long(), bias, backend, chunk_tokens,
+                          transform=transform)
     token_logps = logp.new_zeros(n_rows * n_pos).index_copy(0, plan.index, logp).view(n_rows, n_pos)
     return token_logps.sum(-1)
 
@@ -115,7 +126,7 @@ def _lm_inputs(lm_head_weight, hidden, labels, bias, ignore_index: int, backend:
 
 
 def _fused_pair_loss(spec, lm_head_weight, hidden, labels, bias, *, ignore_index: int, backend: str,
-                     reduction: str, chunk_tokens, **named_scores):
+                     reduction: str, chunk_tokens, transform: LogitTransform, **named_scores):
     """(loss, metrics) of ``spec`` from hidden states and the named per-row scores of
     :func:`drdo.losses.objective_loss` (rewards, oracle, ref_logps): on the chunked backends in
     closed form with every gradient computed in the forward; on "triton" and "reference" as
@@ -125,8 +136,9 @@ def _fused_pair_loss(spec, lm_head_weight, hidden, labels, bias, *, ignore_index
                                               chunk_tokens, objective.rows_per_group)
     if resolved in ("chunked", "torch"):
         return chunked_pair_loss(objective, weight, hidden, labels, objective.scores(**named_scores), bias, plan,
-                                 backend=resolved, reduction=reduction, chunk_tokens=chunk_tokens)
-    z = _planned_row_logprobs(weight, hidden, labels, bias, plan, resolved, chunk_tokens)
+                                 backend=resolved, reduction=reduction, chunk_tokens=chunk_tokens,
+                                 transform=transform)
+    z = _planned_row_logprobs(weight, hidden, labels, bias, plan, resolved, chunk_tokens, transform)
     return objective_loss(spec, z, plan.counts, reduction=reduction,
                           drdo_fn=_triton_drdo if resolved == "triton" else None, **named_scores)
 
@@ -191,6 +203,9 @@ def fused_linear_drdo_loss(
     backend: str = "auto",
     reduction: str = "mean",
     chunk_tokens: int | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DRDO loss (:func:`drdo.losses.drdo_loss`) from hidden states.
@@ -204,6 +219,8 @@ def fused_linear_drdo_loss(
         spec / options: a :class:`drdo.losses.DRDOSpec`, or its fields as keywords (alpha,
             gamma, reward, beta, unlikelihood, length_normalize; reward_grad is the caller's);
         {chunk}
+        temperature, softcap, logit_scale: the model's logit transform, as
+            :func:`drdo_kernels.fused_linear_logprobs` (every backend).
     Returns: (loss, metrics) as drdo.losses.drdo_loss.
     """
     spec = DRDOSpec.build(spec, **options)
@@ -221,6 +238,7 @@ def fused_linear_drdo_loss(
         _check_rows("policy_rewards", policy_rewards, n_pairs)
     return _fused_pair_loss(spec, lm_head_weight, hidden, labels, bias, ignore_index=ignore_index,
                             backend=backend, reduction=reduction, chunk_tokens=chunk_tokens,
+                            transform=logit_transform(temperature, softcap, logit_scale),
                             oracle=oracle_rewards, rewards=policy_rewards)
 
 
@@ -236,6 +254,9 @@ def fused_linear_dpo_loss(
     backend: str = "auto",
     reduction: str = "mean",
     chunk_tokens: int | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO (:func:`drdo.losses.dpo_loss`) from hidden states; ref_logps: [2B] reference z of each
@@ -245,7 +266,8 @@ def fused_linear_dpo_loss(
     n_pairs = _n_pairs(hidden, labels)
     _check_rows("ref_logps", ref_logps, n_pairs)
     return _fused_pair_loss(spec, lm_head_weight, hidden, labels, bias, ignore_index=ignore_index,
-                            backend=backend, reduction=reduction, chunk_tokens=chunk_tokens, ref_logps=ref_logps)
+                            backend=backend, reduction=reduction, chunk_tokens=chunk_tokens,
+                            transform=logit_transform(temperature, softcap, logit_scale), ref_logps=ref_logps)
 
 
 def fused_linear_edpo_loss(
@@ -261,6 +283,9 @@ def fused_linear_edpo_loss(
     backend: str = "auto",
     reduction: str = "mean",
     chunk_tokens: int | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """e-DPO (:func:`drdo.losses.edpo_loss`) from hidden states.
@@ -275,7 +300,8 @@ def fused_linear_edpo_loss(
     _check_rows("ref_logps", ref_logps, n_pairs)
     _check_ensemble("oracle_rewards", oracle_rewards, n_pairs)
     logps, n_tokens = row_logprobs(lm_head_weight, hidden, labels, bias, ignore_index=ignore_index, backend=backend,
-                                   chunk_tokens=chunk_tokens)
+                                   chunk_tokens=chunk_tokens, temperature=temperature, softcap=softcap,
+                                   logit_scale=logit_scale)
     return objective_loss(spec, logps, n_tokens, ref_logps=ref_logps, oracle=oracle_rewards, reduction=reduction)
 
 
@@ -291,6 +317,9 @@ def fused_linear_oracle_loss(
     backend: str = "auto",
     reduction: str = "mean",
     chunk_tokens: int | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Oracle loss (:func:`drdo.losses.oracle_loss`) from hidden states.
@@ -305,26 +334,42 @@ def fused_linear_oracle_loss(
     _check_rows("rewards", rewards, n_pairs)
     return _fused_pair_loss(spec, lm_head_weight, hidden[:n_pairs], labels[:n_pairs], bias,
                             ignore_index=ignore_index, backend=backend, reduction=reduction,
-                            chunk_tokens=chunk_tokens, rewards=rewards)
+                            chunk_tokens=chunk_tokens, transform=logit_transform(temperature, softcap, logit_scale),
+                            rewards=rewards)
 
 
 fused_linear_drdo_loss.__doc__ = fused_linear_drdo_loss.__doc__.replace("{chunk}", _CHUNK_DOC)
 
 
 class _FusedLoss(nn.Module):
-    """The nn.Module form shared by the four losses: a spec plus the call options."""
+    """The nn.Module form shared by the four losses: a spec plus the call options. Each subclass
+    names every field of its spec in its constructor (None: the spec's value, or its default)."""
 
     spec_type = None
     loss_fn = None
 
     def __init__(self, spec=None, *, ignore_index: int = -100, backend: str = "auto", reduction: str = "mean",
-                 chunk_tokens: int | None = None, **options):
+                 chunk_tokens: int | None = None, temperature: float = 1.0, softcap: float | None = None,
+                 logit_scale: float = 1.0, **options):
         super().__init__()
         check_chunk_tokens(chunk_tokens)
         check_backend(backend)
         self.spec = self.spec_type.build(spec, **options)
         self.ignore_index, self.backend = ignore_index, backend
         self.reduction, self.chunk_tokens = reduction, chunk_tokens
+        self.transform = logit_transform(temperature, softcap, logit_scale)
+
+    @property
+    def temperature(self) -> float:
+        return self.transform.temperature
+
+    @property
+    def softcap(self) -> float | None:
+        return self.transform.softcap
+
+    @property
+    def logit_scale(self) -> float:
+        return self.transform.logit_scale
 
     def __getattr__(self, name: str):
         """The spec's fields read as attributes (``loss_fn.alpha``)."""
@@ -334,17 +379,21 @@ class _FusedLoss(nn.Module):
         return super().__getattr__(name)
 
     def _call(self, *args):
+        t = self.transform
         return type(self).loss_fn(*args, spec=self.spec, ignore_index=self.ignore_index, backend=self.backend,
-                                  reduction=self.reduction, chunk_tokens=self.chunk_tokens)
+                                  reduction=self.reduction, chunk_tokens=self.chunk_tokens,
+                                  temperature=t.temperature, softcap=t.softcap, logit_scale=t.logit_scale)
 
     def extra_repr(self) -> str:
         return (f"{self.spec}, backend={self.backend!r}, reduction={self.reduction!r}, "
-                f"chunk_tokens={self.chunk_tokens}")
+                f"chunk_tokens={self.chunk_tokens}, {self.transform}")
 
 
 class FusedLinearDRDOLoss(_FusedLoss):
     """nn.Module form of :func:`fused_linear_drdo_loss`: ``FusedLinearDRDOLoss(alpha, gamma, *,
-    spec=None, reward=..., ...)`` (the options of :class:`drdo.losses.DRDOSpec`).
+    reward, beta, unlikelihood, reward_grad, length_normalize, spec, ...)`` (the fields of
+    :class:`drdo.losses.DRDOSpec`; None keeps the spec's value), the call options and the logit
+    transform (``temperature``, ``softcap``, ``logit_scale``).
 
     forward(lm_head_weight [V, H], hidden [2B, T, H], labels [2B, T], oracle_rewards [2B],
             policy_rewards [2B] | None = None, bias [V] | None = None) -> (loss, metrics)
@@ -353,8 +402,15 @@ class FusedLinearDRDOLoss(_FusedLoss):
     spec_type = DRDOSpec
     loss_fn = fused_linear_drdo_loss
 
-    def __init__(self, alpha: float | None = None, gamma: float | None = None, **kwargs):
-        super().__init__(alpha=alpha, gamma=gamma, **kwargs)
+    def __init__(self, alpha: float | None = None, gamma: float | None = None, *, reward: str | None = None,
+                 beta: float | None = None, unlikelihood: str | None = None, reward_grad: str | None = None,
+                 length_normalize: bool | None = None, spec: DRDOSpec | None = None, ignore_index: int = -100,
+                 backend: str = "auto", reduction: str = "mean", chunk_tokens: int | None = None,
+                 temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0):
+        super().__init__(spec, ignore_index=ignore_index, backend=backend, reduction=reduction,
+                         chunk_tokens=chunk_tokens, temperature=temperature, softcap=softcap,
+                         logit_scale=logit_scale, alpha=alpha, gamma=gamma, reward=reward, beta=beta,
+                         unlikelihood=unlikelihood, reward_grad=reward_grad, length_normalize=length_normalize)
 
     def forward(self, lm_head_weight, hidden, labels, oracle_rewards, policy_rewards=None, bias=None):
         return self._call(lm_head_weight, hidden, labels, oracle_rewards, policy_rewards, bias)
@@ -370,8 +426,12 @@ class FusedLinearDPOLoss(_FusedLoss):
     spec_type = DPOSpec
     loss_fn = fused_linear_dpo_loss
 
-    def __init__(self, beta: float | None = None, **kwargs):
-        super().__init__(beta=beta, **kwargs)
+    def __init__(self, beta: float | None = None, *, spec: DPOSpec | None = None, ignore_index: int = -100,
+                 backend: str = "auto", reduction: str = "mean", chunk_tokens: int | None = None,
+                 temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0):
+        super().__init__(spec, ignore_index=ignore_index, backend=backend, reduction=reduction,
+                         chunk_tokens=chunk_tokens, temperature=temperature, softcap=softcap,
+                         logit_scale=logit_scale, beta=beta)
 
     def forward(self, lm_head_weight, hidden, labels, ref_logps, bias=None):
         return self._call(lm_head_weight, hidden, labels, ref_logps, bias)
@@ -387,8 +447,13 @@ class FusedLinearEDPOLoss(_FusedLoss):
     spec_type = EDPOSpec
     loss_fn = fused_linear_edpo_loss
 
-    def __init__(self, beta: float | None = None, pessimistic: bool | None = None, **kwargs):
-        super().__init__(beta=beta, pessimistic=pessimistic, **kwargs)
+    def __init__(self, beta: float | None = None, pessimistic: bool | None = None, *, spec: EDPOSpec | None = None,
+                 ignore_index: int = -100, backend: str = "auto", reduction: str = "mean",
+                 chunk_tokens: int | None = None, temperature: float = 1.0, softcap: float | None = None,
+                 logit_scale: float = 1.0):
+        super().__init__(spec, ignore_index=ignore_index, backend=backend, reduction=reduction,
+                         chunk_tokens=chunk_tokens, temperature=temperature, softcap=softcap,
+                         logit_scale=logit_scale, beta=beta, pessimistic=pessimistic)
 
     def forward(self, lm_head_weight, hidden, labels, ref_logps, oracle_rewards, bias=None):
         return self._call(lm_head_weight, hidden, labels, ref_logps, oracle_rewards, bias)
@@ -405,8 +470,13 @@ class FusedLinearOracleLoss(_FusedLoss):
     spec_type = OracleSpec
     loss_fn = fused_linear_oracle_loss
 
-    def __init__(self, alpha: float | None = None, nll_reduction: str | None = None, **kwargs):
-        super().__init__(alpha=alpha, nll_reduction=nll_reduction, **kwargs)
+    def __init__(self, alpha: float | None = None, nll_reduction: str | None = None, *,
+                 spec: OracleSpec | None = None, ignore_index: int = -100, backend: str = "auto",
+                 reduction: str = "mean", chunk_tokens: int | None = None, temperature: float = 1.0,
+                 softcap: float | None = None, logit_scale: float = 1.0):
+        super().__init__(spec, ignore_index=ignore_index, backend=backend, reduction=reduction,
+                         chunk_tokens=chunk_tokens, temperature=temperature, softcap=softcap,
+                         logit_scale=logit_scale, alpha=alpha, nll_reduction=nll_reduction)
 
     def forward(self, lm_head_weight, hidden, labels, rewards, bias=None):
         return self._call(lm_head_weight, hidden, labels, rewards, bias)
@@ -426,11 +496,16 @@ def fused_objective_loss(
     backend: str = "auto",
     reduction: str = "mean",
     chunk_tokens: int | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`drdo.losses.objective_loss` from hidden states: the loss of a DRDO, DPO, e-DPO or
     Oracle spec, with the inputs it reads (hidden [2B, T, H], labels [2B, T]; rewards, oracle,
-    ref_logps as there; DRDO averages an Oracle ensemble [K, 2B])."""
-    common = dict(spec=spec, ignore_index=ignore_index, backend=backend, reduction=reduction, chunk_tokens=chunk_tokens)
+    ref_logps as there; DRDO averages an Oracle ensemble [K, 2B]); temperature, softcap,
+    logit_scale: the model's logit transform, as :func:`drdo_kernels.fused_linear_logprobs`."""
+    common = dict(spec=spec, ignore_index=ignore_index, backend=backend, reduction=reduction, chunk_tokens=chunk_tokens,
+                  temperature=temperature, softcap=softcap, logit_scale=logit_scale)
     if isinstance(spec, DRDOSpec):
         single = oracle.mean(0) if oracle.dim() == 2 else oracle
         return fused_linear_drdo_loss(lm_head_weight, hidden, labels, single,

@@ -1,6 +1,10 @@
 """``fused_linear_logprobs``: per-token log-probs of the LM head without [N, V] logits.
 
-    logp[t] = log_softmax(hidden[t] @ weight.T + bias)[labels[t]]   (0.0 where ignored)
+    logp[t] = log_softmax(transform(hidden[t] @ weight.T + bias))[labels[t]]   (0.0 where ignored)
+
+``transform`` is the model's logit transform (``temperature``, ``softcap``, ``logit_scale``:
+:mod:`drdo_kernels.logit_transform`); every backend applies it exactly, with exact gradients,
+and the identity (the default) costs nothing.
 
 Ignored tokens (``labels == ignore_index``) are dropped before any matmul (one host
 synchronisation per call counts them and checks the labels); the valid ones go through
@@ -17,6 +21,7 @@ log-sum-exp per token, and whose backward recomputes the logits. Backends:
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import NamedTuple
 
@@ -26,6 +31,7 @@ from drdo.errors import shown
 
 from . import logprobs_chunked as chunked
 from .inputs import gather_lm_head
+from .logit_transform import IDENTITY, LogitTransform, logit_transform
 from .triton_runtime import triton_available, triton_interpreting, triton_runs_on
 
 __all__ = ["fused_linear_logprobs", "resolve_backend", "auto_backend", "check_backend", "AutoRule", "AUTO_RULES",
@@ -125,6 +131,10 @@ def check_chunk_tokens(chunk_tokens) -> None:
         raise ValueError(f"chunk_tokens must be a positive int or None (from the memory budget), got {chunk_tokens!r}")
 
 
+#: Appended to a shape error that a call in the old (hidden, weight, labels) order would cause.
+ORDER_HINT = "; did you pass hidden first? the order is (lm_head_weight, hidden, labels)"
+
+
 def check_inputs(hidden, weight, labels, bias) -> None:
     """Types, shapes and devices of fused_linear_logprobs' arguments (no host sync)."""
     for name, t in (("hidden", hidden), ("weight", weight)):
@@ -134,7 +144,8 @@ def check_inputs(hidden, weight, labels, bias) -> None:
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape [*, H]")
     if weight.dim() != 2:
-        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
+        hint = ORDER_HINT if hidden.dim() == 2 else ""
+        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}{hint}")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden [*, {hidden.shape[-1]}] and weight {tuple(weight.shape)} disagree on H")
     if weight.shape[0] == 0 or weight.shape[1] == 0:
@@ -142,8 +153,9 @@ def check_inputs(hidden, weight, labels, bias) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        hint = ORDER_HINT if tuple(labels.shape) == tuple(weight.shape[:-1]) else ""
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden's leading shape "
-                         f"{tuple(hidden.shape[:-1])}")
+                         f"{tuple(hidden.shape[:-1])}{hint}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.dtype not in _FLOAT_DTYPES:
             raise TypeError("bias must be a float tensor [V] or None")
@@ -204,12 +216,12 @@ class _TritonLogprobs(torch.autograd.Function):
     """hidden [M, H], weight [V, H], bias [V] | None, labels [M] int64 (all valid) -> logp [M] fp32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, filter_eps):
+    def forward(ctx, hidden, weight, bias, labels, filter_eps, transform):
         from . import logprobs_triton
 
-        logp, lse = logprobs_triton.logprobs_forward(hidden, weight, bias, labels)
+        logp, lse = logprobs_triton.logprobs_forward(hidden, weight, bias, labels, transform=transform)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.filter_eps = filter_eps
+        ctx.filter_eps, ctx.transform = filter_eps, transform
         return logp
 
     @staticmethod
@@ -225,9 +237,9 @@ class _TritonLogprobs(torch.autograd.Function):
         else:
             d_h, d_w, d_b = logprobs_triton.logprobs_backward(
                 grad, hidden, weight, bias, labels, lse, need_w, need_hidden_grad=ctx.needs_input_grad[0],
-                need_bias_grad=ctx.needs_input_grad[2], filter_eps=ctx.filter_eps)
+                need_bias_grad=ctx.needs_input_grad[2], filter_eps=ctx.filter_eps, transform=ctx.transform)
         return (d_h if ctx.needs_input_grad[0] else None, d_w,
-                d_b if ctx.needs_input_grad[2] else None, None, None)
+                d_b if ctx.needs_input_grad[2] else None, None, None, None)
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -235,12 +247,13 @@ class _ChunkedLogprobs(torch.autograd.Function):
     (all valid) -> logp [M] float32 (float64); backward recomputes the logits chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, use_triton):
+    def forward(ctx, hidden, weight, bias, labels, rows, use_triton, transform):
         gemms = chunked.LMHeadGemms(weight, hidden.dtype)
         with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs' precision is LMHeadGemms' choice
-            logp, lse = chunked.logprobs_forward(hidden, labels, gemms, bias, rows, use_triton)
+            logp, lse = chunked.logprobs_forward(hidden, labels, gemms, bias, rows, use_triton, transform)
         ctx.save_for_backward(hidden, bias, labels, lse)
         ctx.gemms, ctx.rows, ctx.use_triton, ctx.weight_dtype = gemms, rows, use_triton, weight.dtype
+        ctx.transform = transform
         return logp
 
     @staticmethod
@@ -249,61 +262,86 @@ class _ChunkedLogprobs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         with torch.autocast(hidden.device.type, enabled=False):
             d_h, d_w, d_b = chunked.logprobs_backward(grad, hidden, labels, lse, ctx.gemms, bias, ctx.rows,
-                                                      ctx.use_triton, need_h, need_w, need_b)
+                                                      ctx.use_triton, need_h, need_w, need_b, ctx.transform)
         return (None if d_h is None else d_h.to(hidden.dtype), None if d_w is None else d_w.to(ctx.weight_dtype),
-                None if d_b is None else d_b.to(bias.dtype), None, None, None)
+                None if d_b is None else d_b.to(bias.dtype), None, None, None, None)
 
 
-def _full_logits_logprobs(hidden, weight, labels, bias, dtype) -> torch.Tensor:
+def _full_logits_logprobs(hidden, weight, labels, bias, dtype, transform: LogitTransform) -> torch.Tensor:
     """The "reference" backend: log_softmax of the full [M, V] logits (computed in ``dtype``, as
-    an unfused model does; the log-softmax in float32 at least), gathered at the labels."""
+    an unfused model does; the transform and the log-softmax in float32 at least, in plain torch
+    ops: :meth:`LogitTransform.apply`), gathered at the labels."""
     b = None if bias is None else bias.to(dtype)
     logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), b)
-    logits = logits if logits.dtype == torch.float64 else logits.float()
+    logits = transform.apply(logits if logits.dtype == torch.float64 else logits.float())
     return torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)
 
 
 def valid_logprobs(hidden, weight, labels, bias, backend: str, rows: int | None = None,
-                   filter_eps: float = 0.0) -> torch.Tensor:
+                   filter_eps: float = 0.0, transform: LogitTransform = IDENTITY) -> torch.Tensor:
     """The log-probs of compacted tokens: hidden [M, H] (any float), labels [M] int64 all
-    valid, backend already resolved -> [M] float32 (float64), differentiable."""
+    valid, backend already resolved, ``transform`` the logit transform -> [M] float32 (float64),
+    differentiable."""
     dtype = chunked.compute_dtype(hidden.dtype, weight.dtype)
     if backend == "reference":
-        return _full_logits_logprobs(hidden, weight, labels, bias, dtype)
+        return _full_logits_logprobs(hidden, weight, labels, bias, dtype, transform)
     if backend == "triton":
         if dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports float16/bfloat16/float32 inputs, got {dtype}")
         # 16-bit hidden with an fp32 weight: the kernels cast weight tiles on load; d_weight stays fp32
         keep_fp32_weight = dtype != torch.float32 and weight.dtype == torch.float32
         w = weight if keep_fp32_weight else weight.to(dtype)
-        return _TritonLogprobs.apply(hidden.to(dtype).contiguous(), w.contiguous(), bias, labels, filter_eps)
+        return _TritonLogprobs.apply(hidden.to(dtype).contiguous(), w.contiguous(), bias, labels, filter_eps,
+                                     transform)
     rows = rows or chunked.chunk_rows(weight.shape[0], dtype, hidden.device)
     use_triton = uses_triton_fold(backend, hidden.device, dtype)
-    return _ChunkedLogprobs.apply(hidden.to(dtype).contiguous(), weight, bias, labels, rows, use_triton)
+    return _ChunkedLogprobs.apply(hidden.to(dtype).contiguous(), weight, bias, labels, rows, use_triton, transform)
 
 
+def _old_weight_keyword(fn):
+    """Accept the old spelling ``weight=`` (the old order was (hidden, weight, labels)) with a
+    FutureWarning: it names ``lm_head_weight``, and a lone positional argument is then hidden."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "weight" in kwargs:
+            warnings.warn("fused_linear_logprobs(weight=...) is deprecated; the order is now "
+                          "fused_linear_logprobs(lm_head_weight, hidden, labels, bias=None, ...)",
+                          FutureWarning, stacklevel=2)
+            if "lm_head_weight" in kwargs:
+                raise TypeError("fused_linear_logprobs got both weight= and lm_head_weight=")
+            kwargs["lm_head_weight"] = kwargs.pop("weight")
+            if len(args) == 1 and "hidden" not in kwargs:  # the old fused_linear_logprobs(hidden, weight=...)
+                kwargs["hidden"], args = args[0], ()
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+@_old_weight_keyword
 def fused_linear_logprobs(
+    lm_head_weight: torch.Tensor,
     hidden: torch.Tensor,
-    weight: torch.Tensor,
     labels: torch.Tensor,
-    *,
     bias: torch.Tensor | None = None,
+    *,
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_tokens: int | None = None,
     filter_eps: float = 0.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of the LM head, never materialising the [N, V] logits.
 
     Args:
+        lm_head_weight: [V, H] (e.g. ``lm_head.weight``; deprecated keyword: ``weight=``).
+            With 16-bit hidden and an fp32 weight (autocast training) the GEMMs run in hidden's
+            dtype; otherwise in the promoted dtype. Gradients come back in each input's dtype.
         hidden: [N, H] or [*, H], float16 / bfloat16 / float32 / float64 (float64: not "triton").
-        weight: [V, H] (e.g. ``lm_head.weight``). With 16-bit hidden and an fp32 weight
-            (autocast training) the GEMMs run in hidden's dtype; otherwise in the
-            promoted dtype. Gradients come back in each input's dtype.
         labels: [N] or [*] integer, ALIGNED with hidden (position t predicts labels[t]);
             each entry in [0, V) or ``ignore_index``.
-        bias: optional [V].
+        bias: optional [V] (positional or keyword, as ``F.linear_cross_entropy``'s linear_bias).
         backend: "auto" (:func:`auto_backend`), "chunked", "torch" or "triton".
         chunk_tokens: chunked/torch backends: tokens per chunk, i.e. the [chunk_tokens, V]
             float32 buffer (None: from ``drdo_kernels.logprobs_chunked.CHUNK_BUDGET_BYTES``).
@@ -312,6 +350,14 @@ def fused_linear_logprobs(
             ``logprobs_triton.default_filter_eps(dtype)`` is a sensible value). The bound on
             the error it adds is in :mod:`drdo_kernels.logprobs_triton`.
         chunk_size: deprecated spelling of ``chunk_tokens``.
+        temperature, softcap, logit_scale: the model's logit transform, applied to
+            x = hidden @ weight.T + bias before the log-softmax (every backend, exact gradients)::
+
+                l = logit_scale * x;  l = softcap * tanh(l / softcap) (softcap set);  l = l / temperature
+
+            (Gemma 2/3: ``softcap=config.final_logit_softcapping``; Cohere:
+            ``logit_scale=config.logit_scale``; Granite: ``logit_scale=1 / config.logits_scaling``).
+            temperature finite > 0, softcap None or finite > 0, logit_scale finite and non-zero.
 
     Returns:
         logp: labels.shape, float32 (float64 for float64 inputs), <= 0, 0.0 at ignored
@@ -321,7 +367,8 @@ def fused_linear_logprobs(
         warnings.warn("fused_linear_logprobs(chunk_size=...) is deprecated; use chunk_tokens=...",
                       FutureWarning, stacklevel=2)
         chunk_tokens = chunk_tokens or chunk_size
-    weight, bias = gather_lm_head(weight, bias)  # an FSDP2-sharded (DTensor) head is all-gathered
+    transform = logit_transform(temperature, softcap, logit_scale)
+    weight, bias = gather_lm_head(lm_head_weight, bias)  # an FSDP2-sharded (DTensor) head is all-gathered
     check_inputs(hidden, weight, labels, bias)
     check_chunk_tokens(chunk_tokens)
     if not (isinstance(filter_eps, (int, float)) and filter_eps >= 0):
@@ -334,7 +381,7 @@ def fused_linear_logprobs(
     flat_labels = labels.reshape(-1)
     logp_valid = valid_logprobs(
         hidden.reshape(-1, n_hidden).index_select(0, plan.index), weight,
-        flat_labels.index_select(0, plan.index).long(), bias, backend, chunk_tokens, filter_eps,
+        flat_labels.index_select(0, plan.index).long(), bias, backend, chunk_tokens, filter_eps, transform,
     )
     out = logp_valid.new_zeros(flat_labels.shape[0]).index_copy(0, plan.index, logp_valid)
     return out.reshape(labels.shape)

@@ -4,8 +4,9 @@ Every function here works on COMPACTED tokens (ignored ones already dropped, all
 in [0, V)). Per chunk of ``rows`` tokens:
 
     x  = hidden[chunk] @ weight.T            # cuBLAS, [rows, V] float32 out (fp64 for fp64)
-    lse, target = row_stats(x + bias)         # one read of x (softmax_fold)
-    d  = g * (onehot - exp(x - lse))          # in place (fp32) or into a 16-bit copy
+    l  = transform(x + bias)                  # in place, in the same pass as the stats
+    lse, target = row_stats(l)                # one read of x (softmax_fold)
+    d  = g * (onehot - exp(l - lse)) * dl/dx  # in place (fp32) or into a 16-bit copy
     d_hidden[chunk] = d @ weight              # cuBLAS
     d_weight       += d.T @ hidden[chunk]     # cuBLAS, float32 accumulator
 
@@ -30,6 +31,7 @@ import functools
 
 import torch
 
+from .logit_transform import IDENTITY, LogitTransform
 from .softmax_fold import row_stats, softmax_grad
 
 __all__ = ["CHUNK_BUDGET_BYTES", "chunk_rows", "compute_dtype", "LMHeadGemms", "logprobs_forward",
@@ -144,8 +146,10 @@ def _bias_acc(bias, acc):
     return None if bias is None else bias.detach().to(acc)
 
 
-def logprobs_forward(hidden, labels, gemms: LMHeadGemms, bias, rows: int, use_triton: bool):
-    """hidden: [M, H] compute dtype; labels: [M] int64 in [0, V); bias: [V] | None.
+def logprobs_forward(hidden, labels, gemms: LMHeadGemms, bias, rows: int, use_triton: bool,
+                     transform: LogitTransform = IDENTITY):
+    """hidden: [M, H] compute dtype; labels: [M] int64 in [0, V); bias: [V] | None; transform:
+    the logit transform (:mod:`drdo_kernels.logit_transform`).
 
     Returns (logp [M], lse [M]) float32 (float64 for float64), logp <= 0.
     """
@@ -156,14 +160,15 @@ def logprobs_forward(hidden, labels, gemms: LMHeadGemms, bias, rows: int, use_tr
     for lo in range(0, m, rows):
         hi = min(m, lo + rows)
         x = gemms.logits(hidden[lo:hi])
-        lse[lo:hi], target = row_stats(x, b, labels[lo:hi], use_triton)
+        lse[lo:hi], target = row_stats(x, b, labels[lo:hi], use_triton, transform)
         logp[lo:hi] = (target - lse[lo:hi]).clamp_max(0.0)
         del x
     return logp, lse
 
 
 def logprobs_backward(grad, hidden, labels, lse, gemms: LMHeadGemms, bias, rows: int, use_triton: bool,
-                      need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True):
+                      need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
+                      transform: LogitTransform = IDENTITY):
     """Recompute each chunk's logits and return the gradients of sum(grad * logp).
 
     grad, lse: [M]; other args as :func:`logprobs_forward`. Returns float32 (float64)
@@ -182,7 +187,7 @@ def logprobs_backward(grad, hidden, labels, lse, gemms: LMHeadGemms, bias, rows:
         x = gemms.logits(hidden[lo:hi])
         if b is not None:
             x.add_(b)
-        d = softmax_grad(x, labels[lo:hi], lse[lo:hi], grad[lo:hi], gemms.dtype, use_triton)
+        d = softmax_grad(x, labels[lo:hi], lse[lo:hi], grad[lo:hi], gemms.dtype, use_triton, transform, raw=True)
         del x
         if d_hidden is not None:
             gemms.write_d_hidden(d, d_hidden[lo:hi])

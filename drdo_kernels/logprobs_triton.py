@@ -74,6 +74,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .logit_transform import (
+    IDENTITY,
+    LogitTransform,
+    transform_grad,
+    transform_logits,
+)
 from .rounding import to_16bit
 from .triton_runtime import triton_interpreting
 
@@ -180,8 +186,8 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, row0, col0, M, V, H,
 
 @triton.jit(do_not_specialize=["M", "V", "TILES_PER_SPLIT", "N_SPLITS"])
 def _logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_lse_ptr, part_tgt_ptr,
-                         M, V, H, TILES_PER_SPLIT, N_SPLITS,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         M, V, H, TILES_PER_SPLIT, N_SPLITS, pre, post,
+                         HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          UPCAST_DOT: tl.constexpr):
     """Partial LSE / target logit of BLOCK_M tokens over one vocab split -> [splits, M]."""
@@ -198,7 +204,7 @@ def _logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_lse_ptr, part_tgt_pt
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         logits = _logits_tile(h_ptr, w_ptr, b_ptr, pid_m * BLOCK_M, tile * BLOCK_N, M, V, H,
                               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-        logits = tl.where((cols < V)[None, :], logits, float("-inf"))
+        logits = tl.where((cols < V)[None, :], transform_logits(logits, pre, post, TRANSFORM), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp(-inf - 0) = 0
         s_i = s_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
@@ -255,21 +261,22 @@ def _grad_weight(d_in, h_ptr, dw_ptr, row0, col0, M, V, H, BLOCK_M: tl.constexpr
 
 @triton.jit(do_not_specialize=["M", "V"])
 def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-                         M, V, H, filter_eps, compute_db,
-                         HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                         BLOCK_M: tl.constexpr,
+                         M, V, H, filter_eps, compute_dh, compute_dw, compute_db, pre, post, slope,
+                         HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Recompute one logits tile, add its d_hidden / d_weight / d_bias share (fp32 atomics).
 
-    ``compute_db`` (bool) and ``filter_eps`` (> 0: filter) are runtime arguments, not constexprs:
-    a d_bias atomic and the filter test cost nothing next to the gradient loops, and one
-    compiled variant serves both settings (COMPUTE_DH / COMPUTE_DW decide those loops)."""
+    Which gradients (``compute_dh`` / ``compute_dw`` / ``compute_db``, bools) and the filter
+    (``filter_eps`` > 0) are runtime arguments, not constexprs: a uniform branch costs nothing,
+    the two gradient loops run one after the other (registers: the larger of the two), and one
+    compiled variant serves every combination (a frozen weight, a frozen bias, ...)."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
     logits = _logits_tile(h_ptr, w_ptr, b_ptr, row0, col0, M, V, H,
                           HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+    logits = transform_logits(logits, pre, post, TRANSFORM)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     row_mask = offs_m < M - row0
@@ -279,7 +286,7 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, d
     g = tl.load(g_ptr + row0 + offs_m, mask=row_mask, other=0.0)
     onehot = tl.where((col0 + offs_n)[None, :] == labels[:, None], 1.0, 0.0)
     diff = tl.where(row_mask[:, None] & col_mask[None, :], onehot - tl.exp(logits - lse[:, None]), 0.0)
-    d_logits = diff * g[:, None]
+    d_logits = transform_grad(diff * g[:, None], logits, post, slope, TRANSFORM)  # d/d(h W^T + b)
     if HAS_BIAS:
         if compute_db:
             tl.atomic_add(db_ptr + col0 + offs_n, tl.sum(d_logits, axis=0), mask=col_mask, sem="relaxed")
@@ -288,10 +295,10 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, d
         keep = tl.max(tl.max(tl.where(g[:, None] != 0.0, tl.abs(diff), 0.0), axis=1), axis=0) >= filter_eps
     if keep:
         d_in = to_16bit(d_logits, h_ptr.dtype.element_ty, UPCAST_DOT)
-        if COMPUTE_DH:
+        if compute_dh:
             _grad_hidden(tl.trans(d_in), w_ptr, dh_ptr, row0, col0, M, V, H, BLOCK_M, BLOCK_N, BLOCK_K,
                          DOT_PRECISION, UPCAST_DOT)
-        if COMPUTE_DW:
+        if compute_dw:
             _grad_weight(d_in, h_ptr, dw_ptr, row0, col0, M, V, H, BLOCK_M, BLOCK_N, BLOCK_K,
                          DOT_PRECISION, UPCAST_DOT)
 
@@ -330,10 +337,11 @@ def _bias_arg(bias: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     return dummy if bias is None else bias.detach().float().contiguous()
 
 
-def logprobs_forward(hidden, weight, bias, labels):
+def logprobs_forward(hidden, weight, bias, labels, *, transform: LogitTransform = IDENTITY):
     """hidden: [M, H] bf16/fp16/fp32 contiguous; weight: [V, H] contiguous, hidden's dtype or fp32
-    (16-bit hidden: computed in hidden's dtype); bias: [V] | None; labels: [M] int64 in [0, V).
-    Returns (logp [M] fp32 <= 0, lse [M] fp32)."""
+    (16-bit hidden: computed in hidden's dtype); bias: [V] | None; labels: [M] int64 in [0, V);
+    transform: the logit transform (:mod:`drdo_kernels.logit_transform`).
+    Returns (logp [M] fp32 <= 0, lse [M] fp32) of the transformed logits."""
     dtype = compute_dtype(hidden.dtype, weight.dtype)
     precision = dot_precision(dtype)
     fwd, _ = _config(dtype, precision)
@@ -347,7 +355,8 @@ def logprobs_forward(hidden, weight, bias, labels):
     grid = (triton.cdiv(m, fwd.block_m) * splits,)
     _logprobs_fwd_kernel[grid](
         hidden, weight, _bias_arg(bias, part_lse), labels, part_lse, part_tgt, m, v, h, tiles_per_split, splits,
-        HAS_BIAS=bias is not None, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k,
+        transform.pre, transform.post, HAS_BIAS=bias is not None, TRANSFORM=transform.kind, BLOCK_M=fwd.block_m,
+        BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k,
         GROUP_M=fwd.group_m, DOT_PRECISION=precision, UPCAST_DOT=_upcast_dot(dtype, hidden.device),
         num_warps=fwd.num_warps, num_stages=fwd.num_stages,
     )
@@ -357,8 +366,10 @@ def logprobs_forward(hidden, weight, bias, labels):
 
 
 def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=True, *,
-                      need_hidden_grad=True, need_bias_grad=True, filter_eps=0.0):
-    """grad: [M] upstream gradient; other args as saved by :func:`logprobs_forward`.
+                      need_hidden_grad=True, need_bias_grad=True, filter_eps=0.0,
+                      transform: LogitTransform = IDENTITY):
+    """grad: [M] upstream gradient; other args as saved by :func:`logprobs_forward` (the same
+    ``transform``).
 
     filter_eps: skip the gradient dots of tiles whose |softmax - onehot| are all below it
     (0, the default: exact; see :func:`default_filter_eps`).
@@ -381,9 +392,9 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
     if m > 0 and (need_hidden_grad or need_weight_grad or need_bias_grad):
         _logprobs_bwd_kernel[grid](
             hidden, weight, _bias_arg(bias, lse), labels, lse, grad.float().contiguous(),
-            d_hidden, d_weight, d_bias, m, v, h, eps, bool(need_bias_grad),
-            HAS_BIAS=bias is not None, COMPUTE_DH=need_hidden_grad, COMPUTE_DW=need_weight_grad,
-            BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
+            d_hidden, d_weight, d_bias, m, v, h, eps, bool(need_hidden_grad), bool(need_weight_grad),
+            bool(need_bias_grad), transform.pre, transform.post, transform.slope,
+            HAS_BIAS=bias is not None, TRANSFORM=transform.kind, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
             BLOCK_K=bwd.block_k, GROUP_M=bwd.group_m, DOT_PRECISION=precision,
             UPCAST_DOT=_upcast_dot(dtype, hidden.device), num_warps=bwd.num_warps, num_stages=bwd.num_stages,
         )

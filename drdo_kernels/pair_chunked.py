@@ -29,6 +29,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import logprobs_chunked as chunked
+from .logit_transform import IDENTITY, LogitTransform
 from .logprobs import TokenPlan, uses_triton_fold
 from .pair_objectives import PairObjective
 from .softmax_fold import row_stats, softmax_grad
@@ -59,10 +60,11 @@ def group_chunks(group_tokens: list[int], max_tokens: int) -> list[tuple[int, in
 class _Chunks:
     """One forward's inputs and buffers. Per-row tensors are [R, G] (side-major rows)."""
 
-    def __init__(self, objective, gemms, hidden, labels, bias, plan, scores, needs, rows, use_triton):
+    def __init__(self, objective, gemms, hidden, labels, bias, plan, scores, needs, rows, use_triton, transform):
         n_rows, n_pos, n_hidden = hidden.shape
         acc, device = gemms.acc, hidden.device
         self.objective, self.gemms, self.plan, self.rows, self.use_triton = objective, gemms, plan, rows, use_triton
+        self.transform = transform
         self.sides = objective.rows_per_group
         self.h = hidden.reshape(-1, n_hidden).index_select(0, plan.index).to(gemms.dtype)
         self.labels = labels.reshape(-1).index_select(0, plan.index).long()
@@ -113,19 +115,20 @@ class _Chunks:
     def one_pass(self, g0, g1, lo, hi) -> None:
         """The chunk's logits serve the log-probs and the gradients."""
         x = self.gemms.logits(self.h[lo:hi])
-        lse, target = row_stats(x, self.bias, self.labels[lo:hi], self.use_triton)
+        lse, target = row_stats(x, self.bias, self.labels[lo:hi], self.use_triton, self.transform)
         self.store_logp(lo, hi, torch.sub(target, lse).clamp_max_(0.0))
         if self.constant is None:
             self.set_coefficients(g0, g1)
         d = softmax_grad(x, self.labels[lo:hi], lse, self.token_coefficients(lo, hi), self.gemms.dtype,
-                         self.use_triton)
+                         self.use_triton, self.transform)
         del x
         self.accumulate(d, lo)
 
     def two_passes(self, g0, g1, lo, hi) -> None:
         """One group larger than a chunk: its log-sum-exps first, then its gradients."""
         h, labels = self.h[lo:hi], self.labels[lo:hi]
-        logp, lse = chunked.logprobs_forward(h, labels, self.gemms, self.bias, self.rows, self.use_triton)
+        logp, lse = chunked.logprobs_forward(h, labels, self.gemms, self.bias, self.rows, self.use_triton,
+                                             self.transform)
         self.store_logp(lo, hi, logp)
         if self.constant is None:
             self.set_coefficients(g0, g1)
@@ -135,7 +138,8 @@ class _Chunks:
             x = self.gemms.logits(h[a:b])
             if self.bias is not None:
                 x.add_(self.bias)
-            d = softmax_grad(x, labels[a:b], lse[a:b], grad[a:b], self.gemms.dtype, self.use_triton)
+            d = softmax_grad(x, labels[a:b], lse[a:b], grad[a:b], self.gemms.dtype, self.use_triton, self.transform,
+                             raw=True)
             del x
             self.accumulate(d, lo + a)
 
@@ -156,19 +160,19 @@ class _Chunks:
 
 class _ChunkedPairLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, objective, plan, rows, use_triton, reduction, needs, names,
-                *scores):
+    def forward(ctx, hidden, weight, bias, labels, objective, plan, rows, use_triton, transform, reduction, needs,
+                names, *scores):
         """hidden [R*G, T, H], labels [R*G, T], scores: [2G] tensors -> (loss, metric values);
         ``needs``: which of (hidden, weight, bias, *scores) get gradients; the metric names
         are appended to the list ``names``."""
         dtype = chunked.compute_dtype(hidden.dtype, weight.dtype)
         with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs' precision is LMHeadGemms' choice
             gemms = chunked.LMHeadGemms(weight, dtype)
-            work = _Chunks(objective, gemms, hidden, labels, bias, plan, scores, needs, rows, use_triton)
+            work = _Chunks(objective, gemms, hidden, labels, bias, plan, scores, needs, rows, use_triton, transform)
             if any(needs):
                 work.run()
             else:  # nothing to differentiate: the log-probs alone
-                logp, _ = chunked.logprobs_forward(work.h, work.labels, gemms, bias, rows, use_triton)
+                logp, _ = chunked.logprobs_forward(work.h, work.labels, gemms, bias, rows, use_triton, transform)
                 work.store_logp(0, logp.shape[0], logp)
             loss, metrics, d_scores = objective.finish(work.z(), work.n_tokens, work.scores, reduction, use_triton)
         values = torch.stack([v.detach().to(loss.dtype) for v in metrics.values()])
@@ -193,7 +197,7 @@ class _ChunkedPairLoss(torch.autograd.Function):
         out_w = None if d_w is None else _scaled(d_w, g, w_dtype)
         out_b = None if d_b is None else _scaled(d_b, g, b_dtype)
         out_s = [_scaled(ds, g, dt) if need else None for ds, dt, need in zip(d_scores, s_dtypes, needs[3:])]
-        return (out_h, out_w, out_b, None, None, None, None, None, None, None, None, *out_s)
+        return (out_h, out_w, out_b, None, None, None, None, None, None, None, None, None, *out_s)
 
 
 def _scaled(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -202,7 +206,8 @@ def _scaled(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 def chunked_pair_loss(objective: PairObjective, lm_head_weight, hidden, labels, scores, bias, plan: TokenPlan, *,
-                      backend: str = "chunked", reduction: str = "mean", chunk_tokens: int | None = None):
+                      backend: str = "chunked", reduction: str = "mean", chunk_tokens: int | None = None,
+                      transform: LogitTransform = IDENTITY):
     """Loss and metrics of ``objective`` from hidden states, gradients computed in the forward.
 
     Args:
@@ -213,7 +218,8 @@ def chunked_pair_loss(objective: PairObjective, lm_head_weight, hidden, labels, 
         bias: [V] | None;
         plan: the valid tokens of labels in :func:`group_order` order, every row scored;
         backend: "chunked" (Triton fold and pair kernel where they run) or "torch";
-        chunk_tokens: tokens per chunk (None: from the memory budget).
+        chunk_tokens: tokens per chunk (None: from the memory budget);
+        transform: the logit transform (:mod:`drdo_kernels.logit_transform`).
     Returns (loss, metrics) as the reference loss. No host synchronisation.
     """
     dtype = chunked.compute_dtype(hidden.dtype, lm_head_weight.dtype)
@@ -224,7 +230,7 @@ def chunked_pair_loss(objective: PairObjective, lm_head_weight, hidden, labels, 
     needs = tuple(grad_on and isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
     names: list[str] = []
     loss, values = _ChunkedPairLoss.apply(hidden, lm_head_weight, bias, labels, objective, plan, rows, use_triton,
-                                          reduction, needs, names, *scores)
+                                          transform, reduction, needs, names, *scores)
     metrics = dict(zip(names, values.unbind(0)))
     metrics["loss"] = loss.detach()
     return loss, metrics

@@ -2,12 +2,16 @@
 
 Two steps, both IN PLACE on the buffer a cuBLAS GEMM just wrote:
 
-* :func:`row_stats` adds the bias (when there is one) and returns, per row, the
+* :func:`row_stats` adds the bias (when there is one), applies the logit transform (when it
+  is not the identity: :mod:`drdo_kernels.logit_transform`) and returns, per row, the
   log-sum-exp (an online max / rescaled sum over vocab blocks) and the target logit
-  ``x[r, labels[r]]``: one read of the buffer (and one write with a bias).
-* :func:`softmax_grad` turns each row into ``g[r] * (onehot(labels[r]) - softmax(x[r]))``
+  ``l[r, labels[r]]``: one read of the buffer (and one write with a bias or a transform).
+* :func:`softmax_grad` turns each row into ``g[r] * (onehot(labels[r]) - softmax(l[r]))``,
+  times the transform's derivative ``dl/dx`` (recovered from the transformed logit ``l`` itself),
   given that row's log-sum-exp: one read and one write, into the buffer itself
-  (float32) or into a 16-bit buffer of the same shape that feeds the 16-bit GEMMs.
+  (float32) or into a 16-bit buffer of the same shape that feeds the 16-bit GEMMs. Given
+  untransformed logits (``raw=True``, the recomputing backward passes) it transforms them
+  on load.
 
 Both are NaN-safe for -inf logits: blocks (or whole rows but the label) of -inf
 contribute exactly 0, never ``inf - inf`` or ``0 * inf``. The Triton kernels run one
@@ -18,6 +22,12 @@ from __future__ import annotations
 
 import torch
 
+from .logit_transform import (
+    IDENTITY,
+    LogitTransform,
+    transform_grad,
+    transform_logits,
+)
 from .rounding import emulate_rounding, to_16bit
 from .triton_runtime import triton_available
 
@@ -38,9 +48,9 @@ NUM_WARPS = 8
 if triton is not None:
 
     @triton.jit(do_not_specialize_on_alignment=["lab_ptr", "lse_ptr", "tgt_ptr"])
-    def _row_stats_kernel(x_ptr, b_ptr, lab_ptr, lse_ptr, tgt_ptr, V, stride,
-                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        """One row: x += bias (stored back), lse = logsumexp(x), tgt = x[label]."""
+    def _row_stats_kernel(x_ptr, b_ptr, lab_ptr, lse_ptr, tgt_ptr, V, stride, pre, post,
+                          HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, BLOCK: tl.constexpr):
+        """One row: x = transform(x + bias) (stored back), lse = logsumexp(x), tgt = x[label]."""
         row = tl.program_id(0)
         x_row = x_ptr + row.to(tl.int64) * stride
         label = tl.load(lab_ptr + row)
@@ -54,6 +64,9 @@ if triton is not None:
             x = tl.load(x_row + offs, mask=mask, other=float("-inf"))
             if HAS_BIAS:
                 x = x + tl.load(b_ptr + offs, mask=mask, other=0.0)
+            if TRANSFORM != 0:
+                x = tl.where(mask, transform_logits(x, pre, post, TRANSFORM), float("-inf"))
+            if HAS_BIAS or TRANSFORM != 0:
                 tl.store(x_row + offs, x, mask=mask)
             tgt += tl.where(offs == label, x, 0.0)
             m_new = tl.maximum(m, x)
@@ -67,10 +80,12 @@ if triton is not None:
         tl.store(tgt_ptr + row, tl.sum(tgt, axis=0))
 
     @triton.jit(do_not_specialize_on_alignment=["lab_ptr", "lse_ptr", "g_ptr"])
-    def _softmax_grad_kernel(x_ptr, out_ptr, lab_ptr, lse_ptr, g_ptr, V, x_stride, out_stride,
-                             IN_PLACE: tl.constexpr, BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
-        """One row: out = g * (onehot(label) - exp(x - lse)), into x itself or into out
-        (ROUND_BY_HAND: bf16 under the interpreter, see :mod:`drdo_kernels.rounding`)."""
+    def _softmax_grad_kernel(x_ptr, out_ptr, lab_ptr, lse_ptr, g_ptr, V, x_stride, out_stride, pre, post, slope,
+                             IN_PLACE: tl.constexpr, TRANSFORM: tl.constexpr, RAW: tl.constexpr,
+                             BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
+        """One row: out = g * (onehot(label) - exp(l - lse)) * dl/dx, into x itself or into out
+        (l = x, or transform(x) with RAW; ROUND_BY_HAND: bf16 under the interpreter, see
+        :mod:`drdo_kernels.rounding`)."""
         row = tl.program_id(0)
         x_row = x_ptr + row.to(tl.int64) * x_stride
         out_row = out_ptr + row.to(tl.int64) * out_stride
@@ -82,57 +97,88 @@ if triton is not None:
         for start in range(0, V, BLOCK):
             offs = start + cols
             mask = offs < V
-            x = tl.load(x_row + offs, mask=mask, other=float("-inf"))
-            d = g * (tl.where(offs == label, 1.0, 0.0) - tl.exp(x - lse))
+            x = tl.load(x_row + offs, mask=mask, other=0.0)  # lanes past V: finite, never stored
+            if RAW:
+                x = transform_logits(x, pre, post, TRANSFORM)
+            d = transform_grad(g * (tl.where(offs == label, 1.0, 0.0) - tl.exp(x - lse)), x, post, slope, TRANSFORM)
             if IN_PLACE:
                 tl.store(x_row + offs, d, mask=mask)
             else:
                 tl.store(out_row + offs, to_16bit(d, out_ptr.dtype.element_ty, ROUND_BY_HAND), mask=mask)
 
 
-def _torch_row_stats(x, bias, labels):
+def _quarters(x: torch.Tensor):
+    """x split into (at most) four blocks of rows: a temporary per block is at most a quarter of x."""
+    return x.split(max(1, -(-x.shape[0] // 4)))
+
+
+def _torch_row_stats(x, bias, labels, transform: LogitTransform):
     """row_stats in torch ops; logsumexp over quarters of the rows, so its temporary is at
     most a quarter of the buffer."""
     if bias is not None:
         x.add_(bias.to(x.dtype))
-    lse = torch.cat([torch.logsumexp(part, dim=-1) for part in x.split(max(1, -(-x.shape[0] // 4)))]) \
+    transform.apply_(x)
+    lse = torch.cat([torch.logsumexp(part, dim=-1) for part in _quarters(x)]) \
         if x.shape[0] else x.new_zeros(0)
     return lse, x.gather(1, labels[:, None]).squeeze(1)
 
 
-def row_stats(x: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, use_triton: bool):
+def row_stats(x: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, use_triton: bool,
+              transform: LogitTransform = IDENTITY):
     """x: [c, V] float32 (float64 with use_triton=False) contiguous, modified in place
-    (x += bias); bias: [V] | None; labels: [c] int64 in [0, V).
+    (x = transform(x + bias)); bias: [V] | None; labels: [c] int64 in [0, V).
 
-    Returns (lse [c], target [c]) in x.dtype; afterwards x holds the biased logits.
+    Returns (lse [c], target [c]) in x.dtype; afterwards x holds the transformed logits.
     """
     if not use_triton or x.shape[0] == 0:
-        return _torch_row_stats(x, bias, labels)
+        return _torch_row_stats(x, bias, labels, transform)
     rows, n_vocab = x.shape
     lse = torch.empty(rows, dtype=torch.float32, device=x.device)
     tgt = torch.empty_like(lse)
     b = lse if bias is None else bias.to(torch.float32).contiguous()
-    _row_stats_kernel[(rows,)](x, b, labels, lse, tgt, n_vocab, x.stride(0),
-                               HAS_BIAS=bias is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _row_stats_kernel[(rows,)](x, b, labels, lse, tgt, n_vocab, x.stride(0), transform.pre, transform.post,
+                               HAS_BIAS=bias is not None, TRANSFORM=transform.kind, BLOCK=BLOCK,
+                               num_warps=NUM_WARPS)
     return lse, tgt
 
 
-def softmax_grad(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-                 out_dtype: torch.dtype, use_triton: bool) -> torch.Tensor:
-    """x: [c, V] biased logits (float32/float64, contiguous); lse, g: [c] x.dtype.
+def _torch_softmax_grad(x, labels, lse, g, transform: LogitTransform, raw: bool) -> None:
+    """softmax_grad in torch ops, in place on x. Without a softcap dl/dx is the constant
+    ``transform.slope`` (folded into g); with one it is taken from each quarter of the rows
+    before that quarter is overwritten (a temporary of a quarter of x)."""
+    if raw:
+        transform.apply_(x)
+    lse = lse.masked_fill(lse == float("-inf"), 0.0)
+    if transform.softcap is None:
+        g = g * transform.slope if not transform.is_identity else g
+        x.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g * softmax
+        x.scatter_add_(1, labels[:, None], g[:, None])  # + g * onehot
+        return
+    for part, part_labels, part_lse, part_g in zip(_quarters(x), _quarters(labels), _quarters(lse), _quarters(g)):
+        slope = transform.derivative(part)
+        part.sub_(part_lse[:, None]).exp_().mul_(-part_g[:, None])
+        part.scatter_add_(1, part_labels[:, None], part_g[:, None])
+        part.mul_(slope)
 
-    Returns d_logits = g * (onehot(labels) - softmax(x)) [c, V] in ``out_dtype``:
+
+def softmax_grad(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                 out_dtype: torch.dtype, use_triton: bool, transform: LogitTransform = IDENTITY,
+                 raw: bool = False) -> torch.Tensor:
+    """x: [c, V] transformed logits l (float32/float64, contiguous), or with ``raw`` the biased
+    logits before the transform; lse, g: [c] x.dtype.
+
+    Returns d_x = g * (onehot(labels) - softmax(l)) * dl/dx [c, V] in ``out_dtype``:
     x itself when out_dtype == x.dtype (overwritten), else a new 16-bit tensor.
     """
     if not use_triton or x.shape[0] == 0:
-        lse = lse.masked_fill(lse == float("-inf"), 0.0)
-        x.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g * softmax
-        x.scatter_add_(1, labels[:, None], g[:, None])  # + g * onehot
+        _torch_softmax_grad(x, labels, lse, g, transform, raw)
         return x if out_dtype == x.dtype else x.to(out_dtype)
     rows, n_vocab = x.shape
     in_place = out_dtype == x.dtype
     out = x if in_place else torch.empty(x.shape, dtype=out_dtype, device=x.device)
     _softmax_grad_kernel[(rows,)](x, out, labels, lse, g.to(torch.float32).contiguous(), n_vocab,
-                                  x.stride(0), out.stride(0), IN_PLACE=in_place, BLOCK=BLOCK,
-                                  ROUND_BY_HAND=emulate_rounding(out_dtype, x.device), num_warps=NUM_WARPS)
+                                  x.stride(0), out.stride(0), transform.pre, transform.post, transform.slope,
+                                  IN_PLACE=in_place, TRANSFORM=transform.kind, RAW=raw and not transform.is_identity,
+                                  BLOCK=BLOCK, ROUND_BY_HAND=emulate_rounding(out_dtype, x.device),
+                                  num_warps=NUM_WARPS)
     return out
