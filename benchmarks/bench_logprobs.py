@@ -67,7 +67,7 @@ def _ours(backend: str):
 
         h, w, y = _args(inputs)
         eps = float(ctx.get("filter_eps") or 0.0)
-        return lambda: fused_linear_logprobs(h, w, y, ignore_index=IGNORE_INDEX, backend=backend, filter_eps=eps)
+        return lambda: fused_linear_logprobs(w, h, y, ignore_index=IGNORE_INDEX, backend=backend, filter_eps=eps)
 
     return build
 

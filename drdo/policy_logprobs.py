@@ -63,7 +63,7 @@ def hidden_sequence_logprobs(hidden: torch.Tensor, head: nn.Module, labels: torc
         raise ValueError(f"expected hidden [R, T, H] and labels [R, T], got {tuple(hidden.shape)} "
                          f"and {tuple(labels.shape)}")
     weight, bias = head_params(head, hidden.dtype)
-    token_logps = drdo_kernels.fused_linear_logprobs(hidden, weight, labels, bias=bias,  # [R, T], 0 where ignored
+    token_logps = drdo_kernels.fused_linear_logprobs(weight, hidden, labels, bias=bias,  # [R, T], 0 where ignored
                                                      ignore_index=IGNORE_INDEX, backend=backend)
     return token_logps.sum(-1), (labels != IGNORE_INDEX).sum(-1)
 

@@ -297,7 +297,7 @@ def fused_loss(case: Case, leaves: dict, data: dict) -> torch.Tensor:
     common = dict(backend=case.backend, chunk_tokens=chunk_tokens(case, data["labels"]))
     w, h, b, oracle, ref = leaves["weight"], leaves["hidden"], leaves["bias"], leaves["oracle"], leaves["ref"]
     if case.loss == "logprobs":
-        logp = dk.fused_linear_logprobs(h, w, labels, bias=b, **common)
+        logp = dk.fused_linear_logprobs(w, h, labels, bias=b, **common)
         return (logp * data["upstream"].to(logp)).sum()
     common["reduction"] = case.reduction
     if case.loss == "drdo":

@@ -60,7 +60,7 @@ def test_fold_matches_float64_over_several_blocks(use_triton, out_dtype):
 
 def _logprobs_run(backend, hidden, weight, bias, labels, upstream, chunk_tokens=None):
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
-    out = fused_linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], backend=backend,
+    out = fused_linear_logprobs(leaves[1], leaves[0], labels, bias=leaves[2], backend=backend,
                                 chunk_tokens=chunk_tokens)
     (out * upstream.to(out.dtype)).sum().backward()
     return [out.detach()] + [t.grad for t in leaves]
@@ -117,7 +117,7 @@ def test_autocast_mixed_precision_logprobs(backend):
         (out * upstream.to(out.dtype)).sum().backward()
         return [out.detach()] + [t.grad for t in leaves]
 
-    ours = run(lambda h, w, b, lab: fused_linear_logprobs(h, w, lab, bias=b, backend=backend, chunk_tokens=7),
+    ours = run(lambda h, w, b, lab: fused_linear_logprobs(w, h, lab, bias=b, backend=backend, chunk_tokens=7),
                (torch.bfloat16, torch.float32, torch.float32))
     assert [t.dtype for t in ours] == [torch.float32, torch.bfloat16, torch.float32, torch.float32]
     base = run(naive, (torch.bfloat16, torch.float32, torch.float32))
@@ -145,12 +145,12 @@ def test_skipped_gradients_do_no_gemm(backend, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(logprobs_chunked.LMHeadGemms, "write_d_hidden", forbidden)
         w = weight.clone().requires_grad_()
-        fused_linear_logprobs(hidden, w, labels, backend=backend, chunk_tokens=5).sum().backward()
+        fused_linear_logprobs(w, hidden, labels, backend=backend, chunk_tokens=5).sum().backward()
         torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-6)
     with monkeypatch.context() as m:
         m.setattr(logprobs_chunked.LMHeadGemms, "accumulate_d_weight", forbidden)
         h = hidden.clone().requires_grad_()
-        fused_linear_logprobs(h, weight, labels, backend=backend, chunk_tokens=5).sum().backward()
+        fused_linear_logprobs(weight, h, labels, backend=backend, chunk_tokens=5).sum().backward()
         torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-6)
 
 
@@ -190,7 +190,7 @@ def test_chunked_paths_are_deterministic(backend, monkeypatch):
         w, h = weight.clone().requires_grad_(), hidden.clone().requires_grad_()
         loss, _ = FusedLinearDPOLoss(backend=backend)(w, h, labels, ref_logps)
         loss.backward()
-        logp = fused_linear_logprobs(h.detach(), w, labels, backend=backend, chunk_tokens=4)
+        logp = fused_linear_logprobs(w, h.detach(), labels, backend=backend, chunk_tokens=4)
         return [loss.detach(), w.grad, h.grad, logp.detach()]
 
     for a, b in zip(run(), run()):
@@ -210,7 +210,7 @@ def test_one_host_sync_per_call(backend, monkeypatch):
                             lambda self, *a, _o=original, _n=name: calls.append(_n) or _o(self, *a))
     loss, _ = FusedLinearDPOLoss(backend=backend)(w, h, labels, ref_logps)
     loss.backward()
-    fused_linear_logprobs(h, w, labels, backend=backend, chunk_tokens=4).sum().backward()
+    fused_linear_logprobs(w, h, labels, backend=backend, chunk_tokens=4).sum().backward()
     monkeypatch.undo()
     assert calls == ["tolist", "tolist"], calls
 

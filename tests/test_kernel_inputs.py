@@ -32,7 +32,7 @@ def test_align_labels_from_hf_labels_and_trl_completion_mask():
     hidden, weight = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(13, 8, dtype=torch.float64)
     hf = -torch.nn.functional.cross_entropy((hidden @ weight.T)[:, :-1].reshape(-1, 13),
                                             hf_labels[:, 1:].reshape(-1), reduction="sum")
-    fused = fused_linear_logprobs(hidden, weight, align_labels(input_ids, labels=hf_labels), backend="torch").sum()
+    fused = fused_linear_logprobs(weight, hidden, align_labels(input_ids, labels=hf_labels), backend="torch").sum()
     assert torch.allclose(fused, hf, rtol=1e-12, atol=1e-12)
 
 

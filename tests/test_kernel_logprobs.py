@@ -61,7 +61,7 @@ def _check_against_naive(backend, shape, n_hidden, n_vocab, dtype, bias, ignored
     hidden, weight, b, labels, upstream = _inputs(shape, n_hidden, n_vocab, dtype, bias, ignored)
     ref = _run(_reference, hidden, weight, b, labels, upstream, torch.float64)
     naive = _run(_reference, hidden, weight, b, labels, upstream, dtype)
-    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(h, w, lab, bias=bb, backend=backend,
+    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(w, h, lab, bias=bb, backend=backend,
                                                              chunk_tokens=chunk_tokens),
                  hidden, weight, b, labels, upstream, dtype)
     assert fused[0].dtype == torch.float64 and fused[0].shape == labels.shape
@@ -125,16 +125,16 @@ def test_torch_backend_gpt2_vocab_single_token():
 
 def test_torch_backend_chunking_is_invisible():
     hidden, weight, b, labels, _ = _inputs((30,), 16, 50, torch.float32, True, "half")
-    whole = fused_linear_logprobs(hidden, weight, labels, bias=b, backend="torch", chunk_tokens=1000)
+    whole = fused_linear_logprobs(weight, hidden, labels, bias=b, backend="torch", chunk_tokens=1000)
     for chunk in (1, 7):
-        torch.testing.assert_close(fused_linear_logprobs(hidden, weight, labels, bias=b, backend="torch",
+        torch.testing.assert_close(fused_linear_logprobs(weight, hidden, labels, bias=b, backend="torch",
                                                          chunk_tokens=chunk), whole, rtol=0, atol=1e-6)
 
 
 def test_torch_backend_gradcheck_float64():
     hidden, weight, b, labels, _ = _inputs((6,), 5, 11, torch.float64, True, "half")
     args = tuple(t.clone().requires_grad_() for t in (hidden, weight, b))
-    fn = lambda h, w, bb: fused_linear_logprobs(h, w, labels, bias=bb, backend="torch", chunk_tokens=2)
+    fn = lambda h, w, bb: fused_linear_logprobs(w, h, labels, bias=bb, backend="torch", chunk_tokens=2)
     assert torch.autograd.gradcheck(fn, args)
 
 
@@ -144,7 +144,7 @@ def test_logprobs_never_positive(backend):
     weight = torch.eye(16, 16) * 60.0
     hidden = torch.eye(16)[:8] + 1e-3
     labels = torch.arange(8)
-    logp = fused_linear_logprobs(hidden, weight, labels, backend=backend)
+    logp = fused_linear_logprobs(weight, hidden, labels, backend=backend)
     assert bool((logp <= 0).all()) and float(logp.min()) > -1e-6
 
 
@@ -155,7 +155,7 @@ def test_empty_and_all_ignored_give_zeros(backend, n_tokens):
     weight = torch.randn(20, 8, requires_grad=True)
     bias = torch.randn(20, requires_grad=True)
     labels = torch.full((n_tokens,), IGNORE)
-    logp = fused_linear_logprobs(hidden, weight, labels, bias=bias, backend=backend)
+    logp = fused_linear_logprobs(weight, hidden, labels, bias=bias, backend=backend)
     assert logp.shape == (n_tokens,) and logp.dtype == torch.float32 and bool((logp == 0).all())
     logp.sum().backward()
     for t in (hidden, weight, bias):
@@ -167,7 +167,7 @@ def test_frozen_weight_triton():
     """weight without grad: d_hidden still right, no weight gradient computed."""
     hidden, weight, _, labels, upstream = _inputs((12,), 24, 70, torch.float32, False, "half")
     h = hidden.clone().requires_grad_()
-    out = fused_linear_logprobs(h, weight, labels, backend="triton")
+    out = fused_linear_logprobs(weight, h, labels, backend="triton")
     (out * upstream.float()).sum().backward()
     h64 = hidden.double().requires_grad_()
     (_reference(h64, weight.double(), None, labels) * upstream).sum().backward()
@@ -179,7 +179,7 @@ def test_mixed_dtypes_run_in_hidden_dtype():
     bf16, as autocast does; the weight gradient comes back in fp32."""
     hidden, weight, _, labels, _ = _inputs((10,), 16, 40, torch.float32, False, "none")
     w = weight.clone().requires_grad_()
-    out = fused_linear_logprobs(hidden.bfloat16(), w, labels, backend="torch")
+    out = fused_linear_logprobs(w, hidden.bfloat16(), labels, backend="torch")
     ref = _reference(hidden.bfloat16().double(), weight.bfloat16().double(), None, labels)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
     out.sum().backward()
@@ -189,20 +189,20 @@ def test_mixed_dtypes_run_in_hidden_dtype():
 def test_bad_inputs_raise(monkeypatch):
     hidden, weight, labels = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 3, IGNORE])
     with pytest.raises(ValueError, match="backend"):
-        fused_linear_logprobs(hidden, weight, labels, backend="cuda")
+        fused_linear_logprobs(weight, hidden, labels, backend="cuda")
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
-        fused_linear_logprobs(hidden, weight, torch.tensor([1, 2, 10, 0]), backend="torch")
+        fused_linear_logprobs(weight, hidden, torch.tensor([1, 2, 10, 0]), backend="torch")
     with pytest.raises(ValueError, match="disagree on H"):
-        fused_linear_logprobs(hidden, torch.randn(10, 7), labels)
+        fused_linear_logprobs(torch.randn(10, 7), hidden, labels)
     with pytest.raises(ValueError, match="labels shape"):
-        fused_linear_logprobs(hidden, weight, labels[:3])
+        fused_linear_logprobs(weight, hidden, labels[:3])
     with pytest.raises(TypeError, match="integer"):
-        fused_linear_logprobs(hidden, weight, labels.float())
+        fused_linear_logprobs(weight, hidden, labels.float())
     with pytest.raises(ValueError, match="bias shape"):
-        fused_linear_logprobs(hidden, weight, labels, bias=torch.randn(9))
+        fused_linear_logprobs(weight, hidden, labels, bias=torch.randn(9))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        fused_linear_logprobs(hidden, weight, labels, backend="triton")
+        fused_linear_logprobs(weight, hidden, labels, backend="triton")
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
@@ -211,7 +211,7 @@ def test_bad_inputs_raise(monkeypatch):
 def test_triton_refuses_float64():
     hidden, weight, labels = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 3, IGNORE])
     with pytest.raises(TypeError, match="float16/bfloat16/float32"):
-        fused_linear_logprobs(hidden.double(), weight.double(), labels, backend="triton")
+        fused_linear_logprobs(weight.double(), hidden.double(), labels, backend="triton")
 
 
 _ON_GPU = torch.cuda.is_available() and not triton_interpreting()
@@ -229,7 +229,7 @@ def test_cuda_kernels_match_reference(dtype, bias, backend):
     hidden, weight, b, labels, upstream = cuda
     ref = _run(_reference, hidden, weight, b, labels, upstream, torch.float64)
     naive = _run(_reference, hidden, weight, b, labels, upstream, dtype)
-    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(h, w, lab, bias=bb, backend=backend, chunk_tokens=100),
+    fused = _run(lambda h, w, bb, lab: fused_linear_logprobs(w, h, lab, bias=bb, backend=backend, chunk_tokens=100),
                  hidden, weight, b, labels, upstream, dtype)
     assert bool((fused[0] <= 0).all())
     for e_fused, e_naive, r in zip(_errors(fused, ref), _errors(naive, ref), ref):

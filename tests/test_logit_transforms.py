@@ -94,7 +94,7 @@ def test_logprobs_and_every_gradient_match_float64_full_logits(backend, dtype, n
         want = _expected_logprobs(w64, h64, labels, b64, **transform)
     (want * upstream).sum().backward()
 
-    got = fused_linear_logprobs(h, w, labels, bias=b, backend=backend, chunk_tokens=CHUNK, **transform)
+    got = fused_linear_logprobs(w, h, labels, bias=b, backend=backend, chunk_tokens=CHUNK, **transform)
     (got * upstream.to(got.dtype)).sum().backward()
 
     logp_tol, grad_tol = TOL[dtype]
@@ -118,8 +118,8 @@ def test_softcap_changes_the_logprobs_by_far_more_than_the_tolerance(backend):
     by units, and the fused result follows the capped ground truth."""
     weight, hidden, labels, bias = _batch(seed=3)
     w, h, b = weight.float(), hidden.float(), bias.float()
-    plain = fused_linear_logprobs(h, w, labels, bias=b, backend=backend, chunk_tokens=CHUNK)
-    capped = fused_linear_logprobs(h, w, labels, bias=b, backend=backend, chunk_tokens=CHUNK, softcap=30.0)
+    plain = fused_linear_logprobs(w, h, labels, bias=b, backend=backend, chunk_tokens=CHUNK)
+    capped = fused_linear_logprobs(w, h, labels, bias=b, backend=backend, chunk_tokens=CHUNK, softcap=30.0)
     want = _expected_logprobs(w.double(), h.double(), labels, b.double(), softcap=30.0)
     assert (plain.double() - want).abs().max() > 1.0
     assert (capped.double() - want).abs().max() < 1e-3
@@ -227,7 +227,7 @@ def test_bad_transform_values_are_one_line_errors(field, value, message):
     assert str(info.value) == message
     weight, hidden, labels, bias = _batch()
     with pytest.raises(ValueError, match=field):
-        fused_linear_logprobs(hidden, weight, labels, backend="torch", **{field: value})
+        fused_linear_logprobs(weight, hidden, labels, backend="torch", **{field: value})
 
 
 def test_the_value_object():
@@ -308,7 +308,8 @@ def test_a_call_in_the_old_order_says_the_order(flat):
     weight, hidden, labels, _ = _batch()
     if flat:
         hidden, labels = hidden.reshape(-1, H), labels.reshape(-1)
-    with pytest.raises(ValueError, match=r"did you pass hidden first\? the order is \(lm_head_weight, hidden, labels\)"):
+    order = r"did you pass hidden first\? the order is \(lm_head_weight, hidden, labels\)"
+    with pytest.raises(ValueError, match=order):
         fused_linear_logprobs(hidden, weight, labels, backend="torch")
 
 

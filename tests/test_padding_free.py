@@ -54,7 +54,7 @@ def test_packed_forward_equals_padded(items):
     # summed response log-probs per sequence: padded rows vs segment sums of the packed row
     w = policy.lm_head.weight
     logps_padded, _ = row_logprobs(w, a.hidden_states, padded["labels"], backend="torch")
-    token_logps = fused_linear_logprobs(b.hidden_states[0], w, packed["labels"][0], backend="torch")
+    token_logps = fused_linear_logprobs(w, b.hidden_states[0], packed["labels"][0], backend="torch")
     logps_packed = segment_sum(token_logps, packed["cu_seqlens"])
     assert torch.allclose(logps_padded, logps_packed, rtol=1e-5, atol=1e-4)
     # attention really is block-diagonal: without the restart the second sequence would differ

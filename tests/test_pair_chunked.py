@@ -140,14 +140,14 @@ def test_chunk_tokens_is_checked(bad):
         FusedLinearDPOLoss(chunk_tokens=bad)
     w, h, y, ref_logps = _pairs()
     with pytest.raises(ValueError, match="chunk_tokens"):
-        drdo_kernels.fused_linear_logprobs(h, w, y, chunk_tokens=bad)
+        drdo_kernels.fused_linear_logprobs(w, h, y, chunk_tokens=bad)
 
 
 def test_chunk_size_is_a_deprecated_spelling():
     w, h, y, _ = _pairs()
     with pytest.warns(FutureWarning, match="chunk_tokens"):
-        old = drdo_kernels.fused_linear_logprobs(h, w, y, chunk_size=4)
-    torch.testing.assert_close(old, drdo_kernels.fused_linear_logprobs(h, w, y, chunk_tokens=4))
+        old = drdo_kernels.fused_linear_logprobs(w, h, y, chunk_size=4)
+    torch.testing.assert_close(old, drdo_kernels.fused_linear_logprobs(w, h, y, chunk_tokens=4))
 
 
 @pytest.mark.triton

@@ -42,7 +42,7 @@ def _grads(fn, tensors, upstream, dtypes):
 
 
 def _triton(labels, **kw):
-    return lambda h, w, b: fused_linear_logprobs(h, w, labels, bias=b, backend="triton", **kw)
+    return lambda h, w, b: fused_linear_logprobs(w, h, labels, bias=b, backend="triton", **kw)
 
 
 def _assert_close_as_naive(fused, naive, ref, what):
@@ -145,7 +145,7 @@ def test_gradient_filter_above_one_skips_every_dot():
     assert bool((out[1] == 0).all()) and bool((out[2] == 0).all())
     torch.testing.assert_close(out[3], ref[3], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="filter_eps"):
-        fused_linear_logprobs(hidden.float(), weight.float(), labels, backend="triton", filter_eps=-1.0)
+        fused_linear_logprobs(weight.float(), hidden.float(), labels, backend="triton", filter_eps=-1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -156,7 +156,7 @@ def test_16bit_hidden_with_fp32_weight_computes_in_16bit(dtype):
     tensors = [hidden.to(dtype).double(), weight.float().double(), bias.float().double()]
     dtypes = [dtype, torch.float32, torch.float32]
     leaves = [t.detach().clone().to(dt).requires_grad_() for t, dt in zip(tensors, dtypes)]
-    out = fused_linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], backend="triton", filter_eps=0.0)
+    out = fused_linear_logprobs(leaves[1], leaves[0], labels, bias=leaves[2], backend="triton", filter_eps=0.0)
     (out * upstream.float()).sum().backward()
     assert out.dtype == torch.float32 and leaves[0].grad.dtype == dtype
     assert leaves[1].grad.dtype == torch.float32 and leaves[2].grad.dtype == torch.float32
@@ -207,7 +207,7 @@ def test_only_needed_gradients_are_computed():
     hidden, weight, bias, labels, upstream = _inputs(10, 20, 90, seed=6)
     h = hidden.float()
     w, b = weight.float().requires_grad_(), bias.float().requires_grad_()
-    out = fused_linear_logprobs(h, w, labels, bias=b, backend="triton")
+    out = fused_linear_logprobs(w, h, labels, bias=b, backend="triton")
     (out * upstream.float()).sum().backward()
     w64, b64 = weight.float().double().requires_grad_(), bias.float().double().requires_grad_()
     (_naive(h.double(), w64, b64, labels) * upstream).sum().backward()

@@ -355,7 +355,7 @@ def _packed_logprobs(hidden, lm_head, labels, cu_seqlens, backend: str):
     per sequence of ``cu_seqlens``."""
     import drdo_kernels as dk
 
-    token_logps = dk.fused_linear_logprobs(hidden, lm_head.weight, labels, bias=lm_head.bias,
+    token_logps = dk.fused_linear_logprobs(lm_head.weight, hidden, labels, bias=lm_head.bias,
                                            ignore_index=IGNORE_INDEX, backend=backend)
     scored = (labels != IGNORE_INDEX).to(token_logps.dtype)
     z, n_tokens = segment_sum(token_logps, cu_seqlens), segment_sum(scored, cu_seqlens)

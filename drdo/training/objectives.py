@@ -162,7 +162,7 @@ class StageObjective(nn.Module):
         from drdo.data.packing import segment_sum
 
         w, b = head_params(self.policy.lm_head, out.hidden_states.dtype)
-        token_logp = dk.fused_linear_logprobs(out.hidden_states[0], w, labels[0], bias=b, ignore_index=IGNORE_INDEX,
+        token_logp = dk.fused_linear_logprobs(w, out.hidden_states[0], labels[0], bias=b, ignore_index=IGNORE_INDEX,
                                               backend=self.backend)
         n_tokens = segment_sum((labels[0] != IGNORE_INDEX).long(), cu_seqlens)
         if bool((n_tokens == 0).any()):
@@ -183,7 +183,7 @@ class StageObjective(nn.Module):
             import drdo_kernels as dk
 
             w, b = head_params(self.policy.lm_head, out.hidden_states.dtype)
-            logps = dk.fused_linear_logprobs(out.hidden_states, w, labels, bias=b, ignore_index=IGNORE_INDEX,
+            logps = dk.fused_linear_logprobs(w, out.hidden_states, labels, bias=b, ignore_index=IGNORE_INDEX,
                                              backend=self.backend).sum(-1)
         z = logps / n_tokens.to(logps.dtype) if spec.length_normalize else logps
         rhat = out.rewards if spec.reward == "head" else spec.beta * z
