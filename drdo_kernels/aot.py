@@ -93,22 +93,24 @@ class Variant:
         return hashlib.sha1(repr(self.key()).encode()).hexdigest()[:10]
 
     def summary(self) -> str:
-        """Short text: 16-bit pointer dtypes, true flags, string constexprs, integers divisible
-        by 16 ("D:"), integers specialised to 1 ("=1:"), pointers not known 16-byte aligned ("u:")."""
+        """Short text: 16-bit pointer dtypes, true flags and other non-tile constexprs, integers
+        divisible by 16 ("D:"), integers specialised to 1 ("=1:"), pointers not known 16-byte
+        aligned ("u:")."""
         names = [name for name, _ in self.signature]
-        types = dict(self.signature)
+        declared = {p.name: p.is_constexpr for p in self.fn.params}
         consts = {names[k[0]]: v for k, v in self.constexprs}
         aligned = {names[k[0]] for k, v in self.attrs if v}
         parts = [f"{n.removesuffix('_ptr')}:{t[1:]}" for n, t in self.signature if t in ("*bf16", "*fp16")]
-        parts += [n for n, v in consts.items() if v is True and types[n] == "constexpr"]
-        parts += [f"{n}={v}" for n, v in consts.items() if isinstance(v, str)]
-        ints = [n for n, t in self.signature if t in ("i32", "i64")]
-        parts += ["D:" + ",".join(n for n in ints if n in aligned)] if any(n in aligned for n in ints) else []
-        ones = [n for n, v in consts.items() if v == 1 and types[n] == "constexpr" and not isinstance(v, bool)
-                and n.upper() != n]
-        parts += ["=1:" + ",".join(ones)] if ones else []
+        for name, value in consts.items():
+            if not declared[name] or value is False or name.startswith(("BLOCK", "GROUP", "N_")):
+                continue
+            parts.append(name if value is True else f"{name}={value}")
+        ints = [n for n, t in self.signature if t in ("i32", "i64") and n in aligned]
+        ones = [n for n in consts if not declared[n]]
         loose = [n for n, t in self.signature if t.startswith("*") and n not in aligned]
-        parts += ["u:" + ",".join(loose)] if loose else []
+        for tag, group in (("D:", ints), ("=1:", ones), ("u:", loose)):
+            if group:
+                parts.append(tag + ",".join(group))
         return " ".join(parts)
 
 

@@ -76,6 +76,7 @@ import triton.language as tl
 
 from .logit_transform import (
     IDENTITY,
+    TRANSFORM_SOFTCAP,
     LogitTransform,
     transform_grad,
     transform_logits,
@@ -104,6 +105,17 @@ CONFIGS = {
 #: fp32 inputs with TF32 dots (tensor cores, so 128-row blocks as for 16-bit dtypes; K step 32
 #: keeps three stages of fp32 tiles within sm_80's shared memory).
 TF32_CONFIGS = (KernelConfig(128, 128, 32, 8, 8, 3), KernelConfig(128, 128, 32, 8, 8, 3))
+#: H not a multiple of 16 (no vector loads along K, so each stage of pipelined copies holds its
+#: tile in registers): 32-wide K steps and shallower pipelines, which compile without spills.
+UNALIGNED_CONFIGS = {
+    torch.bfloat16: (KernelConfig(128, 128, 32, 8, 8, 1), KernelConfig(128, 128, 32, 8, 8, 2)),
+    torch.float16: (KernelConfig(128, 128, 32, 8, 8, 1), KernelConfig(128, 128, 32, 8, 8, 2)),
+    torch.float32: (KernelConfig(64, 128, 32, 8, 8, 1), KernelConfig(64, 64, 32, 8, 8, 2)),
+}
+UNALIGNED_TF32_CONFIGS = (KernelConfig(128, 128, 32, 8, 8, 1), KernelConfig(128, 128, 32, 8, 8, 1))
+#: 16-bit backward with a softcap (tanh and its derivative over the tile): 32-wide K steps. (The
+#: d_hidden product's M is BLOCK_K, so below 64 it runs as mma.sync instead of wgmma.)
+SOFTCAP_BWD_CONFIG = KernelConfig(128, 128, 32, 8, 8, 3)
 #: Most vocab tiles one forward program walks; more splits give grouped programs to share L2.
 MAX_TILES_PER_SPLIT = 16
 
@@ -303,11 +315,18 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, d
                          DOT_PRECISION, UPCAST_DOT)
 
 
-def _config(dtype: torch.dtype, precision: str) -> tuple[KernelConfig, KernelConfig]:
-    """(forward, backward) configs of a compute dtype and DOT_PRECISION."""
+def _config(dtype: torch.dtype, precision: str, n_hidden: int,
+            transform_kind: int) -> tuple[KernelConfig, KernelConfig]:
+    """(forward, backward) configs of a compute dtype, DOT_PRECISION, hidden size and transform kind."""
     if dtype not in CONFIGS:
         raise TypeError(f"Triton log-prob kernels support {list(CONFIGS)}, got {dtype}")
-    return TF32_CONFIGS if dtype == torch.float32 and precision == "tf32" else CONFIGS[dtype]
+    tf32 = dtype == torch.float32 and precision == "tf32"
+    if n_hidden % 16:
+        return UNALIGNED_TF32_CONFIGS if tf32 else UNALIGNED_CONFIGS[dtype]
+    fwd, bwd = TF32_CONFIGS if tf32 else CONFIGS[dtype]
+    if dtype != torch.float32 and transform_kind == TRANSFORM_SOFTCAP:
+        bwd = SOFTCAP_BWD_CONFIG
+    return fwd, bwd
 
 
 def _upcast_dot(dtype: torch.dtype, device: torch.device) -> bool:
@@ -344,8 +363,8 @@ def logprobs_forward(hidden, weight, bias, labels, *, transform: LogitTransform 
     Returns (logp [M] fp32 <= 0, lse [M] fp32) of the transformed logits."""
     dtype = compute_dtype(hidden.dtype, weight.dtype)
     precision = dot_precision(dtype)
-    fwd, _ = _config(dtype, precision)
     (m, h), v = hidden.shape, weight.shape[0]
+    fwd, _ = _config(dtype, precision, h, transform.kind)
     if m == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         return empty, empty.clone()
@@ -378,7 +397,7 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
     """
     dtype = compute_dtype(hidden.dtype, weight.dtype)
     precision = dot_precision(dtype)
-    _, bwd = _config(dtype, precision)
+    _, bwd = _config(dtype, precision, hidden.shape[1], transform.kind)
     eps = float(filter_eps)
     if not eps >= 0.0:
         raise ValueError(f"filter_eps must be >= 0, got {filter_eps!r}")

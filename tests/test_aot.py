@@ -113,26 +113,27 @@ def test_specialise_follows_the_jit_rule():
 
 
 def test_launched_variants_cover_the_api_and_dedupe():
-    """The dry run reaches every dtype pair, bias, frozen bias, gradient subset, TF32 and the
-    fold / pair kernels; one variant per specialisation key."""
+    """The dry run reaches every dtype pair, bias, transform, dot precision and the fold / pair
+    kernels; one variant per specialisation key; the gradient subsets (frozen weight, hidden or
+    bias) and the filter, runtime flags, add no backward variant."""
     variants = aot.launched_variants(90, vocab_sizes=(50257, 128256), hidden_sizes=(4096, 4100))
     assert len({v.key() for v in variants}) == len(variants)
-    kernels = {v.kernel for v in variants}
-    assert kernels == {"logprobs_fwd", "logprobs_bwd", "row_stats", "softmax_grad", "drdo_pair"}
+    assert {v.kernel for v in variants} == {"logprobs_fwd", "logprobs_bwd", "row_stats", "softmax_grad", "drdo_pair"}
     bwd = [v for v in variants if v.kernel == "logprobs_bwd"]
     pointers = {(dict(v.signature)["h_ptr"], dict(v.signature)["w_ptr"]) for v in bwd}
     assert pointers == {("*fp32", "*fp32"), ("*bf16", "*bf16"), ("*fp16", "*fp16"), ("*bf16", "*fp32"),
                         ("*fp16", "*fp32")}
-    flags = {tuple(f in v.summary().split() for f in ("HAS_BIAS", "COMPUTE_DH", "COMPUTE_DW")) for v in bwd}
-    assert (True, False, False) in flags  # only d_bias
-    assert len(flags) == 7  # (dh, dw) in 3 ways without a bias, 4 with one (incl. a frozen bias: dh+dw, no db)
-    assert {"DOT_PRECISION=tf32", "DOT_PRECISION=ieee"} <= {p for v in bwd for p in v.summary().split()}
-    # V is not specialised in the log-prob kernels; H is (4096 divisible by 16, 4100 not)
-    assert {"D:H" in v.summary() for v in bwd} == {True, False}
-    assert not any("V" in v.summary().split("D:")[-1].split() for v in bwd)
+    words = {w for v in bwd for w in v.summary().split()}
+    assert {"HAS_BIAS", "TRANSFORM=1", "TRANSFORM=2", "DOT_PRECISION=tf32", "DOT_PRECISION=ieee"} <= words
+    # 6 dtype / precision settings x bias or not x 3 transforms x H divisible by 16 or not
+    assert len(bwd) == 6 * 2 * 3 * 2
+    assert all(dict(v.signature)[f] == "u1" for v in bwd for f in ("compute_dh", "compute_dw", "compute_db"))
+    # V and the row count are not specialised in the log-prob kernels; H is
+    assert {"D:H" in v.summary().split() for v in bwd} == {True, False}
     # the fold kernels specialise V (and the row stride) on divisibility: 50257 and 128256 differ
     folds = [v for v in variants if v.kernel == "softmax_grad"]
-    assert len(folds) == 6 and {"D:V,x_stride,out_stride" in v.summary() for v in folds} == {True, False}
+    assert {"D:V,x_stride,out_stride" in v.summary().split() for v in folds} == {True, False}
+    assert {w for v in folds for w in v.summary().split()} >= {"IN_PLACE", "RAW", "out:bf16", "out:fp16"}
 
 
 def test_aot_mma_summary_and_ptxas_log():
