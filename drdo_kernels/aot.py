@@ -293,9 +293,9 @@ def launched_variants(capability: int, vocab_sizes=VOCAB_SIZES, hidden_sizes=HID
     with dry_run(capability) as seen:
         for n_vocab in vocab_sizes:
             _fold_launches(n_vocab)
+            _chunked_launches(n_vocab, hidden_sizes[0])  # its fold launches see [rows, V] buffers, not H
             for n_hidden in hidden_sizes:
                 _fused_launches(n_vocab, n_hidden)
-                _chunked_launches(n_vocab, n_hidden)
         _pair_launches()
     return list(seen.values())
 

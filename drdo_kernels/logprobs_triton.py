@@ -103,8 +103,9 @@ CONFIGS = {
     torch.float32: (KernelConfig(64, 128, 32, 8, 8, 3), KernelConfig(64, 64, 32, 8, 8, 2)),
 }
 #: fp32 inputs with TF32 dots (tensor cores, so 128-row blocks as for 16-bit dtypes; K step 32
-#: keeps three stages of fp32 tiles within sm_80's shared memory).
-TF32_CONFIGS = (KernelConfig(128, 128, 32, 8, 8, 3), KernelConfig(128, 128, 32, 8, 8, 3))
+#: keeps three stages of fp32 tiles within sm_80's shared memory; two in the backward, whose
+#: three pipelined loops hold their buffers at once).
+TF32_CONFIGS = (KernelConfig(128, 128, 32, 8, 8, 3), KernelConfig(128, 128, 32, 8, 8, 2))
 #: H not a multiple of 16 (no vector loads along K, so each stage of pipelined copies holds its
 #: tile in registers): 32-wide K steps and shallower pipelines, which compile without spills.
 UNALIGNED_CONFIGS = {
