@@ -60,7 +60,9 @@ The same flag rounds the kernels' casts to bf16 to nearest even by hand
 (:func:`drdo_kernels.rounding.to_16bit`): the interpreter truncates where the GPU rounds.
 The interpreter does not emulate TF32 rounding.
 
-Block configurations per compute dtype are in :data:`CONFIGS`. The row count, the vocabulary
+Block configurations per compute dtype are in :data:`CONFIGS` (:data:`TF32_CONFIGS`; for H not a
+multiple of 16 :data:`UNALIGNED_CONFIGS`; a 16-bit backward with a softcap
+:data:`SOFTCAP_BWD_CONFIG`), chosen so that no variant spills registers. The row count, the vocabulary
 size and the split counts are not specialised on (``do_not_specialize``): only H (a multiple of
 16 or not) and the dtype / bias / gradient constexprs make compiled variants, which
 ``python -m drdo_kernels.aot`` derives from dry runs of the launchers and compiles. The launchers
