@@ -61,8 +61,8 @@ The same flag rounds the kernels' casts to bf16 to nearest even by hand
 The interpreter does not emulate TF32 rounding.
 
 Block configurations per compute dtype are in :data:`CONFIGS` (:data:`TF32_CONFIGS`; for H not a
-multiple of 16 :data:`UNALIGNED_CONFIGS`; a 16-bit backward with a softcap
-:data:`SOFTCAP_BWD_CONFIG`), chosen so that no variant spills registers. The row count, the vocabulary
+multiple of 16 :data:`UNALIGNED_CONFIGS`; a 16-bit backward with a softcap or an fp32 weight
+:data:`NARROW_K_BWD_CONFIG`), chosen so that no variant spills registers. The row count, the vocabulary
 size and the split counts are not specialised on (``do_not_specialize``): only H (a multiple of
 16 or not) and the dtype / bias / gradient constexprs make compiled variants, which
 ``python -m drdo_kernels.aot`` derives from dry runs of the launchers and compiles. The launchers
@@ -113,12 +113,13 @@ TF32_CONFIGS = (KernelConfig(128, 128, 32, 8, 8, 3), KernelConfig(128, 128, 32, 
 UNALIGNED_CONFIGS = {
     torch.bfloat16: (KernelConfig(128, 128, 32, 8, 8, 1), KernelConfig(128, 128, 32, 8, 8, 2)),
     torch.float16: (KernelConfig(128, 128, 32, 8, 8, 1), KernelConfig(128, 128, 32, 8, 8, 2)),
-    torch.float32: (KernelConfig(64, 128, 32, 8, 8, 1), KernelConfig(64, 64, 32, 8, 8, 2)),
+    torch.float32: (KernelConfig(64, 64, 32, 8, 8, 1), KernelConfig(64, 64, 32, 8, 8, 2)),
 }
-UNALIGNED_TF32_CONFIGS = (KernelConfig(128, 128, 32, 8, 8, 1), KernelConfig(128, 128, 32, 8, 8, 1))
-#: 16-bit backward with a softcap (tanh and its derivative over the tile): 32-wide K steps. (The
-#: d_hidden product's M is BLOCK_K, so below 64 it runs as mma.sync instead of wgmma.)
-SOFTCAP_BWD_CONFIG = KernelConfig(128, 128, 32, 8, 8, 3)
+UNALIGNED_TF32_CONFIGS = (KernelConfig(64, 128, 32, 8, 8, 1), KernelConfig(64, 128, 32, 8, 8, 1))
+#: 16-bit backward with a softcap (tanh and its derivative over the tile) or an fp32 weight (cast
+#: on load): 32-wide K steps. (The d_hidden product's M is BLOCK_K, so below 64 it runs as
+#: mma.sync instead of wgmma.)
+NARROW_K_BWD_CONFIG = KernelConfig(128, 128, 32, 8, 8, 3)
 #: Most vocab tiles one forward program walks; more splits give grouped programs to share L2.
 MAX_TILES_PER_SPLIT = 16
 
@@ -318,17 +319,18 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, dh_ptr, d
                          DOT_PRECISION, UPCAST_DOT)
 
 
-def _config(dtype: torch.dtype, precision: str, n_hidden: int,
-            transform_kind: int) -> tuple[KernelConfig, KernelConfig]:
-    """(forward, backward) configs of a compute dtype, DOT_PRECISION, hidden size and transform kind."""
+def _config(dtype: torch.dtype, precision: str, n_hidden: int, transform_kind: int,
+            weight_dtype: torch.dtype) -> tuple[KernelConfig, KernelConfig]:
+    """(forward, backward) configs of a compute dtype, DOT_PRECISION, hidden size, transform kind
+    and weight dtype."""
     if dtype not in CONFIGS:
         raise TypeError(f"Triton log-prob kernels support {list(CONFIGS)}, got {dtype}")
     tf32 = dtype == torch.float32 and precision == "tf32"
     if n_hidden % 16:
         return UNALIGNED_TF32_CONFIGS if tf32 else UNALIGNED_CONFIGS[dtype]
     fwd, bwd = TF32_CONFIGS if tf32 else CONFIGS[dtype]
-    if dtype != torch.float32 and transform_kind == TRANSFORM_SOFTCAP:
-        bwd = SOFTCAP_BWD_CONFIG
+    if dtype != torch.float32 and (transform_kind == TRANSFORM_SOFTCAP or weight_dtype == torch.float32):
+        bwd = NARROW_K_BWD_CONFIG
     return fwd, bwd
 
 
@@ -367,7 +369,7 @@ def logprobs_forward(hidden, weight, bias, labels, *, transform: LogitTransform 
     dtype = compute_dtype(hidden.dtype, weight.dtype)
     precision = dot_precision(dtype)
     (m, h), v = hidden.shape, weight.shape[0]
-    fwd, _ = _config(dtype, precision, h, transform.kind)
+    fwd, _ = _config(dtype, precision, h, transform.kind, weight.dtype)
     if m == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         return empty, empty.clone()
@@ -400,7 +402,7 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
     """
     dtype = compute_dtype(hidden.dtype, weight.dtype)
     precision = dot_precision(dtype)
-    _, bwd = _config(dtype, precision, hidden.shape[1], transform.kind)
+    _, bwd = _config(dtype, precision, hidden.shape[1], transform.kind, weight.dtype)
     eps = float(filter_eps)
     if not eps >= 0.0:
         raise ValueError(f"filter_eps must be >= 0, got {filter_eps!r}")
