@@ -68,9 +68,12 @@ The same flag rounds the kernels' casts to bf16 to nearest even by hand
 (:func:`drdo_kernels.rounding.to_16bit`): the interpreter truncates where the GPU rounds.
 The interpreter does not emulate TF32 rounding.
 
-Block configurations per compute dtype are in :data:`CONFIGS`; :func:`aot_specs` lists the
-variants :func:`logprobs_forward` / :func:`logprobs_backward` launch (every dtype with and
-without bias, 16-bit hidden with an fp32 weight, TF32, a frozen weight). The launchers
+Block configurations per compute dtype are in :data:`CONFIGS` (:data:`TF32_CONFIGS`; for H not a
+multiple of 16 :data:`UNALIGNED_CONFIGS`; a 16-bit backward with a softcap or an fp32 weight
+:data:`NARROW_K_BWD_CONFIG`), chosen so that no variant spills registers. The row count, the vocabulary
+size and the split counts are not specialised on (``do_not_specialize``): only H (a multiple of
+16 or not) and the dtype / bias / gradient constexprs make compiled variants, which
+``python -m drdo_kernels.aot`` derives from dry runs of the launchers and compiles. The launchers
 never synchronise with the host (no ``.item()``, no data-dependent shapes).
 """
 from __future__ import annotations
@@ -83,8 +86,6 @@ import triton.language as tl
 
 from .logit_transform import (
     IDENTITY,
-    TRANSFORM_LINEAR,
-    TRANSFORM_NONE,
     TRANSFORM_SOFTCAP,
     LogitTransform,
     transform_grad,
@@ -112,11 +113,23 @@ CONFIGS = {
     torch.float32: (KernelConfig(64, 128, 32, 8, 8, 3), KernelConfig(64, 64, 32, 8, 8, 2)),
 }
 #: fp32 inputs with TF32 dots (tensor cores, so 128-row blocks as for 16-bit dtypes; K step 32
-#: keeps three stages of fp32 tiles within sm_80's shared memory).
-TF32_CONFIGS = (KernelConfig(128, 128, 32, 8, 8, 3), KernelConfig(128, 128, 32, 8, 8, 3))
+#: keeps three stages of fp32 tiles within sm_80's shared memory; two in the backward, whose
+#: three pipelined loops hold their buffers at once).
+TF32_CONFIGS = (KernelConfig(128, 128, 32, 8, 8, 3), KernelConfig(128, 128, 32, 8, 8, 2))
+#: H not a multiple of 16 (no vector loads along K, so each stage of pipelined copies holds its
+#: tile in registers): 32-wide K steps and shallower pipelines, which compile without spills.
+UNALIGNED_CONFIGS = {
+    torch.bfloat16: (KernelConfig(128, 128, 32, 8, 8, 1), KernelConfig(128, 128, 32, 8, 8, 2)),
+    torch.float16: (KernelConfig(128, 128, 32, 8, 8, 1), KernelConfig(128, 128, 32, 8, 8, 2)),
+    torch.float32: (KernelConfig(64, 64, 32, 8, 8, 1), KernelConfig(64, 64, 32, 8, 8, 2)),
+}
+UNALIGNED_TF32_CONFIGS = (KernelConfig(64, 128, 32, 8, 8, 1), KernelConfig(64, 128, 32, 8, 8, 1))
+#: 16-bit backward with a softcap (tanh and its derivative over the tile) or an fp32 weight (cast
+#: on load): 32-wide K steps. (The d_hidden product's M is BLOCK_K, so below 64 it runs as
+#: mma.sync instead of wgmma.)
+NARROW_K_BWD_CONFIG = KernelConfig(128, 128, 32, 8, 8, 3)
 #: Most vocab tiles one forward program walks; more splits give grouped programs to share L2.
 MAX_TILES_PER_SPLIT = 16
-_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def compute_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.dtype:
@@ -195,7 +208,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, row0, col0, M, V, H,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "V", "TILES_PER_SPLIT", "N_SPLITS"])
 def _logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_lse_ptr, part_tgt_ptr, part_ent_ptr,
                          M, V, H, TILES_PER_SPLIT, N_SPLITS, pre, post,
                          HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, ENTROPY: tl.constexpr,
@@ -281,17 +294,19 @@ def _grad_weight(d_in, h_ptr, dw_ptr, row0, col0, M, V, H, BLOCK_M: tl.constexpr
         dw_ptrs += BLOCK_K
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "V"])
 def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, ent_ptr, ge_ptr, dh_ptr, dw_ptr, db_ptr,
-                         M, V, H, filter_eps, pre, post, slope,
+                         M, V, H, filter_eps, compute_dh, compute_dw, compute_db, pre, post, slope,
                          HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, ENTROPY: tl.constexpr,
-                         COMPUTE_DH: tl.constexpr,
-                         COMPUTE_DW: tl.constexpr,
-                         COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Recompute one logits tile, add its d_hidden / d_weight / d_bias share (fp32 atomics); ENTROPY:
-    the logits' gradient has the entropy's term -ge * p * (log p + H) too."""
+    the logits' gradient has the entropy's term -ge * p * (log p + H) too.
+
+    Which gradients (``compute_dh`` / ``compute_dw`` / ``compute_db``, bools) and the filter
+    (``filter_eps`` > 0) are runtime arguments, not constexprs: a uniform branch costs nothing,
+    the two gradient loops run one after the other (registers: the larger of the two), and one
+    compiled variant serves every combination (a frozen weight, a frozen bias, ...)."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
@@ -316,30 +331,38 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, ent_ptr, 
         ent_term = p * tl.where(in_tile & (p > 0.0), logits - lse[:, None] + ent[:, None], 0.0)
         d_logp -= ge[:, None] * ent_term
     d_logits = transform_grad(d_logp, logits, post, slope, TRANSFORM)  # d/d(h W^T + b)
-    if COMPUTE_DB:
-        tl.atomic_add(db_ptr + col0 + offs_n, tl.sum(d_logits, axis=0), mask=col_mask, sem="relaxed")
-    if FILTER:
+    if HAS_BIAS:
+        if compute_db:
+            tl.atomic_add(db_ptr + col0 + offs_n, tl.sum(d_logits, axis=0), mask=col_mask, sem="relaxed")
+    keep = filter_eps <= 0.0
+    if filter_eps > 0.0:
         size = tl.where(g[:, None] != 0.0, tl.abs(diff), 0.0)
         if ENTROPY:
             size = tl.maximum(size, tl.where(ge[:, None] != 0.0, tl.abs(ent_term), 0.0))
         keep = tl.max(tl.max(size, axis=1), axis=0) >= filter_eps
-    else:
-        keep = True
     if keep:
         d_in = to_16bit(d_logits, h_ptr.dtype.element_ty, UPCAST_DOT)
-        if COMPUTE_DH:
+        if compute_dh:
             _grad_hidden(tl.trans(d_in), w_ptr, dh_ptr, row0, col0, M, V, H, BLOCK_M, BLOCK_N, BLOCK_K,
                          DOT_PRECISION, UPCAST_DOT)
-        if COMPUTE_DW:
+        if compute_dw:
             _grad_weight(d_in, h_ptr, dw_ptr, row0, col0, M, V, H, BLOCK_M, BLOCK_N, BLOCK_K,
                          DOT_PRECISION, UPCAST_DOT)
 
 
-def _config(dtype: torch.dtype, precision: str) -> tuple[KernelConfig, KernelConfig]:
-    """(forward, backward) configs of a compute dtype and DOT_PRECISION."""
+def _config(dtype: torch.dtype, precision: str, n_hidden: int, transform_kind: int,
+            weight_dtype: torch.dtype) -> tuple[KernelConfig, KernelConfig]:
+    """(forward, backward) configs of a compute dtype, DOT_PRECISION, hidden size, transform kind
+    and weight dtype."""
     if dtype not in CONFIGS:
         raise TypeError(f"Triton log-prob kernels support {list(CONFIGS)}, got {dtype}")
-    return TF32_CONFIGS if dtype == torch.float32 and precision == "tf32" else CONFIGS[dtype]
+    tf32 = dtype == torch.float32 and precision == "tf32"
+    if n_hidden % 16:
+        return UNALIGNED_TF32_CONFIGS if tf32 else UNALIGNED_CONFIGS[dtype]
+    fwd, bwd = TF32_CONFIGS if tf32 else CONFIGS[dtype]
+    if dtype != torch.float32 and (transform_kind == TRANSFORM_SOFTCAP or weight_dtype == torch.float32):
+        bwd = NARROW_K_BWD_CONFIG
+    return fwd, bwd
 
 
 def _upcast_dot(dtype: torch.dtype, device: torch.device) -> bool:
@@ -377,8 +400,8 @@ def logprobs_forward(hidden, weight, bias, labels, *, transform: LogitTransform 
     (logp, lse, entropy [M] fp32 >= 0)."""
     dtype = compute_dtype(hidden.dtype, weight.dtype)
     precision = dot_precision(dtype)
-    fwd, _ = _config(dtype, precision)
     (m, h), v = hidden.shape, weight.shape[0]
+    fwd, _ = _config(dtype, precision, h, transform.kind, weight.dtype)
     if m == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         return (empty, empty.clone(), empty.clone()) if entropy else (empty, empty.clone())
@@ -427,7 +450,7 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
     """
     dtype = compute_dtype(hidden.dtype, weight.dtype)
     precision = dot_precision(dtype)
-    _, bwd = _config(dtype, precision)
+    _, bwd = _config(dtype, precision, hidden.shape[1], transform.kind, weight.dtype)
     eps = float(filter_eps)
     if not eps >= 0.0:
         raise ValueError(f"filter_eps must be >= 0, got {filter_eps!r}")
@@ -446,11 +469,10 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
     if m > 0 and (need_hidden_grad or need_weight_grad or need_bias_grad):
         _logprobs_bwd_kernel[grid](
             hidden, weight, _bias_arg(bias, lse), labels, lse, g, ent, g_ent,
-            d_hidden, d_weight, d_bias, m, v, h, eps, transform.pre, transform.post, transform.slope,
+            d_hidden, d_weight, d_bias, m, v, h, eps, bool(need_hidden_grad), bool(need_weight_grad),
+            bool(need_bias_grad), transform.pre, transform.post, transform.slope,
             HAS_BIAS=bias is not None, TRANSFORM=transform.kind, ENTROPY=entropy is not None,
-            COMPUTE_DH=need_hidden_grad,
-            COMPUTE_DW=need_weight_grad,
-            COMPUTE_DB=need_bias_grad, FILTER=eps > 0.0, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
+            BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
             BLOCK_K=bwd.block_k, GROUP_M=bwd.group_m, DOT_PRECISION=precision,
             UPCAST_DOT=_upcast_dot(dtype, hidden.device), num_warps=bwd.num_warps, num_stages=bwd.num_stages,
         )
@@ -459,74 +481,3 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
         d_weight.to(weight.dtype) if need_weight_grad else None,
         d_bias.to(bias.dtype) if need_bias_grad else None,
     )
-
-
-def _fwd_signature(dt: str, wt: str) -> dict:
-    return {"h_ptr": f"*{dt}", "w_ptr": f"*{wt}", "b_ptr": "*fp32", "lab_ptr": "*i64",
-            "part_lse_ptr": "*fp32", "part_tgt_ptr": "*fp32", "part_ent_ptr": "*fp32",
-            "M": "i32", "V": "i32", "H": "i32", "TILES_PER_SPLIT": "i32", "N_SPLITS": "i32",
-            "pre": "fp32", "post": "fp32"}
-
-
-def _bwd_signature(dt: str, wt: str) -> dict:
-    return {"h_ptr": f"*{dt}", "w_ptr": f"*{wt}", "b_ptr": "*fp32", "lab_ptr": "*i64", "lse_ptr": "*fp32",
-            "g_ptr": "*fp32", "ent_ptr": "*fp32", "ge_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32",
-            "db_ptr": "*fp32",
-            "M": "i32", "V": "i32", "H": "i32", "filter_eps": "fp32", "pre": "fp32", "post": "fp32",
-            "slope": "fp32"}
-
-
-#: Integer arguments that are multiples of 16 at LM-head shapes (H = 4096, V = 128256), which
-#: the JIT then specialises on, as it does for 16-byte-aligned pointers.
-ALIGNED_INTS = ("V", "H")
-
-
-def _variants():
-    """(tag, compute dtype, weight dtype, dot precision, has_bias, transform kind, bwd flag overrides)
-    launched by default settings: same-dtype inputs with and without bias, 16-bit hidden + fp32 weight,
-    TF32, a frozen weight; a logit scale or temperature and a softcap (bf16); and the opt-in gradient
-    filter (bf16); log-probs with the entropy (``return_entropy=True``, bf16: forward and backward)."""
-    out = []
-    for dtype in CONFIGS:
-        for has_bias in (False, True):
-            out.append((f"{_TL_DTYPE[dtype]}_bias{int(has_bias)}", dtype, dtype, dot_precision_for(dtype, False),
-                        has_bias, TRANSFORM_NONE, {}))
-    out.append(("bf16_w32_bias0", torch.bfloat16, torch.float32, "tf32", False, TRANSFORM_NONE, {}))
-    out.append(("fp32_tf32_bias0", torch.float32, torch.float32, "tf32", False, TRANSFORM_NONE, {}))
-    out.append(("bf16_scaled_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, TRANSFORM_LINEAR, {}))
-    out.append(("bf16_softcap_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, TRANSFORM_SOFTCAP, {}))
-    out.append(("bf16_frozenw_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, TRANSFORM_NONE,
-                {"COMPUTE_DW": False}))
-    out.append(("bf16_filter_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, TRANSFORM_NONE, {"FILTER": True}))
-    out.append(("bf16_entropy_bias0", torch.bfloat16, torch.bfloat16, "tf32", False, TRANSFORM_NONE, {"ENTROPY": True}))
-    return out
-
-
-def dot_precision_for(dtype: torch.dtype, tf32: bool) -> str:
-    """The DOT_PRECISION constexpr for `dtype` when TF32 is (not) allowed."""
-    return "tf32" if dtype != torch.float32 or tf32 else "ieee"
-
-
-def aot_specs() -> list[tuple]:
-    """The variants :func:`logprobs_forward` / :func:`logprobs_backward` launch, for
-    ``python -m drdo_kernels.aot``: [(name, jit_fn, signature, constexprs, num_warps, num_stages,
-    aligned_ints)] (forward of a frozen-weight or filtered variant is the plain forward, so it is listed once).
-    """
-    specs = []
-    for tag, dtype, wdtype, prec, has_bias, transform, overrides in _variants():
-        fwd, bwd = _config(dtype, prec)
-        dt, wt = _TL_DTYPE[dtype], _TL_DTYPE[wdtype]
-        entropy = overrides.get("ENTROPY", False)
-        if set(overrides) <= {"ENTROPY"}:
-            specs.append((f"logprobs_fwd_{tag}", _logprobs_fwd_kernel, _fwd_signature(dt, wt),
-                          dict(HAS_BIAS=has_bias, TRANSFORM=transform, ENTROPY=entropy, BLOCK_M=fwd.block_m,
-                               BLOCK_N=fwd.block_n, BLOCK_K=fwd.block_k, GROUP_M=fwd.group_m, DOT_PRECISION=prec,
-                               UPCAST_DOT=False),
-                          fwd.num_warps, fwd.num_stages, ALIGNED_INTS))
-        flags = dict(ENTROPY=False, COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=has_bias, FILTER=False)
-        flags.update(overrides)
-        specs.append((f"logprobs_bwd_{tag}", _logprobs_bwd_kernel, _bwd_signature(dt, wt),
-                      dict(HAS_BIAS=has_bias, TRANSFORM=transform, **flags, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
-                           BLOCK_K=bwd.block_k, GROUP_M=bwd.group_m, DOT_PRECISION=prec, UPCAST_DOT=False),
-                      bwd.num_warps, bwd.num_stages, ALIGNED_INTS))
-    return specs

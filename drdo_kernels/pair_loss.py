@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
 
-__all__ = ["drdo_pair_loss", "aot_specs", "triton_pair_terms", "torch_pair_terms", "METRIC_NAMES", "BLOCK_PAIRS"]
+__all__ = ["drdo_pair_loss", "triton_pair_terms", "torch_pair_terms", "METRIC_NAMES", "BLOCK_PAIRS"]
 
 
 #: Order of the per-block sums the kernel writes; metric means are these sums / B.
@@ -191,29 +191,6 @@ if triton is not None:
         tl.store(out + 8, tl.sum(tl.where(mask, oracle_margin, 0.0), axis=0))
         tl.store(out + 9, tl.sum(tl.where(mask, z_w, 0.0), axis=0))
         tl.store(out + 10, tl.sum(tl.where(mask, z_l, 0.0), axis=0))
-
-
-def aot_specs() -> list[tuple]:
-    """Every Triton config this module launches, for ahead-of-time compilation:
-    [(name, jit_fn, signature, constexprs, num_warps, num_stages)], usable as
-    ``triton.compile(ASTSource(jit_fn, signature, constexprs), target=...,
-    options=dict(num_warps=..., num_stages=...))``."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    signature = {
-        "x_ptr": "*fp32",
-        "grad_ptr": "*fp32",
-        "stats_ptr": "*fp32",
-        "B": "i32",
-        "alpha": "fp32",
-        "gamma": "fp32",
-        "sign": "fp32",
-        "clamp_max": "fp32",
-        "BLOCK": "constexpr",
-        "N_STATS": "constexpr",
-    }
-    constexprs = {"BLOCK": BLOCK_PAIRS, "N_STATS": _N_STATS}
-    return [("drdo_pair_loss", _drdo_pair_kernel, signature, constexprs, _NUM_WARPS, _NUM_STAGES)]
 
 
 def triton_pair_terms(x: torch.Tensor, alpha: float, gamma: float, sign: float, grads_only: bool = False):

@@ -30,8 +30,6 @@ import torch
 
 from .logit_transform import (
     IDENTITY,
-    TRANSFORM_NONE,
-    TRANSFORM_SOFTCAP,
     LogitTransform,
     transform_grad,
     transform_logits,
@@ -46,18 +44,16 @@ else:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
 
-__all__ = ["row_stats", "softmax_grad", "aot_specs", "BLOCK", "NUM_WARPS"]
+__all__ = ["row_stats", "softmax_grad", "BLOCK", "NUM_WARPS"]
 
 #: Vocab entries per block of the row loop, and warps per program (one row each).
 BLOCK = 2048
 NUM_WARPS = 8
 
-_TL_OUT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize_on_alignment=["lab_ptr", "lse_ptr", "tgt_ptr", "ent_ptr"])
     def _row_stats_kernel(x_ptr, b_ptr, lab_ptr, lse_ptr, tgt_ptr, ent_ptr, V, stride, pre, post,
                           HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, ENTROPY: tl.constexpr,
                           BLOCK: tl.constexpr):
@@ -102,7 +98,7 @@ if triton is not None:
             t_row = tl.sum(lane_scale * (t + (m_lane_safe - m_row_safe) * s), axis=0)
             tl.store(ent_ptr + row, tl.where(total > 0.0, tl.log(total) - t_row / total, 0.0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize_on_alignment=["lab_ptr", "lse_ptr", "g_ptr", "ent_ptr", "ge_ptr"])
     def _softmax_grad_kernel(x_ptr, out_ptr, lab_ptr, lse_ptr, g_ptr, ent_ptr, ge_ptr, V, x_stride, out_stride,
                              pre, post, slope, IN_PLACE: tl.constexpr, TRANSFORM: tl.constexpr, RAW: tl.constexpr,
                              ENTROPY: tl.constexpr, BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
@@ -247,35 +243,3 @@ def softmax_grad(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: to
                                   ENTROPY=entropy is not None, BLOCK=BLOCK,
                                   ROUND_BY_HAND=emulate_rounding(out_dtype, x.device), num_warps=NUM_WARPS)
     return out
-
-
-def aot_specs() -> list[tuple]:
-    """Every variant :func:`row_stats` and :func:`softmax_grad` launch, for ahead-of-time
-    compilation: [(name, jit_fn, signature, constexprs, num_warps, num_stages)]. The entropy
-    variants (``ENTROPY=True``) are listed apart; without it the kernels are those of plain log-probs."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    specs = []
-    stats_sig = {"x_ptr": "*fp32", "b_ptr": "*fp32", "lab_ptr": "*i64", "lse_ptr": "*fp32",
-                 "tgt_ptr": "*fp32", "ent_ptr": "*fp32", "V": "i32", "stride": "i32", "pre": "fp32", "post": "fp32"}
-    for has_bias in (False, True):
-        specs.append((f"fold_row_stats_bias{int(has_bias)}", _row_stats_kernel, stats_sig,
-                      dict(HAS_BIAS=has_bias, TRANSFORM=TRANSFORM_NONE, ENTROPY=False, BLOCK=BLOCK), NUM_WARPS, 1))
-    specs.append(("fold_row_stats_softcap", _row_stats_kernel, stats_sig,
-                  dict(HAS_BIAS=False, TRANSFORM=TRANSFORM_SOFTCAP, ENTROPY=False, BLOCK=BLOCK), NUM_WARPS, 1))
-    specs.append(("fold_row_stats_entropy", _row_stats_kernel, stats_sig,
-                  dict(HAS_BIAS=False, TRANSFORM=TRANSFORM_NONE, ENTROPY=True, BLOCK=BLOCK), NUM_WARPS, 1))
-    for dtype, dt in _TL_OUT.items():
-        grad_sig = {"x_ptr": "*fp32", "out_ptr": f"*{dt}", "lab_ptr": "*i64", "lse_ptr": "*fp32",
-                    "g_ptr": "*fp32", "ent_ptr": "*fp32", "ge_ptr": "*fp32", "V": "i32", "x_stride": "i32",
-                    "out_stride": "i32", "pre": "fp32", "post": "fp32", "slope": "fp32"}
-        for tag, kind, raw, entropy in (("", TRANSFORM_NONE, False, False),
-                                        ("_entropy", TRANSFORM_NONE, False, True),
-                                        ("_softcap", TRANSFORM_SOFTCAP, False, False),
-                                        ("_softcap_raw", TRANSFORM_SOFTCAP, True, False)):
-            if "softcap" in tag and dtype != torch.bfloat16:
-                continue
-            specs.append((f"fold_softmax_grad_{dt}{tag}", _softmax_grad_kernel, grad_sig,
-                          dict(IN_PLACE=dtype == torch.float32, TRANSFORM=kind, RAW=raw, ENTROPY=entropy,
-                               BLOCK=BLOCK, ROUND_BY_HAND=False), NUM_WARPS, 1))
-    return specs

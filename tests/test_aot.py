@@ -1,7 +1,10 @@
-"""AOT compile of every Triton kernel for sm_90 (no GPU needed): `python -m drdo_kernels.aot`.
+"""AOT compile of every launched Triton kernel variant for sm_90 and sm_80 (no GPU needed).
 
-The compile runs in a subprocess without TRITON_INTERPRET (under the interpreter
-@triton.jit returns an interpreter object that cannot be compiled). Select with `-k aot`.
+`python -m drdo_kernels.aot` derives the variants from dry runs of the launchers and compiles
+them; it runs once per session per architecture, in a subprocess without TRITON_INTERPRET
+(under the interpreter @triton.jit returns an interpreter object that cannot be compiled).
+The tests derive the variants again here, the same way, and check that each one was compiled,
+within shared memory and without spills. Select with `-m aot`.
 """
 import io
 import os
@@ -10,8 +13,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from drdo_kernels import aot, logprobs_triton, pair_loss, softmax_fold
+from drdo_kernels import aot, logprobs_triton
+from drdo_kernels.triton_runtime import triton_interpreting
+
+pytestmark = pytest.mark.skipif(triton_interpreting(), reason="the Triton interpreter cannot compile kernels")
 
 
 def _env_without_interpreter():
@@ -21,95 +28,130 @@ def _env_without_interpreter():
     return env
 
 
-_ROW = re.compile(r"^(?P<name>\S+)\s+(?P<warps>\d+)\s+(?P<stages>\d+)\s+(?P<variant>aligned|generic)\s+"
-                  r"(?P<shared>\d+)\s+(?P<regs>\S+)\s+(?P<spill_st>\S+)\s+(?P<spill_ld>\S+)\s+(?P<mma>\S+)\s+"
-                  r"(?P<secs>\S+)\s+(?P<status>.*)$", re.MULTILINE)
+_ROW = re.compile(r"^(?P<digest>[0-9a-f]{10})\s+(?P<kernel>\S+)\s+(?P<warps>\d+)\s+(?P<stages>\d+)\s+"
+                  r"(?P<shared>\S+)\s+(?P<regs>\S+)\s+(?P<frame>\S+)\s+(?P<spills>\S+)\s+(?P<mma>\S+)\s+"
+                  r"(?P<secs>\S+)\s+(?P<status>ok|FAILED: .*?)  (?P<summary>.*)$", re.MULTILINE)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def aot_reports():
-    """{capability: (returncode, stdout + stderr)} of `python -m drdo_kernels.aot` for sm_90 and sm_80,
-    run side by side in two subprocesses."""
-    procs = {cap: subprocess.Popen([sys.executable, "-m", "drdo_kernels.aot", "--arch", f"sm_{cap}"],
+    """{capability: (returncode, stdout, stderr)} of `python -m drdo_kernels.aot` for sm_90 and
+    sm_80, side by side in two subprocesses of one compile process each."""
+    procs = {cap: subprocess.Popen([sys.executable, "-m", "drdo_kernels.aot", "--arch", f"sm_{cap}", "--jobs", "1"],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    env=_env_without_interpreter())
              for cap in (90, 80)}
-    out = {}
-    for cap, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        out[cap] = (proc.returncode, stdout, stderr)
-    return out
+    return {cap: proc.communicate(timeout=1800) + (proc.returncode,) for cap, proc in procs.items()}
+
+
+@pytest.fixture(scope="session")
+def launched():
+    """{capability: [Variant]} derived here, as the subprocesses derive them."""
+    return {cap: aot.launched_variants(cap) for cap in (90, 80)}
 
 
 def _rows(stdout):
-    return {(m["name"], m["variant"]): m for m in _ROW.finditer(stdout)}
+    return {m["digest"]: m for m in _ROW.finditer(stdout)}
 
 
 @pytest.mark.aot
 @pytest.mark.parametrize("cap", [90, 80])
-def test_aot_compiles_every_kernel_in_both_specialisations(aot_reports, cap):
-    code, stdout, stderr = aot_reports[cap]
-    assert code == 0, stdout[-4000:] + stderr[-4000:]
-    names = [spec[0] for spec in logprobs_triton.aot_specs() + pair_loss.aot_specs() + softmax_fold.aot_specs()]
-    assert len(names) == len(set(names))
+def test_every_launched_variant_is_compiled_without_spills(aot_reports, launched, cap):
+    stdout, stderr, code = aot_reports[cap]
+    assert code == 0, stdout[-6000:] + stderr[-3000:]
     rows = _rows(stdout)
-    for name in names:
-        for variant in aot.VARIANTS:
-            row = rows.get((name, variant))
-            assert row is not None and row["status"].startswith("ok"), f"{name} {variant} missing or failed:\n{stdout}"
-            assert int(row["shared"]) <= aot.SHARED_LIMITS[cap]
-    assert f"{2 * len(names)}/{2 * len(names)} kernels ok" in stdout
+    variants = launched[cap]
+    assert len(rows) == len(variants), f"{len(rows)} rows for {len(variants)} launched variants"
+    for variant in variants:
+        row = rows.get(variant.digest)
+        assert row is not None, f"launched variant not compiled: {variant.kernel} {variant.summary()}"
+        assert row["status"] == "ok", row.group(0)
+        assert int(row["shared"]) <= aot.SHARED_LIMITS[cap], row.group(0)
+        assert row["spills"] == "0" and row["frame"] == "0", row.group(0)
+    assert f"{len(variants)}/{len(variants)} variants ok" in stdout
 
 
 @pytest.mark.aot
-def test_aot_sm90_tensor_core_kernels_use_wgmma_without_spills(aot_reports):
-    """Every 16-bit GEMM kernel and the TF32 variant use wgmma on sm_90 in both specialisations;
-    the launched (aligned) log-prob kernels, 16-bit and TF32, do not spill registers."""
-    code, stdout, _ = aot_reports[90]
+def test_sm90_tensor_core_variants_use_wgmma(aot_reports, launched):
+    """16-bit products are wgmma, except the d_hidden product of a backward with BLOCK_K < 64 (its
+    M is BLOCK_K; wgmma needs 64), which runs as mma.sync; TF32 starts with wgmma (its gradient
+    products may run as mma.sync: wgmma takes MN-major operands only for 16-bit types); exact fp32
+    uses CUDA cores."""
+    stdout, _, code = aot_reports[90]
     assert code == 0
     rows = _rows(stdout)
-    gemm = [s[0] for s in logprobs_triton.aot_specs() if s[3]["DOT_PRECISION"] == "tf32"]
-    assert any("tf32" in name for name in gemm) and any("bf16" in name for name in gemm)
-    for name in gemm:
-        for variant in aot.VARIANTS:
-            mma = rows[(name, variant)]["mma"]
-            assert mma.startswith("wgmma:"), f"{name} {variant}: {mma}"
-            # 16-bit: every dot is a wgmma; TF32's gradient dots have MN-major operands, which
-            # wgmma takes only for 16-bit types, so they may run as mma.sync
-            kinds = {part.split(":")[0] for part in mma.split(",")}
-            assert "tf32" in name or kinds == {"wgmma"}, f"{name} {variant}: {mma}"
-        aligned = rows[(name, "aligned")]
-        assert aligned["spill_st"] in ("0", "n/a") and aligned["spill_ld"] in ("0", "n/a"), f"{name} spills"
-    ieee = [s[0] for s in logprobs_triton.aot_specs() if s[3]["DOT_PRECISION"] == "ieee"]
-    assert ieee and all(rows[(name, "aligned")]["mma"] == "fma" for name in ieee)
+    gemm = [v for v in launched[90] if v.kernel.startswith("logprobs")]
+    assert gemm
+    for v in gemm:
+        mma = rows[v.digest]["mma"]
+        consts = dict(v.constexprs)
+        precision = consts[(v.fn.arg_names.index("DOT_PRECISION"),)]
+        block_k = consts[(v.fn.arg_names.index("BLOCK_K"),)]
+        sixteen_bit = any(t in ("*bf16", "*fp16") for _, t in v.signature)
+        if sixteen_bit:
+            assert mma.startswith("wgmma:"), f"{v.summary()}: {mma}"
+            assert "mma:" not in mma.replace("wgmma:", "") or (v.kernel == "logprobs_bwd" and block_k < 64), mma
+        elif precision == "tf32":
+            assert mma.startswith("wgmma:"), f"{v.summary()}: {mma}"
+        else:
+            assert mma == "fma", f"{v.summary()}: {mma}"
 
 
-def test_aot_mma_summary_and_divisibility_attrs():
+def test_specialise_follows_the_jit_rule():
+    """Integers: 1 -> constexpr, divisible by 16 -> tt.divisibility; pointers by address;
+    do_not_specialize / do_not_specialize_on_alignment honoured."""
+    from drdo_kernels import softmax_fold
+
+    backend = aot._backend(90)
+    x = torch.empty(4, 50257, device="meta")
+    lab = torch.empty(8, dtype=torch.int64, device="meta")
+    v = aot.specialise(softmax_fold._row_stats_kernel, backend,
+                       (x, x[1:], lab[1:], x[0], x[0], 50257, 1, 1.0, 1.0),
+                       dict(HAS_BIAS=True, TRANSFORM=0, BLOCK=2048, num_warps=8))
+    names = softmax_fold._row_stats_kernel.arg_names
+    aligned = {names[k[0]] for k, attr in v.attrs if attr}
+    assert aligned == {"x_ptr"}  # b_ptr: offset 50257 * 4 B; lab_ptr: opted out; V odd
+    assert dict(v.signature)["stride"] == "constexpr" and dict(v.constexprs)[(names.index("stride"),)] == 1
+    v = aot.specialise(softmax_fold._row_stats_kernel, backend,
+                       (x, x[0], lab, x[0], x[0], 128256, 128256, 1.0, 1.0),
+                       dict(HAS_BIAS=True, TRANSFORM=0, BLOCK=2048, num_warps=8))
+    assert {names[k[0]] for k, attr in v.attrs if attr} == {"x_ptr", "b_ptr", "V", "stride"}
+    assert v.num_warps == 8 and v.num_stages == 3  # the backend's default stages, as the JIT's
+
+
+def test_launched_variants_cover_the_api_and_dedupe():
+    """The dry run reaches every dtype pair, bias, transform, dot precision and the fold / pair
+    kernels; one variant per specialisation key; the gradient subsets (frozen weight, hidden or
+    bias) and the filter, runtime flags, add no backward variant."""
+    variants = aot.launched_variants(90, vocab_sizes=(50257, 128256), hidden_sizes=(4096, 4100))
+    assert len({v.key() for v in variants}) == len(variants)
+    assert {v.kernel for v in variants} == {"logprobs_fwd", "logprobs_bwd", "row_stats", "softmax_grad", "drdo_pair"}
+    bwd = [v for v in variants if v.kernel == "logprobs_bwd"]
+    pointers = {(dict(v.signature)["h_ptr"], dict(v.signature)["w_ptr"]) for v in bwd}
+    assert pointers == {("*fp32", "*fp32"), ("*bf16", "*bf16"), ("*fp16", "*fp16"), ("*bf16", "*fp32"),
+                        ("*fp16", "*fp32")}
+    words = {w for v in bwd for w in v.summary().split()}
+    assert {"HAS_BIAS", "TRANSFORM=1", "TRANSFORM=2", "DOT_PRECISION=tf32", "DOT_PRECISION=ieee"} <= words
+    # 6 dtype / precision settings x bias or not x 3 transforms x H divisible by 16 or not
+    assert len(bwd) == 6 * 2 * 3 * 2
+    assert all(dict(v.signature)[f] == "u1" for v in bwd for f in ("compute_dh", "compute_dw", "compute_db"))
+    # V and the row count are not specialised in the log-prob kernels; H is
+    assert {"D:H" in v.summary().split() for v in bwd} == {True, False}
+    # the fold kernels specialise V (and the row stride) on divisibility: 50257 and 128256 differ
+    folds = [v for v in variants if v.kernel == "softmax_grad"]
+    assert {"D:V,x_stride,out_stride" in v.summary().split() for v in folds} == {True, False}
+    assert {w for v in folds for w in v.summary().split()} >= {"IN_PLACE", "RAW", "out:bf16", "out:fp16"}
+
+
+def test_aot_mma_summary_and_ptxas_log():
     assert aot.mma_summary("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 ...\n"
                            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == "wgmma:m64n128k16+m64n64k16"
     assert aot.mma_summary("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == "mma:m16n8k16"
     assert aot.mma_summary("fma.rn.f32 %f1, %f2, %f3, %f4;") == "fma"
-    assert aot.mma_summary("wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32\n"
-                           "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == "wgmma:m64n128k8,mma:m16n8k8"
-    spec = next(s for s in logprobs_triton.aot_specs() if s[0] == "logprobs_bwd_bf16_bias0")
-    fn, signature, constexprs = spec[1], spec[2], spec[3]
-    full = aot._full_signature(fn, signature, constexprs)
-    attrs = aot.divisibility_attrs(fn, full, spec[6])
-    marked = {fn.arg_names[i] for (i,) in attrs}
-    assert marked == {a for a in signature if signature[a].startswith("*")} | {"V", "H"}
-    assert all(v == [["tt.divisibility", 16]] for v in attrs.values())
-
-
-def test_aot_specs_cover_dtypes_and_bias():
-    names = {spec[0] for spec in logprobs_triton.aot_specs()}
-    for kind in ("fwd", "bwd"):
-        for dt in ("bf16", "fp16", "fp32"):
-            for bias in (0, 1):
-                assert f"logprobs_{kind}_{dt}_bias{bias}" in names
-    for name, fn, signature, constexprs, num_warps, num_stages, aligned_ints in logprobs_triton.aot_specs():
-        assert set(signature) | set(constexprs) == set(fn.arg_names), name
-        assert set(aligned_ints) <= {a for a, t in signature.items() if t == "i32"}, name
-        assert num_warps in (1, 2, 4, 8, 16) and num_stages >= 1
+    log = ("ptxas info    : Function properties for k\n    8 bytes stack frame, 12 bytes spill stores, "
+           "20 bytes spill loads\nptxas info    : Used 255 registers, used 1 barriers")
+    assert aot.parse_ptxas_log(log) == (255, 8, 32)
+    assert aot.parse_ptxas_log("nothing") == (None, None, None)
 
 
 def test_aot_arch_parsing_and_interpreter_refusal(monkeypatch, capsys):
@@ -121,7 +163,11 @@ def test_aot_arch_parsing_and_interpreter_refusal(monkeypatch, capsys):
     assert "TRITON_INTERPRET" in capsys.readouterr().err
 
 
-def test_aot_reports_unimportable_spec_module():
+def test_aot_reports_a_launcher_that_cannot_be_dry_run(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no dry run")
+
+    monkeypatch.setattr(logprobs_triton, "logprobs_forward", broken)
     out = io.StringIO()
-    assert aot.run(90, modules=("drdo_kernels.no_such_module",), out=out) == 1
-    assert "FAILED to collect kernel specs" in out.getvalue()
+    assert aot.run(90, out=out) == 1
+    assert "FAILED to derive the launched variants: RuntimeError: no dry run" in out.getvalue()
