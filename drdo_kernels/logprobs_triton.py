@@ -351,9 +351,17 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, g_ptr, ent_ptr, 
 
 
 def _config(dtype: torch.dtype, precision: str, n_hidden: int, transform_kind: int,
-            weight_dtype: torch.dtype) -> tuple[KernelConfig, KernelConfig]:
-    """(forward, backward) configs of a compute dtype, DOT_PRECISION, hidden size, transform kind
-    and weight dtype."""
+            weight_dtype: torch.dtype, entropy: bool = False) -> tuple[KernelConfig, KernelConfig]:
+    """(forward, backward) configs of a compute dtype, DOT_PRECISION, hidden size, transform kind,
+    weight dtype and whether the entropy is computed (its extra [BLOCK_M, BLOCK_N] terms take
+    64-row blocks: 128 rows spill)."""
+    fwd, bwd = _base_config(dtype, precision, n_hidden, transform_kind, weight_dtype)
+    if entropy:
+        fwd, bwd = fwd._replace(block_m=min(fwd.block_m, 64)), bwd._replace(block_m=min(bwd.block_m, 64))
+    return fwd, bwd
+
+
+def _base_config(dtype, precision, n_hidden, transform_kind, weight_dtype) -> tuple[KernelConfig, KernelConfig]:
     if dtype not in CONFIGS:
         raise TypeError(f"Triton log-prob kernels support {list(CONFIGS)}, got {dtype}")
     tf32 = dtype == torch.float32 and precision == "tf32"
@@ -401,7 +409,7 @@ def logprobs_forward(hidden, weight, bias, labels, *, transform: LogitTransform 
     dtype = compute_dtype(hidden.dtype, weight.dtype)
     precision = dot_precision(dtype)
     (m, h), v = hidden.shape, weight.shape[0]
-    fwd, _ = _config(dtype, precision, h, transform.kind, weight.dtype)
+    fwd, _ = _config(dtype, precision, h, transform.kind, weight.dtype, entropy)
     if m == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         return (empty, empty.clone(), empty.clone()) if entropy else (empty, empty.clone())
@@ -450,7 +458,7 @@ def logprobs_backward(grad, hidden, weight, bias, labels, lse, need_weight_grad=
     """
     dtype = compute_dtype(hidden.dtype, weight.dtype)
     precision = dot_precision(dtype)
-    _, bwd = _config(dtype, precision, hidden.shape[1], transform.kind, weight.dtype)
+    _, bwd = _config(dtype, precision, hidden.shape[1], transform.kind, weight.dtype, entropy is not None)
     eps = float(filter_eps)
     if not eps >= 0.0:
         raise ValueError(f"filter_eps must be >= 0, got {filter_eps!r}")
