@@ -106,15 +106,15 @@ def test_specialise_follows_the_jit_rule():
     x = torch.empty(4, 50257, device="meta")
     lab = torch.empty(8, dtype=torch.int64, device="meta")
     v = aot.specialise(softmax_fold._row_stats_kernel, backend,
-                       (x, x[1:], lab[1:], x[0], x[0], 50257, 1, 1.0, 1.0),
-                       dict(HAS_BIAS=True, TRANSFORM=0, BLOCK=2048, num_warps=8))
+                       (x, x[1:], lab[1:], x[0], x[0], x[0], 50257, 1, 1.0, 1.0),
+                       dict(HAS_BIAS=True, TRANSFORM=0, ENTROPY=False, BLOCK=2048, num_warps=8))
     names = softmax_fold._row_stats_kernel.arg_names
     aligned = {names[k[0]] for k, attr in v.attrs if attr}
-    assert aligned == {"x_ptr"}  # b_ptr: offset 50257 * 4 B; lab_ptr: opted out; V odd
+    assert aligned == {"x_ptr"}  # b_ptr: offset 50257 * 4 B; lab_ptr, ent_ptr: opted out; V odd
     assert dict(v.signature)["stride"] == "constexpr" and dict(v.constexprs)[(names.index("stride"),)] == 1
     v = aot.specialise(softmax_fold._row_stats_kernel, backend,
-                       (x, x[0], lab, x[0], x[0], 128256, 128256, 1.0, 1.0),
-                       dict(HAS_BIAS=True, TRANSFORM=0, BLOCK=2048, num_warps=8))
+                       (x, x[0], lab, x[0], x[0], x[0], 128256, 128256, 1.0, 1.0),
+                       dict(HAS_BIAS=True, TRANSFORM=0, ENTROPY=False, BLOCK=2048, num_warps=8))
     assert {names[k[0]] for k, attr in v.attrs if attr} == {"x_ptr", "b_ptr", "V", "stride"}
     assert v.num_warps == 8 and v.num_stages == 3  # the backend's default stages, as the JIT's
 
@@ -132,8 +132,9 @@ def test_launched_variants_cover_the_api_and_dedupe():
                         ("*fp16", "*fp32")}
     words = {w for v in bwd for w in v.summary().split()}
     assert {"HAS_BIAS", "TRANSFORM=1", "TRANSFORM=2", "DOT_PRECISION=tf32", "DOT_PRECISION=ieee"} <= words
-    # 6 dtype / precision settings x bias or not x 3 transforms x H divisible by 16 or not
-    assert len(bwd) == 6 * 2 * 3 * 2
+    # 6 dtype / precision settings x bias or not x 3 transforms x H divisible by 16 or not x entropy or not
+    assert len(bwd) == 6 * 2 * 3 * 2 * 2
+    assert {"ENTROPY" in v.summary().split() for v in bwd} == {True, False}
     assert all(dict(v.signature)[f] == "u1" for v in bwd for f in ("compute_dh", "compute_dw", "compute_db"))
     # V and the row count are not specialised in the log-prob kernels; H is
     assert {"D:H" in v.summary().split() for v in bwd} == {True, False}
