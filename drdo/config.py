@@ -52,6 +52,10 @@ _DEFAULT_MAX_STEPS = {"drdo": 1000, "dpo": 1000, "edpo": 1000}  # sft / oracle: 
 STUDENT_STAGES = ("drdo", "dpo", "edpo")
 
 
+#: --backend shows its choices; check_backend refuses a bad one with the message every entry point gives.
+_BACKEND_CHOICES = "{" + ",".join(BACKENDS) + "}"
+
+
 def option(default: Any, help: str, *, stages: tuple[str, ...] = STAGES, choices: tuple | None = None,
            type: Callable | None = None, flag: str | None = None, deprecated_flag: str | None = None,
            **argparse_kwargs: Any) -> Any:
@@ -147,7 +151,7 @@ class TrainConfig:
     pessimistic: bool = option(EDPOSpec.pessimistic, "e-DPO: max over ensemble members (else mean); with gradient "
                                "accumulation the max is taken per micro-batch", stages=("edpo",))
     backend: str = option("auto", "loss path: 'auto' picks the fastest fused drdo_kernels backend for the device; "
-                          "'reference' computes the full logits", choices=BACKENDS,
+                          "'reference' computes the full logits", metavar=_BACKEND_CHOICES,
                           deprecated_flag=DEPRECATED_BACKEND_NAME)
     # system
     seed: int = option(0, "random seed (model head init, data order)")
@@ -225,7 +229,7 @@ class RefLogpsConfig(InferenceConfig):
 
     model: str = option("tiny", "reference policy (usually the SFT model): dir, hub id or 'tiny'")
     tokenizer: str | None = option(None, "tokenizer (default: the model's)", type=str)
-    backend: str = option("auto", "log-prob path (use the one you train with)", choices=BACKENDS,
+    backend: str = option("auto", "log-prob path (use the one you train with)", metavar=_BACKEND_CHOICES,
                           deprecated_flag=DEPRECATED_BACKEND_NAME)
     seed: int = option(0, "seed of the tiny model")
 

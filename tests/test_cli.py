@@ -271,8 +271,10 @@ def test_backend_lists_its_choices(capsys):
     choices = "{" + ",".join(BACKENDS) + "}"
     for path in ("sft", "oracle train", "train", "reflogps", "demo"):
         assert f"--backend {choices}" in leaves[path].format_help(), path
-    assert main(["reflogps", "--backend", "bogus"]) == 2
-    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+    # refused as everywhere else, with check_backend's message
+    assert main(["reflogps", "--backend", "bogus", "--data", "absent.jsonl", "--output", "out.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "backend must be one of" in err and "'bogus'" in err
 
 
 def test_help_shows_no_rest_literals(capsys):

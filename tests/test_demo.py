@@ -233,7 +233,7 @@ def _fake_run(tmp_path, max_grad_norm, norms):
 
 
 def test_steps_clipped_counts_against_each_runs_own_limit(tmp_path):
-    from drdo.demo.run import training_summary
+    from drdo.training.metrics import training_summary
 
     norms = [0.5, 2.0, 5.0, 20.0]
     off, default, ten = (training_summary(_fake_run(tmp_path, limit, norms)) for limit in (0.0, 1.0, 10.0))

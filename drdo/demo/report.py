@@ -6,7 +6,7 @@ Input: a list of "cell" results, one per (seed, noise level), each
 "oracle_true_corr": float}`` where ``true`` / ``oracle`` are the per-prompt scores
 of the method's generations on the test prompts (same prompts, same order, for
 every method of the cell) and ``training`` the summary of the selected run's
-metrics.jsonl (:func:`drdo.demo.run.training_summary`). Methods are "sft" and the
+metrics.jsonl (:func:`drdo.training.metrics.training_summary`). Methods are "sft" and the
 students that ran: "drdo", "dpo", "edpo" and DRDO variants under their own names
 (``settings["students"]`` lists [name, stage] pairs; without it, the three methods).
 

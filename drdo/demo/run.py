@@ -51,6 +51,7 @@ from drdo.atomic import write_text
 from drdo.config import ConfigError, TrainConfig, add_config_flags, derived_option, option
 from drdo.losses import DPOSpec
 from drdo.process_settings import disable_library_progress_bars, quiet_libraries, torch_threads
+from drdo.training.metrics import training_summary
 
 __all__ = ["add_arguments", "run_demo", "DemoSettings", "settings_from_args"]
 
@@ -407,27 +408,6 @@ def _sweep(s: DemoSettings, student: tuple, data: str, start: str, work: str, se
             best = (val, lr, out)
         stages.done()
     return best[2], {"selected_lr": best[1], "sweep": sweep, "training": training_summary(best[2])}
-
-
-def training_summary(run_dir: str) -> dict:
-    """From a finished run's record and metrics.jsonl: its clipping limit ``max_grad_norm`` (its own
-    run.json; 0: no clipping), mean total grad norm (before clipping), the share of steps clipped
-    (norm > that limit; 0 without clipping) and the mean of every ``diag_*`` reading over the steps
-    that logged it (DRDO; see :mod:`drdo.training.diagnostics`)."""
-    from drdo.run_record import RUN_FILE, read_run_file
-    from drdo.training.metrics import read_metrics
-
-    run = read_run_file(os.path.join(run_dir, RUN_FILE))
-    if run is None or "max_grad_norm" not in run["config"]:
-        raise RuntimeError(f"{run_dir} holds no run record with its max_grad_norm ({RUN_FILE})")
-    limit = float(run["config"]["max_grad_norm"])
-    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    norms = [r["grad_norm"] for r in rows]
-    clipped = [float(limit > 0 and n > limit) for n in norms]
-    out = {"max_grad_norm": limit, "grad_norm_mean": _mean(norms), "clipped_share": _mean(clipped)}
-    for key in sorted({k for r in rows for k in r if k.startswith("diag_")}):
-        out[key] = _mean([r[key] for r in rows if key in r])
-    return out
 
 
 def _judge_test(s: DemoSettings, policies: dict[str, str], oracle: str, prompts: list[str], seed: int,

@@ -5,10 +5,12 @@ import json
 import math
 import os
 import resource
+import statistics
 
 import torch
 
 from drdo.jsonl import write_jsonl
+from drdo.run_record import RUN_FILE, read_run_file
 
 
 class MetricsLog:
@@ -67,3 +69,22 @@ def _plain(v):
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
+
+
+def training_summary(run_dir: str) -> dict:
+    """From a finished run's record and metrics.jsonl: its clipping limit ``max_grad_norm`` (its own
+    run.json; 0: no clipping), mean total grad norm (before clipping), the share of steps clipped
+    (norm > that limit; 0 without clipping) and the mean of every ``diag_*`` reading over the steps
+    that logged it (DRDO; see :mod:`drdo.training.diagnostics`)."""
+    run = read_run_file(os.path.join(run_dir, RUN_FILE))
+    if run is None or "max_grad_norm" not in run["config"]:
+        raise RuntimeError(f"{run_dir} holds no run record with its max_grad_norm ({RUN_FILE})")
+    limit = float(run["config"]["max_grad_norm"])
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    norms = [r["grad_norm"] for r in rows]
+    clipped = [float(limit > 0 and n > limit) for n in norms]
+    out = {"max_grad_norm": limit, "grad_norm_mean": statistics.fmean(norms),
+           "clipped_share": statistics.fmean(clipped)}
+    for key in sorted({k for r in rows for k in r if k.startswith("diag_")}):
+        out[key] = statistics.fmean([r[key] for r in rows if key in r])
+    return out
