@@ -14,6 +14,7 @@ The script writes the loss of every step to --out (rank 0); one process gives th
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 
@@ -70,13 +71,31 @@ def build(dp: int, tp: int) -> tuple[DPOStep, int, int]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
     head = lm.lm_head.weight
     lm.lm_head.weight = nn.Parameter(distribute_tensor(head.detach(), mesh["tp"], [Shard(0)]))
     step = DPOStep(lm, mesh["tp"])
     fully_shard(step, mesh=mesh["dp"])
     return step, mesh["dp"].get_local_rank(), dp
+
+
+def train(dp: int, tp: int, steps: int) -> list[float]:
+    """The loss of every step (the mean over the "dp" ranks)."""
+    torch.manual_seed(0)
+    step, rank, ranks = build(dp, tp)
+    optimizer = torch.optim.SGD(step.parameters(), lr=0.5)
+    losses = []
+    for i in range(steps):
+        ids, labels, ref = batch(i, step.lm.config.vocab_size)
+        loss = step(rows_of(ids, rank, ranks), rows_of(labels, rank, ranks), rows_of(ref, rank, ranks))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if ranks > 1:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        losses.append(loss.item())
+    return losses
 
 
 def main() -> None:
@@ -88,26 +107,21 @@ def main() -> None:
     args = parser.parse_args()
     if args.dp * args.tp != int(os.environ.get("WORLD_SIZE", "1")):
         parser.error(f"--dp {args.dp} x --tp {args.tp} must equal the number of processes")
-    torch.manual_seed(0)
-    step, rank, ranks = build(args.dp, args.tp)
-    optimizer = torch.optim.SGD(step.parameters(), lr=0.5)
-    losses = []
-    for i in range(args.steps):
-        ids, labels, ref = batch(i, step.lm.config.vocab_size)
-        loss = step(rows_of(ids, rank, ranks), rows_of(labels, rank, ranks), rows_of(ref, rank, ranks))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if ranks > 1:
-            loss = loss.detach().clone()
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        losses.append(loss.item())
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if args.dp * args.tp == 1:
+        losses = train(1, 1, args.steps)
+    else:
+        dist.init_process_group("gloo")
+        try:
+            losses = train(args.dp, args.tp, args.steps)
+        finally:
+            # Destroy the group only once the mesh and the sharded module are gone (train has
+            # returned): a gloo group still referenced at interpreter exit can abort the process.
+            gc.collect()
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
         with open(args.out, "w") as f:
             json.dump({"losses": losses, "dp": args.dp, "tp": args.tp}, f)
         print(f"losses {['%.6f' % x for x in losses]} written to {args.out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

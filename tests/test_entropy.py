@@ -395,12 +395,13 @@ def test_vocabulary_parallel_entropy(tmp_path):
         assert all(err <= limit for err in worst.values()), (key, worst)
 
 
-def _vocab_parallel_worker(out_path: str) -> None:
+def _vocab_parallel_errors() -> dict:
+    """On every rank of a gloo group: the worst relative errors of the sharded head's log-probs,
+    entropies and gradients against the float64 reference."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     results = {}
     for dtype in (torch.float64, torch.float32):
@@ -418,10 +419,12 @@ def _vocab_parallel_worker(out_path: str) -> None:
                        bias=b.grad.full_tensor())
             results[f"V={n_vocab}/{dtype}"] = {
                 k: float((got[k].double() - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-30)) for k in got}
-    if dist.get_rank() == 0:
-        pathlib.Path(out_path).write_text(json.dumps(results))
-    dist.destroy_process_group()
+    return results
 
 
-if __name__ == "__main__":
-    _vocab_parallel_worker(sys.argv[1])
+if __name__ == "__main__":  # one rank of test_vocabulary_parallel_entropy (torchrun); rank 0 writes argv[1]
+    from gloo_world import run_on_gloo
+
+    errors = run_on_gloo(_vocab_parallel_errors)
+    if int(os.environ["RANK"]) == 0:
+        pathlib.Path(sys.argv[1]).write_text(json.dumps(errors))

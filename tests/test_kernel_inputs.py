@@ -96,6 +96,16 @@ def _step(policy, batch: dict, loss_fn):
 def _worker(rank: int, world: int, port: int, result_path: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    from gloo_world import run_on_gloo
+
+    result = run_on_gloo(_fsdp2_step, rank, world, rank=rank, world_size=world)
+    if rank == 0:
+        torch.save(result, result_path)
+
+
+def _fsdp2_step(rank: int, world: int) -> dict:
+    """One fused DRDO step of the tiny policy under FSDP2 on this rank's pairs: the mean loss and
+    the full gradients."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -103,28 +113,23 @@ def _worker(rank: int, world: int, port: int, result_path: str):
 
     from drdo.models import PolicyWithRewardHead
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        policy = PolicyWithRewardHead.from_pretrained("tiny").train()
-        for block in policy.transformer_blocks():
-            fully_shard(block, mesh=mesh)
-        fully_shard(policy.lm_head, mesh=mesh)  # its own unit: outside lm_head's forward it stays sharded
-        fully_shard(policy, mesh=mesh)
-        batch = _batch()
-        n = batch["input_ids"].shape[0] // 2
-        share = n // world
-        pairs = list(range(rank * share, (rank + 1) * share))
-        mine = _rows(batch, pairs + [n + p for p in pairs])
-        assert isinstance(policy.lm_head.weight, DTensor)
-        loss = _step(policy, mine, FusedLinearDRDOLoss(alpha=0.5, gamma=2.0, backend="torch"))
-        assert isinstance(policy.lm_head.weight.grad, DTensor)
-        dist.all_reduce(loss)
-        grads = {name: p.grad.full_tensor() for name, p in policy.named_parameters()}
-        if rank == 0:
-            torch.save({"loss": loss / world, "grads": grads}, result_path)
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    policy = PolicyWithRewardHead.from_pretrained("tiny").train()
+    for block in policy.transformer_blocks():
+        fully_shard(block, mesh=mesh)
+    fully_shard(policy.lm_head, mesh=mesh)  # its own unit: outside lm_head's forward it stays sharded
+    fully_shard(policy, mesh=mesh)
+    batch = _batch()
+    n = batch["input_ids"].shape[0] // 2
+    share = n // world
+    pairs = list(range(rank * share, (rank + 1) * share))
+    mine = _rows(batch, pairs + [n + p for p in pairs])
+    assert isinstance(policy.lm_head.weight, DTensor)
+    loss = _step(policy, mine, FusedLinearDRDOLoss(alpha=0.5, gamma=2.0, backend="torch"))
+    assert isinstance(policy.lm_head.weight.grad, DTensor)
+    dist.all_reduce(loss)
+    grads = {name: p.grad.full_tensor() for name, p in policy.named_parameters()}
+    return {"loss": loss / world, "grads": grads}
 
 
 def _free_port() -> int:

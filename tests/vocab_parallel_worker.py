@@ -15,6 +15,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from gloo_world import run_on_gloo
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -103,8 +104,9 @@ def run_case(mesh, n_vocab, dtype, bias, transform_kw, what):
     return errors
 
 
-def main(out_path: str) -> None:
-    dist.init_process_group("gloo")
+def all_errors() -> dict:
+    """On every rank of a gloo group: the bad-input checks, then the worst relative error of
+    every case, keyed ``what/V=../dtype/transform/bias=..``."""
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
 
@@ -135,10 +137,14 @@ def main(out_path: str) -> None:
                                               (torch.float32, softcap, True)):
                 key = f"{what}/V={n_vocab}/{str(dtype)[6:]}/{'softcap' if transform_kw else 'plain'}/bias={bias}"
                 results[key] = run_case(mesh, n_vocab, dtype, bias, transform_kw, what)
-    if dist.get_rank() == 0:
+    return results
+
+
+def main(out_path: str) -> None:
+    results = run_on_gloo(all_errors)
+    if int(os.environ["RANK"]) == 0:
         with open(out_path, "w") as f:
-            json.dump({"world": world, "pid": os.getpid(), "errors": results}, f)
-    dist.destroy_process_group()
+            json.dump({"world": int(os.environ["WORLD_SIZE"]), "pid": os.getpid(), "errors": results}, f)
 
 
 if __name__ == "__main__":

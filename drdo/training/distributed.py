@@ -12,6 +12,7 @@ other processes, fail in one line (:class:`DistributedStartError`) instead of wa
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import socket
 import time
@@ -152,7 +153,11 @@ def teardown(state: DistState) -> None:
 
 
 def _destroy_at_exit() -> None:
+    """Destroy the group while the interpreter is whole. The FSDP2 modules and their device mesh
+    hold it: collect any left in reference cycles first, since a gloo group destructed during
+    interpreter shutdown can abort the process after a successful run."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
