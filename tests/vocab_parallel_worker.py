@@ -3,16 +3,19 @@
 Every rank builds the same inputs from one seed, shards the LM head over the vocabulary
 (``Shard(0)``, uneven when V is not a multiple of the ranks) and replicates the hidden states,
 runs the fused log-probs and every loss forward and backward, and compares the loss and every
-gradient with a single-process float64 computation on the full logits written here. Rank 0
+gradient with a single-process float64 computation on the full logits by the formulas of
+tests/gradient_reference.py (nothing from drdo, whose losses the fused objectives call). Rank 0
 writes the worst relative error of each case to the JSON file named by argv[1]; any rank fails
 loudly if the head was gathered.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 
+import gradient_reference as reference
 import torch
 import torch.distributed as dist
 from gloo_world import run_on_gloo
@@ -21,10 +24,10 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import drdo_kernels as dk
 import drdo_kernels.vocab_parallel as vp
-from drdo.losses import DPOSpec, DRDOSpec, EDPOSpec, OracleSpec, objective_loss
-from drdo_kernels.logit_transform import logit_transform
+from drdo.losses import DPOSpec, DRDOSpec, EDPOSpec, OracleSpec
 
 R, T, H = 6, 9, 16  # 3 pairs of 9 positions
+IDENTITY = {"temperature": 1.0, "softcap": None, "logit_scale": 1.0}
 
 
 def inputs(n_vocab: int, dtype, bias: bool):
@@ -43,15 +46,13 @@ def inputs(n_vocab: int, dtype, bias: bool):
     return [t if t is None else t.to(dtype) for t in (hidden, weight, b)], labels, scores
 
 
-def full_logprobs(hidden, weight, bias, labels, transform):
-    """[R, T] float64 log-probs at the labels on the full logits (0 where ignored)."""
-    logits = transform.apply(torch.nn.functional.linear(hidden.double(), weight.double(),
-                                                        None if bias is None else bias.double()))
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    return logp.masked_fill(labels == -100, 0.0)
+def full_logits(hidden, weight, bias, transform_kw: dict) -> torch.Tensor:
+    """[R, T, V] float64 logits of the whole head, through the logit transform."""
+    x = torch.nn.functional.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
+    return reference.transform_logits(x, **{**IDENTITY, **transform_kw})
 
 
-#: loss -> (spec, {objective_loss keyword: which score})
+#: loss -> (spec, {fused keyword: which score})
 LOSSES = {
     "drdo": (DRDOSpec(alpha=0.5, gamma=2.0), {"oracle": "oracle", "rewards": "rewards"}),
     "drdo_implicit": (DRDOSpec(alpha=0.3, gamma=1.0, reward="implicit", beta=0.2), {"oracle": "oracle"}),
@@ -61,9 +62,19 @@ LOSSES = {
 }
 
 
-def reference_loss(name, logps, n_tokens, scores):
-    spec, reads = LOSSES[name]
-    return objective_loss(spec, logps, n_tokens, **{k: scores[v] for k, v in reads.items()})[0]
+def reference_loss(name: str, logits: torch.Tensor, labels: torch.Tensor, scores: dict) -> torch.Tensor:
+    """The mean loss by the formulas of tests/gradient_reference.py (nothing from drdo) on full logits."""
+    spec, _ = LOSSES[name]
+    o = dict(dataclasses.asdict(spec), reduction="mean")
+    z, counts = reference.sequence_logprobs(logits, labels)
+    if name.startswith("drdo"):
+        return reference.drdo(z, counts, scores["rewards"] if o["reward"] == "head" else None, scores["oracle"], **o)
+    if name == "dpo":
+        return reference.dpo(z, scores["ref_logps"], **o)
+    if name == "edpo":
+        return reference.edpo(z, scores["ref_logps"], scores["ensemble"], **o)
+    n = z.shape[0] // 2  # the Oracle scores the chosen rows
+    return reference.oracle_loss(z[:n], counts[:n], scores["rewards"], **o)
 
 
 def fused_loss(name, weight, hidden, bias, labels, scores, **transform_kw):
@@ -77,22 +88,21 @@ def relative(got: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def run_case(mesh, n_vocab, dtype, bias, transform_kw, what):
-    transform = logit_transform(**transform_kw)
     (h, w, b), labels, scores = inputs(n_vocab, dtype, bias)
     h_dt = distribute_tensor(h, mesh, [Replicate()]).requires_grad_(True)
     w_dt = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_(True)
     b_dt = None if b is None else distribute_tensor(b, mesh, [Shard(0)]).requires_grad_(True)
     ref = [t if t is None else t.detach().double().requires_grad_(True) for t in (h, w, b)]
+    logits = full_logits(*ref, transform_kw)
     if what == "logprobs":
         got = dk.fused_linear_logprobs(w_dt, h_dt, labels, bias=b_dt, **transform_kw)
-        exact = full_logprobs(*ref, labels, transform)
+        exact = reference.token_logprobs(logits, labels)
         (got * scores["upstream"].to(got.dtype)).sum().backward()
         (exact * scores["upstream"]).sum().backward()
     else:
         got = fused_loss(what, w_dt, h_dt, b_dt, labels, {k: v.to(dtype) for k, v in scores.items()},
                          **transform_kw)
-        logps = full_logprobs(*ref, labels, transform).sum(-1)
-        exact = reference_loss(what, logps, (labels != -100).sum(-1), scores)
+        exact = reference_loss(what, logits, labels, scores)
         got.backward()
         exact.backward()
     errors = {"value": relative(got.detach(), exact.detach()),
