@@ -18,6 +18,9 @@ and ``fullgraph=True`` holds.
   take ``drdo::fused_vjp`` in the backward, which reruns the eager function under autograd with
   the upstream gradient (the forward's FLOPs again).
 * Fake (meta) implementations give every output's shape and dtype from the inputs' alone.
+* A call on DTensors (a vocabulary-parallel head, or an FSDP2-sharded one used outside its
+  module's forward) is left out of the graph: it runs eagerly, collectives included, as a graph
+  break whose reason names it (:data:`DTENSOR_HEAD_REASON`); ``fullgraph=True`` refuses it.
 
 Eager calls (``torch.compiler.is_compiling()`` False) run the function itself, untouched.
 """
@@ -50,15 +53,40 @@ def compilable(kind: str, spec_type=None, keyword_tensors: tuple[str, ...] = ())
         fields = tuple(spec_type.__dataclass_fields__) if spec_type is not None else ()
         COMPILED_FUNCTIONS[name] = (fn, positional, positional + tuple(keyword_tensors), kind, spec_type, fields)
 
+        eager_between_graphs = _run_eagerly(fn)
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             if not torch.compiler.is_compiling():
                 return fn(*args, **kwargs)
+            if _dtensor_head(args, kwargs):
+                return eager_between_graphs(*args, **kwargs)
             return _traced_call(name, args, kwargs)
 
         return wrapper
 
     return wrap
+
+
+#: Why a call with a DTensor LM head is left out of the graph (dynamo prints it at a graph break).
+DTENSOR_HEAD_REASON = ("drdo: a fused call on a DTensor LM head (vocabulary-parallel, or FSDP2-sharded outside "
+                       "its forward) runs eagerly between compiled graphs; fullgraph=True cannot hold it")
+
+
+def _dtensor_head(args, kwargs) -> bool:
+    """Whether any tensor of a call is a DTensor (its LM head, in practice). The operator takes plain
+    tensors and the head's collectives belong to the eager path, so such a call is a graph break."""
+    from .vocab_parallel import _is_dtensor
+
+    return any(_is_dtensor(t) for t in (*args, *kwargs.values()))
+
+
+def _run_eagerly(fn):
+    """``fn`` excluded from compilation, with :data:`DTENSOR_HEAD_REASON` where torch takes a reason."""
+    try:
+        return torch.compiler.disable(fn, reason=DTENSOR_HEAD_REASON)
+    except TypeError:  # torch < 2.8
+        return torch.compiler.disable(fn)
 
 
 def _traced_call(name: str, args, kwargs):

@@ -1,7 +1,8 @@
 """A vocabulary-parallel LM head (weight DTensor Shard(0), hidden DTensor Replicate()) over 2 and
 4 CPU ranks (gloo, torchrun) equals one float64 process: the fused log-probs and every loss,
 forward and every gradient, with even and uneven shards, with and without a bias and a logit
-transform; no rank gathers the head (tests/vocab_parallel_worker.py does the work)."""
+transform; no rank gathers the head; under torch.compile the fused calls run eagerly between the
+graphs (tests/vocab_parallel_worker.py does the work)."""
 from __future__ import annotations
 
 import json
@@ -17,17 +18,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = {"float64": 1e-12, "float32": 2e-5}
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["2-ranks", "4-ranks"])
-def errors(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp("vocab_parallel") / "errors.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(request.param),
-           os.path.join(REPO, "tests", "vocab_parallel_worker.py"), str(out)]
+def run_worker(ranks: int, out, *what: str) -> dict:
+    """tests/vocab_parallel_worker.py on ``ranks`` gloo ranks: what rank 0 wrote to ``out``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+           os.path.join(REPO, "tests", "vocab_parallel_worker.py"), str(out), *what]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
-    assert result["world"] == request.param
+    assert result["world"] == ranks
     return result["errors"]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2-ranks", "4-ranks"])
+def errors(request, tmp_path_factory):
+    return run_worker(request.param, tmp_path_factory.mktemp("vocab_parallel") / "errors.json")
 
 
 def test_every_case_ran(errors):
@@ -41,6 +46,22 @@ def test_vocab_parallel_equals_one_float64_process(errors):
         limit = TOLERANCE[key.split("/")[2]]
         bad = {name: err for name, err in worst.items() if not err <= limit}
         assert not bad, f"{key}: relative errors {bad} above {limit}"
+
+
+def test_compiled_step_runs_the_vocab_parallel_call_between_graphs(tmp_path):
+    """torch.compile of a step around vocabulary-parallel log-probs and DRDO (2 ranks): each fused
+    call is a graph break that says why, the loss and every gradient equal one float64 process,
+    and fullgraph=True is refused with the same reason."""
+    from drdo_kernels.compiled import DTENSOR_HEAD_REASON
+
+    result = run_worker(2, tmp_path / "compiled.json", "compile")
+    compiled = result["compiled"]
+    breaks = compiled.pop("graph_breaks")
+    assert len(breaks) == 2 and all(DTENSOR_HEAD_REASON in b for b in breaks), breaks
+    assert all(any(name in b for b in breaks) for name in ("fused_linear_logprobs", "fused_linear_drdo_loss"))
+    bad = {name: err for name, err in compiled.items() if not err <= TOLERANCE["float32"]}
+    assert set(compiled) == {"value", "weight", "hidden", "bias"} and not bad, compiled
+    assert DTENSOR_HEAD_REASON in result["fullgraph"]["raised"]
 
 
 def test_fsdp2_and_vocab_parallel_recipe_equals_one_process(tmp_path):

@@ -150,12 +150,57 @@ def all_errors() -> dict:
     return results
 
 
-def main(out_path: str) -> None:
-    results = run_on_gloo(all_errors)
+def compiled_step_errors() -> dict:
+    """``torch.compile`` of a step around vocabulary-parallel calls (an op on the hidden states
+    before them, the log-probs' and DRDO's sum after): the fused calls run eagerly between the
+    compiled graphs. Returns the worst relative errors of the loss and every gradient against the
+    float64 reference, dynamo's graph-break reasons, and what ``fullgraph=True`` raised."""
+    from torch._dynamo.utils import counters
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    n_vocab = 4 * dist.get_world_size() + 1
+    (h, w, b), labels, scores = inputs(n_vocab, torch.float32, True)
+    softcap = {"softcap": 3.0}
+    spec, _ = LOSSES["drdo"]
+
+    def step(weight, hidden, bias, oracle, rewards, upstream):
+        hidden = torch.tanh(hidden) * 2.0
+        logp = dk.fused_linear_logprobs(weight, hidden, labels, bias, **softcap)
+        drdo, _ = dk.fused_linear_drdo_loss(weight, hidden, labels, oracle, rewards, bias, spec=spec, **softcap)
+        return (logp * upstream).sum() + drdo
+
+    ref = [t.detach().double().requires_grad_(True) for t in (h, w, b)]
+    logits = full_logits(torch.tanh(ref[0]) * 2.0, ref[1], ref[2], softcap)
+    exact = (reference.token_logprobs(logits, labels) * scores["upstream"]).sum() + \
+        reference_loss("drdo", logits, labels, scores)
+    exact.backward()
+    floats = [scores[k].float() for k in ("oracle", "rewards", "upstream")]
+    result = {}
+    for mode, options in (("compiled", {}), ("fullgraph", {"fullgraph": True})):
+        torch._dynamo.reset()
+        counters.clear()
+        leaves = [distribute_tensor(t, mesh, [p]).requires_grad_(True)
+                  for t, p in ((w, Shard(0)), (h, Replicate()), (b, Shard(0)))]
+        try:
+            loss = torch.compile(step, **options)(*leaves, *floats)
+        except Exception as err:  # noqa: BLE001 - what fullgraph=True raises is the finding
+            result[mode] = {"raised": f"{type(err).__name__}: {err}"}
+            continue
+        loss.backward()
+        result[mode] = {"value": relative(loss.detach(), exact.detach()),
+                        "weight": relative(leaves[0].grad.full_tensor(), ref[1].grad),
+                        "hidden": relative(leaves[1].grad.full_tensor(), ref[0].grad),
+                        "bias": relative(leaves[2].grad.full_tensor(), ref[2].grad),
+                        "graph_breaks": sorted(counters["graph_break"])}
+    return result
+
+
+def main(out_path: str, what: str = "errors") -> None:
+    results = run_on_gloo(compiled_step_errors if what == "compile" else all_errors)
     if int(os.environ["RANK"]) == 0:
         with open(out_path, "w") as f:
             json.dump({"world": int(os.environ["WORLD_SIZE"]), "pid": os.getpid(), "errors": results}, f)
 
 
-if __name__ == "__main__":
-    main(sys.argv[1])
+if __name__ == "__main__":  # argv: the JSON file rank 0 writes, then "compile" for the compiled step
+    main(*sys.argv[1:3])
