@@ -76,9 +76,9 @@ DTENSOR_HEAD_REASON = ("drdo: a fused call on a DTensor LM head (vocabulary-para
 def _dtensor_head(args, kwargs) -> bool:
     """Whether any tensor of a call is a DTensor (its LM head, in practice). The operator takes plain
     tensors and the head's collectives belong to the eager path, so such a call is a graph break."""
-    from .vocab_parallel import _is_dtensor
+    from .vocab_parallel import is_dtensor
 
-    return any(_is_dtensor(t) for t in (*args, *kwargs.values()))
+    return any(is_dtensor(t) for t in (*args, *kwargs.values()))
 
 
 def _run_eagerly(fn):

@@ -56,7 +56,8 @@ class VocabShard(NamedTuple):
     group: object
 
 
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (False where torch has no DTensor)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:
@@ -86,7 +87,7 @@ def vocab_shard(weight, hidden, bias=None) -> VocabShard | None:
     """
     from torch.distributed.tensor import Replicate
 
-    if not (_is_dtensor(weight) and _is_dtensor(hidden)):
+    if not (is_dtensor(weight) and is_dtensor(hidden)):
         return None
     if hidden.device_mesh != weight.device_mesh:
         raise ValueError("a vocabulary-parallel call needs hidden and weight on the same device mesh")
@@ -94,7 +95,7 @@ def vocab_shard(weight, hidden, bias=None) -> VocabShard | None:
         raise ValueError(f"hidden must be a Replicate() DTensor for a vocabulary-parallel head, got "
                          f"{tuple(hidden.placements)}")
     mesh_dim = _sharded_dim(weight, "LM-head weight")
-    if bias is not None and (not _is_dtensor(bias) or tuple(bias.placements) != tuple(weight.placements)):
+    if bias is not None and (not is_dtensor(bias) or tuple(bias.placements) != tuple(weight.placements)):
         raise ValueError("with a vocabulary-parallel weight the bias must be a DTensor placed as the weight")
     mesh, n_vocab = weight.device_mesh, weight.shape[0]
     ranks, rank = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
