@@ -18,9 +18,11 @@ and ``fullgraph=True`` holds.
   take ``drdo::fused_vjp`` in the backward, which reruns the eager function under autograd with
   the upstream gradient (the forward's FLOPs again).
 * Fake (meta) implementations give every output's shape and dtype from the inputs' alone.
-* A call on DTensors (a vocabulary-parallel head, or an FSDP2-sharded one used outside its
-  module's forward) is left out of the graph: it runs eagerly, collectives included, as a graph
-  break whose reason names it (:data:`DTENSOR_HEAD_REASON`); ``fullgraph=True`` refuses it.
+* A vocabulary-parallel head (DTensors, :mod:`.vocab_parallel`) is one operator too: it takes
+  each rank's shard (``to_local()``, differentiable) with the process group's name and the
+  rank's rows as constants, and rebuilds the DTensors inside, where the eager path runs its
+  collectives. Any other call on DTensors (an FSDP2-sharded head used outside its module's
+  forward) runs eagerly as a graph break whose reason names it (:data:`DTENSOR_HEAD_REASON`).
 
 Eager calls (``torch.compiler.is_compiling()`` False) run the function itself, untouched.
 """
@@ -53,14 +55,12 @@ def compilable(kind: str, spec_type=None, keyword_tensors: tuple[str, ...] = ())
         fields = tuple(spec_type.__dataclass_fields__) if spec_type is not None else ()
         COMPILED_FUNCTIONS[name] = (fn, positional, positional + tuple(keyword_tensors), kind, spec_type, fields)
 
-        eager_between_graphs = _run_eagerly(fn)
+        EAGER_BETWEEN_GRAPHS[name] = _run_eagerly(fn)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             if not torch.compiler.is_compiling():
                 return fn(*args, **kwargs)
-            if _dtensor_head(args, kwargs):
-                return eager_between_graphs(*args, **kwargs)
             return _traced_call(name, args, kwargs)
 
         return wrapper
@@ -68,17 +68,36 @@ def compilable(kind: str, spec_type=None, keyword_tensors: tuple[str, ...] = ())
     return wrap
 
 
-#: Why a call with a DTensor LM head is left out of the graph (dynamo prints it at a graph break).
-DTENSOR_HEAD_REASON = ("drdo: a fused call on a DTensor LM head (vocabulary-parallel, or FSDP2-sharded outside "
-                       "its forward) runs eagerly between compiled graphs; fullgraph=True cannot hold it")
+#: Why a call on DTensors that is not vocabulary-parallel is left out of the graph (Dynamo prints it
+#: at the graph break).
+DTENSOR_HEAD_REASON = ("drdo: a fused call on DTensors that is not vocabulary-parallel (an FSDP2-sharded head "
+                       "used outside its module's forward) runs eagerly between compiled graphs")
+
+#: name -> the eager function excluded from compilation (:func:`_run_eagerly`)
+EAGER_BETWEEN_GRAPHS: dict = {}
 
 
-def _dtensor_head(args, kwargs) -> bool:
-    """Whether any tensor of a call is a DTensor (its LM head, in practice). The operator takes plain
-    tensors and the head's collectives belong to the eager path, so such a call is a graph break."""
-    from .vocab_parallel import is_dtensor
+def _vocab_parallel_locals(named: dict) -> tuple[dict, dict | None] | None:
+    """The tensors the operator takes, by name, and the vocabulary-parallel head it rebuilds.
 
-    return any(is_dtensor(t) for t in (*args, *kwargs.values()))
+    A vocabulary-parallel call (``vocab_parallel.local_head``) passes each rank's plain tensors,
+    taken with a differentiable ``to_local()``, and {"group", "n_vocab", "device", "rows"}; a call without
+    DTensors passes its tensors and None; any other call on DTensors returns None (it runs eagerly).
+    """
+    from .vocab_parallel import is_dtensor, local_head
+
+    local = local_head(named.get("lm_head_weight"), named.get("hidden"), named.get("bias"))
+    head = None
+    if local is not None:
+        weight, hidden, bias, shard = local
+        named = dict(named, lm_head_weight=weight, hidden=hidden, bias=bias)
+        # the rank's rows are part of the call: each rank's graph differs, as its shapes may
+        # (uneven shards), so no compile cache hands one rank's graph to another
+        head = {"group": shard.group.group_name, "n_vocab": shard.n_vocab, "device": weight.device.type,
+                "rows": [shard.start, shard.size]}
+    if any(is_dtensor(t) for t in named.values()):
+        return None
+    return named, head
 
 
 def _run_eagerly(fn):
@@ -94,7 +113,13 @@ def _traced_call(name: str, args, kwargs):
     _, positional, tensor_names, kind, _, _ = COMPILED_FUNCTIONS[name]
     given = dict(zip(positional, args))
     given.update(kwargs)
-    inputs = [given.pop(n, None) for n in tensor_names]
+    plain = _vocab_parallel_locals({n: given.pop(n, None) for n in tensor_names})
+    if plain is None:
+        return EAGER_BETWEEN_GRAPHS[name](*args, **kwargs)
+    named, head = plain
+    if head is not None:
+        given["vocab_parallel_head"] = head
+    inputs = [named[n] for n in tensor_names]
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and t is not None and t.requires_grad for t in inputs]
     missing = [t is None for t in inputs]
@@ -170,8 +195,42 @@ def _unpack(call: str, inputs):
     desc = json.loads(call)
     fn = COMPILED_FUNCTIONS[desc["fn"]][0]
     kwargs = {k: _decode(v) for k, v in desc["options"].items()}
+    desc["head"] = kwargs.pop("vocab_parallel_head", None)
     kwargs.update(zip(desc["tensors"], inputs))
     return fn, kwargs, desc
+
+
+def _run(fn, kwargs: dict, desc):
+    """``fn(**kwargs)``; a vocabulary-parallel call gets its head back as DTensors, built from the
+    rank's tensors with a differentiable ``from_local`` (so gradients reach the plain inputs)."""
+    head = desc["head"]
+    if head is None:
+        return fn(**kwargs)
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = _mesh_of_group(head["group"], head["device"])
+    n_vocab, weight, bias = head["n_vocab"], kwargs["lm_head_weight"], kwargs.get("bias")
+    if weight.shape[0] != head["rows"][1]:
+        raise RuntimeError(f"drdo::fused: this rank's LM-head shard has {weight.shape[0]} rows where the traced "
+                           f"call holds rows {head['rows']} of {n_vocab}")
+    n_hidden = weight.shape[1]
+    kwargs = dict(kwargs, hidden=DTensor.from_local(kwargs["hidden"], mesh, [Replicate()], run_check=False),
+                  lm_head_weight=DTensor.from_local(weight, mesh, [Shard(0)], run_check=False,
+                                                    shape=torch.Size([n_vocab, n_hidden]), stride=(n_hidden, 1)))
+    if bias is not None:
+        kwargs["bias"] = DTensor.from_local(bias, mesh, [Shard(0)], run_check=False, shape=torch.Size([n_vocab]),
+                                            stride=(1,))
+    return fn(**kwargs)
+
+
+def _mesh_of_group(group_name: str, device_type: str):
+    """The 1-D device mesh of the process group named ``group_name`` (the head's sharded dimension),
+    built at each call: a cached mesh would keep the group alive past ``destroy_process_group()``.
+    ``_resolve_process_group`` is c10d's own lookup by name (private, there since torch 2.2)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return DeviceMesh.from_group(_resolve_process_group(group_name), device_type)
 
 
 def _scalar_loss(desc) -> bool:
@@ -239,16 +298,16 @@ def fused(inputs: list[torch.Tensor], missing: list[bool], needs: list[bool], ca
     dtype = _out_dtype(inputs)
     if desc["kind"] == "logprobs":
         with torch.no_grad():
-            return [out.to(dtype) for out in _as_list(fn(**kwargs))]
+            return [out.to(dtype) for out in _as_list(_run(fn, kwargs, desc))]
     in_forward = _scalar_loss(desc) and any(needs)
     if not in_forward:
         with torch.no_grad():
-            loss, metrics = fn(**kwargs)
+            loss, metrics = _run(fn, kwargs, desc)
         return [loss.to(dtype), _metric_values(metrics, dtype)]
     leaves = _leaves(inputs, needs)
     kwargs.update(zip(desc["tensors"], leaves))
     with _autograd_recorded():
-        loss, metrics = fn(**kwargs)
+        loss, metrics = _run(fn, kwargs, desc)
         grads = _grads(loss, leaves, needs)
     return [loss.detach().to(dtype), _metric_values(metrics, dtype), *grads]
 
@@ -292,7 +351,7 @@ def fused_vjp(inputs: list[torch.Tensor], missing: list[bool], needs: list[bool]
     leaves = _leaves(inputs, needs)
     kwargs.update(zip(desc["tensors"], leaves))
     with _autograd_recorded():
-        out = _as_list(fn(**kwargs))[:_differentiable_outputs(desc)]
+        out = _as_list(_run(fn, kwargs, desc))[:_differentiable_outputs(desc)]
         return _grads(out, leaves, needs, [g.to(o.dtype) for g, o in zip(grad_outputs, out)])
 
 

@@ -151,14 +151,16 @@ def all_errors() -> dict:
 
 
 def compiled_step_errors() -> dict:
-    """``torch.compile`` of a step around vocabulary-parallel calls (an op on the hidden states
-    before them, the log-probs' and DRDO's sum after): the fused calls run eagerly between the
-    compiled graphs. Returns the worst relative errors of the loss and every gradient against the
-    float64 reference, dynamo's graph-break reasons, and what ``fullgraph=True`` raised."""
+    """``torch.compile`` of a step around fused calls on a sharded head (an op on the hidden states
+    before them, the log-probs' and DRDO's sum after), in three settings: "default" and "fullgraph"
+    (vocabulary-parallel: each call is one operator in the graph), and "gathered" (a Shard(0)
+    weight with plain hidden states, as FSDP2 leaves a head outside its forward: the calls run
+    eagerly between graphs). Returns, for each, the worst relative errors of the loss and every
+    gradient against the float64 reference and Dynamo's graph-break reasons."""
     from torch._dynamo.utils import counters
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    n_vocab = 4 * dist.get_world_size() + 1
+    n_vocab = 4 * dist.get_world_size() + 1  # uneven shards: the ranks' graphs differ in shape
     (h, w, b), labels, scores = inputs(n_vocab, torch.float32, True)
     softcap = {"softcap": 3.0}
     spec, _ = LOSSES["drdo"]
@@ -176,21 +178,19 @@ def compiled_step_errors() -> dict:
     exact.backward()
     floats = [scores[k].float() for k in ("oracle", "rewards", "upstream")]
     result = {}
-    for mode, options in (("compiled", {}), ("fullgraph", {"fullgraph": True})):
+    settings = (("default", {}, True), ("fullgraph", {"fullgraph": True}, True), ("gathered", {}, False))
+    for mode, options, vocab_parallel in settings:
         torch._dynamo.reset()
         counters.clear()
-        leaves = [distribute_tensor(t, mesh, [p]).requires_grad_(True)
-                  for t, p in ((w, Shard(0)), (h, Replicate()), (b, Shard(0)))]
-        try:
-            loss = torch.compile(step, **options)(*leaves, *floats)
-        except Exception as err:  # noqa: BLE001 - what fullgraph=True raises is the finding
-            result[mode] = {"raised": f"{type(err).__name__}: {err}"}
-            continue
+        weight, bias = (distribute_tensor(t, mesh, [Shard(0)]).requires_grad_(True) for t in (w, b))
+        hidden = (distribute_tensor(h, mesh, [Replicate()]) if vocab_parallel else h.clone()).requires_grad_(True)
+        loss = torch.compile(step, **options)(weight, hidden, bias, *floats)
         loss.backward()
+        d_hidden = hidden.grad.full_tensor() if vocab_parallel else hidden.grad
         result[mode] = {"value": relative(loss.detach(), exact.detach()),
-                        "weight": relative(leaves[0].grad.full_tensor(), ref[1].grad),
-                        "hidden": relative(leaves[1].grad.full_tensor(), ref[0].grad),
-                        "bias": relative(leaves[2].grad.full_tensor(), ref[2].grad),
+                        "weight": relative(weight.grad.full_tensor(), ref[1].grad),
+                        "hidden": relative(d_hidden, ref[0].grad),
+                        "bias": relative(bias.grad.full_tensor(), ref[2].grad),
                         "graph_breaks": sorted(counters["graph_break"])}
     return result
 
