@@ -454,14 +454,14 @@ def run(capability: int, out=sys.stdout, jobs: int | None = None, json_path: str
     print(f"AOT compile for sm_{capability} (shared memory limit {SHARED_LIMITS[capability] // 1024} KiB): "
           f"{len(variants)} launched variants", file=out)
     print(HEADER, file=out, flush=True)
-    results = []
+    results, records = [], []
     for result in iter_compiled(variants, capability, jobs):
         results.append(result)
         print(format_row(result), file=out, flush=True)
         if json_path:  # rewritten after every compile: a long run can be tabulated while it goes
+            records.append(record(result))
             with open(json_path, "w") as f:
-                json.dump({"capability": capability, "launched": len(variants),
-                           "records": [record(r) for r in results]}, f, indent=1)
+                json.dump({"capability": capability, "launched": len(variants), "records": records}, f, indent=1)
     failures = sum(bool(r.error) for r in results)
     print(f"{len(results) - failures}/{len(results)} variants ok", file=out)
     return 1 if failures else 0

@@ -84,7 +84,8 @@ def _vocab_parallel_locals(named: dict) -> tuple[dict, dict | None] | None:
     taken with a differentiable ``to_local()``, and {"group", "n_vocab", "device", "rows"}; a call without
     DTensors passes its tensors and None; any other call on DTensors returns None (it runs eagerly).
     """
-    from .vocab_parallel import is_dtensor, local_head
+    from .inputs import is_dtensor
+    from .vocab_parallel import local_head
 
     local = local_head(named.get("lm_head_weight"), named.get("hidden"), named.get("bias"))
     head = None

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from . import logprobs_chunked as chunked
-from .inputs import gather_lm_head
+from .inputs import gather_lm_head, is_dtensor
 from .logit_transform import IDENTITY, LogitTransform
 
 __all__ = ["VocabShard", "vocab_shard", "local_head", "head_inputs", "check_vocab_parallel_backend",
@@ -54,15 +54,6 @@ class VocabShard(NamedTuple):
     size: int
     n_vocab: int
     group: object
-
-
-def is_dtensor(t) -> bool:
-    """Whether ``t`` is a DTensor (False where torch has no DTensor)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
 
 
 def _sharded_dim(t, what: str) -> int:
@@ -132,7 +123,7 @@ def _forward_chunk(x, labels, shard: VocabShard, entropy: bool = False):
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     local, held = _local_labels(labels, shard)
     target = x.gather(1, local[:, None]).squeeze(1) if x.shape[1] else torch.zeros_like(m)
-    shifted = x - m_safe[:, None]
+    shifted = x.sub_(m_safe[:, None])  # x is not read again: no second [c, V_r] buffer
     e = shifted.exp()
     rows = [e.sum(1), torch.where(held, target, torch.zeros_like(target))]
     if entropy:
