@@ -430,7 +430,7 @@ class Trainer:
         if self.dist.is_main:  # every check passed: this run now owns the directory
             if not self.plan.continues:
                 self.metrics.reset()
-            rundir.commit_run(c, self.plan)
+            rundir.commit_run(c, self.plan, self.digests)
         bar = _progress(c.progress and self.dist.is_main, self.total, self.start_step, c.stage)
         row: dict | None = None
         status, signum = "completed", None

@@ -193,9 +193,11 @@ def read_run(directory: str) -> dict | None:
     return None
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4096)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of ``path``, computed once per (size, modification time)."""
+    """sha256 of ``path``, computed once per (size, modification time). The cache holds every file
+    of a sharded model directory: :func:`model_digest` reads them in the same order at each check
+    of a start, and a cache smaller than the directory would miss on every one of them."""
     return file_sha256(path)
 
 
@@ -265,7 +267,8 @@ def _input_difference(name: str, old, new, recorded: dict) -> str | None:
     """How the input ``name`` (data, model, tokenizer) ``new`` differs from ``old``, whose digest ``recorded``
     holds: by content where both digests are known, else by resolved path; None when they are the same."""
     key, digest, resolve = DIGESTED_INPUTS[name]
-    old_digest, new_digest = recorded.get(key), digest(new)
+    old_digest = recorded.get(key)
+    new_digest = digest(new) if old_digest else None  # compared only with a recorded digest
     if old_digest and new_digest:
         if old_digest == new_digest:
             return None
@@ -449,11 +452,12 @@ def _write_run(directory: str, run: dict) -> None:
     write_text(os.path.join(directory, RUN_FILE), json.dumps(run, indent=2, default=str))
 
 
-def commit_run(config: TrainConfig, plan: RunPlan) -> None:
-    """Record the run as the owner of its directory, its model not complete yet: run.json, then
-    config.yaml (both atomic); then remove what a killed run left half-written."""
+def commit_run(config: TrainConfig, plan: RunPlan, digests: dict[str, str | None]) -> None:
+    """Record the run as the owner of its directory, its model not complete yet: run.json (with
+    the :func:`input_digests` the trainer took at start), then config.yaml (both atomic); then
+    remove what a killed run left half-written."""
     directory = config.output_dir
-    _write_run(directory, {"run_id": plan.run_id, "parent": plan.parent, **input_digests(config),
+    _write_run(directory, {"run_id": plan.run_id, "parent": plan.parent, **digests,
                            "complete": False, "config": config.to_dict()})
     save_yaml(config, os.path.join(directory, CONFIG_FILE))
     ckpt.remove_stale_temporaries(directory)
