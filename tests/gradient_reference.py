@@ -22,8 +22,8 @@ LOGP_CEILING = -1e-6
 UNLIKELIHOOD_SIGNS = {"welleck": 1.0, "paper": -1.0}
 
 
-def transform_logits(x: torch.Tensor, *, temperature: float, softcap: float | None, logit_scale: float
-                     ) -> torch.Tensor:
+def transform_logits(x: torch.Tensor, *, temperature: float = 1.0, softcap: float | None = None,
+                     logit_scale: float = 1.0) -> torch.Tensor:
     """The model's logits from the LM head's output x: logit_scale * x, then softcap * tanh(. / softcap)
     when a soft cap is set, then divided by the temperature (the identity when all are defaults)."""
     x = logit_scale * x

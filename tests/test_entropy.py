@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 
+import gradient_reference as reference
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,24 +95,10 @@ def inputs(call: Call) -> dict:
 # ------------------------------------------------------------------------------------ the formulas
 
 
-def transformed(x, temperature=1.0, softcap=None, logit_scale=1.0):
-    """l = logit_scale * x; l = softcap * tanh(l / softcap) (softcap set); l = l / temperature."""
-    x = logit_scale * x
-    if softcap is not None:
-        x = softcap * torch.tanh(x / softcap)
-    return x / temperature
-
-
 def logp_and_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, T] log p[label] = l[label] - LSE and H = LSE - sum_v p_v l_v (0 where ignored), in
-    logits' dtype, differentiable."""
-    top = logits.detach().amax(-1, keepdim=True)
-    lse = top + torch.log(torch.exp(logits - top).sum(-1, keepdim=True))
-    p = torch.exp(logits - lse)
-    entropy = (lse - (p * logits).sum(-1, keepdim=True)).squeeze(-1)
-    logp = logits.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1) - lse.squeeze(-1)
-    scored = labels != IGNORED
-    return torch.where(scored, logp, 0.0), torch.where(scored, entropy, 0.0)
+    """[R, T] log p[label] and the entropy (0 where ignored), in logits' dtype, differentiable: the
+    formulas of tests/gradient_reference.py."""
+    return reference.token_logprobs(logits, labels), reference.token_entropy(logits, labels)
 
 
 # ------------------------------------------------------------------------------------ the paths
@@ -146,7 +133,7 @@ def evaluate(call: Call, data: dict, mode: str, backend: str = "torch") -> dict:
             x = x.detach() + (size - size.detach())
         if mode in ("rounded", "magnitude"):
             x.register_hook((lambda g: g.to(dtype).to(g.dtype)) if mode == "rounded" else torch.abs)
-        logp, entropy = logp_and_entropy(transformed(x, **kw), labels)
+        logp, entropy = logp_and_entropy(reference.transform_logits(x, **kw), labels)
     up_logp, up_entropy = data["up_logp"].to(logp), data["up_entropy"].to(logp)
     ((logp * up_logp).sum() + (entropy * up_entropy).sum()).backward()
     out = dict(logp=logp.detach().cpu().double(), entropy=entropy.detach().cpu().double())
@@ -160,7 +147,7 @@ def evaluate(call: Call, data: dict, mode: str, backend: str = "torch") -> dict:
 def value_sizes(call: Call, data: dict) -> torch.Tensor:
     """[R, T] 1 + max_v |l_v|: the size of the terms a per-token log-prob or entropy sums."""
     x = F.linear(data["hidden"], data["weight"], data["bias"])
-    return 1.0 + transformed(x, **TRANSFORMS[call.transform]).abs().amax(-1)
+    return 1.0 + reference.transform_logits(x, **TRANSFORMS[call.transform]).abs().amax(-1)
 
 
 def value_error(got: torch.Tensor, want: torch.Tensor, size: torch.Tensor) -> float:
@@ -363,7 +350,7 @@ def test_the_grpo_example_in_the_docs_runs_as_written_and_is_right():
 
     h64 = hidden.detach().double().requires_grad_()
     w64 = lm_head.weight.detach().double().requires_grad_()
-    logps, entropy = logp_and_entropy(transformed(h64 @ w64.T, temperature=scope["temperature"]), ids)
+    logps, entropy = logp_and_entropy(reference.transform_logits(h64 @ w64.T, temperature=scope["temperature"]), ids)
     ratio = torch.exp(logps - scope["old_logps"].double())
     adv = scope["advantages"].double()[:, None]
     eps = scope["clip_eps"]

@@ -27,7 +27,6 @@ import drdo_kernels.vocab_parallel as vp
 from drdo.losses import DPOSpec, DRDOSpec, EDPOSpec, OracleSpec
 
 R, T, H = 6, 9, 16  # 3 pairs of 9 positions
-IDENTITY = {"temperature": 1.0, "softcap": None, "logit_scale": 1.0}
 
 
 def inputs(n_vocab: int, dtype, bias: bool):
@@ -49,7 +48,7 @@ def inputs(n_vocab: int, dtype, bias: bool):
 def full_logits(hidden, weight, bias, transform_kw: dict) -> torch.Tensor:
     """[R, T, V] float64 logits of the whole head, through the logit transform."""
     x = torch.nn.functional.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
-    return reference.transform_logits(x, **{**IDENTITY, **transform_kw})
+    return reference.transform_logits(x, **transform_kw)
 
 
 #: loss -> (spec, {fused keyword: which score})
