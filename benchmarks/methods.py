@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 #: The benchmarks that run methods: per-token log-probs, the DRDO loss, a training step.
 BENCHES = ("logprobs", "loss", "train")
-FAMILIES = ("ours", "base", "naive", "peer")
 #: The environment variable and value that switch Liger-Kernel's ops to its CuTe DSL kernels
 #: (read once, when ``liger_kernel.ops`` is first imported).
 LIGER_IMPL_ENV, LIGER_CUTEDSL = "LIGER_KERNEL_IMPL", "cutedsl"
@@ -37,7 +36,6 @@ class MethodSpec:
     benches: tuple[str, ...]
     work: dict = field(default_factory=dict)
     packages: tuple[str, ...] = ()
-    cuda_only: bool = False
 
 
 def _ours(backend: str, family: str = "ours") -> MethodSpec:
@@ -63,11 +61,11 @@ _SPECS = (
                ("logprobs", "loss"), {"logprobs": "recompute", "loss": "recompute"}),
     MethodSpec("liger_flce", "peer", "Liger-Kernel LigerFusedLinearCrossEntropyLoss(reduction='none'), negated "
                "(Triton)", ("logprobs", "loss"), {"logprobs": "grads_in_forward", "loss": "grads_in_forward"},
-               ("liger-kernel",), cuda_only=True),
+               ("liger-kernel",)),
     MethodSpec("liger_flce_cutedsl", "peer", f"liger_flce on Liger's CuTe DSL kernels ({LIGER_IMPL_ENV}="
                f"{LIGER_CUTEDSL}, set before liger_kernel is imported; Hopper/Blackwell, nvidia-cutlass-dsl)",
                ("logprobs", "loss"), {"logprobs": "grads_in_forward", "loss": "grads_in_forward"},
-               ("liger-kernel", "nvidia-cutlass-dsl"), cuda_only=True),
+               ("liger-kernel", "nvidia-cutlass-dsl")),
     MethodSpec("liger_dpo", "peer", "Liger-Kernel LigerFusedLinearDPOLoss(use_ref_model=False): a DPO loss, not "
                "DRDO, on the same LM-head work", ("loss", "train"), {"loss": "grads_in_forward"}, ("liger-kernel",)),
     MethodSpec("cce", "peer", "Cut Cross-Entropy linear_cross_entropy(reduction='none', impl='cce'), negated "
@@ -80,13 +78,13 @@ _SPECS = (
                ("trl",)),
     MethodSpec("trl_logprob_entropy", "peer", "full logits, then TRL's Triton log-prob + entropy kernel "
                "trl.kernels.selective_log_softmax_and_entropy (what its trainers run on logits)",
-               ("logprobs", "loss"), {"logprobs": "full_logits", "loss": "full_logits"}, ("trl",), cuda_only=True),
+               ("logprobs", "loss"), {"logprobs": "full_logits", "loss": "full_logits"}, ("trl",)),
     MethodSpec("trl_dpo_fused", "peer", "TRL's DPOTrainer step as it ships (its fused LM head), a DPO loss",
                ("train",), packages=("trl",)),
     MethodSpec("trl_dpo", "peer", "TRL's DPOTrainer step with full logits instead of its fused head",
                ("train",), packages=("trl",)),
     MethodSpec("trl_dpo_liger", "peer", "TRL's DPOTrainer step with use_liger_kernel=True (Triton only)",
-               ("train",), packages=("trl", "liger-kernel"), cuda_only=True),
+               ("train",), packages=("trl", "liger-kernel")),
 )
 
 #: name -> spec, every method once.
